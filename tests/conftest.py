@@ -1,0 +1,24 @@
+"""Shared test fixtures: the Paddle reference set and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PADDLE_REF_ENV = "ERNIEVIL2_PADDLE_REF"
+
+
+def paddle_ref_dir() -> Path:
+    """Reference fixtures: `$ERNIEVIL2_PADDLE_REF` or `../shared/fixtures/paddle_ref` beside the repo."""
+    return Path(os.environ.get(PADDLE_REF_ENV, REPO_ROOT.parent / "shared" / "fixtures" / "paddle_ref"))
+
+
+@pytest.fixture(scope="session")
+def paddle_ref() -> Path:
+    path = paddle_ref_dir()
+    if not (path / "outputs.npz").is_file():
+        pytest.fail(f"reference fixtures not found at {path}; set {PADDLE_REF_ENV} to their folder")
+    return path
