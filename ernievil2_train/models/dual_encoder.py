@@ -1,0 +1,94 @@
+"""The ERNIE-ViL 2.0 dual encoder: ViT image tower, ERNIE text tower, learnable log logit scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernievil2_train.models.text import PAD_ID, TextConfig, TextTower
+from ernievil2_train.models.vision import VisionConfig, check_fields, create_vision_tower
+
+OFFICIAL_LOGIT_SCALE_INIT = 2.65926
+
+
+@dataclass
+class DualEncoderConfig:
+    """Both towers plus the initial log logit scale (official `temperature_b`)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = OFFICIAL_LOGIT_SCALE_INIT
+
+    def __post_init__(self) -> None:
+        if self.vision.width != self.text.width:
+            raise ValueError(
+                f"vision.width ({self.vision.width}) must equal text.width ({self.text.width}): "
+                "the towers share one embedding space without projection"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vision": self.vision.to_dict(),
+            "text": self.text.to_dict(),
+            "logit_scale_init": self.logit_scale_init,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
+        data = check_fields(cls, data, "model")
+        return cls(
+            vision=VisionConfig.from_dict(dict(data.get("vision", {}))),
+            text=TextConfig.from_dict(dict(data.get("text", {}))),
+            logit_scale_init=float(data.get("logit_scale_init", OFFICIAL_LOGIT_SCALE_INIT)),
+        )
+
+
+def last_real_length(input_ids: torch.Tensor) -> int:
+    """1 + the last column holding a non-pad token in any row (at least 1)."""
+    real_cols = (input_ids != PAD_ID).any(dim=0).nonzero()
+    return int(real_cols[-1]) + 1 if len(real_cols) else 1
+
+
+class DualEncoder(nn.Module):
+    """Image and text encoders whose CLS / pooled outputs live in one `embed_dim` space."""
+
+    def __init__(self, config: DualEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = create_vision_tower(config.vision)
+        self.text = TextTower(config.text)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.vision.width
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[B,3,H,W] -> [B,D]: the CLS token after the final norm."""
+        features = self.vision(pixel_values)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Long[B,L] -> [B,D]: the pooled output (columns after the batch's last real token are dropped)."""
+        input_ids = input_ids[:, : last_real_length(input_ids)]
+        features = self.text(input_ids).pooler_output
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalized image and text embeddings and the logit scale `exp(logit_scale)`."""
+        return (
+            self.encode_image(pixel_values, normalize=True),
+            self.encode_text(input_ids, normalize=True),
+            self.logit_scale.exp(),
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing on or off in both towers."""
+        self.vision.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)

@@ -1,0 +1,104 @@
+"""Text tower: a transformers `ErnieModel` configured as the ERNIE 3.0 encoder of ERNIE-ViL 2.0."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ErnieConfig, ErnieModel
+
+from ernievil2_train.models.vision import check_fields
+
+TEXT_LN_EPS = 1e-5
+PAD_ID = 0
+NON_REENTRANT = {"use_reentrant": False}
+
+
+@dataclass
+class TextConfig:
+    """Architecture of the ERNIE text tower (post-LN BERT-style encoder)."""
+
+    vocab_size: int = 40000
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextConfig:
+        return cls(**check_fields(cls, data, "text"))
+
+
+class ZeroTokenType(nn.Module):
+    """Stands in for the token-type table: always adds exactly zero, has no parameters and no saved state."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(1, width), persistent=False)
+
+    def forward(self, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(torch.zeros_like(token_type_ids), self.weight)
+
+
+def ernie_config(cfg: TextConfig) -> ErnieConfig:
+    """The transformers config for `cfg`: exact GELU, LayerNorm eps 1e-5, no task-type embedding."""
+    return ErnieConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=1,
+        use_task_id=False,
+        layer_norm_eps=TEXT_LN_EPS,
+        pad_token_id=PAD_ID,
+    )
+
+
+class TextTower(nn.Module):
+    """ERNIE encoder + tanh pooler; keys at pad positions (`input_ids == 0`) are masked."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.ernie = ErnieModel(ernie_config(cfg), add_pooling_layer=True)
+        self.ernie.embeddings.token_type_embeddings = ZeroTokenType(cfg.width)
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> Any:
+        """Run the encoder; returns the transformers output (`last_hidden_state`, `pooler_output`, ...)."""
+        mask = (input_ids != PAD_ID).long()
+        return self.ernie(input_ids=input_ids, attention_mask=mask, output_hidden_states=output_hidden_states)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Use the transformers activation checkpointing (named `gradient_checkpointing_*` before v5)."""
+        ernie = self.ernie
+        if hasattr(ernie, "activation_checkpointing_enable"):
+            if enable:
+                ernie.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
+            else:
+                ernie.activation_checkpointing_disable()
+        elif enable:
+            ernie.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        else:
+            ernie.gradient_checkpointing_disable()
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether any ERNIE layer recomputes its activations in backward."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.ernie.modules())

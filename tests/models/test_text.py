@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ernievil2_train.models import TextConfig, TextTower
+
+CFG = TextConfig(vocab_size=50, width=32, layers=2, heads=2, intermediate_size=64, max_position_embeddings=16)
+
+
+def _tower() -> TextTower:
+    torch.manual_seed(0)
+    return TextTower(CFG).eval()
+
+
+def test_config_of_the_ernie_model() -> None:
+    cfg = _tower().ernie.config
+    assert cfg.hidden_act == "gelu" and cfg.layer_norm_eps == 1e-5 and not cfg.use_task_id
+    assert cfg.is_decoder is False and cfg._attn_implementation == "sdpa"
+    emb = _tower().ernie.embeddings
+    assert emb.LayerNorm.eps == 1e-5 and not hasattr(emb, "task_type_embeddings")
+
+
+def test_token_type_contributes_nothing_and_is_not_a_parameter() -> None:
+    tower = _tower()
+    assert not any("token_type" in name for name in tower.state_dict())
+    assert not any("token_type" in name for name, _ in tower.named_parameters())
+    emb = tower.ernie.embeddings
+    ids = torch.tensor([[1, 7, 9, 2, 0]])
+    types = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(torch.arange(5)[None]))
+        torch.testing.assert_close(emb(input_ids=ids), expected, rtol=0, atol=0)
+        torch.testing.assert_close(emb(input_ids=ids, token_type_ids=types), expected, rtol=0, atol=0)
+
+
+def test_pooled_is_tanh_linear_of_cls_and_pads_are_masked() -> None:
+    tower = _tower()
+    ids = torch.tensor([[1, 7, 9, 2, 0, 0, 0], [1, 4, 2, 0, 0, 0, 0]])
+    with torch.no_grad():
+        out = tower(ids)
+        dense = tower.ernie.pooler.dense
+        torch.testing.assert_close(out.pooler_output, torch.tanh(dense(out.last_hidden_state[:, 0])))
+        short = tower(ids[:, :4]).pooler_output
+        other_pads = tower(torch.where(ids == 0, torch.zeros_like(ids), ids)).pooler_output
+    torch.testing.assert_close(out.pooler_output, short, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.pooler_output, other_pads)
+
+
+def _first(out: torch.Tensor | tuple) -> torch.Tensor:
+    """transformers < 5 returns tuples from layers, >= 5 tensors."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_post_ln_exact_gelu_layer() -> None:
+    tower = _tower()
+    layer = tower.ernie.encoder.layer[0]
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        attn_out = _first(layer.attention(x))
+        ffn = layer.output.dense(nn.functional.gelu(layer.intermediate.dense(attn_out)))
+        expected = layer.output.LayerNorm(attn_out + ffn)
+        torch.testing.assert_close(_first(layer(x)), expected)
+
+
+def test_gradient_checkpointing_toggles() -> None:
+    tower = _tower()
+    ids = torch.tensor([[1, 7, 9, 2, 0], [1, 4, 2, 0, 0]])
+    tower.train()
+    torch.manual_seed(1)
+    tower(ids).pooler_output.sum().backward()
+    plain = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad()
+    tower.set_grad_checkpointing(True)
+    assert tower.grad_checkpointing
+    torch.manual_seed(1)
+    tower(ids).pooler_output.sum().backward()
+    for a, b in zip(plain, [p.grad for p in tower.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+    tower.set_grad_checkpointing(False)
+    assert not tower.grad_checkpointing
