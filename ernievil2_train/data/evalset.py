@@ -1,0 +1,195 @@
+"""Retrieval eval sets: unique images, unique texts, and each text's positive images.
+
+Two sources:
+
+* the Chinese-CLIP layout: a folder with `{split}_imgs.tsv` (`image_id<TAB>base64 image`) and
+  `{split}_texts.jsonl` (`{"text_id", "text", "image_ids": [...]}`);
+* WebDataset shards: a folder with a `{split}.json` index, a `.tar` path, a brace pattern
+  (`dir/val-{000000..000003}.tar`) or a list of tar paths. Images are made unique by the json `image_id`,
+  texts by their text; a text's positives are every image it was paired with.
+
+Missing files, malformed lines, unknown image ids and empty sets raise `FileNotFoundError` / `ValueError`
+with a one-line message naming the file (and line).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class EvalSet:
+    """Images and texts of a retrieval eval set; `text_to_images[t]` lists the indices of text t's images."""
+
+    image_ids: list[str]
+    images: list[bytes]
+    text_ids: list[str]
+    texts: list[str]
+    text_to_images: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_evalset(path: str | Path | Sequence[str | Path], split: str = "valid") -> EvalSet:
+    """Load an eval set from the Chinese-CLIP layout or from shards (see the module docstring)."""
+    if not isinstance(path, (str, Path)):
+        return _from_shards([Path(p) for p in path], str(list(path)))
+    text = str(path)
+    if "{" in text:
+        return _from_shards([Path(p) for p in braceexpand(text)], text)
+    path = Path(path)
+    if path.is_dir():
+        imgs, texts = path / f"{split}_imgs.tsv", path / f"{split}_texts.jsonl"
+        if imgs.is_file() or texts.is_file():
+            return _from_chinese_clip(imgs, texts)
+        index = path / f"{split}.json"
+        if index.is_file():
+            return _from_index(index)
+        raise FileNotFoundError(
+            f"{path}: no eval set for split {split!r}: expected {imgs.name} + {texts.name} or a {index.name} "
+            "shard index"
+        )
+    if path.suffix == ".tar":
+        return _from_shards([path], text)
+    raise FileNotFoundError(f"eval set not found: {path} (expected a folder, a .tar or a brace pattern)")
+
+
+def _decode_b64(value: str, where: str) -> bytes:
+    value = value.strip().replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as err:
+        raise ValueError(f"{where}: bad base64 image") from err
+
+
+def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
+    for f in (imgs, texts):
+        if not f.is_file():
+            raise FileNotFoundError(f"eval set file missing: {f}")
+    image_ids: list[str] = []
+    images: list[bytes] = []
+    index: dict[str, int] = {}
+    with imgs.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 2:
+                raise ValueError(f"{imgs}:{n}: expected 'image_id<TAB>base64', got {len(parts)} columns")
+            image_id = parts[0].strip()
+            if image_id in index:
+                raise ValueError(f"{imgs}:{n}: duplicate image id {image_id!r}")
+            index[image_id] = len(images)
+            image_ids.append(image_id)
+            images.append(_decode_b64(parts[1], f"{imgs}:{n}"))
+    text_ids: list[str] = []
+    text_list: list[str] = []
+    positives: list[list[int]] = []
+    with texts.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text_id, text, ids = str(row["text_id"]), str(row["text"]), row["image_ids"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{texts}:{n}: expected json with text_id, text, image_ids ({err})") from err
+            if not isinstance(ids, list) or not ids:
+                raise ValueError(f"{texts}:{n}: image_ids must be a non-empty list")
+            unknown = [i for i in ids if str(i) not in index]
+            if unknown:
+                raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]!r} (not in {imgs.name})")
+            text_ids.append(text_id)
+            text_list.append(text)
+            positives.append(list(dict.fromkeys(index[str(i)] for i in ids)))
+    result = EvalSet(image_ids, images, text_ids, text_list, positives)
+    _check_not_empty(result, f"{imgs} + {texts}")
+    return result
+
+
+def _from_index(index: Path) -> EvalSet:
+    try:
+        shards = [index.parent / s["name"] for s in json.loads(index.read_text(encoding="utf-8"))["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a shard index (expected {{'shards': [{{'name': ...}}]}})") from err
+    return _from_shards(shards, str(index))
+
+
+def _from_shards(paths: list[Path], what: str) -> EvalSet:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard missing: {missing[0]}{more}")
+    if not paths:
+        raise ValueError(f"{what}: no shards given")
+    result = EvalSet([], [], [], [], [])
+    image_index: dict[str, int] = {}
+    text_index: dict[str, int] = {}
+    for path in paths:
+        for key, fields in _read_samples(path):
+            where = f"{path}:{key}"
+            image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+            if image is None or "txt" not in fields or "json" not in fields:
+                raise ValueError(f"{where}: sample needs an image, a txt and a json field")
+            try:
+                meta = json.loads(fields["json"])
+                image_id = str(meta["image_id"])
+                text_id = str(meta.get("text_id", key))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{where}: json field needs an image_id") from err
+            text = fields["txt"].decode("utf-8")
+            if image_id not in image_index:
+                image_index[image_id] = len(result.images)
+                result.image_ids.append(image_id)
+                result.images.append(image)
+            if text not in text_index:
+                text_index[text] = len(result.texts)
+                result.text_ids.append(text_id)
+                result.texts.append(text)
+                result.text_to_images.append([])
+            pos = result.text_to_images[text_index[text]]
+            if image_index[image_id] not in pos:
+                pos.append(image_index[image_id])
+    _check_not_empty(result, what)
+    return result
+
+
+def _read_samples(path: Path):
+    """Yield `(key, {ext: bytes})` per sample of a WebDataset tar (members grouped by key, in order)."""
+    key, fields = None, {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)
+                prefix = name[0] + "/" if len(name) == 2 else ""
+                base = name[-1]
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                if prefix + stem != key:
+                    if key is not None:
+                        yield key, fields
+                    key, fields = prefix + stem, {}
+                fields[ext.lower()] = tar.extractfile(member).read()
+    except tarfile.TarError as err:
+        raise ValueError(f"{path}: not a readable tar ({err})") from err
+    if key is not None:
+        yield key, fields
+
+
+def _check_not_empty(result: EvalSet, what: str) -> None:
+    if not result.images or not result.texts:
+        raise ValueError(f"{what}: empty eval set ({len(result.images)} images, {len(result.texts)} texts)")
