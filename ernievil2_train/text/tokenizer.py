@@ -1,0 +1,90 @@
+"""`ErnieTokenizer`: the official ERNIE `FullTokenizer(do_lower_case=True)` + `prepare_input`, as tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ernievil2_train.text import reference
+from ernievil2_train.text.fast import build_fast_tokenizer, unsafe_char_pattern
+from ernievil2_train.text.vocab import load_vocab
+
+
+class ErnieTokenizer:
+    """Word-piece tokenizer with fixed-length `[CLS] pieces [SEP] [PAD]...` rows.
+
+    Rows keep the first `max_len - 2` pieces. Texts made of characters the Rust backend handles exactly go
+    through it; all others (and every text when `fast=False`) go through the pure-Python reference.
+    """
+
+    def __init__(self, vocab_file: str | Path, max_len: int = 48, fast: bool = True) -> None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (room for [CLS] and [SEP]), got {max_len}")
+        self.vocab_file = str(vocab_file)
+        self.max_len = max_len
+        self.fast = fast
+        self.vocab = load_vocab(vocab_file)
+        self._setup()
+
+    def _setup(self) -> None:
+        self._unk = "[UNK]"
+        self._backend = build_fast_tokenizer(self.vocab, self._unk) if self.fast else None
+        self._unsafe = unsafe_char_pattern() if self.fast else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_backend"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._backend = build_fast_tokenizer(self.vocab, self._unk) if self.fast else None
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab.values()) + 1
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab["[PAD]"]
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab["[CLS]"]
+
+    @property
+    def sep_id(self) -> int:
+        return self.vocab["[SEP]"]
+
+    @property
+    def unk_id(self) -> int:
+        return self.vocab["[UNK]"]
+
+    def _uses_backend(self, text: str) -> bool:
+        return self._backend is not None and self._unsafe.search(text) is None
+
+    def tokenize(self, text: str) -> list[str]:
+        """Word pieces of `text`, without special tokens."""
+        if self._uses_backend(text):
+            return self._backend.encode(text, add_special_tokens=False).tokens
+        return reference.tokenize(text, self.vocab, self._unk)
+
+    def encode(self, text: str) -> list[int]:
+        """Word-piece ids of `text`, without special tokens and without truncation."""
+        if self._uses_backend(text):
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return [self.vocab[piece] for piece in reference.tokenize(text, self.vocab, self._unk)]
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`{"input_ids": LongTensor[len(texts), max_len]}` as the official `prepare_input` builds it."""
+        if isinstance(texts, str):
+            raise TypeError("ErnieTokenizer expects a list of strings, got a single str")
+        body = self.max_len - 2
+        rows = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = self.encode(text)[:body]
+            rows[i, : len(ids) + 2] = torch.tensor([self.cls_id, *ids, self.sep_id])
+        return {"input_ids": rows}

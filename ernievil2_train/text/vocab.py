@@ -1,0 +1,35 @@
+"""Vocabulary file loading, with the official loader's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+
+
+def load_vocab(path: str | Path) -> dict[str, int]:
+    """Read `token<TAB>id` lines (or one token per line, id = line number), UTF-8.
+
+    Like the official loader, each line is stripped first and a token seen twice keeps its last id
+    (in the ERNIE 3.0 vocab `$` appears as 12084 and 18005, so `$` -> 18005).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab file not found: {path}")
+    vocab: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for num, line in enumerate(f):
+            fields = line.strip().split("\t")
+            if len(fields) > 2:
+                raise ValueError(f"{path}:{num + 1}: expected 'token<TAB>id' or 'token', got {len(fields)} fields")
+            token = fields[0].strip()
+            try:
+                vocab[token] = int(fields[1]) if len(fields) == 2 else num
+            except ValueError:
+                raise ValueError(f"{path}:{num + 1}: token id {fields[1]!r} is not an integer") from None
+    if not vocab:
+        raise ValueError(f"vocab file is empty: {path}")
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"vocab file {path} lacks the special token(s) {', '.join(missing)}")
+    return vocab
