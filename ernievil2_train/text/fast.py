@@ -1,9 +1,9 @@
 """Rust (`tokenizers`) fast path of the ERNIE tokenizer, and the check that says when it is exact.
 
-`BertNormalizer` + `BertPreTokenizer` + `WordPiece` reproduce the official tokenizer except where their Unicode
-tables disagree with Python's `unicodedata` (unassigned code points, which Python deletes as category Cn but the
-Rust normalizer keeps; marks and punctuation added in recent Unicode versions; CJK extension C, whose range the
-Rust side starts at U+2B920 instead of U+2B820) and for the context-dependent final sigma of `str.lower`.
+`BertNormalizer` + `BertPreTokenizer` + `WordPiece` reproduce the official tokenizer except where their
+Unicode tables disagree with Python's `unicodedata` (unassigned code points, which Python deletes as category
+Cn but the Rust normalizer keeps; marks and punctuation added in recent Unicode versions; CJK extension C,
+whose range the Rust side starts at U+2B920 instead of U+2B820) and for the final sigma of `str.lower`.
 Texts made only of characters from `SAFE_RANGES` take the fast path; any other text goes to the reference.
 `tests/text/test_fast.py` checks every safe character, so a library upgrade that breaks this shows up there.
 """
@@ -19,8 +19,8 @@ from tokenizers.models import WordPiece
 
 from ernievil2_train.text.reference import MAX_WORD_CHARS
 
-# Blocks that cover realistic caption text: Latin, Greek, Cyrillic, punctuation and symbols, CJK, kana, hangul,
-# full-width forms, emoji.
+# Blocks that cover realistic caption text: Latin, Greek, Cyrillic, punctuation and symbols, CJK, kana,
+# hangul, full-width forms, emoji.
 SAFE_RANGES = (
     (0x0000, 0x052F),
     (0x1E00, 0x1EFF),

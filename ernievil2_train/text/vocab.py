@@ -21,7 +21,9 @@ def load_vocab(path: str | Path) -> dict[str, int]:
         for num, line in enumerate(f):
             fields = line.strip().split("\t")
             if len(fields) > 2:
-                raise ValueError(f"{path}:{num + 1}: expected 'token<TAB>id' or 'token', got {len(fields)} fields")
+                raise ValueError(
+                    f"{path}:{num + 1}: expected 'token<TAB>id' or 'token' ({len(fields)} fields)"
+                )
             token = fields[0].strip()
             try:
                 vocab[token] = int(fields[1]) if len(fields) == 2 else num

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernievil2_train.text import ErnieTokenizer, load_vocab
-from ernievil2_train.text import reference
+from ernievil2_train.text import ErnieTokenizer, load_vocab, reference
 
 
 def _cases(paddle_ref: Path) -> list[dict]:
@@ -113,7 +112,7 @@ def test_bad_vocab_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_vocab_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         ErnieTokenizer(tmp_path / "nope.txt")
 
 
