@@ -1,0 +1,121 @@
+"""Per-sample multi-view transform, run inside DataLoader workers: raw shard sample -> dict of tensors.
+
+Keys (per sample; the collate stacks them into the batch format of DESIGN / the team brief):
+`image` [3,S,S], `image_view2` [3,S,S] (views.image_view2), `caption_ids` [L], `text_view_ids` [L]
+(views.text_view != "none"), `tag_ids` [L] + `has_tags` [] (views.tags), `image_key` [], `caption_key` [].
+
+Text view modes: `dropout` (the caption ids again; the model's dropout makes the second view),
+`second_caption` (another caption of the same image, random, different from this one when the image has
+several, else the same caption), `token_drop` (the caption with each word piece deleted with probability
+`token_drop_p`, at least one kept), `none`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SkipSample, parse_sample
+from ernievil2_train.data.keys import stable_key
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.vision.augment import CenterView, TrainViews
+
+TEXT_VIEW_MODES: tuple[str, ...] = ("dropout", "second_caption", "token_drop", "none")
+TAG_SEPARATOR = "，"
+
+
+@dataclass
+class ViewConfig:
+    """Which extra views a sample carries."""
+
+    image_view2: bool = True
+    tags: bool = True
+    text_view: str = "dropout"
+    token_drop_p: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.text_view not in TEXT_VIEW_MODES:
+            raise ValueError(f"views.text_view must be one of {TEXT_VIEW_MODES}, got {self.text_view!r}")
+        if not 0 <= self.token_drop_p < 1:
+            raise ValueError(f"views.token_drop_p must be in [0, 1), got {self.token_drop_p}")
+
+    @classmethod
+    def of(cls, value: ViewConfig | dict[str, Any] | None) -> ViewConfig:
+        if isinstance(value, cls):
+            return value
+        return cls(**dict(value or {}))
+
+
+class SampleTransform:
+    """Raw sample -> tensors: augmented views and text views (`train`), else one center view."""
+
+    def __init__(
+        self,
+        vocab_file: str,
+        image_size: int = 224,
+        text_max_len: int = 48,
+        views: ViewConfig | dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        train: bool = True,
+    ) -> None:
+        self.tokenizer = ErnieTokenizer(vocab_file, max_len=text_max_len)
+        self.views = ViewConfig.of(views)
+        self.train = train
+        self.max_image_pixels = max_image_pixels
+        if train:
+            num_views = 2 if self.views.image_view2 else 1
+            self.images = TrainViews(image_size=image_size, num_views=num_views, **dict(augment or {}))
+        else:
+            self.images = CenterView(image_size=image_size)
+
+    def __repr__(self) -> str:
+        return f"SampleTransform(train={self.train}, views={asdict(self.views)})"
+
+    def row(self, pieces: list[int]) -> torch.Tensor:
+        """`[CLS] + pieces[:L-2] + [SEP]`, padded to L, as the tokenizer builds rows."""
+        tok = self.tokenizer
+        body = pieces[: tok.max_len - 2]
+        ids = [tok.cls_id, *body, tok.sep_id] + [tok.pad_id] * (tok.max_len - 2 - len(body))
+        return torch.tensor(ids, dtype=torch.long)
+
+    def text_view(self, caption: str, pieces: list[int], captions: list[str]) -> torch.Tensor:
+        mode = self.views.text_view
+        if mode == "second_caption":
+            others = [c for c in captions if c != caption]
+            return self.row(self.tokenizer.encode(random.choice(others))) if others else self.row(pieces)
+        if mode == "token_drop" and len(pieces) > 1:
+            p = self.views.token_drop_p
+            kept = [piece for piece in pieces if random.random() >= p]
+            return self.row(kept or [random.choice(pieces)])
+        return self.row(pieces)
+
+    def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
+        raw = parse_sample(sample, self.max_image_pixels)
+        try:
+            images = self.images(raw.image)
+        except Exception as exn:
+            raise SkipSample("bad_image", f"{raw.key}: {exn}") from exn
+        if not self.train:
+            images = (images,)
+        pieces = self.tokenizer.encode(raw.caption)
+        out = {
+            "image": images[0],
+            "caption_ids": self.row(pieces),
+            "image_key": torch.tensor(stable_key(raw.image_id), dtype=torch.long),
+            "caption_key": torch.tensor(stable_key(raw.caption), dtype=torch.long),
+        }
+        if self.train and self.views.image_view2:
+            out["image_view2"] = images[1]
+        if self.train and self.views.text_view != "none":
+            out["text_view_ids"] = self.text_view(raw.caption, pieces, raw.captions)
+        if self.views.tags:
+            has_tags = bool(raw.tags)
+            tag_pieces = self.tokenizer.encode(TAG_SEPARATOR.join(raw.tags)) if has_tags else []
+            row = self.row(tag_pieces) if has_tags else torch.zeros(self.tokenizer.max_len, dtype=torch.long)
+            out["tag_ids"] = row
+            out["has_tags"] = torch.tensor(has_tags)
+        return out

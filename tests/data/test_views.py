@@ -1,0 +1,119 @@
+"""Per-sample multi-view transform: keys, shapes, token rows, text-view modes, tags, stable keys."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+import torch
+
+from ernievil2_train.data.keys import stable_key
+from ernievil2_train.data.views import SampleTransform, ViewConfig
+from ernievil2_train.text import ErnieTokenizer
+from tests.data.shard_helpers import sample, write_vocab
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    return str(write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt"))
+
+
+def rows(vocab: str, texts: list[str], max_len: int = 48) -> torch.Tensor:
+    return ErnieTokenizer(vocab, max_len=max_len)(texts)["input_ids"]
+
+
+def test_train_sample_has_every_view(vocab):
+    out = SampleTransform(vocab, image_size=SIZE)(sample(1))
+    assert set(out) == {"image", "image_view2", "caption_ids", "text_view_ids", "tag_ids", "has_tags",
+                        "image_key", "caption_key"}
+    for name in ("image", "image_view2"):
+        assert out[name].shape == (3, SIZE, SIZE) and out[name].dtype == torch.float32
+    for name in ("caption_ids", "text_view_ids", "tag_ids"):
+        assert out[name].shape == (48,) and out[name].dtype == torch.long
+    assert out["has_tags"].dtype == torch.bool and out["has_tags"].shape == ()
+    assert out["image_key"].dtype == torch.long and out["caption_key"].dtype == torch.long
+
+
+def test_flags_switch_views_off(vocab):
+    views = {"image_view2": False, "tags": False, "text_view": "none"}
+    out = SampleTransform(vocab, image_size=SIZE, views=views)(sample(2))
+    assert set(out) == {"image", "caption_ids", "image_key", "caption_key"}
+
+
+def test_caption_tags_and_keys_match_tokenizer_and_stable_key(vocab):
+    item = sample(3, captions=["一只狗在草地上奔跑", "两个人骑自行车"], tags=["狗", "草地"])
+    out = SampleTransform(vocab, image_size=SIZE, text_max_len=12)(item)
+    expected = rows(vocab, ["一只狗在草地上奔跑", "狗，草地"], max_len=12)
+    assert torch.equal(out["caption_ids"], expected[0])
+    assert torch.equal(out["tag_ids"], expected[1])
+    assert bool(out["has_tags"])
+    assert int(out["image_key"]) == stable_key("img3")
+    assert int(out["caption_key"]) == stable_key("一只狗在草地上奔跑")
+
+
+def test_long_caption_is_truncated_like_the_tokenizer(vocab):
+    text = "一只狗在草地上奔跑" * 8
+    out = SampleTransform(vocab, image_size=SIZE)(sample(4, captions=[text]))
+    assert torch.equal(out["caption_ids"], rows(vocab, [text])[0])
+
+
+def test_no_tags_gives_all_pad_row(vocab):
+    out = SampleTransform(vocab, image_size=SIZE)(sample(5, tags=[]))
+    assert not bool(out["has_tags"]) and int(out["tag_ids"].abs().sum()) == 0
+
+
+def test_dropout_view_repeats_the_caption(vocab):
+    out = SampleTransform(vocab, image_size=SIZE, views={"text_view": "dropout"})(sample(6))
+    assert torch.equal(out["text_view_ids"], out["caption_ids"])
+
+
+def test_second_caption_picks_another_caption_of_the_image(vocab):
+    transform = SampleTransform(vocab, image_size=SIZE, views={"text_view": "second_caption"})
+    captions = ["一只狗在草地上奔跑", "两个人骑自行车", "红色的汽车停路边"]
+    random.seed(0)
+    picked = {tuple(transform(sample(7, captions=captions))["text_view_ids"].tolist()) for _ in range(20)}
+    assert picked == {tuple(r) for r in rows(vocab, captions[1:]).tolist()}
+    single = transform(sample(8, captions=["猫睡觉"]))
+    assert torch.equal(single["text_view_ids"], single["caption_ids"])
+
+
+def test_token_drop_deletes_pieces_and_keeps_one(vocab):
+    caption = "一只狗在草地上奔跑两个人骑自行车"
+    pieces = ErnieTokenizer(vocab).encode(caption)
+    views = {"text_view": "token_drop", "token_drop_p": 0.5}
+    transform = SampleTransform(vocab, image_size=SIZE, views=views)
+    random.seed(1)
+    kept_counts = []
+    for _ in range(40):
+        row = transform(sample(9, captions=[caption]))["text_view_ids"].tolist()
+        body = row[1:row.index(2)]
+        assert row[0] == 1 and len(body) >= 1
+        it = iter(pieces)
+        assert all(p in it for p in body)  # an order-preserving subsequence
+        kept_counts.append(len(body))
+    assert 0.3 < sum(kept_counts) / (40 * len(pieces)) < 0.7
+    heavy = SampleTransform(vocab, image_size=SIZE, views={"text_view": "token_drop", "token_drop_p": 0.99})
+    assert all((heavy(sample(10, captions=[caption]))["text_view_ids"] > 3).sum() >= 1 for _ in range(10))
+
+
+def test_eval_transform_is_single_view_and_deterministic(vocab):
+    transform = SampleTransform(vocab, image_size=SIZE, train=False)
+    a, b = transform(sample(11)), transform(sample(11))
+    assert set(a) == {"image", "caption_ids", "tag_ids", "has_tags", "image_key", "caption_key"}
+    assert torch.equal(a["image"], b["image"])
+
+
+def test_views_differ_and_transform_pickles(vocab):
+    transform = pickle.loads(pickle.dumps(SampleTransform(vocab, image_size=SIZE)))
+    out = transform(sample(12))
+    assert not torch.equal(out["image"], out["image_view2"])
+
+
+def test_bad_view_config_is_refused():
+    with pytest.raises(ValueError, match="text_view"):
+        ViewConfig(text_view="shuffle")
+    with pytest.raises(ValueError, match="token_drop_p"):
+        ViewConfig(token_drop_p=1.0)

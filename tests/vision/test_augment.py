@@ -1,0 +1,194 @@
+"""Training views and the eval-style center view: shapes, draft-reduced decode, each augmentation."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ernievil2_train.vision.augment import (
+    MEAN,
+    STD,
+    CenterView,
+    TrainViews,
+    decode_rgb,
+    draft_factor,
+    oriented_size,
+)
+from tests.data.shard_helpers import smooth_image
+
+PLAIN = {"flip_p": 0.0, "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
+
+
+def lazy(image: Image.Image, fmt: str = "JPEG", **kw) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """float [3,S,S] -> 0..255 float HWC."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    return ((x * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(("side", "size", "factor"), [(224, 224, 1), (447, 224, 1), (448, 224, 2),
+                                                       (900, 224, 4), (1792, 224, 8), (10**5, 224, 8),
+                                                       (100, 224, 1)])
+def test_draft_factor_keeps_crop_at_output_resolution(side, size, factor):
+    assert draft_factor(side, size) == factor
+    assert side / factor >= size or factor == 1
+
+
+def test_decode_rgb_draft_reduces_jpeg_only():
+    source = smooth_image(400, 300, 0)
+    assert decode_rgb(lazy(source), 4).shape == (75, 100, 3)
+    assert decode_rgb(lazy(source), 1).shape == (300, 400, 3)
+    assert decode_rgb(lazy(source, "PNG"), 4).shape == (300, 400, 3)
+
+
+def test_train_views_use_draft_but_never_upsample():
+    seen = []
+
+    class Recording(TrainViews):
+        def view(self, array, box):
+            seen.append((array.shape, min(box[2] - box[0], box[3] - box[1])))
+            return super().view(array, box)
+
+    random.seed(0)
+    views = Recording(image_size=64, scale=(0.9, 1.0))
+    out = views(lazy(smooth_image(2000, 1500, 1)))
+    assert len(out) == 2
+    assert seen[0][0] == (math.ceil(1500 / 8), math.ceil(2000 / 8), 3)
+    for _ in range(30):
+        views = Recording(image_size=64, scale=(0.05, 1.0))
+        views(lazy(smooth_image(700, 500, 2)))
+    assert all(short >= 64 - 1 for _, short in seen)
+    assert any(shape[0] < 500 for shape, _ in seen)
+
+
+@pytest.mark.parametrize("num_views", [1, 2])
+def test_train_views_shapes_and_independence(num_views):
+    random.seed(1)
+    out = TrainViews(image_size=48, num_views=num_views)(lazy(smooth_image(120, 90, 3)))
+    assert len(out) == num_views
+    for x in out:
+        assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and x.is_contiguous()
+    if num_views == 2:
+        assert not torch.equal(out[0], out[1])
+
+
+def test_plain_view_is_resize_and_official_normalisation():
+    source = smooth_image(160, 120, 4)
+    views = TrainViews(image_size=40, num_views=1, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), **PLAIN)
+    (x,) = views(lazy(source, "PNG"))
+    pixels = cv2.resize(np.asarray(source), (40, 40), interpolation=cv2.INTER_AREA).astype(np.float32)
+    expected = (pixels / 255 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
+def test_flip_mirrors_the_view():
+    array = np.asarray(smooth_image(64, 64, 5))
+    box = (0, 0, 64, 64)
+    plain = TrainViews(image_size=32, **PLAIN).view(array, box)
+    flipped = TrainViews(image_size=32, **{**PLAIN, "flip_p": 1.0}).view(array, box)
+    torch.testing.assert_close(flipped, plain.flip(-1))
+
+
+def test_brightness_and_contrast_follow_their_formulas():
+    array = np.asarray(smooth_image(64, 64, 6))
+    random.seed(2)
+    base = denormalize(TrainViews(image_size=32, **PLAIN).view(array, (0, 0, 64, 64)))
+    only = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+    for name in ("brightness", "contrast"):
+        views = TrainViews(image_size=32, **{**PLAIN, **only, "jitter_p": 1.0, name: 0.5})
+        random.seed(3)
+        matrix = views.colour_matrix(base.round().astype(np.uint8))
+        factor = matrix[0, 0]
+        assert 0.5 <= factor <= 1.5 and factor != 1
+        np.testing.assert_allclose(matrix[:, :3], factor * np.eye(3), atol=1e-6)
+        grey_mean = float(np.asarray([0.299, 0.587, 0.114]) @ base.round().reshape(-1, 3).mean(0))
+        offset = 0.0 if name == "brightness" else (1 - factor) * grey_mean
+        np.testing.assert_allclose(matrix[:, 3], offset, atol=1e-3)
+
+
+def test_saturation_and_hue_keep_grey_and_luma():
+    views = TrainViews(image_size=32, **{**PLAIN, "jitter_p": 1.0, "brightness": 0.0, "contrast": 0.0,
+                                         "saturation": 0.5, "hue": 0.3})
+    grey = np.array([100.0, 100.0, 100.0])
+    colour = np.array([200.0, 40.0, 90.0])
+    luma = np.array([0.299, 0.587, 0.114])
+    changed = False
+    for seed in range(5):
+        random.seed(seed)
+        matrix = views.colour_matrix(np.zeros((4, 4, 3), np.uint8)).astype(np.float64)
+        np.testing.assert_allclose(matrix[:, :3] @ grey + matrix[:, 3], grey, atol=1e-3)
+        np.testing.assert_allclose(luma @ (matrix[:, :3] @ colour), luma @ colour, atol=0.05)
+        changed |= not np.allclose(matrix[:, :3] @ colour, colour, atol=1)
+    assert changed
+
+
+def test_grayscale_gives_equal_channels_and_blur_smooths():
+    array = np.asarray(smooth_image(64, 64, 7))
+    grey = denormalize(TrainViews(image_size=32, **{**PLAIN, "grayscale_p": 1.0}).view(array, (0, 0, 64, 64)))
+    np.testing.assert_allclose(grey[..., 0], grey[..., 1], atol=1e-3)
+    np.testing.assert_allclose(grey[..., 1], grey[..., 2], atol=1e-3)
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    plain = TrainViews(image_size=64, **PLAIN).view(noisy, (0, 0, 64, 64))
+    blurred = TrainViews(image_size=64, **{**PLAIN, "blur_p": 1.0, "blur_sigma": (1.5, 2.0)}).view(
+        noisy, (0, 0, 64, 64))
+    assert blurred.std() < 0.6 * plain.std()
+
+
+def test_exif_orientation_is_applied():
+    upright = smooth_image(90, 60, 8)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = lazy(stored, exif=exif.tobytes())
+    assert oriented_size(rotated) == (90, 60)
+    a = CenterView(32)(rotated)
+    b = CenterView(32)(lazy(upright))
+    wrong = CenterView(32)(lazy(stored))
+    assert (a - b).abs().mean() < 0.1 < (wrong - b).abs().mean()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_modes_become_rgb(mode):
+    image = smooth_image(50, 40, 9).convert(mode)
+    fmt = "PNG" if mode in ("RGBA", "P") else "JPEG"
+    (x,) = TrainViews(image_size=24, num_views=1)(lazy(image, fmt))
+    assert x.shape == (3, 24, 24) and torch.isfinite(x).all()
+
+
+def test_center_view_crops_the_middle():
+    stripes = np.zeros((40, 120, 3), np.uint8)
+    stripes[:, :40, 0] = 255
+    stripes[:, 40:80, 1] = 255
+    stripes[:, 80:, 2] = 255
+    x = denormalize(CenterView(16)(lazy(Image.fromarray(stripes), "PNG")))
+    assert (x[..., 1] > 250).all() and (x[..., [0, 2]] < 5).all()
+
+
+def test_extreme_aspect_ratio_falls_back_inside_the_image():
+    views = TrainViews(image_size=16)
+    for _ in range(20):
+        left, top, right, bottom = views.sample_box(1000, 10)
+        assert 0 <= left < right <= 1000 and 0 <= top < bottom <= 10
+    out = views(lazy(smooth_image(1000, 10, 10), "PNG"))
+    assert all(x.shape == (3, 16, 16) for x in out)
+
+
+def test_invalid_parameters_are_refused():
+    with pytest.raises(ValueError, match="scale"):
+        TrainViews(scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="hue"):
+        TrainViews(hue=0.7)
+    with pytest.raises(ValueError, match="num_views"):
+        TrainViews(num_views=0)
