@@ -22,9 +22,14 @@ def vocab_file(paddle_ref: Path) -> Path:
     return paddle_ref / "vocab.txt"
 
 
+@pytest.fixture(scope="module")
+def tok_config(paddle_ref: Path) -> dict:
+    return json.loads((paddle_ref / "config.json").read_text())["tokenizer"]
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["fast", "reference"])
-def tok(request, vocab_file: Path) -> ErnieTokenizer:
-    return ErnieTokenizer(vocab_file, fast=request.param)
+def tok(request, vocab_file: Path, tok_config: dict) -> ErnieTokenizer:
+    return ErnieTokenizer(vocab_file, max_len=tok_config["max_text_seqlen"], fast=request.param)
 
 
 def test_reference_basic_tokens(paddle_ref: Path) -> None:
@@ -57,8 +62,12 @@ def test_fast_path_covers_the_cases(vocab_file: Path, paddle_ref: Path) -> None:
     assert sum(tok._uses_backend(case["text"]) for case in cases) == len(cases)
 
 
-def test_special_ids_and_vocab_size(tok: ErnieTokenizer, vocab_file: Path) -> None:
+def test_special_ids_and_vocab_size(tok: ErnieTokenizer, vocab_file: Path, tok_config: dict) -> None:
     vocab = load_vocab(vocab_file)
+    expected = (tok_config["pad_id"], tok_config["cls_id"], tok_config["sep_id"], tok_config["unk_id"])
+    assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id) == expected
+    assert tok.vocab_size == tok_config["max_id"] + 1
+    assert len(vocab) == tok_config["unique_tokens"]
     assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id) == tuple(
         vocab[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
     )
@@ -66,11 +75,13 @@ def test_special_ids_and_vocab_size(tok: ErnieTokenizer, vocab_file: Path) -> No
     assert tok.encode("$") == [vocab["$"]]
 
 
-def test_duplicate_token_keeps_last_id(vocab_file: Path) -> None:
+def test_duplicate_token_keeps_last_id(vocab_file: Path, tok_config: dict) -> None:
     lines = vocab_file.read_text(encoding="utf-8").splitlines()
-    dollar = [int(line.split("\t")[1]) for line in lines if line.split("\t")[0] == "$"]
-    assert len(dollar) == 2
-    assert load_vocab(vocab_file)["$"] == dollar[-1]
+    vocab = load_vocab(vocab_file)
+    for token, ids in tok_config["duplicate_tokens"].items():
+        if isinstance(ids, list):
+            assert [int(ln.split("\t")[1]) for ln in lines if ln.split("\t")[0] == token] == ids
+            assert vocab[token] == ids[-1]
 
 
 def test_truncation_and_max_len(vocab_file: Path) -> None:
