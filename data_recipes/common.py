@@ -1,16 +1,17 @@
-"""Helpers the recipes share: image checking/encoding, base64, tag splitting and the eval-set writer."""
+"""Helpers the recipes share: image checking/encoding, base64, tags, and grouping caption rows by image."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-import json
-import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from data_recipes.shards import ImageRecord, Skip, SkipCounter
 
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -66,32 +67,75 @@ def unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(t for t in items if t))
 
 
-def write_evalset(
-    out_dir: Path,
-    split: str,
-    images: Iterable[tuple[str, bytes]],
-    texts: Iterable[tuple[str, str, list[str]]],
-) -> tuple[int, int]:
-    """Write the Chinese-CLIP layout `{split}_imgs.tsv` + `{split}_texts.jsonl`; returns (images, texts).
+@dataclass(frozen=True)
+class ImageJob:
+    """Work for one image: where its bytes are (base64 text or a file path) and what to write with it."""
 
-    Both files are written under temporary names and renamed at the end.
+    image_id: str
+    source: str
+    is_path: bool
+    captions: tuple[tuple[str, str], ...]
+    tags: tuple[str, ...] = ()
+
+
+def prepare_job(job: ImageJob, max_size: int | None = None) -> ImageRecord | Skip:
+    """Load, check and (when needed) re-encode a job's image; a `Skip` with the reason when it fails."""
+    try:
+        if job.is_path:
+            try:
+                data = Path(job.source).read_bytes()
+            except OSError:
+                return Skip("missing file")
+        else:
+            data = decode_base64(job.source)
+        ext, data = prepare_image(data, max_size)
+    except BadImage as err:
+        return Skip(str(err))
+    return ImageRecord(job.image_id, ext, data, list(job.captions), list(job.tags))
+
+
+@dataclass
+class Row:
+    """One caption row of a flat input: row index, image id, image source, caption, tags."""
+
+    index: int
+    image_id: str
+    source: str
+    is_path: bool
+    caption: str
+    tags: list[str]
+
+
+@dataclass
+class _Group:
+    first: int
+    captions: list[tuple[str, str]]
+    tags: list[str]
+
+
+def group_rows(
+    read_rows: Callable[[], Iterator[Row | Skip]], skips: SkipCounter
+) -> tuple[int, Iterator[ImageJob]]:
+    """Group caption rows by image in two passes over the input, so image data is never held in memory.
+
+    The first pass counts skips and collects, per image id, all captions (`text_id` = row index) and the union
+    of the tags; the second yields one `ImageJob` per image, at its first row. Returns (images, jobs).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    img_path = out_dir / f"{split}_imgs.tsv"
-    txt_path = out_dir / f"{split}_texts.jsonl"
-    n_img = n_txt = 0
-    with open(img_path.with_name(img_path.name + ".tmp"), "w", encoding="utf-8") as f:
-        for image_id, data in images:
-            f.write(f"{image_id}\t{encode_base64(data)}\n")
-            n_img += 1
-    with open(txt_path.with_name(txt_path.name + ".tmp"), "w", encoding="utf-8") as f:
-        for text_id, text, image_ids in texts:
-            f.write(
-                json.dumps({"text_id": text_id, "text": text, "image_ids": image_ids}, ensure_ascii=False)
-                + "\n"
-            )
-            n_txt += 1
-    os.replace(img_path.with_name(img_path.name + ".tmp"), img_path)
-    os.replace(txt_path.with_name(txt_path.name + ".tmp"), txt_path)
-    return n_img, n_txt
+    groups: dict[str, _Group] = {}
+    for row in read_rows():
+        if isinstance(row, Skip):
+            skips.add(row.reason, row.count)
+            continue
+        group = groups.setdefault(row.image_id, _Group(row.index, [], []))
+        group.captions.append((str(row.index), row.caption))
+        group.tags = unique([*group.tags, *row.tags])
+
+    def jobs() -> Iterator[ImageJob]:
+        for row in read_rows():
+            if isinstance(row, Row) and groups[row.image_id].first == row.index:
+                group = groups[row.image_id]
+                yield ImageJob(
+                    row.image_id, row.source, row.is_path, tuple(group.captions), tuple(group.tags)
+                )
+
+    return len(groups), jobs()

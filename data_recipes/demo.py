@@ -26,8 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_recipes.common import write_evalset
-from data_recipes.shards import ImageRecord, ShardSink, add_writer_args, summary, write_records
+from data_recipes.shards import (
+    EvalSetWriter,
+    ImageRecord,
+    ShardSink,
+    SkipCounter,
+    add_writer_args,
+    summary,
+    write_records,
+)
 
 VERSION = "1"
 DONE_MARKER = "DONE"
@@ -246,35 +253,21 @@ def build(
 ) -> None:
     """Write the whole demo set into `out`."""
     out = Path(out)
-    for split, count in (("train", params.train_images), ("val", params.val_images)):
-        with ShardSink(out, split, shard_size=shard_size, shard_bytes=shard_bytes) as sink:
-            write_records(
-                sink,
-                make_jobs(split, count, params),
-                _prepare,
-                workers=workers,
-                total=count,
-                desc=f"demo {split}",
-                progress=verbose,
-            )
+    splits = [
+        ("train", params.train_images, ShardSink(out, "train", shard_size, shard_bytes)),
+        ("val", params.val_images, ShardSink(out, "val", shard_size, shard_bytes)),
+        ("eval", params.eval_images, EvalSetWriter(out / "eval", "valid", group_by="text")),
+    ]
+    for split, count, sink in splits:
+        skips = SkipCounter()
+        with sink:
+            jobs = make_jobs(split, count, params)
+            write_records(jobs, _prepare, [sink], skips, workers, count, f"demo {split}", progress=verbose)
         if verbose:
-            print(summary(sink))
-    eval_jobs = make_jobs("eval", params.eval_images, params)
-    records = [_prepare(job) for job in eval_jobs]
-    by_text: dict[str, list[str]] = {}
-    for rec in records:
-        for _, text in rec.captions:
-            by_text.setdefault(text, []).append(rec.image_id)
-    n_img, n_txt = write_evalset(
-        out / "eval",
-        "valid",
-        ((rec.image_id, rec.data) for rec in records),
-        ((str(i), text, ids) for i, (text, ids) in enumerate(by_text.items())),
-    )
+            print(summary([sink], skips, split))
     write_vocab(out / "vocab.txt")
     (out / "params.json").write_text(json.dumps({"version": VERSION, **asdict(params)}, indent=1))
     if verbose:
-        print(f"eval: wrote {n_img} images and {n_txt} texts to {out / 'eval'}")
         print(f"vocab: {len(vocab_tokens())} tokens in {out / 'vocab.txt'}")
 
 

@@ -16,13 +16,14 @@ never loses or corrupts a finished shard.
 
 from __future__ import annotations
 
+import base64
 import json
 import multiprocessing
 import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class ShardSink:
         split: str,
         shard_size: int = DEFAULT_SHARD_SIZE,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
+        skips: SkipCounter | None = None,
     ) -> None:
         if shard_size < 1 or shard_bytes < 1:
             raise ValueError("shard size and shard bytes must be positive")
@@ -92,7 +94,7 @@ class ShardSink:
         self.shard_size = shard_size
         self.shard_bytes = shard_bytes
         self.shards: list[dict[str, Any]] = []
-        self.skips = SkipCounter()
+        self.skips = skips if skips is not None else SkipCounter()
         self.images = 0
         self._writer: TarWriter | None = None
         self._file = None
@@ -188,6 +190,12 @@ class ShardSink:
         self._finish()
         self.write_index()
 
+    def describe(self) -> str:
+        return (
+            f"{self.split}: wrote {self.samples} samples ({self.images} images) in {len(self.shards)} shards "
+            f"to {self.out_dir}"
+        )
+
     def __enter__(self) -> ShardSink:
         return self
 
@@ -209,35 +217,109 @@ def parallel_map(
         yield from pool.imap(fn, items, chunksize=chunksize)
 
 
+class EvalSetWriter:
+    """Writes records as an eval set in the Chinese-CLIP layout: `{split}_imgs.tsv` + `{split}_texts.jsonl`.
+
+    Images are streamed to the tsv; texts are grouped by `text_id` (or, with `group_by="text"`, by the text
+    itself, so identical captions of different images become one query with several positives) and written at
+    `close()`. Both files appear under their final names only when complete.
+    """
+
+    def __init__(self, out_dir: Path, split: str, group_by: str = "text_id") -> None:
+        if group_by not in ("text_id", "text"):
+            raise ValueError("group_by must be 'text_id' or 'text'")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.group_by = group_by
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.images_path = self.out_dir / f"{split}_imgs.tsv"
+        self.texts_path = self.out_dir / f"{split}_texts.jsonl"
+        self._images_tmp = self.images_path.with_name(self.images_path.name + ".tmp")
+        self._file = self._images_tmp.open("w", encoding="utf-8")
+        self._texts: dict[str, dict[str, Any]] = {}
+        self.images = 0
+
+    def write_record(self, record: ImageRecord) -> int:
+        self._file.write(f"{record.image_id}\t{base64.b64encode(record.data).decode('ascii')}\n")
+        self.images += 1
+        for text_id, text in record.captions:
+            entry = self._texts.setdefault(
+                text if self.group_by == "text" else text_id,
+                {"text_id": text_id, "text": text, "image_ids": []},
+            )
+            if record.image_id not in entry["image_ids"]:
+                entry["image_ids"].append(record.image_id)
+        return len(record.captions)
+
+    @property
+    def texts(self) -> int:
+        return len(self._texts)
+
+    def close(self) -> None:
+        self._file.close()
+        lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in self._texts.values())
+        write_atomic(self.texts_path, lines.encode("utf-8"))
+        os.replace(self._images_tmp, self.images_path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._images_tmp.unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        return (
+            f"{self.split}: wrote eval set of {self.images} images and {self.texts} texts to {self.out_dir}"
+        )
+
+    def __enter__(self) -> EvalSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _PassSkips:
+    """Wraps a prepare function so that `Skip` items among the jobs pass straight through."""
+
+    def __init__(self, fn: Callable[[Any], ImageRecord | Skip]) -> None:
+        self.fn = fn
+
+    def __call__(self, job: Any) -> ImageRecord | Skip:
+        return job if isinstance(job, Skip) else self.fn(job)
+
+
 def write_records(
-    sink: ShardSink,
     jobs: Iterable[Any],
     prepare: Callable[[Any], ImageRecord | Skip],
+    sinks: Sequence[ShardSink | EvalSetWriter],
+    skips: SkipCounter,
     workers: int = 1,
     total: int | None = None,
-    desc: str | None = None,
+    desc: str = "images",
     progress: bool = True,
 ) -> None:
-    """Prepare `jobs` into records in parallel and write them to `sink`, counting skips."""
-    bar = tqdm(total=total, desc=desc or sink.split, unit="img", file=sys.stderr, disable=not progress)
-    with bar:
-        for result in parallel_map(prepare, jobs, workers):
+    """Prepare `jobs` into records in parallel and write each record to every sink, counting skips.
+
+    Jobs may be `Skip`s (inputs the reader already rejected): they are counted in order with the rest.
+    """
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+        for result in parallel_map(_PassSkips(prepare), jobs, workers):
             if isinstance(result, Skip):
-                sink.skips.add(result.reason, result.count)
+                skips.add(result.reason, result.count)
             else:
-                sink.write_record(result)
+                for sink in sinks:
+                    sink.write_record(result)
             bar.update(1)
 
 
-def summary(sink: ShardSink) -> str:
-    """A short human summary: samples, images and shards written, and skips per reason."""
-    lines = [
-        f"{sink.split}: wrote {sink.samples} samples ({sink.images} images) in {len(sink.shards)} shards "
-        f"to {sink.out_dir}"
-    ]
-    total = sum(sink.skips.values())
-    lines.append(f"{sink.split}: skipped {total}" + (":" if total else ""))
-    lines += [f"  {reason}: {n}" for reason, n in sorted(sink.skips.items())]
+def summary(sinks: Sequence[ShardSink | EvalSetWriter], skips: SkipCounter, label: str) -> str:
+    """A short human summary: what each sink wrote, and skipped inputs per reason."""
+    lines = [sink.describe() for sink in sinks]
+    total = sum(skips.values())
+    lines.append(f"{label}: skipped {total}" + (":" if total else ""))
+    lines += [f"  {reason}: {n}" for reason, n in sorted(skips.items())]
     return "\n".join(lines)
 
 

@@ -1,0 +1,223 @@
+"""COCO-CN (or any set in the same layouts) to shards and/or an eval set, with optional COCO object tags.
+
+Inputs (`--input`):
+
+* a folder in Chinese-CLIP's layout: `{split}_imgs.tsv` (`image_id<TAB>base64`) and `{split}_texts.jsonl`
+  (`{"text_id", "text", "image_ids"}`);
+* a file in ERNIE-ViL 2.0's 3-column test layout: `text<TAB>image_id<TAB>base64 image` (text ids are the
+  0-based row numbers).
+
+All captions of an image are grouped (`captions` in each sample's json). With `--coco-instances` (one or more
+COCO `instances_*.json`), each image's tags are the Chinese names (coco_categories_zh.json) of the object
+categories annotated in it, deduplicated and ordered by the total area of their instances, largest first
+(ties: by category id). Image ids are matched to COCO ids by their trailing digits (`139`,
+`COCO_val2014_000000000139`).
+
+Outputs in `--out`: shards `{split}-%06d.tar` + `{split}.json`, and/or the eval set
+`eval/{split}_imgs.tsv` + `eval/{split}_texts.jsonl` (`--outputs`, default: shards for train, both otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+from data_recipes.common import ImageJob, Row, group_rows, prepare_job
+from data_recipes.shards import (
+    EvalSetWriter,
+    ShardSink,
+    Skip,
+    SkipCounter,
+    add_writer_args,
+    summary,
+    write_records,
+)
+
+CATEGORY_TABLE = Path(__file__).with_name("coco_categories_zh.json")
+_TRAILING_DIGITS = re.compile(r"(\d+)$")
+
+
+class InputError(ValueError):
+    """A user mistake in the inputs (missing file, unreadable instances json); reported in one line."""
+
+
+def chinese_category_names() -> dict[int, str]:
+    """COCO category id -> Chinese name (the shipped table)."""
+    table = json.loads(CATEGORY_TABLE.read_text(encoding="utf-8"))
+    return {int(k): v["zh"] for k, v in table.items()}
+
+
+def coco_id(image_id: str) -> int | None:
+    """The COCO image id in an image id string (its trailing digits), or None."""
+    match = _TRAILING_DIGITS.search(Path(image_id).stem)
+    return int(match.group(1)) if match else None
+
+
+def load_coco_tags(files: list[Path]) -> dict[int, list[str]]:
+    """COCO image id -> Chinese category names of its objects, largest total area first."""
+    names = chinese_category_names()
+    areas: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for file in files:
+        try:
+            data = json.loads(Path(file).read_text(encoding="utf-8"))
+            for cat in data.get("categories", []):
+                names.setdefault(int(cat["id"]), str(cat["name"]))
+            for ann in data["annotations"]:
+                areas[int(ann["image_id"])][int(ann["category_id"])] += float(ann.get("area", 0.0))
+        except FileNotFoundError as err:
+            raise InputError(f"--coco-instances: file not found: {file}") from err
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise InputError(f"--coco-instances: {file} is not a COCO instances json ({err!r})") from err
+    tags = {}
+    for image, per_cat in areas.items():
+        ordered = sorted(per_cat.items(), key=lambda kv: (-kv[1], kv[0]))
+        tags[image] = [names.get(cat, str(cat)) for cat, _ in ordered]
+    return tags
+
+
+def _tags_for(image_id: str, coco_tags: dict[int, list[str]]) -> tuple[str, ...]:
+    cid = coco_id(image_id)
+    return tuple(coco_tags.get(cid, [])) if cid is not None else ()
+
+
+def chinese_clip_jobs(folder: Path, split: str, coco_tags: dict[int, list[str]], skips: SkipCounter):
+    """(image lines, jobs) for the Chinese-CLIP layout; counts bad text rows and unknown image ids."""
+    imgs, texts = folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
+    for f in (imgs, texts):
+        if not f.is_file():
+            raise InputError(f"input file missing: {f}")
+    captions: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    with texts.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text_id, text, image_ids = (
+                    str(row["text_id"]),
+                    str(row["text"]).strip(),
+                    list(row["image_ids"]),
+                )
+            except (json.JSONDecodeError, KeyError, TypeError):
+                skips.add("malformed text line")
+                continue
+            if not text:
+                skips.add("empty caption")
+                continue
+            for image_id in image_ids:
+                captions[str(image_id)].append((text_id, text))
+    image_ids, lines = _image_ids(imgs)
+    unknown = sum(len(c) for i, c in captions.items() if i not in image_ids)
+    if unknown:
+        skips.add("unknown image id", unknown)
+
+    def jobs() -> Iterator[ImageJob | Skip]:
+        seen: set[str] = set()
+        with imgs.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                image_id, _, b64 = line.rstrip("\r\n").partition("\t")
+                image_id = image_id.strip()
+                if not image_id or not b64.strip():
+                    yield Skip("malformed image line")
+                elif image_id in seen:
+                    yield Skip("duplicate image id")
+                elif not captions.get(image_id):
+                    seen.add(image_id)
+                    yield Skip("image without captions")
+                else:
+                    seen.add(image_id)
+                    yield ImageJob(
+                        image_id, b64, False, tuple(captions[image_id]), _tags_for(image_id, coco_tags)
+                    )
+
+    return lines, jobs()
+
+
+def _image_ids(imgs: Path) -> tuple[set[str], int]:
+    """The image ids of a `{split}_imgs.tsv` and its number of non-blank lines."""
+    ids: set[str] = set()
+    lines = 0
+    with imgs.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                lines += 1
+                ids.add(line.partition("\t")[0].strip())
+    return ids, lines
+
+
+def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
+    """A reader of the 3-column TSV rows (for `group_rows`)."""
+
+    def read() -> Iterator[Row | Skip]:
+        with tsv.open(encoding="utf-8") as fh:
+            for index, line in enumerate(fh):
+                parts = line.rstrip("\r\n").split("\t")
+                if len(parts) != 3 or not parts[1].strip():
+                    yield Skip("malformed line")
+                    continue
+                text, image_id, b64 = parts[0].strip(), parts[1].strip(), parts[2]
+                if not text:
+                    yield Skip("empty caption")
+                    continue
+                yield Row(index, image_id, b64, False, text, list(_tags_for(image_id, coco_tags)))
+
+    return read
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_recipes.cococn",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", type=Path, required=True, help="Chinese-CLIP folder or 3-column TSV file")
+    parser.add_argument("--split", default="train", help="split name: input file prefix and output name")
+    parser.add_argument("--outputs", choices=["shards", "evalset", "both"], help="what to write")
+    parser.add_argument(
+        "--coco-instances", type=Path, action="append", default=[], help="COCO instances json"
+    )
+    parser.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
+    add_writer_args(parser)
+    args = parser.parse_args(argv)
+    outputs = args.outputs or ("shards" if args.split == "train" else "both")
+    skips = SkipCounter()
+    try:
+        coco_tags = load_coco_tags(args.coco_instances)
+        if args.input.is_dir():
+            total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips)
+            group_by = "text_id"
+        elif args.input.is_file():
+            total, jobs = group_rows(ernie_rows(args.input, coco_tags), skips)
+            group_by = "text"
+        else:
+            raise InputError(f"--input not found: {args.input}")
+    except InputError as err:
+        parser.error(str(err))
+    sinks: list[ShardSink | EvalSetWriter] = []
+    if outputs in ("shards", "both"):
+        sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
+    if outputs in ("evalset", "both"):
+        sinks.append(EvalSetWriter(args.out / "eval", args.split, group_by=group_by))
+    try:
+        write_records(jobs, partial(prepare_job, max_size=args.max_size), sinks, skips, args.workers, total)
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    for sink in sinks:
+        sink.close()
+    print(summary(sinks, skips, args.split))
+    if coco_tags:
+        print(f"{args.split}: tags from COCO instances for {len(coco_tags)} annotated images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

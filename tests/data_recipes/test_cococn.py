@@ -1,0 +1,223 @@
+"""The COCO-CN recipe on hand-made sets in both input layouts, with planted bad rows and COCO tags."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from data_recipes import cococn
+from ernievil2_train.data.evalset import load_evalset
+from tests.data_recipes.helpers import image_bytes, read_shards, run_recipe
+
+RED = image_bytes((250, 0, 0))
+GREEN = image_bytes((0, 250, 0), size=(20, 30))
+BLUE_PNG = image_bytes((0, 0, 250), fmt="PNG")
+NOT_AN_IMAGE = base64.b64encode(b"hello, not an image").decode()
+COCO_IDS = set(range(1, 91)) - {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+
+
+def _b64(data: bytes, urlsafe: bool = False) -> str:
+    return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode()
+
+
+@pytest.fixture
+def instances(tmp_path):
+    path = tmp_path / "instances_val2014.json"
+    anns = [
+        (101, 1, 100.0),  # person
+        (101, 18, 500.0),  # dog
+        (101, 1, 50.0),
+        (102, 17, 10.0),  # cat
+        (102, 200, 5.0),  # not a COCO category: English name from the file
+        (555, 3, 1.0),
+    ]
+    data = {
+        "categories": [{"id": 1, "name": "person"}, {"id": 200, "name": "widget"}],
+        "annotations": [{"image_id": i, "category_id": c, "area": a} for i, c, a in anns],
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _by_image(samples: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for s in samples:
+        out.setdefault(s["json"]["image_id"], []).append(s)
+    return out
+
+
+def test_chinese_clip_layout_to_shards_and_evalset(tmp_path, instances):
+    src = tmp_path / "src"
+    src.mkdir()
+    imgs = [
+        ("101", _b64(RED, urlsafe=True)),
+        ("COCO_val2014_000000000102", _b64(GREEN)),
+        ("103", _b64(BLUE_PNG)),
+        ("104", "!!!not-base64!!!"),
+        ("105", NOT_AN_IMAGE),
+        ("106", _b64(RED)),
+        ("101", _b64(GREEN)),
+    ]
+    (src / "valid_imgs.tsv").write_text("".join(f"{i}\t{b}\n" for i, b in imgs))
+    texts = [
+        {"text_id": 1, "text": "红色的图片", "image_ids": [101]},
+        {"text_id": 2, "text": "绿色", "image_ids": ["COCO_val2014_000000000102"]},
+        {"text_id": 3, "text": "两张图", "image_ids": [101, "COCO_val2014_000000000102"]},
+        {"text_id": 4, "text": "  ", "image_ids": [101]},
+        {"text_id": 5, "text": "不存在", "image_ids": [999]},
+        {"text_id": 6, "text": "蓝色", "image_ids": [103]},
+        {"text_id": 7, "text": "坏的", "image_ids": [104]},
+        {"text_id": 8, "text": "不是图片", "image_ids": [105]},
+    ]
+    lines = [json.dumps(t, ensure_ascii=False) for t in texts]
+    (src / "valid_texts.jsonl").write_text("\n".join([*lines, "not json", ""]) + "\n")
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "cococn",
+        "--input",
+        str(src),
+        "--split",
+        "valid",
+        "--out",
+        str(out),
+        "--coco-instances",
+        str(instances),
+        "--workers",
+        "2",
+        "--shard-size",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    samples = read_shards(out, "valid")
+    index = json.loads((out / "valid.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [2, 2, 1] and index["samples"] == len(samples) == 5
+    assert index["skipped"] == {
+        "bad base64": 1,
+        "duplicate image id": 1,
+        "empty caption": 1,
+        "image without captions": 1,
+        "malformed text line": 1,
+        "undecodable image": 1,
+        "unknown image id": 1,
+    }
+    for reason, n in index["skipped"].items():
+        assert f"{reason}: {n}" in proc.stdout
+    groups = _by_image(samples)
+    assert list(groups) == ["101", "COCO_val2014_000000000102", "103"]
+    red, green, blue = groups.values()
+    assert [(s["json"]["text_id"], s["txt"]) for s in red] == [("1", "红色的图片"), ("3", "两张图")]
+    assert [(s["json"]["text_id"], s["txt"]) for s in green] == [("2", "绿色"), ("3", "两张图")]
+    assert all(s["json"]["captions"] == ["红色的图片", "两张图"] for s in red)
+    assert all(s["json"]["captions"] == ["绿色", "两张图"] for s in green)
+    assert blue[0]["json"] == {"image_id": "103", "text_id": "6", "captions": ["蓝色"], "tags": []}
+    assert all(s["json"]["tags"] == ["狗", "人"] for s in red)
+    assert all(s["json"]["tags"] == ["猫", "widget"] for s in green)
+    assert all(s["image"] == RED and s["ext"] == "jpg" for s in red)
+    assert all(s["image"] == GREEN for s in green)
+    assert blue[0]["image"] == BLUE_PNG and blue[0]["ext"] == "png"
+    assert len({s["key"] for s in samples}) == 5
+
+    es = load_evalset(out / "eval", split="valid")
+    assert es.image_ids == ["101", "COCO_val2014_000000000102", "103"]
+    assert es.images == [RED, GREEN, BLUE_PNG]
+    assert es.text_ids == ["1", "3", "2", "6"]
+    assert es.texts == ["红色的图片", "两张图", "绿色", "蓝色"]
+    assert es.text_to_images == [[0], [0, 1], [1], [2]]
+
+
+def test_ernie_three_column_layout(tmp_path, instances):
+    rows = [
+        f"红色的图片\t101\t{_b64(RED)}",
+        f"又一张红色\t101\t{_b64(RED)}",
+        f"绿色\tCOCO_val2014_000000000102\t{_b64(GREEN)}",
+        f"\t101\t{_b64(RED)}",
+        "坏图\t104\t!!!",
+        "only two\tcolumns",
+        f"蓝色\t103\t{_b64(BLUE_PNG)}",
+        f"不是图片\t106\t{NOT_AN_IMAGE}",
+        f"绿色\t107\t{_b64(GREEN)}",
+    ]
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "cococn",
+        "--input",
+        str(tsv),
+        "--split",
+        "test",
+        "--outputs",
+        "both",
+        "--out",
+        str(out),
+        "--coco-instances",
+        str(instances),
+        "--workers",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    samples = read_shards(out, "test")
+    index = json.loads((out / "test.json").read_text())
+    assert index["skipped"] == {
+        "bad base64": 1,
+        "empty caption": 1,
+        "malformed line": 1,
+        "undecodable image": 1,
+    }
+    groups = _by_image(samples)
+    assert list(groups) == ["101", "COCO_val2014_000000000102", "103", "107"]
+    assert [(s["json"]["text_id"], s["txt"]) for s in groups["101"]] == [
+        ("0", "红色的图片"),
+        ("1", "又一张红色"),
+    ]
+    assert all(s["json"]["captions"] == ["红色的图片", "又一张红色"] for s in groups["101"])
+    assert groups["101"][0]["json"]["tags"] == ["狗", "人"]
+    assert groups["COCO_val2014_000000000102"][0]["json"]["tags"] == ["猫", "widget"]
+    assert groups["103"][0]["json"]["tags"] == [] and groups["103"][0]["image"] == BLUE_PNG
+    assert groups["101"][0]["image"] == RED and groups["107"][0]["image"] == GREEN
+
+    es = load_evalset(out / "eval", split="test")
+    assert es.texts == ["红色的图片", "又一张红色", "绿色", "蓝色"]
+    assert es.text_to_images == [[0], [0], [1, 3], [2]]
+
+
+def test_train_split_writes_shards_only_and_max_size_reencodes(tmp_path):
+    big = image_bytes((10, 200, 30), size=(120, 60))
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text(f"大图\t1\t{_b64(big)}\n小图\t2\t{_b64(RED)}\n")
+    proc = run_recipe("cococn", "--input", str(tsv), "--out", str(tmp_path / "o"), "--max-size", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "o" / "eval").exists()
+    samples = {s["json"]["image_id"]: s for s in read_shards(tmp_path / "o", "train")}
+    assert samples["2"]["image"] == RED
+    resized = Image.open(io.BytesIO(samples["1"]["image"]))
+    assert resized.format == "JPEG" and resized.size == (40, 20)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--input", "nowhere"], "--input not found: nowhere"),
+        (["--input", "."], "input file missing"),
+        (["--input", ".", "--coco-instances", "missing.json"], "missing.json"),
+    ],
+)
+def test_user_errors_exit_2(tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        cococn.main([*extra, "--out", str(tmp_path / "o"), "--split", "xyz"])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_category_table_and_coco_ids():
+    names = cococn.chinese_category_names()
+    assert set(names) == COCO_IDS and len(set(names.values())) == 80
+    assert names[1] == "人" and names[18] == "狗"
+    assert cococn.coco_id("COCO_train2014_000000581929") == 581929
+    assert cococn.coco_id("139") == 139 and cococn.coco_id("139.jpg") == 139
+    assert cococn.coco_id("abc") is None
