@@ -1,0 +1,15 @@
+"""Checkpoint reading (official Paddle `.pdparams`) and writing (safetensors + config)."""
+
+from __future__ import annotations
+
+from ernievil2_train.checkpoints.io import find_vocab, load_pretrained, save_pretrained
+from ernievil2_train.checkpoints.paddle import CheckpointError, load_pdparams, read_pdparams
+
+__all__ = [
+    "CheckpointError",
+    "find_vocab",
+    "load_pdparams",
+    "load_pretrained",
+    "read_pdparams",
+    "save_pretrained",
+]

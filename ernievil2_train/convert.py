@@ -1,0 +1,52 @@
+"""Convert an official ERNIE-ViL 2.0 Paddle checkpoint into a safetensors checkpoint folder.
+
+python -m ernievil2_train.convert SRC.pdparams OUT_DIR [--vision-heads N] [--text-heads N] [--vocab VOCAB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ernievil2_train.checkpoints import CheckpointError, load_pdparams, save_pretrained
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ernievil2_train.convert",
+        description="Convert a Paddle .pdparams file (read without Paddle) to safetensors + config.json.",
+    )
+    parser.add_argument("src", help="official .pdparams file")
+    parser.add_argument("out_dir", help="output checkpoint folder")
+    parser.add_argument(
+        "--vision-heads", type=int, default=None, help="ViT attention heads (default: width/64)"
+    )
+    parser.add_argument(
+        "--text-heads", type=int, default=None, help="ERNIE attention heads (default: width/64)"
+    )
+    parser.add_argument("--vocab", default=None, help="vocab.txt to copy into the checkpoint folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = load_pdparams(args.src, args.vision_heads, args.text_heads)
+        out = save_pretrained(model, args.out_dir, vocab_file=args.vocab)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    v, t = model.config.vision, model.config.text
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vision: ViT {v.image_size}px/{v.patch_size}, width {v.width}, {v.layers} layers, {v.heads} heads")
+    print(
+        f"text:   ERNIE vocab {t.vocab_size}, width {t.width}, {t.layers} layers, {t.heads} heads, "
+        f"ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
+    )
+    print(f"logit scale exp({model.logit_scale.item():.6g}); {params / 1e6:.2f}M parameters")
+    print(f"wrote {out}" + (" (with vocab.txt)" if args.vocab else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ernievil2_train.checkpoints import CheckpointError, load_pdparams, read_pdparams
+from ernievil2_train.checkpoints.paddle import BIG_PARAM_KEY, infer_config, map_name, paddle_names
+from ernievil2_train.models import DualEncoder
+from tests.checkpoints.reference import PDPARAMS_FILES, convert_reference, reference_heads
+
+
+@pytest.fixture(scope="module")
+def arrays(paddle_ref: Path) -> dict[str, np.ndarray]:
+    return read_pdparams(paddle_ref / "model.pdparams")
+
+
+def _write(path: Path, obj: object, protocol: int = 4) -> Path:
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return path
+
+
+@pytest.mark.parametrize("name", PDPARAMS_FILES)
+def test_reads_both_numpy_module_paths(paddle_ref: Path, name: str) -> None:
+    with (paddle_ref / name).open("rb") as f:
+        raw = pickle.load(f)
+    arrays = read_pdparams(paddle_ref / name)
+    expected = {k for k in raw if k != "StructuredToParameterName@@" and not k.startswith("visual.classfy.")}
+    assert set(arrays) == expected
+    for key in expected:
+        np.testing.assert_array_equal(arrays[key], raw[key])
+
+
+def test_infers_architecture_from_shapes(paddle_ref: Path, arrays: dict[str, np.ndarray]) -> None:
+    ref = json.loads((paddle_ref / "config.json").read_text())
+    vision_heads, text_heads = reference_heads(paddle_ref)
+    cfg = infer_config(arrays, vision_heads, text_heads)
+    v, t = ref["vision"], ref["text"]
+    assert (cfg.vision.image_size, cfg.vision.patch_size) == (v["image_size"], v["patch_size"])
+    assert (cfg.vision.width, cfg.vision.layers, cfg.vision.heads) == (v["width"], v["layers"], v["heads"])
+    assert cfg.vision.mlp_ratio == v["mlp_ratio"]
+    assert (cfg.text.width, cfg.text.layers, cfg.text.heads) == (
+        t["hidden_size"],
+        t["num_hidden_layers"],
+        t["num_attention_heads"],
+    )
+    assert (cfg.text.vocab_size, cfg.text.intermediate_size) == (t["vocab_size"], t["intermediate_size"])
+    assert cfg.text.max_position_embeddings == t["max_position_embeddings"]
+    default = infer_config(arrays)
+    assert default.vision.heads == max(v["width"] // 64, 1) and default.text.heads == max(
+        t["hidden_size"] // 64, 1
+    )
+
+
+def test_key_map_covers_the_model_exactly(arrays: dict[str, np.ndarray]) -> None:
+    model = DualEncoder(infer_config(arrays))
+    names = paddle_names(model.config)
+    assert set(names) == set(arrays)
+    assert {map_name(n)[0] for n in names} == set(model.state_dict())
+    assert map_name("visual.blocks.0.attn.qkv.weight") == ("vision.blocks.0.attn.qkv.weight", True)
+    assert map_name("text_model.encoder_stack.block.1.ln2.bias") == (
+        "text.ernie.encoder.layer.1.output.LayerNorm.bias",
+        False,
+    )
+    assert map_name("visual.head.weight") is None
+
+
+def test_linear_weights_are_transposed(paddle_ref: Path, arrays: dict[str, np.ndarray]) -> None:
+    model = convert_reference(paddle_ref)
+    state = model.state_dict()
+    q = torch.from_numpy(arrays["text_model.encoder_stack.block.0.attn.q.weight"])
+    torch.testing.assert_close(state["text.ernie.encoder.layer.0.attention.self.query.weight"], q.T)
+    conv = torch.from_numpy(arrays["visual.patch_embed.proj.weight"])
+    torch.testing.assert_close(state["vision.patch_embed.proj.weight"], conv)
+    assert state["logit_scale"].shape == () and state["logit_scale"] == float(
+        arrays["contrastive_loss_mm.temperature_b"][0]
+    )
+
+
+@pytest.mark.parametrize("target", ["posix.system", "builtins.eval"])
+def test_malicious_pickle_is_refused_before_running(tmp_path: Path, target: str) -> None:
+    marker = tmp_path / "pwned"
+    module, name = target.split(".")
+    payload = f"touch {marker}" if name == "system" else f"open({str(marker)!r}, 'w')"
+
+    class Evil:
+        def __reduce__(self):
+            return getattr(__import__(module), name), (payload,)
+
+    path = _write(tmp_path / "evil.pdparams", {"visual.class_embedding": Evil()})
+    with pytest.raises(CheckpointError, match=f"refused to load global {target}") as info:
+        read_pdparams(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def test_truncated_and_non_pickle_files(tmp_path: Path, paddle_ref: Path) -> None:
+    data = (paddle_ref / "model.pdparams").read_bytes()
+    truncated = tmp_path / "truncated.pdparams"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_pdparams(truncated)
+    text = tmp_path / "notes.pdparams"
+    text.write_text("hello, not a pickle\n")
+    with pytest.raises(CheckpointError, match=re.escape("not a .pdparams pickle")):
+        read_pdparams(text)
+    empty = tmp_path / "empty.pdparams"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="truncated or empty"):
+        read_pdparams(empty)
+    with pytest.raises(CheckpointError, match="top level is list"):
+        read_pdparams(_write(tmp_path / "list.pdparams", [1, 2]))
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_pdparams(tmp_path / "absent.pdparams")
+
+
+def _convert_dict(tmp_path: Path, arrays: dict[str, np.ndarray]) -> DualEncoder:
+    return load_pdparams(_write(tmp_path / "edited.pdparams", arrays))
+
+
+def test_missing_extra_and_misshapen_keys(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    missing = {k: v for k, v in arrays.items() if k != "text_model.encoder_stack.block.0.ffn.o.bias"}
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \[text_model.encoder_stack.block.0.ffn.o.bias\]"
+    ):
+        _convert_dict(tmp_path, missing)
+    extra = {**arrays, "text_model.sent_emb.weight": np.zeros((4, 8), np.float32)}
+    with pytest.raises(CheckpointError, match=r"unexpected keys \[text_model.sent_emb.weight\]"):
+        _convert_dict(tmp_path, extra)
+    qkv = arrays["visual.blocks.0.attn.qkv.weight"]
+    bad = {**arrays, "visual.blocks.0.attn.qkv.weight": qkv[:, :-1]}
+    with pytest.raises(
+        CheckpointError, match=re.escape("shape mismatch for visual.blocks.0.attn.qkv.weight")
+    ):
+        _convert_dict(tmp_path, bad)
+    no_conv = {k: v for k, v in arrays.items() if k != "visual.patch_embed.proj.weight"}
+    with pytest.raises(CheckpointError, match=re.escape("missing key visual.patch_embed.proj.weight")):
+        _convert_dict(tmp_path, no_conv)
+
+
+def test_split_big_parameters_are_reassembled(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    split = dict(arrays)
+    info = {}
+    for name in ("text_model.word_emb.weight", "visual.positional_embedding"):
+        flat = split.pop(name).reshape(-1)
+        step = -(-flat.size // 3)
+        parts = [f"{name}@@.{i}" for i in range(3)]
+        for i, part in enumerate(parts):
+            split[part] = flat[i * step : (i + 1) * step]
+        info[name] = {"OriginShape": list(arrays[name].shape), "slices": parts}
+    split[BIG_PARAM_KEY] = info
+    path = _write(tmp_path / "split.pdparams", split, protocol=2)
+    joined = read_pdparams(path)
+    assert set(joined) == set(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(joined[name], array)
+    broken = {k: v for k, v in split.items() if k != "visual.positional_embedding@@.1"}
+    with pytest.raises(
+        CheckpointError, match=re.escape("split parameter visual.positional_embedding is incomplete")
+    ):
+        read_pdparams(_write(tmp_path / "broken.pdparams", broken, protocol=2))
