@@ -28,15 +28,7 @@ from functools import partial
 from pathlib import Path
 
 from data_recipes.common import ImageJob, Row, group_rows, prepare_job
-from data_recipes.shards import (
-    EvalSetWriter,
-    ShardSink,
-    Skip,
-    SkipCounter,
-    add_writer_args,
-    summary,
-    write_records,
-)
+from data_recipes.shards import Skip, SkipCounter, add_writer_args, check_writer_args, write_outputs
 
 CATEGORY_TABLE = Path(__file__).with_name("coco_categories_zh.json")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
@@ -178,15 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", type=Path, required=True, help="Chinese-CLIP folder or 3-column TSV file")
-    parser.add_argument("--split", default="train", help="split name: input file prefix and output name")
-    parser.add_argument("--outputs", choices=["shards", "evalset", "both"], help="what to write")
     parser.add_argument(
         "--coco-instances", type=Path, action="append", default=[], help="COCO instances json"
     )
     parser.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
-    add_writer_args(parser)
+    add_writer_args(parser, outputs=True)
     args = parser.parse_args(argv)
-    outputs = args.outputs or ("shards" if args.split == "train" else "both")
+    check_writer_args(parser, args)
     skips = SkipCounter()
     try:
         coco_tags = load_coco_tags(args.coco_instances)
@@ -200,20 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--input not found: {args.input}")
     except InputError as err:
         parser.error(str(err))
-    sinks: list[ShardSink | EvalSetWriter] = []
-    if outputs in ("shards", "both"):
-        sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
-    if outputs in ("evalset", "both"):
-        sinks.append(EvalSetWriter(args.out / "eval", args.split, group_by=group_by))
-    try:
-        write_records(jobs, partial(prepare_job, max_size=args.max_size), sinks, skips, args.workers, total)
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
-    for sink in sinks:
-        sink.close()
-    print(summary(sinks, skips, args.split))
+    prepare = partial(prepare_job, max_size=args.max_size)
+    print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by))
     if coco_tags:
         print(f"{args.split}: tags from COCO instances for {len(coco_tags)} annotated images")
     return 0

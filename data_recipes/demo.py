@@ -32,6 +32,7 @@ from data_recipes.shards import (
     ShardSink,
     SkipCounter,
     add_writer_args,
+    check_writer_args,
     summary,
     write_records,
 )
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
+    check_writer_args(parser, args)
     if min(args.train_images, args.val_images, args.eval_images) < 1 or args.image_size < 16:
         parser.error("image counts must be >= 1 and --image-size >= 16")
     params = DemoParams(args.train_images, args.val_images, args.eval_images, args.image_size, args.seed)

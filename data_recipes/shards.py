@@ -16,6 +16,7 @@ never loses or corrupts a finished shard.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import multiprocessing
@@ -323,8 +324,50 @@ def summary(sinks: Sequence[ShardSink | EvalSetWriter], skips: SkipCounter, labe
     return "\n".join(lines)
 
 
-def add_writer_args(parser, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
-    """The options every recipe shares: output, workers and shard limits."""
+def write_outputs(
+    jobs: Iterable[Any],
+    prepare: Callable[[Any], ImageRecord | Skip],
+    skips: SkipCounter,
+    args: argparse.Namespace,
+    total: int | None,
+    group_by: str = "text_id",
+) -> str:
+    """Write `jobs` as shards and/or an eval set per `args` (from `add_writer_args(..., outputs=True)`).
+
+    Shards go to `args.out`, the eval set to `args.out / "eval"`; unfinished files are removed on failure.
+    Returns the summary.
+    """
+    outputs = args.outputs or ("shards" if args.split == "train" else "both")
+    sinks: list[ShardSink | EvalSetWriter] = []
+    if outputs in ("shards", "both"):
+        sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
+    if outputs in ("evalset", "both"):
+        sinks.append(EvalSetWriter(args.out / "eval", args.split, group_by=group_by))
+    try:
+        write_records(jobs, prepare, sinks, skips, args.workers, total, desc=args.split)
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    for sink in sinks:
+        sink.close()
+    return summary(sinks, skips, args.split)
+
+
+def add_writer_args(
+    parser: argparse.ArgumentParser, shard_size: int = DEFAULT_SHARD_SIZE, outputs: bool = False
+) -> None:
+    """The options every recipe shares: output, workers, shard limits (and for importers: split, outputs)."""
+    if outputs:
+        parser.add_argument(
+            "--split", default="train", help="split name: prefix of the files read and written"
+        )
+        parser.add_argument(
+            "--outputs",
+            choices=["shards", "evalset", "both"],
+            help="write shards, an eval set (Chinese-CLIP layout in OUT/eval) or both "
+            "(default: shards for split 'train', both otherwise)",
+        )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--workers",
@@ -341,3 +384,10 @@ def add_writer_args(parser, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
         default=DEFAULT_SHARD_BYTES,
         help=f"bytes per shard before rotating (default {DEFAULT_SHARD_BYTES})",
     )
+
+
+def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error (code 2) for non-positive workers or shard limits."""
+    for name in ("workers", "shard_size", "shard_bytes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")

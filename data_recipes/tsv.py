@@ -1,0 +1,106 @@
+"""Generic image-caption importer: a TSV or JSONL file to shards and/or an eval set.
+
+TSV lines: `image<TAB>caption[<TAB>tags]`, tags comma-separated ("," or "，").
+JSONL lines: `{"image", "caption", "tags": [...] or "a,b", "image_id"}` (tags and image_id optional).
+
+`image` is a file path (relative to the input file's folder, or absolute) or the base64-encoded image; a value
+of 64+ characters from the base64 alphabet without a "." is taken as base64. Captions are grouped by image id:
+`image_id` when given, else the path as written, else `b64-` + a hash of the base64 text. An image's tags are
+the union of its rows' tags. Text ids are the 0-based line numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+from data_recipes.common import Row, group_rows, prepare_job, split_tags, unique
+from data_recipes.shards import Skip, SkipCounter, add_writer_args, check_writer_args, write_outputs
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
+
+
+def looks_like_base64(value: str) -> bool:
+    return "." not in value and _BASE64.fullmatch(value) is not None
+
+
+def _row(
+    index: int, base: Path, image: str, caption: str, tags: list[str], image_id: str | None
+) -> Row | Skip:
+    image, caption = image.strip(), caption.strip()
+    if not image:
+        return Skip("malformed line")
+    if not caption:
+        return Skip("empty caption")
+    if looks_like_base64(image):
+        source, is_path = image, False
+        default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()
+    else:
+        source, is_path, default_id = str(base / image), True, image
+    return Row(index, image_id or default_id, source, is_path, caption, tags)
+
+
+def tsv_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
+    def read() -> Iterator[Row | Skip]:
+        with path.open(encoding="utf-8") as fh:
+            for index, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\r\n").split("\t")
+                if len(parts) not in (2, 3):
+                    yield Skip("malformed line")
+                    continue
+                tags = split_tags(parts[2]) if len(parts) == 3 else []
+                yield _row(index, path.parent, parts[0], parts[1], tags, None)
+
+    return read
+
+
+def jsonl_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
+    def read() -> Iterator[Row | Skip]:
+        with path.open(encoding="utf-8") as fh:
+            for index, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    image, caption = obj["image"], obj.get("caption") or ""
+                    tags = obj.get("tags") or []
+                    tags = split_tags(tags) if isinstance(tags, str) else unique(str(t).strip() for t in tags)
+                    image_id = obj.get("image_id")
+                    row = _row(index, path.parent, str(image), str(caption), tags, image_id and str(image_id))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    row = Skip("malformed line")
+                yield row
+
+    return read
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_recipes.tsv",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", type=Path, required=True, help="a .tsv file or a .jsonl file")
+    parser.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
+    add_writer_args(parser, outputs=True)
+    args = parser.parse_args(argv)
+    check_writer_args(parser, args)
+    if not args.input.is_file():
+        parser.error(f"--input not found: {args.input}")
+    reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
+    skips = SkipCounter()
+    total, jobs = group_rows(reader(args.input), skips)
+    prepare = partial(prepare_job, max_size=args.max_size)
+    print(write_outputs(jobs, prepare, skips, args, total, group_by="text"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
