@@ -1,0 +1,134 @@
+"""The shared shard writer: rotation, index, atomic finalisation, WebDataset compatibility, image handling."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_recipes.common import BadImage, ImageJob, decode_base64, prepare_image, prepare_job
+from data_recipes.shards import (
+    EvalSetWriter,
+    ImageRecord,
+    ShardSink,
+    Skip,
+    SkipCounter,
+    summary,
+    write_records,
+)
+from tests.data_recipes.helpers import image_bytes, read_shards
+
+RED = image_bytes((250, 0, 0))
+
+
+def _record(i: int, captions: int = 2) -> ImageRecord:
+    return ImageRecord(
+        f"img/{i}", "jpg", RED, [(f"t.{i}.{c}", f"图{i}的第{c}句") for c in range(captions)], ["标签"]
+    )
+
+
+def test_rotation_by_count_and_bytes_and_index(tmp_path):
+    with ShardSink(tmp_path / "a", "train", shard_size=3) as sink:
+        for i in range(4):
+            sink.write_record(_record(i))
+    index = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [3, 3, 2]
+    assert index["samples"] == 8 and index["images"] == 4
+    samples = read_shards(tmp_path / "a", "train")
+    assert [s["txt"] for s in samples] == [f"图{i}的第{c}句" for i in range(4) for c in range(2)]
+    assert samples[0]["json"] == {
+        "image_id": "img/0",
+        "text_id": "t.0.0",
+        "captions": ["图0的第0句", "图0的第1句"],
+        "tags": ["标签"],
+    }
+    assert len({s["key"] for s in samples}) == 8
+    assert all("." not in s["key"] and "/" not in s["key"] for s in samples)
+
+    with ShardSink(tmp_path / "b", "train", shard_bytes=len(RED) * 2) as sink:
+        for i in range(3):
+            sink.write_record(_record(i))
+    index = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [2, 2, 2]
+
+
+def test_failure_keeps_finished_shards_and_drops_the_partial_one(tmp_path):
+    def prepare(i: int) -> ImageRecord:
+        if i == 3:
+            raise RuntimeError("disk on fire")
+        return _record(i)
+
+    skips = SkipCounter()
+    with pytest.raises(RuntimeError), ShardSink(tmp_path, "train", shard_size=4, skips=skips) as sink:
+        write_records(range(10), prepare, [sink], skips, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train.json"]
+    index = json.loads((tmp_path / "train.json").read_text())
+    assert index["shards"] == [{"name": "train-000000.tar", "samples": 4}]
+    assert len(read_shards(tmp_path, "train")) == 4
+
+
+def test_write_records_counts_skips_in_parallel(tmp_path):
+    jobs = [
+        ImageJob("ok", "aGVsbG8=", False, (("1", "x"),)),
+        ImageJob("bad", "@@@", False, (("2", "y"),)),
+        ImageJob("gone", str(tmp_path / "missing.jpg"), True, (("3", "z"),)),
+        Skip("malformed line", 2),
+    ]
+    skips = SkipCounter()
+    with ShardSink(tmp_path, "train", skips=skips) as sink:
+        write_records(jobs, prepare_job, [sink], skips, workers=2, progress=False)
+    assert skips == {"undecodable image": 1, "bad base64": 1, "missing file": 1, "malformed line": 2}
+    text = summary([sink], skips, "train")
+    assert "skipped 5" in text and "malformed line: 2" in text
+    assert json.loads((tmp_path / "train.json").read_text())["skipped"]["bad base64"] == 1
+
+
+def test_shards_read_by_webdataset(tmp_path):
+    with ShardSink(tmp_path, "train", shard_size=2) as sink:
+        for i in range(3):
+            sink.write_record(_record(i, captions=1))
+    urls = [str(p) for p in sorted(tmp_path.glob("train-*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert [s["txt"] for s in samples] == ["图0的第0句", "图1的第0句", "图2的第0句"]
+    assert [s["json"]["image_id"] for s in samples] == ["img/0", "img/1", "img/2"]
+    assert all(s["jpg"].shape == (16, 24, 3) for s in samples)
+
+
+def test_evalset_writer_groups_by_text_or_id(tmp_path):
+    for group_by, expected in (("text", [["a", "b"], ["a"]]), ("text_id", [["a"], ["a"], ["b"]])):
+        with EvalSetWriter(tmp_path / group_by, "valid", group_by=group_by) as writer:
+            writer.write_record(ImageRecord("a", "jpg", RED, [("1", "同一句"), ("2", "另一句")]))
+            writer.write_record(ImageRecord("b", "jpg", RED, [("3", "同一句")]))
+        rows = [json.loads(x) for x in (tmp_path / group_by / "valid_texts.jsonl").read_text().splitlines()]
+        assert [r["image_ids"] for r in rows] == expected
+        assert not list((tmp_path / group_by).glob("*.tmp"))
+
+
+def test_prepare_image_keeps_or_reencodes():
+    assert prepare_image(RED) == ("jpg", RED)
+    png = image_bytes((1, 2, 3), fmt="PNG")
+    assert prepare_image(png) == ("png", png)
+    for fmt, mode in (("BMP", "RGB"), ("GIF", "P"), ("TIFF", "RGBA")):
+        out = io.BytesIO()
+        Image.new(mode, (10, 12)).save(out, format=fmt)
+        ext, data = prepare_image(out.getvalue())
+        img = Image.open(io.BytesIO(data))
+        assert ext == "jpg" and img.format == "JPEG" and img.mode == "RGB" and img.size == (10, 12)
+    ext, data = prepare_image(image_bytes((9, 9, 9), size=(100, 50)), max_size=50)
+    assert Image.open(io.BytesIO(data)).size == (50, 25)
+    with pytest.raises(BadImage, match="undecodable image"):
+        prepare_image(RED[: len(RED) // 2])
+    with pytest.raises(BadImage, match="undecodable image"):
+        prepare_image(b"")
+
+
+def test_decode_base64_accepts_both_alphabets():
+    data = bytes(range(256))
+    assert decode_base64(base64.b64encode(data).decode()) == data
+    assert decode_base64(base64.urlsafe_b64encode(data).decode() + "\n") == data
+    with pytest.raises(BadImage, match="bad base64"):
+        decode_base64("not base64!")
