@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ernievil2_train.text import reference
@@ -83,8 +84,10 @@ class ErnieTokenizer:
         if isinstance(texts, str):
             raise TypeError("ErnieTokenizer expects a list of strings, got a single str")
         body = self.max_len - 2
-        rows = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
+        rows = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int64)
+        rows[:, 0] = self.cls_id
         for i, text in enumerate(texts):
             ids = self.encode(text)[:body]
-            rows[i, : len(ids) + 2] = torch.tensor([self.cls_id, *ids, self.sep_id])
-        return {"input_ids": rows}
+            rows[i, 1 : len(ids) + 1] = ids
+            rows[i, len(ids) + 1] = self.sep_id
+        return {"input_ids": torch.from_numpy(rows)}
