@@ -11,18 +11,21 @@ pair:
 
 Shards are named `{split}-%06d.tar`; each is written to `*.tar.tmp` and renamed when complete, and the index
 `{split}.json` (shard names, sample counts, skip counts) is rewritten after every finished shard, so a crash
-never loses or corrupts a finished shard.
+never loses or corrupts a finished shard. `EvalSetWriter` writes the same records as an eval set in the
+Chinese-CLIP layout; `write_outputs` wires both to a recipe's command-line options.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import multiprocessing
 import os
 import re
 import sys
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
-from webdataset import TarWriter
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_SHARD_BYTES = 1_000_000_000
@@ -97,8 +99,7 @@ class ShardSink:
         self.shards: list[dict[str, Any]] = []
         self.skips = skips if skips is not None else SkipCounter()
         self.images = 0
-        self._writer: TarWriter | None = None
-        self._file = None
+        self._writer: tarfile.TarFile | None = None
         self._count = 0
         self._bytes = 0
         self._sequence = 0
@@ -113,8 +114,7 @@ class ShardSink:
 
     def _open(self) -> None:
         tmp = self.out_dir / (self._shard_name() + ".tmp")
-        self._file = tmp.open("wb")
-        self._writer = TarWriter(self._file, encoder=False, mtime=FIXED_MTIME)
+        self._writer = tarfile.TarFile(tmp, "w", format=tarfile.GNU_FORMAT)
         self._count = 0
         self._bytes = 0
 
@@ -122,23 +122,26 @@ class ShardSink:
         if self._writer is None:
             return
         self._writer.close()
-        self._file.close()
         name = self._shard_name()
         os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
         self.shards.append({"name": name, "samples": self._count})
         self._writer = None
-        self._file = None
         self._count = 0
         self.write_index()
 
     def write_sample(self, sample: dict[str, Any]) -> None:
-        """Write one sample dict (`__key__` plus bytes/str fields), rotating shards at the size limits."""
+        """Write one sample (`__key__` plus `{ext: bytes | str}`) as WebDataset members `key.ext`, rotating
+        shards at the size limits."""
         if self._writer is None:
             self._open()
-        encoded = {
-            k: v.encode("utf-8") if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()
-        }
-        self._bytes += self._writer.write(encoded)
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if k != "__key__"):
+            value = sample[ext]
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o444
+            self._writer.addfile(info, io.BytesIO(data))
+            self._bytes += len(data)
         self._count += 1
         if self._count >= self.shard_size or self._bytes >= self.shard_bytes:
             self._finish()
@@ -182,7 +185,6 @@ class ShardSink:
         """Drop the unfinished shard (finished shards and their index stay)."""
         if self._writer is not None:
             self._writer.close()
-            self._file.close()
             (self.out_dir / (self._shard_name() + ".tmp")).unlink(missing_ok=True)
             self._writer = None
             self._count = 0
