@@ -191,3 +191,15 @@ def test_cli_rejects_bad_arguments(argv, capsys):
         demo.main(argv)
     assert err.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_vocab_tokenizes_every_demo_text_without_unknowns(tmp_path):
+    from ernievil2_train.text import ErnieTokenizer
+
+    build(tmp_path, SMALL, verbose=False)
+    tok = ErnieTokenizer(tmp_path / "vocab.txt")
+    samples = read_shards(tmp_path, "train")
+    texts = {s["txt"] for s in samples} | {"，".join(s["json"]["tags"]) for s in samples if s["json"]["tags"]}
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids and len(ids) == len(text) <= 46
