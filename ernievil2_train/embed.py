@@ -1,0 +1,231 @@
+"""Embed a 3-column TSV (`text \\t image_id \\t base64 image`) into the official `run_infer` output format.
+
+    python -m ernievil2_train.embed --checkpoint DIR --input FILE.tsv --output FILE
+
+Each written line is `text_vec \\t image_vec \\t 1`: L2-normalized float32 vectors, space-joined as numpy
+prints float32 values. Rows with a wrong column count or an undecodable image are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
+from ernievil2_train.models import DualEncoder
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.vision import ImageDecodeError, eval_transform
+
+MAX_EXAMPLES = 10
+
+
+@dataclass
+class Skipped:
+    """Rows left out, by reason, with the first few line numbers."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, line_no: int, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"line {line_no}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common())
+        return f"skipped {self.counts.total()} row(s) [{reasons}]; first: " + "; ".join(self.examples)
+
+
+@dataclass
+class Row:
+    line_no: int
+    text: str
+    image: bytes
+
+
+def read_rows(path: Path, skipped: Skipped, progress: tqdm) -> Iterator[Row]:
+    """Well-formed rows of the TSV; blank lines are ignored, malformed ones recorded in `skipped`."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            progress.update(len(raw))
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                skipped.add(line_no, "not UTF-8")
+                continue
+            if not line.strip():
+                continue
+            columns = line.split("\t")
+            if len(columns) != 3:
+                skipped.add(line_no, "wrong column count", f"{len(columns)} instead of 3")
+                continue
+            try:
+                image = base64.b64decode(columns[2], validate=False)
+            except (binascii.Error, ValueError):
+                skipped.add(line_no, "invalid base64")
+                continue
+            yield Row(line_no, columns[0], image)
+
+
+def format_vector(vector: np.ndarray) -> str:
+    """`' '.join(str(x) for x in float32_vector)`, as the official `run_infer.py` writes."""
+    return " ".join(map(str, vector.astype(np.float32, copy=False)))
+
+
+class Embedder:
+    """Batched text + image encoding into normalized float32 numpy arrays."""
+
+    def __init__(self, model: DualEncoder, tokenizer: ErnieTokenizer, device: torch.device, bf16: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.bf16 = bf16
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str], images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer(texts)["input_ids"].to(self.device)
+        pixels = torch.stack(images).to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            text = self.model.encode_text(ids)
+            image = self.model.encode_image(pixels)
+        return tuple(F.normalize(x.float(), dim=-1, eps=1e-12).cpu().numpy() for x in (text, image))
+
+
+def embed_file(
+    embedder: Embedder, image_size: int, src: Path, out: TextIO, batch_size: int, workers: int
+) -> tuple[int, Skipped]:
+    """Embed every good row of `src` into `out`; returns (rows written, skipped rows)."""
+    transform = eval_transform(image_size)
+
+    def decode(row: Row) -> torch.Tensor | ImageDecodeError:
+        try:
+            return transform(row.image)
+        except ImageDecodeError as err:
+            return err
+
+    skipped = Skipped()
+    written = 0
+    size = src.stat().st_size
+    with (
+        tqdm(total=size, unit="B", unit_scale=True, desc="embed", file=sys.stderr) as progress,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        rows = read_rows(src, skipped, progress)
+        while batch := list(islice(rows, batch_size)):
+            texts, images = [], []
+            for row, image in zip(batch, pool.map(decode, batch), strict=True):
+                if isinstance(image, ImageDecodeError):
+                    skipped.add(row.line_no, "undecodable image", str(image))
+                    continue
+                texts.append(row.text)
+                images.append(image)
+            if not texts:
+                continue
+            text_vecs, image_vecs = embedder(texts, images)
+            out.writelines(
+                f"{format_vector(t)}\t{format_vector(i)}\t1\n"
+                for t, i in zip(text_vecs, image_vecs, strict=True)
+            )
+            out.flush()
+            written += len(texts)
+            progress.set_postfix(rows=written, skipped=skipped.counts.total())
+    return written, skipped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ernievil2_train.embed", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)"
+    )
+    parser.add_argument("--input", required=True, help="TSV file: text \\t image_id \\t base64 image")
+    parser.add_argument("--output", required=True, help="embeddings file to write")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 on a CUDA GPU, else fp32",
+    )
+    parser.add_argument(
+        "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=48, help="text length incl. [CLS]/[SEP] (official: 48)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decode threads"
+    )
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _setup(args: argparse.Namespace) -> tuple[Embedder, DualEncoder]:
+    """Validate the arguments and load the checkpoint and tokenizer (user errors raise ValueError)."""
+    if args.batch_size < 1 or args.workers < 1:
+        raise ValueError("--batch-size and --workers must be positive")
+    if not Path(args.input).is_file():
+        raise ValueError(f"--input {args.input}: no such file")
+    vocab = Path(args.vocab) if args.vocab else find_vocab(args.checkpoint)
+    if vocab is None or not vocab.is_file():
+        raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {args.checkpoint}")
+    device = _device(args.device)
+    model = load_pretrained(args.checkpoint, device=device)
+    tokenizer = ErnieTokenizer(vocab, max_len=args.max_len)
+    if tokenizer.vocab_size > model.config.text.vocab_size:
+        raise ValueError(
+            f"{vocab}: ids go up to {tokenizer.vocab_size - 1} but the checkpoint's text vocab_size is "
+            f"{model.config.text.vocab_size} (wrong vocabulary for this checkpoint?)"
+        )
+    bf16 = args.precision == "bf16" or (
+        args.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return Embedder(model, tokenizer, device, bf16), model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        embedder, model = _setup(args)
+        with open(args.output, "w", encoding="utf-8") as out:
+            written, skipped = embed_file(
+                embedder, model.config.vision.image_size, Path(args.input), out, args.batch_size, args.workers
+            )
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    precision = "bf16" if embedder.bf16 else "fp32"
+    print(f"wrote {written} row(s) to {args.output} ({embedder.device.type}, {precision})", file=sys.stderr)
+    if skipped.counts:
+        print(skipped.summary(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
