@@ -1,0 +1,81 @@
+"""From a multi-view batch to losses: encode the needed views, gather once, apply `MultiViewInfoNCE`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernievil2_train.distributed import (
+    all_gather_features,
+    all_gather_metadata,
+    check_equal_local_sizes,
+    world,
+)
+from ernievil2_train.losses.infonce import MultiViewInfoNCE
+
+IMAGE_FEATURES = {"image": "image", "image_view2": "image_view2"}
+TEXT_FEATURES = {"caption": "caption_ids", "text_view": "text_view_ids", "tags": "tag_ids"}
+BATCH_KEYS = {**IMAGE_FEATURES, **TEXT_FEATURES}
+Batch = dict[str, torch.Tensor]
+
+
+def required_batch_keys(loss: MultiViewInfoNCE) -> dict[str, str]:
+    """Batch key -> the loss pair that needs it, for the active pairs."""
+    cfg = loss.config
+    needed: dict[str, str] = {}
+    for pair in cfg.active_pairs():
+        spec = cfg.spec(pair)
+        for name in (spec.rows, spec.cols):
+            needed.setdefault(BATCH_KEYS[name], pair)
+        if spec.tag_masked:
+            needed.setdefault("has_tags", pair)
+        if cfg.multi_positive:
+            needed.setdefault(spec.key, pair)
+    return needed
+
+
+def encode_views(model: nn.Module, batch: Batch, names: list[str]) -> Batch:
+    """Raw features [b, D] of the named views: all image views in ONE `encode_image` call, all text
+    views in ONE `encode_text` call."""
+    out: dict[str, torch.Tensor] = {}
+    for encode, table in ((model.encode_image, IMAGE_FEATURES), (model.encode_text, TEXT_FEATURES)):
+        wanted = [n for n in names if n in table]
+        if not wanted:
+            continue
+        feats = encode(torch.cat([batch[table[n]] for n in wanted], dim=0))
+        out.update(zip(wanted, feats.chunk(len(wanted), dim=0), strict=True))
+    return out
+
+
+def batch_metadata(batch: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """Long[b, 3]: image_key, caption_key, has_tags (unique per-sample stand-ins for absent keys)."""
+    rank, _ = world()
+    fallback = torch.arange(rank * size, (rank + 1) * size, device=device)
+    columns = [
+        batch.get("image_key", fallback),
+        batch.get("caption_key", fallback),
+        batch.get("has_tags", torch.ones(size, dtype=torch.bool, device=device)),
+    ]
+    return torch.stack([c.to(device=device, dtype=torch.long) for c in columns], dim=1)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def gathered_losses(
+    loss: MultiViewInfoNCE,
+    local_features: dict[str, torch.Tensor],
+    metadata: torch.Tensor,
+    model_log_scale: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Normalise (float32 or wider), gather features with ONE autograd all-gather and metadata with one
+    more, then compute this rank's loss share (see `ernievil2_train.distributed`)."""
+    rank, world_size = world()
+    size = metadata.shape[0]
+    check_equal_local_sizes(size, metadata.device)
+    normed = {n: F.normalize(_wide(f), dim=-1) for n, f in local_features.items()}
+    feats = all_gather_features(normed)
+    meta = all_gather_metadata(metadata)
+    return loss(feats, meta[:, 0], meta[:, 1], meta[:, 2].bool(), model_log_scale, rank, world_size)

@@ -1,0 +1,308 @@
+"""The LightningModule: multi-view contrastive training of a `DualEncoder`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ernievil2_train.accumulation import feature_cache_step, split_batch
+from ernievil2_train.distributed import world
+from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
+from ernievil2_train.losses.multiview import (
+    BATCH_KEYS,
+    Batch,
+    batch_metadata,
+    encode_views,
+    gathered_losses,
+    required_batch_keys,
+)
+from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cosine
+
+PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
+BATCH_KEY_HELP = {
+    "image_view2": "the second augmented image view",
+    "text_view_ids": "the text-text view",
+    "tag_ids": "the tag view",
+    "has_tags": "the tag view",
+    "image_key": "image keys (needed by loss.multi_positive)",
+    "caption_key": "caption keys (needed by loss.multi_positive)",
+}
+IMAGE_PAIRS = ("image_caption", "image_tags", "image_image")
+TEXT_PAIRS = ("image_caption", "image_tags", "text_text")
+
+
+class TrainingConfigError(ValueError):
+    """A combination of settings that cannot train correctly; the message names the settings."""
+
+
+def _default_optimizer(params: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return next(batch[k].shape[0] for k in sorted(PER_SAMPLE_KEYS) if k in batch)
+
+
+def _keyword_default(factory: Callable[..., Any], name: str, fallback: float) -> float:
+    """The value a partial / class would use for `name` (e.g. the partial's lr)."""
+    try:
+        parameter = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return fallback
+    return float(parameter.default)
+
+
+class ErnieVil2Module(pl.LightningModule):
+    """Dual-encoder training with the multi-view InfoNCE losses.
+
+    model: a `DualEncoder` (available as `self.model`). loss: `LossConfig` fields. optimizer: a factory taking
+    param groups (Hydra `_partial_: true`); its `lr` and `weight_decay` are the defaults of every group.
+    scheduler: `ScheduleConfig` fields (per-step warmup + cosine). vision_lr / text_lr / temperature_lr
+    override the lr per group; layer_decay < 1 scales block i's lr by layer_decay ** (depth - i).
+    freeze_vision / freeze_text: LiT-style (tower in eval mode, no grads, not optimized); a tower no active
+    loss uses is frozen the same way. accumulate_microbatches = k > 1: feature-cache accumulation over k
+    chunks of each batch (manual optimization; clip with `gradient_clip_val` here, not in the Trainer).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossConfig | dict[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: ScheduleConfig | dict[str, Any] | None = None,
+        vision_lr: float | None = None,
+        text_lr: float | None = None,
+        temperature_lr: float | None = None,
+        layer_decay: float = 1.0,
+        freeze_vision: bool = False,
+        freeze_text: bool = False,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        accumulate_microbatches: int = 1,
+        gradient_clip_val: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.model = model
+        self.loss_fn = MultiViewInfoNCE(loss)
+        self.optimizer_factory = optimizer or _default_optimizer
+        self.schedule = ScheduleConfig.from_any(scheduler)
+        self.lrs = {"vision": vision_lr, "text": text_lr, "temperature": temperature_lr}
+        self.layer_decay = float(layer_decay)
+        self.accumulate_microbatches = int(accumulate_microbatches)
+        self.gradient_clip_val = gradient_clip_val
+        self.frozen = self._check_flags(freeze_vision, freeze_text)
+        for tower in self.frozen:
+            getattr(self.model, tower).requires_grad_(False).eval()
+        mode, active = self.loss_fn.config.temperature, self.loss_fn.config.active_pairs()
+        if mode == "fixed" or (mode == "per_pair" and "image_caption" not in active):
+            self.model.logit_scale.requires_grad_(False)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if compile:
+            self.model.vision.compile()
+            self.model.text.compile()
+        self.automatic_optimization = self.accumulate_microbatches == 1
+        self._batch_checked = False
+        self._last_time: float | None = None
+        self._skipped: torch.Tensor | None = None
+
+    def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
+        """Refuse combinations that would train nothing or give wrong gradients; return the frozen towers."""
+        active = self.loss_fn.config.active_pairs()
+        if freeze_vision and freeze_text:
+            raise TrainingConfigError("freeze_vision and freeze_text are both set: nothing would train")
+        k = self.accumulate_microbatches
+        if k < 1:
+            raise TrainingConfigError(f"accumulate_microbatches must be >= 1, got {k}")
+        if self.gradient_clip_val is not None and k == 1:
+            raise TrainingConfigError(
+                "model.gradient_clip_val is for accumulate_microbatches > 1; use trainer.gradient_clip_val"
+            )
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise TrainingConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        checks = ((freeze_vision, "vision", "image_image"), (freeze_text, "text", "text_text"))
+        for frozen, tower, pair in checks:
+            if frozen and pair in active:
+                raise TrainingConfigError(
+                    f"freeze_{tower} with loss.weights.{pair} > 0: that loss reaches only the frozen tower"
+                )
+        frozen_towers = [t for t, f in (("vision", freeze_vision), ("text", freeze_text)) if f]
+        if not any(p in active for p in IMAGE_PAIRS) and "vision" not in frozen_towers:
+            frozen_towers.append("vision")
+        if not any(p in active for p in TEXT_PAIRS) and "text" not in frozen_towers:
+            frozen_towers.append("text")
+        return frozen_towers
+
+    # ---- set-up checks -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.automatic_optimization and self.trainer.accumulate_grad_batches > 1:
+            raise TrainingConfigError(
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} does not give the "
+                "gradient of a bigger contrastive batch (negatives never meet across accumulated batches); "
+                "set it to 1 and use model.accumulate_microbatches (feature-cache accumulation) instead"
+            )
+
+    def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        missing = {key: pair for key, pair in required_batch_keys(self.loss_fn).items() if key not in batch}
+        if missing:
+            key, pair = next(iter(missing.items()))
+            what = BATCH_KEY_HELP.get(key, key)
+            raise TrainingConfigError(
+                f"loss.weights.{pair} > 0 needs batch key {key!r} ({what}), which the data pipeline does not "
+                f"produce: turn on that view in the data config or set loss.weights.{pair}=0"
+            )
+        self._batch_checked = True
+
+    def train(self, mode: bool = True) -> ErnieVil2Module:
+        super().train(mode)
+        for tower in self.frozen:
+            getattr(self.model, tower).eval()
+        return self
+
+    # ---- training --------------------------------------------------------------------------------------
+    def _encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return encode_views(self.model, batch, self.loss_fn.config.required_features())
+
+    def _losses(self, features: Batch, batch: Batch) -> Batch:
+        size = next(iter(features.values())).shape[0]
+        metadata = batch_metadata(batch, size, self.device)
+        return gathered_losses(self.loss_fn, features, metadata, self.model.logit_scale)
+
+    def forward(self, batch: Batch) -> Batch:
+        """Encode the needed views, gather once; this rank's {"loss", "loss_<pair>", "acc_<pair>"}."""
+        return self._losses(self._encode(batch), batch)
+
+    def feature_cache_losses(
+        self, batch: Batch, backward: Callable[[torch.Tensor], None], no_sync: Callable[[], Any]
+    ) -> Batch:
+        """Feature-cache accumulation over `accumulate_microbatches` chunks of `batch`: gradients land in
+        `.grad` (via `backward`, all but the last under `no_sync`); returns the detached loss dict."""
+        return feature_cache_step(
+            split_batch(batch, self.accumulate_microbatches, PER_SAMPLE_KEYS),
+            self._encode,
+            lambda features: self._losses(features, batch),
+            [self.model.logit_scale, *self.loss_fn.log_scales.values()],
+            backward,
+            no_sync,
+            self.device,
+        )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if not self._batch_checked:
+            self._check_batch(batch)
+        out = self(batch) if self.automatic_optimization else self._accumulated_step(batch)
+        self._log_train(out, batch)
+        return out["loss"] if self.automatic_optimization else None
+
+    def _accumulated_step(self, batch: Batch) -> Batch:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        optimizer.zero_grad()
+        no_sync = self.trainer.strategy.block_backward_sync
+        out = self.feature_cache_losses(batch, self.manual_backward, no_sync)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+        return out
+
+    def _log_train(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        size = _batch_size(batch)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        for pair in self.loss_fn.config.active_pairs():
+            self.log(f"train/loss_{pair}", out[f"loss_{pair}"], batch_size=size)
+            self.log(f"train/acc_{pair}", out[f"acc_{pair}"], batch_size=size)
+            scale = self.loss_fn.log_scale(pair, self.model.logit_scale).detach().exp()
+            self.log(f"train/scale_{pair}", scale, batch_size=size)
+        skipped = batch.get("skipped")
+        if skipped is not None:
+            skipped = skipped.detach().reshape(-1).long()
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
+
+    @torch.no_grad()
+    def clamp_temperatures(self) -> None:
+        """Keep every learnable log-scale in [0, ln 100] (the official code's clip is a no-op)."""
+        if self.model.logit_scale.requires_grad:
+            self.model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
+        self.loss_fn.clamp_()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.clamp_temperatures()
+        now = time.perf_counter()
+        if self._last_time is not None:
+            size = _batch_size(batch)
+            per_device = size / max(now - self._last_time, 1e-9)
+            self.log("train/samples_per_s_per_device", per_device, batch_size=size)
+            self.log("train/samples_per_s", per_device * world()[1], batch_size=size)
+        self._last_time = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_time = None
+        self._skipped = None
+
+    def on_train_epoch_end(self) -> None:
+        if self._skipped is None:
+            return
+        from ernievil2_train.data.datamodule import SKIP_REASONS
+
+        for reason, count in zip(SKIP_REASONS, self._skipped, strict=False):
+            self.log(f"data/skipped_{reason}", count.float(), reduce_fx="sum", sync_dist=True)
+
+    # ---- validation ------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Image↔caption loss and top-1 within the local validation batch."""
+        feats = encode_views(self.model, batch, ["image", "caption"])
+        img, txt = (nn.functional.normalize(feats[k].float(), dim=-1) for k in ("image", "caption"))
+        loss, acc = symmetric_infonce(img, txt, txt, img, self.model.logit_scale.exp(), 0)
+        size = batch["image"].shape[0]
+        self.log("val/loss_image_caption", loss, sync_dist=True, batch_size=size)
+        self.log("val/acc_image_caption", acc, sync_dist=True, batch_size=size)
+
+    # ---- optimizer -----------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: per tower (and layer with layer_decay), decay / no-decay; frozen towers left out."""
+        base_lr = _keyword_default(self.optimizer_factory, "lr", 1e-3)
+        weight_decay = _keyword_default(self.optimizer_factory, "weight_decay", 0.0)
+        groups = []
+        for tower in ("vision", "text"):
+            if tower in self.frozen:
+                continue
+            named = list(getattr(self.model, tower).named_parameters())
+            lr = self.lrs[tower] if self.lrs[tower] is not None else base_lr
+            groups += tower_param_groups(tower, named, lr, weight_decay, self.layer_decay)
+        temps = [("logit_scale", self.model.logit_scale)]
+        temps += [(f"log_scales.{k}", p) for k, p in self.loss_fn.log_scales.items()]
+        temp_lr = self.lrs["temperature"] if self.lrs["temperature"] is not None else base_lr
+        groups += tower_param_groups("temperature", temps, temp_lr, 0.0)
+        covered = {id(p) for g in groups for p in g["params"]}
+        rest = [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in covered]
+        groups += tower_param_groups("other", rest, base_lr, weight_decay)
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups())
+        total = self.schedule.total_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise TrainingConfigError(
+                "cannot infer the number of training steps for the lr schedule: set trainer.max_steps or "
+                "model.scheduler.total_steps"
+            )
+        lr_lambda = functools.partial(
+            warmup_cosine,
+            total_steps=int(total),
+            warmup_steps=self.schedule.warmup(int(total)),
+            min_lr_ratio=self.schedule.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

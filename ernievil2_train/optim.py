@@ -1,0 +1,103 @@
+"""Optimizer parameter groups (per-tower lr, layer-wise lr decay, no-decay rules) and the lr schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+# Embedding tables and tokens get no weight decay (besides every 0/1-dim parameter: biases, norms, scales).
+NO_DECAY_NAME = re.compile(r"(cls_token|pos_embed|class_embedding|positional_embedding|_embeddings\.weight)$")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
+STEM_NAME = re.compile(r"(^|\.)(cls_token|pos_embed|patch_embed|norm_pre|embeddings)(\.|$)")
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm weights, scalar temperatures and embedding tables/tokens are not decayed."""
+    return param.ndim <= 1 or bool(NO_DECAY_NAME.search(name))
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the stem (patch/word/position embeddings), i+1 for block i, num_layers+1 for the head."""
+    match = LAYER_INDEX.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if STEM_NAME.search(name) else num_layers + 1
+
+
+def count_layers(names: list[str]) -> int:
+    ids = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
+    return max(ids) + 1 if ids else 0
+
+
+def tower_param_groups(
+    tower: str,
+    named: list[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Groups for one tower: split by (decay, layer); lr scaled by layer_decay ** (depth - layer)."""
+    named = [(n, p) for n, p in named if p.requires_grad]
+    depth = count_layers([n for n, _ in named]) + 1
+    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    for name, param in named:
+        decay = not no_weight_decay(name, param)
+        layer = layer_id(name, depth - 1) if layer_decay != 1.0 else depth
+        group = groups.setdefault(
+            (decay, layer),
+            {
+                "name": f"{tower}/layer{layer}/{'decay' if decay else 'no_decay'}",
+                "params": [],
+                "param_names": [],
+                "lr": lr * layer_decay ** (depth - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup (steps, or a ratio of the total) then cosine decay to `min_lr_ratio` of the peak."""
+
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("scheduler.warmup_steps must be >= 0 and scheduler.warmup_ratio in [0, 1)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set either scheduler.warmup_steps or scheduler.warmup_ratio, not both")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    @classmethod
+    def from_any(cls, value: ScheduleConfig | dict[str, Any] | None) -> ScheduleConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, ScheduleConfig):
+            return value
+        data = dict(value)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown scheduler config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """lr multiplier at optimizer step `step` (0-based): (step+1)/warmup during warmup, then cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
