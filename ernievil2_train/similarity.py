@@ -1,0 +1,94 @@
+"""Print the image x text similarity of a checkpoint on a few images and captions.
+
+    python -m ernievil2_train.similarity --checkpoint DIR --images A.jpg B.jpg --texts "一只猫" "a dog"
+
+Each row is one image; its entries are the softmax over the texts of `exp(logit_scale) * cosine`
+(`--cosine` also prints the raw cosine similarities).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
+from ernievil2_train.models import DualEncoder
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.vision import ImageDecodeError, eval_transform
+
+
+@torch.inference_mode()
+def similarity(
+    model: DualEncoder, tokenizer: ErnieTokenizer, images: list[Path], texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities [I, T] softmaxed over texts, cosine similarities [I, T])."""
+    device = model.logit_scale.device
+    transform = eval_transform(model.config.vision.image_size)
+    pixels = torch.stack([transform(path) for path in images]).to(device)
+    ids = tokenizer(texts)["input_ids"].to(device)
+    cosine = model.encode_image(pixels, normalize=True) @ model.encode_text(ids, normalize=True).T
+    probs = F.softmax(model.logit_scale.exp() * cosine, dim=-1)
+    return probs.cpu(), cosine.cpu()
+
+
+def render(title: str, values: torch.Tensor, images: list[Path], texts: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column("image \\ text")
+    for text in texts:
+        table.add_column(text if len(text) <= 24 else text[:23] + "…", justify="right")
+    for path, row in zip(images, values.tolist(), strict=True):
+        table.add_row(path.name, *(f"{v:.4f}" for v in row))
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ernievil2_train.similarity", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)"
+    )
+    parser.add_argument("--images", nargs="+", required=True, type=Path, help="image files")
+    parser.add_argument("--texts", nargs="+", required=True, help="captions")
+    parser.add_argument(
+        "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
+    )
+    parser.add_argument("--cosine", action="store_true", help="also print the raw cosine similarities")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        missing = [str(p) for p in args.images if not p.is_file()]
+        if missing:
+            raise ValueError(f"image file(s) not found: {', '.join(missing)}")
+        vocab = Path(args.vocab) if args.vocab else find_vocab(args.checkpoint)
+        if vocab is None or not vocab.is_file():
+            raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {args.checkpoint}")
+        model = load_pretrained(args.checkpoint, device=args.device)
+        probs, cosine = similarity(model, ErnieTokenizer(vocab), args.images, args.texts)
+    except ImageDecodeError as err:
+        print(f"error: cannot decode image: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    console = Console(width=max(100, 20 + 26 * len(args.texts)))
+    console.print(render("probability (softmax over texts)", probs, args.images, args.texts))
+    if args.cosine:
+        console.print(render("cosine similarity", cosine, args.images, args.texts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""`python -m ernievil2_train.similarity` on the converted reference checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernievil2_train import similarity
+from ernievil2_train.checkpoints import load_pretrained, save_pretrained
+from ernievil2_train.text import ErnieTokenizer
+from tests.checkpoints.reference import ATOL, RTOL, convert_reference, load_npz
+
+
+@pytest.fixture(scope="module")
+def ckpt(paddle_ref: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    return save_pretrained(convert_reference(paddle_ref), out, vocab_file=paddle_ref / "vocab.txt")
+
+
+def test_matrix_matches_the_reference_embeddings(paddle_ref: Path, ckpt: Path) -> None:
+    texts = [str(t) for t in load_npz(paddle_ref / "inputs.npz")["texts"]]
+    image = paddle_ref / "landscape_640x427.jpg"
+    probs, cosine = similarity.similarity(
+        load_pretrained(ckpt), ErnieTokenizer(paddle_ref / "vocab.txt"), [image, image], texts
+    )
+    out = {k: torch.from_numpy(v) for k, v in load_npz(paddle_ref / "outputs.npz").items()}
+    want = out["image_embeds_norm"][2] @ out["text_pooled_norm"].T
+    torch.testing.assert_close(cosine, torch.stack([want, want]), atol=ATOL, rtol=RTOL)
+    want_probs = torch.softmax(out["logit_scale"].float() * want, dim=-1)
+    torch.testing.assert_close(probs[0], want_probs, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
+def test_cli_prints_tables(paddle_ref: Path, ckpt: Path) -> None:
+    images = [paddle_ref / "landscape_640x427.jpg", paddle_ref / "gray_333x256.jpg"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ernievil2_train.similarity",
+        "--checkpoint",
+        str(ckpt),
+        "--cosine",
+        "--images",
+        *map(str, images),
+        "--texts",
+        "一只猫",
+        "a dog",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "probability" in run.stdout and "cosine similarity" in run.stdout
+    assert all(p.name in run.stdout for p in images) and "一只猫" in run.stdout
+
+
+def test_user_errors(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    cases = [
+        ([tmp_path / "missing.jpg"], "image file(s) not found"),
+        ([broken], "cannot decode image"),
+    ]
+    for images, message in cases:
+        argv = ["--checkpoint", str(ckpt), "--images", *map(str, images), "--texts", "x"]
+        assert similarity.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err
