@@ -1,0 +1,192 @@
+"""Image-text retrieval evaluation CLI.
+
+    python -m ernievil2_train.evaluate EMBEDDINGS.txt [--json]
+    python -m ernievil2_train.evaluate --image-feats X.img_feat.jsonl --text-feats Y.txt_feat.jsonl \\
+        --texts valid_texts.jsonl
+    python -m ernievil2_train.evaluate --checkpoint DIR --eval-set PATH [--split valid]
+
+An embeddings file (official `run_infer` format) is scored with the official row-paired `ernie` protocol by
+default and prints the official `eval_retri.py` table; feature files and checkpoints use `any_positive`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ernievil2_train.metrics.files import (
+    EvalInputError,
+    read_embeddings_file,
+    read_feature_jsonl,
+    read_ground_truth,
+)
+from ernievil2_train.metrics.retrieval import KS, any_positive, ernie_protocol
+
+PROTOCOLS = ("ernie", "any_positive")
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """The official `eval_retri.py` table (github-style pipes, values x100 with 2 decimals)."""
+    header = ["Name", "R@1", "R@5", "R@10", "meanRecall"]
+    keys = [f"r@{k}" for k in KS] + ["mean_recall"]
+    t2i = [metrics[f"t2i/{k}"] for k in keys]
+    i2t = [metrics[f"i2t/{k}"] for k in keys]
+    mean = [(a + b) / 2 for a, b in zip(t2i, i2t, strict=True)]
+    rows = [[name] + [f"{v * 100:.2f}" for v in values]
+            for name, values in (("Text2Image", t2i), ("Image2Text", i2t), ("MeanRecall", mean))]
+    # Like tabulate: a column is at least its header plus 2 wide; names left-aligned, numbers right-aligned.
+    widths = [max(len(header[c]) + 2, *(len(r[c]) for r in rows)) for c in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [cells[0].ljust(widths[0])]
+        padded += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "| " + " | ".join(padded) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), separator, *(line(r) for r in rows)]) + "\n"
+
+
+def _unique_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique rows in first-seen order and, per input row, the index of its unique row."""
+    _, first, inverse = np.unique(vectors, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return vectors[first[order]], rank[inverse.reshape(-1)]
+
+
+def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> dict[str, float]:
+    """any_positive on a row-paired file: identical vectors are the same text / image."""
+    texts, text_of_row = _unique_rows(text)
+    images, image_of_row = _unique_rows(image)
+    positives: list[set[int]] = [set() for _ in range(len(texts))]
+    for t, i in zip(text_of_row.tolist(), image_of_row.tolist(), strict=True):
+        positives[t].add(i)
+    return any_positive(texts, images, [sorted(p) for p in positives], **kw)
+
+
+def _from_embeddings(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
+    text, image = read_embeddings_file(args.embeddings)
+    kw = {"chunk_size": args.chunk_size, "device": args.device}
+    if args.protocol == "any_positive":
+        return _pooled_any_positive(text, image, **kw), len(text), len(image)
+    return ernie_protocol(text, image, **kw), len(text), len(image)
+
+
+def _from_features(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
+    images = read_feature_jsonl(args.image_feats, "image_id")
+    texts = read_feature_jsonl(args.text_feats, "text_id")
+    if images.vectors.shape[1] != texts.vectors.shape[1]:
+        raise EvalInputError(
+            f"dimension mismatch: {args.text_feats} has {texts.vectors.shape[1]}-d text features, "
+            f"{args.image_feats} has {images.vectors.shape[1]}-d image features"
+        )
+    text_rows, positives = read_ground_truth(args.texts, images, texts)
+    metrics = any_positive(texts.vectors[text_rows], images.vectors, positives,
+                           chunk_size=args.chunk_size, device=args.device)
+    return metrics, len(text_rows), len(images.ids)
+
+
+def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
+    from ernievil2_train.checkpoints.io import find_vocab, load_pretrained
+    from ernievil2_train.data.evalset import load_evalset
+    from ernievil2_train.metrics.encode import encode_images, encode_texts
+    from ernievil2_train.text import ErnieTokenizer
+    from ernievil2_train.vision import eval_transform
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise EvalInputError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+    vocab = Path(args.vocab) if args.vocab else find_vocab(checkpoint)
+    if vocab is None or not vocab.is_file():
+        raise EvalInputError(f"no vocab file: {args.vocab or checkpoint / 'vocab.txt'} (pass --vocab)")
+    try:
+        evalset = load_evalset(args.eval_set, split=args.split)
+    except (FileNotFoundError, ValueError) as err:
+        raise EvalInputError(str(err)) from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_pretrained(checkpoint, device=device)
+    tokenizer = ErnieTokenizer(vocab, max_len=args.max_len)
+    transform = eval_transform(model.config.vision.image_size)
+    amp = torch.bfloat16 if device.type == "cuda" and args.bf16 else None
+    progress = not args.no_progress
+    text = encode_texts(model, evalset.texts, tokenizer, args.batch_size, device,
+                        progress=progress, autocast_dtype=amp)
+    try:
+        image = encode_images(model, evalset.images, transform, args.batch_size, device,
+                              progress=progress, num_workers=args.workers, autocast_dtype=amp)
+    except ValueError as err:
+        raise EvalInputError(f"{args.eval_set}: {err}") from None
+    metrics = any_positive(text, image, evalset.text_to_images, chunk_size=args.chunk_size, device=device)
+    return metrics, len(evalset.texts), len(evalset.images)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ernievil2_train.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("embeddings", nargs="?", help="run_infer embeddings file: text_vec<TAB>image_vec<TAB>idx")
+    p.add_argument("--image-feats", help="Chinese-CLIP image feature jsonl ({'image_id', 'feature'})")
+    p.add_argument("--text-feats", help="Chinese-CLIP text feature jsonl ({'text_id', 'feature'})")
+    p.add_argument("--texts", help="{split}_texts.jsonl with the ground truth ({'text_id', 'image_ids'})")
+    p.add_argument("--checkpoint", help="model folder (model.safetensors + config.json [+ vocab.txt])")
+    p.add_argument("--eval-set",
+                   help="eval set: Chinese-CLIP folder, shard index folder, .tar or brace pattern")
+    p.add_argument("--split", default="valid", help="eval-set split (default: valid)")
+    p.add_argument("--vocab", help="vocab file (default: the checkpoint's vocab.txt)")
+    p.add_argument("--max-len", type=int, default=48, help="text length in tokens (default: 48)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding workers (default: 0)")
+    p.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast on GPU")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="ernie (row-paired, embeddings files only; their default) or any_positive")
+    p.add_argument("--device", help="torch device for scoring / encoding (default: cuda if available)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="query rows scored at once (default: 4096)")
+    p.add_argument("--no-progress", action="store_true", help="hide the encoding progress bars")
+    p.add_argument("--json", action="store_true", help="print all metrics as one JSON object")
+    return p
+
+
+def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    feats = [args.image_feats, args.text_feats, args.texts]
+    modes = [m for m, on in (("embeddings", args.embeddings), ("features", any(feats)),
+                             ("checkpoint", args.checkpoint or args.eval_set)) if on]
+    if len(modes) != 1:
+        p.error("give exactly one input: an EMBEDDINGS file, --image-feats/--text-feats/--texts, "
+                "or --checkpoint/--eval-set")
+    if modes[0] == "features" and not all(feats):
+        p.error("feature mode needs all of --image-feats, --text-feats and --texts")
+    if modes[0] == "checkpoint" and not (args.checkpoint and args.eval_set):
+        p.error("checkpoint mode needs both --checkpoint and --eval-set")
+    if modes[0] != "embeddings" and args.protocol == "ernie":
+        p.error("--protocol ernie needs a row-paired embeddings file")
+    if args.chunk_size < 1 or args.batch_size < 1:
+        p.error("--chunk-size and --batch-size must be positive")
+    return modes[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mode = _mode(parser, args)
+    args.protocol = args.protocol or ("ernie" if mode == "embeddings" else "any_positive")
+    run = {"embeddings": _from_embeddings, "features": _from_features, "checkpoint": _from_checkpoint}[mode]
+    try:
+        metrics, num_texts, num_images = run(args)
+    except ValueError as err:  # EvalInputError, or bad values (NaN, shapes) found by the metric functions
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"protocol": args.protocol, "num_texts": num_texts, "num_images": num_images, **metrics}
+        print(json.dumps(out, indent=2))
+    else:
+        sys.stdout.write(format_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Batched encoding of eval-set texts and images with a dual encoder (no grad, optional autocast)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+class _Images(Dataset):
+    def __init__(self, images: Sequence[bytes], transform: Callable[[bytes], Tensor]) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.transform(self.images[i])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module,
+    texts: Sequence[str],
+    tokenizer: Callable[[list[str]], dict[str, Tensor]],
+    batch_size: int,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Float32 `[len(texts), D]` text embeddings (not normalized), on `device`."""
+    out = []
+    with tqdm(total=len(texts), desc="encode texts", unit="txt", disable=not progress, leave=False) as bar:
+        for start in range(0, len(texts), batch_size):
+            ids = tokenizer(list(texts[start : start + batch_size]))["input_ids"].to(device)
+            with _autocast(device, autocast_dtype):
+                out.append(model.encode_text(ids).float())
+            bar.update(ids.shape[0])
+    return torch.cat(out) if out else torch.empty(0, model.embed_dim, device=device)
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module,
+    images: Sequence[bytes],
+    transform: Callable[[bytes], Tensor],
+    batch_size: int,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Float32 `[len(images), D]` image embeddings (not normalized), on `device`."""
+    loader = DataLoader(_Images(images, transform), batch_size=batch_size, num_workers=num_workers)
+    out = []
+    with tqdm(total=len(images), desc="encode images", unit="img", disable=not progress, leave=False) as bar:
+        for pixels in loader:
+            with _autocast(device, autocast_dtype):
+                out.append(model.encode_image(pixels.to(device)).float())
+            bar.update(pixels.shape[0])
+    return torch.cat(out) if out else torch.empty(0, model.embed_dim, device=device)

@@ -1,0 +1,154 @@
+"""Chunked image-text retrieval metrics: the official row-paired protocol and the any-positive protocol.
+
+Scores are float32 `text @ image.T`, computed one chunk of text rows at a time, so memory stays
+O(chunk_size * num_images) whatever the pool size. A query's rank is the number of candidates whose score is
+strictly greater than the score of its (best) correct candidate, so ties favour the correct item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+KS = (1, 5, 10)
+DEFAULT_CHUNK_SIZE = 4096
+COMPARE_ROWS = 256
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _embeddings(name: str, value: Tensor | np.ndarray, device: torch.device) -> Tensor:
+    emb = torch.as_tensor(value).detach().to(device=device, dtype=torch.float32)
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D [N, D] array, got shape {tuple(emb.shape)}")
+    if not bool(torch.isfinite(emb).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return emb
+
+
+def positive_pairs(text_to_images: Sequence[Sequence[int]], num_images: int) -> tuple[Tensor, Tensor]:
+    """Flatten the ground truth into unique (text index, image index) pairs sorted by text."""
+    texts: list[int] = []
+    images: list[int] = []
+    for t, positives in enumerate(text_to_images):
+        unique = sorted({int(i) for i in positives})
+        if not unique:
+            raise ValueError(f"text {t} has no ground-truth image")
+        if unique[0] < 0 or unique[-1] >= num_images:
+            bad = unique[0] if unique[0] < 0 else unique[-1]
+            raise ValueError(f"text {t} refers to image index {bad}, but there are {num_images} images")
+        texts.extend([t] * len(unique))
+        images.extend(unique)
+    return torch.tensor(texts, dtype=torch.long), torch.tensor(images, dtype=torch.long)
+
+
+def rank_positives(
+    text_emb: Tensor,
+    image_emb: Tensor,
+    pair_text: Tensor,
+    pair_image: Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """0-based ranks of the best positive: per text over all images, per image over all texts.
+
+    `pair_text` must be sorted. Images with no positive text get rank -1. The score of each positive pair is
+    computed once and written into every chunk's matrix, so a positive can never outrank itself through
+    rounding differences between the matmul and the pairwise dot product.
+    """
+    num_texts, num_images = text_emb.shape[0], image_emb.shape[0]
+    device = text_emb.device
+    pair_text, pair_image = pair_text.to(device), pair_image.to(device)
+    pos_score = torch.cat(
+        [
+            (text_emb[pair_text[s : s + chunk_size]] * image_emb[pair_image[s : s + chunk_size]]).sum(1)
+            for s in range(0, pair_text.numel(), chunk_size)
+        ]
+    )
+    best_text = torch.full((num_texts,), -torch.inf, device=device)
+    best_text.scatter_reduce_(0, pair_text, pos_score, "amax")
+    best_image = torch.full((num_images,), -torch.inf, device=device)
+    best_image.scatter_reduce_(0, pair_image, pos_score, "amax")
+
+    bounds = torch.searchsorted(pair_text, torch.arange(0, num_texts + chunk_size, chunk_size, device=device))
+    bounds = bounds.tolist()
+    text_rank = torch.empty(num_texts, dtype=torch.int32, device=device)
+    image_rank = torch.zeros(num_images, dtype=torch.int32, device=device)
+    image_t = image_emb.T
+    for c, start in enumerate(range(0, num_texts, chunk_size)):
+        scores = text_emb[start : start + chunk_size] @ image_t
+        lo, hi = bounds[c], bounds[c + 1]
+        scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
+        # Compare in cache-sized row blocks: two cheap passes instead of large boolean temporaries.
+        for u in range(0, scores.shape[0], COMPARE_ROWS):
+            block = scores[u : u + COMPARE_ROWS]
+            rows = slice(start + u, start + u + block.shape[0])
+            text_rank[rows] = (block > best_text[rows, None]).sum(1, dtype=torch.int32)
+            image_rank += (block > best_image[None, :]).sum(0, dtype=torch.int32)
+    image_rank[torch.isinf(best_image)] = -1
+    return text_rank.long(), image_rank.long()
+
+
+def summarize(rank: Tensor | np.ndarray, prefix: str) -> dict[str, float]:
+    """R@1/5/10, their mean, MRR and the 1-based median rank from 0-based ranks (as the official script)."""
+    ranks = np.asarray(torch.as_tensor(rank).cpu().numpy(), dtype=np.int64)
+    recalls = [float(np.mean(ranks < k)) for k in KS]
+    out = {f"{prefix}/r@{k}": r for k, r in zip(KS, recalls, strict=True)}
+    out[f"{prefix}/mean_recall"] = (recalls[0] + recalls[1] + recalls[2]) / 3
+    out[f"{prefix}/mrr"] = float(np.mean(1.0 / (1 + ranks)))
+    out[f"{prefix}/median_rank"] = float(np.median(ranks + 1))
+    return out
+
+
+def _metrics(text_rank: Tensor, image_rank: Tensor) -> dict[str, float]:
+    out = summarize(text_rank, "t2i")
+    out.update(summarize(image_rank[image_rank >= 0], "i2t"))
+    out["mean_recall"] = (out["t2i/mean_recall"] + out["i2t/mean_recall"]) / 2
+    return out
+
+
+def ernie_protocol(
+    text_emb: Tensor | np.ndarray,
+    image_emb: Tensor | np.ndarray,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Official `eval_retri.py` semantics: text i pairs with image i, no normalization, any row count."""
+    dev = _device(device)
+    text = _embeddings("text embeddings", text_emb, dev)
+    image = _embeddings("image embeddings", image_emb, dev)
+    if text.shape != image.shape:
+        raise ValueError(f"row-paired embeddings must have equal shapes, got {tuple(text.shape)} (text) and "
+                         f"{tuple(image.shape)} (image)")
+    diag = torch.arange(text.shape[0], device=dev)
+    return _metrics(*rank_positives(text, image, diag, diag, chunk_size))
+
+
+def any_positive(
+    text_emb: Tensor | np.ndarray,
+    image_emb: Tensor | np.ndarray,
+    text_to_images: Sequence[Sequence[int]],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Unique texts and images, many-to-many ground truth; a query hits at K if any positive is in its top K.
+
+    I2T is computed over the images that have at least one text.
+    """
+    dev = _device(device)
+    text = _embeddings("text embeddings", text_emb, dev)
+    image = _embeddings("image embeddings", image_emb, dev)
+    if text.shape[1] != image.shape[1]:
+        raise ValueError(f"embedding dimensions differ: text {text.shape[1]}, image {image.shape[1]}")
+    if len(text_to_images) != text.shape[0]:
+        raise ValueError(f"ground truth covers {len(text_to_images)} texts, but there are {text.shape[0]}")
+    pair_text, pair_image = positive_pairs(text_to_images, image.shape[0])
+    return _metrics(*rank_positives(text, image, pair_text, pair_image, chunk_size))

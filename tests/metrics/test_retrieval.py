@@ -1,0 +1,198 @@
+"""Retrieval metric core vs brute-force dense references, the official fixture numbers, and DDP sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
+from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
+
+
+def quantised(rng: np.random.Generator, n: int, d: int = 6) -> np.ndarray:
+    """Multiples of 1/4 in [-1, 1]: every dot product is exact in float32, so ties are real ties."""
+    return (rng.integers(-4, 5, size=(n, d)) / 4).astype(np.float32)
+
+
+def summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    r = [float(np.mean(ranks < k)) for k in (1, 5, 10)]
+    return {
+        f"{prefix}/r@1": r[0], f"{prefix}/r@5": r[1], f"{prefix}/r@10": r[2],
+        f"{prefix}/mean_recall": (r[0] + r[1] + r[2]) / 3,
+        f"{prefix}/mrr": float(np.mean(1.0 / (1 + ranks))),
+        f"{prefix}/median_rank": float(np.median(ranks + 1)),
+    }
+
+
+def dense_reference(text: np.ndarray, image: np.ndarray, text_to_images: list[list[int]]) -> dict[str, float]:
+    """Brute force: full float32 score matrix, best positive, strict-greater counts."""
+    scores = text @ image.T
+    t_ranks = np.array([(scores[t] > scores[t, pos].max()).sum() for t, pos in enumerate(text_to_images)])
+    i_ranks = []
+    for j in range(image.shape[0]):
+        texts = [t for t, pos in enumerate(text_to_images) if j in pos]
+        if texts:
+            i_ranks.append((scores[:, j] > scores[texts, j].max()).sum())
+    out = summary(t_ranks, "t2i") | summary(np.array(i_ranks), "i2t")
+    out["mean_recall"] = (out["t2i/mean_recall"] + out["i2t/mean_recall"]) / 2
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 9, 37, 203])
+def test_ernie_protocol_matches_dense_reference_with_ties(n):
+    rng = np.random.default_rng(n)
+    text, image = quantised(rng, n), quantised(rng, n)
+    image[::3] = text[::3]  # some exact matches, many tied competitors
+    expected = dense_reference(text, image, [[i] for i in range(n)])
+    assert ernie_protocol(text, image, chunk_size=16, device="cpu") == expected
+
+
+def test_ties_favour_the_correct_item():
+    text = np.ones((4, 3), np.float32)
+    image = np.ones((4, 3), np.float32)
+    m = ernie_protocol(text, image, device="cpu")
+    assert m["t2i/r@1"] == m["i2t/r@1"] == 1.0 and m["t2i/median_rank"] == 1.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 50, 4096])
+def test_chunk_size_does_not_change_results(chunk_size):
+    rng = np.random.default_rng(7)
+    text = rng.standard_normal((61, 16)).astype(np.float32)
+    image = text + rng.standard_normal((61, 16)).astype(np.float32)
+    positives = [[i, (i * 7) % 61] for i in range(61)]
+    base = (ernie_protocol(text, image, chunk_size=61, device="cpu"),
+            any_positive(text, image, positives, chunk_size=61, device="cpu"))
+    got = (ernie_protocol(text, image, chunk_size=chunk_size, device="cpu"),
+           any_positive(text, image, positives, chunk_size=chunk_size, device="cpu"))
+    assert got == base
+
+
+def many_to_many(rng: np.random.Generator, num_texts: int, num_images: int) -> list[list[int]]:
+    """Texts with one to three images (duplicates inside a list too), several texts per image."""
+    out = []
+    for _ in range(num_texts):
+        k = int(rng.integers(1, 4))
+        pos = rng.integers(0, num_images, size=k).tolist()
+        out.append(pos + pos[:1])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_positive_matches_dense_reference(seed):
+    rng = np.random.default_rng(seed)
+    num_texts, num_images = 83, 29  # some images without texts
+    text, image = quantised(rng, num_texts), quantised(rng, num_images)
+    gt = many_to_many(rng, num_texts, num_images)
+    expected = dense_reference(text, image, [sorted(set(p)) for p in gt])
+    assert any_positive(text, image, gt, chunk_size=10, device="cpu") == expected
+
+
+def test_any_positive_with_one_to_one_ground_truth_equals_ernie_protocol():
+    rng = np.random.default_rng(3)
+    text, image = quantised(rng, 40), quantised(rng, 40)
+    assert any_positive(text, image, [[i] for i in range(40)], device="cpu") == ernie_protocol(
+        text, image, device="cpu")
+
+
+def test_hit_when_any_positive_is_in_top_k():
+    text = np.array([[1.0, 0.0]], np.float32)
+    image = np.array([[0.9, 0.0], [0.5, 0.0], [1.0, 0.0], [0.1, 0.0]], np.float32)
+    m = any_positive(text, image, [[1, 3]], device="cpu")  # best positive is image 1, one image above it
+    assert m["t2i/r@1"] == 0.0 and m["t2i/r@5"] == 1.0 and m["t2i/median_rank"] == 3.0
+
+
+def test_matches_official_numbers(paddle_ref):
+    for case in json.loads((paddle_ref / "eval_cases.json").read_text()):
+        rows = [line.split("\t") for line in (paddle_ref / case["file"]).read_text().splitlines()]
+        text = np.array([[float(x) for x in r[0].split(" ")] for r in rows], dtype=np.float32)
+        image = np.array([[float(x) for x in r[1].split(" ")] for r in rows], dtype=np.float32)
+        m = ernie_protocol(text, image, chunk_size=7, device="cpu")
+        for direction in ("t2i", "i2t"):
+            keys = ["r@1", "r@5", "r@10", "mean_recall", "mrr"]
+            assert [m[f"{direction}/{k}"] for k in keys] == case[direction], (case["file"], direction)
+        assert m["mean_recall"] == case["mean"][3]
+
+
+@pytest.mark.parametrize(
+    ("text", "image", "gt", "match"),
+    [
+        (np.full((2, 3), np.nan, np.float32), np.ones((2, 3), np.float32), [[0], [1]], "NaN"),
+        (np.ones((2, 3), np.float32), np.ones((2, 4), np.float32), [[0], [1]], "dimensions"),
+        (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0], []], "no ground-truth"),
+        (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0], [2]], "image index 2"),
+        (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0]], "covers 1 texts"),
+        (np.ones((0, 3), np.float32), np.ones((2, 3), np.float32), [], "non-empty"),
+    ],
+)
+def test_bad_inputs_raise(text, image, gt, match):
+    with pytest.raises(ValueError, match=match):
+        any_positive(text, image, gt, device="cpu")
+
+
+def test_ernie_protocol_needs_paired_rows():
+    with pytest.raises(ValueError, match="equal shapes"):
+        ernie_protocol(np.ones((3, 2), np.float32), np.ones((4, 2), np.float32), device="cpu")
+
+
+def eval_data() -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    rng = np.random.default_rng(5)
+    text, image = quantised(rng, 23), quantised(rng, 11)
+    return torch.from_numpy(text), torch.from_numpy(image), many_to_many(rng, 23, 11)
+
+
+def update_slices(metric: ZeroShotRetrieval, rank: int, world: int) -> None:
+    """Uneven strided slices, in two batches, with one item repeated by the next rank (padding-like)."""
+    text, image, _ = eval_data()
+    t_idx = [*range(rank, text.shape[0], world), (rank + 1) % text.shape[0]]
+    i_idx = list(range(rank, image.shape[0], world))
+    for part in (t_idx[:3], t_idx[3:]):
+        metric.update(text_emb=text[part], text_idx=torch.tensor(part))
+    metric.update(image_emb=image[i_idx], image_idx=torch.tensor(i_idx))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        _, _, gt = eval_data()
+        metric = ZeroShotRetrieval(gt, num_images=11, chunk_size=4)
+        update_slices(metric, rank, world)
+        result = metric.compute()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metric_identical_with_one_and_two_processes(tmp_path):
+    text, image, gt = eval_data()
+    direct = any_positive(text, image, gt, device="cpu")
+    single = ZeroShotRetrieval(gt, num_images=11)
+    update_slices(single, 0, 1)
+    assert single.compute() == direct
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == direct
+
+
+def test_metric_row_paired_and_missing_items():
+    text, image, _ = eval_data()
+    metric = ZeroShotRetrieval(num_texts=11, num_images=11)
+    metric.update(text_emb=text[:11], text_idx=torch.arange(11), image_emb=image, image_idx=torch.arange(11))
+    assert metric.compute() == ernie_protocol(text[:11], image, device="cpu")
+    partial = ZeroShotRetrieval(num_texts=11, num_images=11)
+    partial.update(text_emb=text[:5], text_idx=torch.arange(5), image_emb=image, image_idx=torch.arange(11))
+    with pytest.raises(ValueError, match="5 of 11"):
+        partial.compute()

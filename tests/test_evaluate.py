@@ -1,0 +1,184 @@
+"""The evaluate CLI: official table and numbers on the fixture files, JSON output, feature files, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ernievil2_train.evaluate import format_table, main
+from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ernievil2_train.evaluate", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_embeddings(path: Path, text: np.ndarray, image: np.ndarray) -> Path:
+    with path.open("w") as fh:
+        for t, i in zip(text, image, strict=True):
+            fh.write(" ".join(str(x) for x in t) + "\t" + " ".join(str(x) for x in i) + "\t1\n")
+    return path
+
+
+def load_cases(paddle_ref: Path) -> list[dict]:
+    return json.loads((paddle_ref / "eval_cases.json").read_text())
+
+
+def test_cli_prints_official_table_verbatim(paddle_ref):
+    for case in load_cases(paddle_ref):
+        result = cli(paddle_ref / case["file"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == case["table"]
+
+
+def test_json_has_official_numbers(paddle_ref, capsys):
+    for case in load_cases(paddle_ref):
+        assert main([str(paddle_ref / case["file"]), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["protocol"] == "ernie" and out["num_texts"] == out["num_images"] == case["n"]
+        for direction in ("t2i", "i2t"):
+            keys = ["r@1", "r@5", "r@10", "mean_recall", "mrr"]
+            assert [out[f"{direction}/{k}"] for k in keys] == case[direction]
+        assert out["mean_recall"] == case["mean"][3]
+
+
+def test_table_mean_row_is_average_of_directions(paddle_ref, capsys):
+    case = load_cases(paddle_ref)[0]
+    assert main([str(paddle_ref / case["file"])]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.split("|")[2:6] == [f" {v * 100:.2f} ".rjust(len(c)) for v, c in
+                                    zip(case["mean"][:4], last.split("|")[2:6], strict=True)]
+
+
+def test_any_row_count_and_exact_parsing(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((13, 5)).astype(np.float32)
+    image = (text + rng.standard_normal((13, 5))).astype(np.float32)
+    path = write_embeddings(tmp_path / "e.txt", text, image)
+    assert main([str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = ernie_protocol(text, image, device="cpu")
+    assert {k: out[k] for k in expected} == expected
+
+
+def test_any_positive_on_embeddings_file_pools_identical_vectors(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((4, 6)).astype(np.float32)
+    texts = rng.standard_normal((10, 6)).astype(np.float32)
+    rows = [0, 0, 1, 2, 2, 2, 3, 3, 1, 0]  # each image repeated once per caption, as run_infer writes it
+    path = write_embeddings(tmp_path / "e.txt", texts, images[rows])
+    assert main([str(path), "--protocol", "any_positive", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_texts"] == 10
+    expected = any_positive(texts, images, [[r] for r in rows], device="cpu")
+    assert {k: out[k] for k in expected} == expected
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def feature_files(tmp_path: Path) -> tuple[Path, Path, Path, dict]:
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((6, 8)).astype(np.float32)
+    text = rng.standard_normal((9, 8)).astype(np.float32)
+    gt = [[0, 1], [1], [2], [3], [3, 4], [4], [0], [5], [2, 5]]
+    img_ids = [1000 + i for i in range(6)]
+    imgs = write_jsonl(tmp_path / "valid_imgs.img_feat.jsonl",
+                       [{"image_id": i, "feature": v.tolist()} for i, v in zip(img_ids, image, strict=True)])
+    order = [8, 3, 0, 1, 2, 4, 5, 6, 7]  # feature file order differs from the texts file
+    txts = write_jsonl(tmp_path / "valid_texts.txt_feat.jsonl",
+                       [{"text_id": t, "feature": text[t].tolist()} for t in order])
+    gt_file = write_jsonl(tmp_path / "valid_texts.jsonl",
+                          [{"text_id": t, "text": f"t{t}", "image_ids": [img_ids[i] for i in pos]}
+                           for t, pos in enumerate(gt)])
+    return imgs, txts, gt_file, any_positive(text, image, gt, device="cpu")
+
+
+def test_feature_files_any_positive(tmp_path, capsys):
+    imgs, txts, gt_file, expected = feature_files(tmp_path)
+    argv = ["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file)]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "any_positive" and out["num_texts"] == 9 and out["num_images"] == 6
+    assert {k: out[k] for k in expected} == expected
+    assert main(argv) == 0
+    assert capsys.readouterr().out == format_table(expected)
+
+
+def run_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", "empty file"),
+        ("1 2\t3 4\n1 2\t3 4\t1\n", ":1: expected 3 tab-separated fields"),
+        ("1 2\t3 4\t1\n1 2 5\t3 4\t1\n", ":2: text vector (column 1) has 3 values, line 1 has 2"),
+        ("1 2\t3 4\t1\n1 2\t3 x\t1\n", ":2: image vector (column 2): 'x' is not a number"),
+        ("1 2\t3 4 5\t1\n", "text vectors have 2 values, image vectors 3"),
+        ("1 nan\t3 4\t1\n", "NaN"),
+    ],
+)
+def test_embeddings_file_errors(tmp_path, capsys, content, match):
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    err = run_error(capsys, [str(path)])
+    assert match in err and ("NaN" in match or str(path) in err)
+
+
+def test_missing_file_and_usage_errors(tmp_path, capsys):
+    assert "no such file" in run_error(capsys, [str(tmp_path / "nope.txt")])
+    imgs, txts, gt_file, _ = feature_files(tmp_path)
+    for argv, match in [
+        ([], "exactly one input"),
+        (["--image-feats", str(imgs)], "needs all of"),
+        (["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file),
+          "--protocol", "ernie"], "row-paired"),
+        (["--checkpoint", str(tmp_path)], "both --checkpoint and --eval-set"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert match in capsys.readouterr().err
+
+
+def test_feature_file_errors(tmp_path, capsys):
+    imgs, txts, gt_file, _ = feature_files(tmp_path)
+    base = ["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file)]
+    wide = write_jsonl(tmp_path / "wide.jsonl", [{"image_id": 1000, "feature": [0.0] * 9}])
+    err = run_error(capsys, ["--image-feats", str(wide), *base[2:]])
+    assert "dimension mismatch" in err and str(wide) in err and str(txts) in err
+    unknown = write_jsonl(tmp_path / "gt.jsonl", [{"text_id": 0, "text": "a", "image_ids": [77]}])
+    err = run_error(capsys, [*base[:4], "--texts", str(unknown)])
+    assert f"{unknown}:1: image id 77 has no feature" in err
+    missing_text = write_jsonl(tmp_path / "gt2.jsonl", [{"text_id": 99, "text": "a", "image_ids": [1000]}])
+    assert "text_id '99' has no feature" in run_error(capsys, [*base[:4], "--texts", str(missing_text)])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"image_id": 1, "feature": [1, 2]}\n{"image_id": 2\n')
+    err = run_error(capsys, ["--image-feats", str(broken), *base[2:]])
+    assert f"{broken}:2: expected a json object" in err
+    ragged = write_jsonl(tmp_path / "ragged.jsonl", [{"image_id": 1, "feature": [1.0] * 8},
+                                                     {"image_id": 2, "feature": [1.0] * 7}])
+    assert f"{ragged}:2: feature has 7 values" in run_error(capsys, ["--image-feats", str(ragged), *base[2:]])
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"image_id": 1, "feature": [1.0] * 8}] * 2)
+    assert "duplicate image_id '1'" in run_error(capsys, ["--image-feats", str(dup), *base[2:]])
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--image-feats" in capsys.readouterr().out
