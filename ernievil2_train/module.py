@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,10 +42,6 @@ TEXT_PAIRS = ("image_caption", "image_tags", "text_text")
 
 class TrainingConfigError(ValueError):
     """A combination of settings that cannot train correctly; the message names the settings."""
-
-
-def _default_optimizer(params: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
@@ -95,7 +92,7 @@ class ErnieVil2Module(pl.LightningModule):
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.model = model
         self.loss_fn = MultiViewInfoNCE(loss)
-        self.optimizer_factory = optimizer or _default_optimizer
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05)
         self.schedule = ScheduleConfig.from_any(scheduler)
         self.lrs = {"vision": vision_lr, "text": text_lr, "temperature": temperature_lr}
         self.layer_decay = float(layer_decay)
@@ -209,7 +206,8 @@ class ErnieVil2Module(pl.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         optimizer.zero_grad()
-        no_sync = self.trainer.strategy.block_backward_sync
+        # DDP's no_sync (ParallelStrategy.block_backward_sync); nothing to block on a single device
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
         out = self.feature_cache_losses(batch, self.manual_backward, no_sync)
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")

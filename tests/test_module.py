@@ -1,0 +1,182 @@
+"""The LightningModule under a real `lightning.Trainer` on CPU, and its start-up checks."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ernievil2_train.data.datamodule import SKIP_REASONS
+from ernievil2_train.losses import MAX_LOG_SCALE
+from ernievil2_train.module import ErnieVil2Module, TrainingConfigError
+from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
+
+LOSS = {"weights": ALL_PAIRS, "multi_positive": True}
+
+
+def _samples(n: int = 32, seed: int = 0, drop: tuple[str, ...] = ()) -> list[dict[str, torch.Tensor]]:
+    batch = make_batch(n, seed=seed)
+    return [{k: v[i] for k, v in batch.items() if k not in drop} for i in range(n)]
+
+
+def _loader(batch_size: int = 8, **kwargs) -> DataLoader:
+    return DataLoader(_samples(**kwargs), batch_size=batch_size, drop_last=True)
+
+
+def _trainer(max_steps: int = 3, **kwargs) -> pl.Trainer:
+    options = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def _module(**kwargs) -> ErnieVil2Module:
+    kwargs.setdefault("loss", LOSS)
+    return ErnieVil2Module(tiny_model(seed=0), **kwargs)
+
+
+def test_fit_logs_every_term_and_clamps_temperatures():
+    module = _module(scheduler={"warmup_steps": 1})
+    with torch.no_grad():
+        module.model.logit_scale.fill_(7.0)  # above ln 100
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _trainer(gradient_clip_val=1.0).fit(module, train_dataloaders=_loader())
+    metrics = module.trainer.callback_metrics
+    for pair in ALL_PAIRS:
+        for name in (f"train/loss_{pair}", f"train/acc_{pair}", f"train/scale_{pair}"):
+            assert name in metrics, name
+            assert torch.isfinite(metrics[name]), name
+    assert 0.0 < metrics["train/loss"].item() < 50
+    assert metrics["train/samples_per_s"].item() > 0
+    assert metrics["train/samples_per_s_per_device"].item() > 0
+    assert module.model.logit_scale.item() <= MAX_LOG_SCALE + 1e-6
+    assert all(0.0 <= p.item() <= MAX_LOG_SCALE for p in module.loss_fn.log_scales.values())
+    assert 99.0 < metrics["train/scale_image_caption"].item() <= 100.0 + 1e-3  # clamped from e^7 after step 1
+    changed = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("model.vision.") for n in changed)
+    assert any(n.startswith("model.text.") for n in changed)
+
+
+def test_feature_cache_under_trainer_matches_one_pass():
+    """k=2 micro-batches (manual optimization) sees the same first-step gradient as k=1."""
+
+    class GradProbe(pl.Callback):
+        def __init__(self) -> None:
+            self.grads: dict[str, torch.Tensor] | None = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            if self.grads is None:
+                named = pl_module.named_parameters()
+                self.grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+    probes = []
+    for k, clip in ((1, None), (2, 5.0)):
+        probe = GradProbe()
+        module = _module(accumulate_microbatches=k, gradient_clip_val=clip)
+        trainer = _trainer(max_steps=2, callbacks=[probe], gradient_clip_val=None)
+        trainer.fit(module, train_dataloaders=_loader())
+        assert module.trainer.global_step == 2
+        assert module.lr_schedulers().last_epoch == 2
+        probes.append(probe.grads)
+    assert set(probes[0]) == set(probes[1])
+    diff = max((probes[0][n] - probes[1][n]).abs().max().item() for n in probes[0])
+    assert diff < 1e-5, diff
+
+
+def test_skip_counts_are_summed_per_epoch():
+    samples = _samples(16)
+    loader = DataLoader(samples, batch_size=8, drop_last=True,
+                        collate_fn=lambda rows: {**torch.utils.data.default_collate(rows),
+                                                 "skipped": torch.arange(len(SKIP_REASONS))})
+    module = _module()
+    _trainer(max_steps=-1, max_epochs=1).fit(module, train_dataloaders=loader)
+    for i, reason in enumerate(SKIP_REASONS):
+        assert module.trainer.callback_metrics[f"data/skipped_{reason}"].item() == 2 * i
+
+
+def test_validation_logs_image_caption_loss_and_accuracy():
+    module = _module()
+    _trainer(max_steps=1, limit_val_batches=2, val_check_interval=1).fit(module, train_dataloaders=_loader(),
+                                                   val_dataloaders=_loader(seed=5))
+    metrics = module.trainer.callback_metrics
+    assert torch.isfinite(metrics["val/loss_image_caption"])
+    assert 0.0 <= metrics["val/acc_image_caption"].item() <= 1.0
+
+
+def test_missing_batch_key_names_key_and_loss():
+    module = _module()
+    with pytest.raises(TrainingConfigError, match=r"loss.weights.image_tags > 0 needs batch key 'tag_ids'"):
+        _trainer().fit(module, train_dataloaders=_loader(drop=("tag_ids",)))
+    single = _module(loss={"weights": {"image_caption": 1.0}, "multi_positive": True})
+    with pytest.raises(TrainingConfigError, match=r"'image_key'.*multi_positive"):
+        _trainer().fit(single, train_dataloaders=_loader(drop=("image_key",)))
+
+
+def test_lightning_gradient_accumulation_is_refused():
+    with pytest.raises(TrainingConfigError, match="accumulate_microbatches"):
+        _trainer(accumulate_grad_batches=2).fit(_module(), train_dataloaders=_loader())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"freeze_vision": True, "freeze_text": True}, "both set"),
+    ({"freeze_text": True}, "freeze_text with loss.weights.text_text"),
+    ({"freeze_vision": True}, "freeze_vision with loss.weights.image_image"),
+    ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val"),
+    ({"accumulate_microbatches": 0}, "accumulate_microbatches must be >= 1"),
+    ({"layer_decay": 1.5}, "layer_decay"),
+])
+def test_flag_combinations_are_refused(kwargs, match):
+    with pytest.raises(TrainingConfigError, match=match):
+        _module(**kwargs)
+
+
+def test_frozen_tower_is_eval_gradless_and_not_optimized():
+    module = _module(loss={"weights": {"image_caption": 1.0}}, freeze_text=True)
+    module.train()
+    assert module.model.vision.training and not module.model.text.training
+    assert not any(p.requires_grad for p in module.model.text.parameters())
+    optimized = {id(p) for g in module.param_groups() for p in g["params"]}
+    assert not any(id(p) in optimized for p in module.model.text.parameters())
+    assert all(id(p) in optimized for p in module.model.vision.parameters())
+    _trainer(max_steps=1).fit(module, train_dataloaders=_loader())
+    assert all(p.grad is None for p in module.model.text.parameters())
+
+
+def test_towers_and_temperatures_no_loss_uses_are_frozen():
+    module = _module(loss={"weights": {"image_image": 1.0}})
+    assert "text" in module.frozen and not module.model.logit_scale.requires_grad
+    assert module.loss_fn.log_scales["image_image"].requires_grad
+    fixed = _module(loss={"weights": {"image_caption": 1.0}, "temperature": "fixed"})
+    assert not fixed.model.logit_scale.requires_grad
+    assert not any(g["name"].startswith("temperature") for g in fixed.param_groups())
+
+
+def test_only_needed_views_are_encoded():
+    calls = []
+    module = _module(loss={"weights": {"image_caption": 1.0, "text_text": 1.0}})
+    encode_image, encode_text = module.model.encode_image, module.model.encode_text
+    module.model.encode_image = lambda x: calls.append(("image", x.shape[0])) or encode_image(x)
+    module.model.encode_text = lambda x: calls.append(("text", x.shape[0])) or encode_text(x)
+    out = module(make_batch(4))
+    assert calls == [("image", 4), ("text", 8)]  # one call per tower; no view 2, no tags
+    assert set(out) == {"loss", "loss_image_caption", "acc_image_caption", "loss_text_text", "acc_text_text"}
+    both = _module(loss={"weights": ALL_PAIRS})
+    calls.clear()
+    encode_image, encode_text = both.model.encode_image, both.model.encode_text
+    both.model.encode_image = lambda x: calls.append(("image", x.shape[0])) or encode_image(x)
+    both.model.encode_text = lambda x: calls.append(("text", x.shape[0])) or encode_text(x)
+    both(make_batch(4))
+    assert calls == [("image", 8), ("text", 12)]
+
+
+def test_schedule_reaches_min_ratio():
+    module = _module(optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+                     scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1})
+    _trainer(max_steps=4).fit(module, train_dataloaders=_loader())
+    lrs = [g["lr"] for g in module.optimizers().param_groups]
+    assert all(math.isclose(lr, 0.05) for lr in lrs), lrs
