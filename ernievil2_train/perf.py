@@ -1,0 +1,99 @@
+"""Measurement helpers for the benchmarks: matmul ceiling, flop counting, step timing, peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling_tflops(
+    device: torch.device,
+    size: int = 8192,
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 10,
+    rounds: int = 5,
+) -> float:
+    """Best measured TFLOP/s of `size`³ matrix products on random data (the device's practical ceiling)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    best = 0.0
+    for _ in range(rounds):
+        seconds = time_region(lambda: [torch.mm(a, b, out=out) for _ in range(repeats)], device)
+        best = max(best, 2 * size**3 * repeats / seconds / 1e12)
+    return best
+
+
+def time_region(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds `fn` takes on the device (CUDA events on GPU, a host clock after synchronising on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def time_steps(step: Callable[[int], object], steps: int, device: torch.device) -> list[float]:
+    """Seconds per call of `step(i)` for `steps` calls, without host syncs between the calls on GPU.
+
+    On CUDA one event is recorded before each step and one after the last, all on the current stream, so
+    consecutive steps queue back to back as in training; each step's time is the gap between its events.
+    """
+    if device.type != "cuda":
+        times = []
+        for i in range(steps):
+            begin = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - begin)
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    synchronize(device)
+    for i in range(steps):
+        events[i].record()
+        step(i)
+    events[-1].record()
+    events[-1].synchronize()
+    return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of `fn` (matmul, conv, attention; forward + backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Free cached blocks and restart the peak-allocation counter (no-op on CPU)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak bytes allocated by tensors since the last reset, None on CPU (not tracked)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
