@@ -95,7 +95,7 @@ def _from_features(args: argparse.Namespace) -> tuple[dict[str, float], int, int
 def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     from ernievil2_train.checkpoints.io import find_vocab, load_pretrained
     from ernievil2_train.data.evalset import load_evalset
-    from ernievil2_train.metrics.encode import encode_images, encode_texts
+    from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
     from ernievil2_train.text import ErnieTokenizer
     from ernievil2_train.vision import eval_transform
 
@@ -117,13 +117,19 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
     progress = not args.no_progress
     text = encode_texts(model, evalset.texts, tokenizer, args.batch_size, device,
                         progress=progress, autocast_dtype=amp)
-    try:
-        image = encode_images(model, evalset.images, transform, args.batch_size, device,
-                              progress=progress, num_workers=args.workers, autocast_dtype=amp)
-    except ValueError as err:
-        raise EvalInputError(f"{args.eval_set}: {err}") from None
-    metrics = any_positive(text, image, evalset.text_to_images, chunk_size=args.chunk_size, device=device)
-    return metrics, len(evalset.texts), len(evalset.images)
+    image, valid = encode_images(model, evalset.images, transform, args.batch_size, device,
+                                 progress=progress, num_workers=args.workers, autocast_dtype=amp)
+    kept, positives = drop_images(evalset.text_to_images, valid.tolist())
+    if not bool(valid.all()):
+        bad = [evalset.image_ids[i] for i in (~valid).nonzero().flatten().tolist()]
+        dropped = len(evalset.texts) - len(kept)
+        print(f"skipped {len(bad)} unreadable image(s) (first: {bad[0]!r}) and {dropped} text(s) left "
+              "without a positive", file=sys.stderr)
+    if not kept:
+        raise EvalInputError(f"{args.eval_set}: no readable image with a text")
+    metrics = any_positive(text[kept], image[valid.to(image.device)], positives,
+                           chunk_size=args.chunk_size, device=device)
+    return metrics, len(kept), int(valid.sum())
 
 
 def build_parser() -> argparse.ArgumentParser:

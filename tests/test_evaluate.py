@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from ernievil2_train.data.evalset import load_evalset
 from ernievil2_train.evaluate import format_table, main
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.vision import eval_transform
+from tests.metrics.evalset_helpers import MAX_LEN, TINY, tiny_checkpoint, write_evalset
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -182,3 +187,48 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--image-feats" in capsys.readouterr().out
+
+
+def test_checkpoint_on_eval_set(tmp_path, capsys):
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    texts, _, positives = write_evalset(tmp_path / "evalset")
+    tokenizer = ErnieTokenizer(ckpt / "vocab.txt", max_len=MAX_LEN)
+    transform = eval_transform(TINY["vision"]["image_size"])
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(texts)["input_ids"])
+        pixels = torch.stack([transform(b) for b in load_evalset(tmp_path / "evalset").images])
+        image = model.encode_image(pixels)
+    expected = any_positive(text, image, positives, device="cpu")
+    argv = ["--checkpoint", str(ckpt), "--eval-set", str(tmp_path / "evalset"), "--max-len", str(MAX_LEN),
+            "--batch-size", "3", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "any_positive" and (out["num_texts"], out["num_images"]) == (11, 7)
+    assert {k: out[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    err = run_error(capsys, [*argv[:2], "--eval-set", str(tmp_path / "evalset"), "--split", "test"])
+    assert "no eval set for split 'test'" in err
+    err = run_error(capsys, ["--checkpoint", str(tmp_path), "--eval-set", str(tmp_path / "evalset")])
+    assert "not a checkpoint folder" in err
+
+
+def test_checkpoint_skips_unreadable_images(tmp_path, capsys):
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    texts, _, positives = write_evalset(tmp_path / "evalset", corrupt=(2,))
+    tokenizer = ErnieTokenizer(ckpt / "vocab.txt", max_len=MAX_LEN)
+    transform = eval_transform(TINY["vision"]["image_size"])
+    images = load_evalset(tmp_path / "evalset").images
+    keep = [t for t, pos in enumerate(positives) if pos != [2]]
+    remap = {i: i - (i > 2) for i in range(7) if i != 2}
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([texts[t] for t in keep])["input_ids"])
+        image = model.encode_image(torch.stack([transform(b) for i, b in enumerate(images) if i != 2]))
+    gt = [[remap[i] for i in positives[t] if i != 2] for t in keep]
+    expected = any_positive(text, image, gt, device="cpu")
+    argv = ["--checkpoint", str(ckpt), "--eval-set", str(tmp_path / "evalset"), "--max-len", str(MAX_LEN),
+            "--device", "cpu", "--no-progress", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable image(s) (first: 'img2')" in captured.err
+    out = json.loads(captured.out)
+    assert (out["num_texts"], out["num_images"]) == (len(keep), 6)
+    assert {k: out[k] for k in expected} == pytest.approx(expected, abs=1e-12)

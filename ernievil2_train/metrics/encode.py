@@ -12,14 +12,19 @@ from tqdm.auto import tqdm
 
 
 class _Images(Dataset):
-    def __init__(self, images: Sequence[bytes], transform: Callable[[bytes], Tensor]) -> None:
-        self.images, self.transform = images, transform
+    """Transformed images; an undecodable one yields zeros and `ok=False` instead of failing the run."""
+
+    def __init__(self, images: Sequence[bytes], transform: Callable[[bytes], Tensor], size: int) -> None:
+        self.images, self.transform, self.size = images, transform, size
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return self.transform(self.images[i])
+    def __getitem__(self, i: int) -> tuple[Tensor, bool]:
+        try:
+            return self.transform(self.images[i]), True
+        except ValueError:
+            return torch.zeros(3, self.size, self.size), False
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -61,13 +66,35 @@ def encode_images(
     progress: bool = False,
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Float32 `[len(images), D]` image embeddings (not normalized), on `device`."""
-    loader = DataLoader(_Images(images, transform), batch_size=batch_size, num_workers=num_workers)
-    out = []
+) -> tuple[Tensor, Tensor]:
+    """Float32 `[len(images), D]` image embeddings (not normalized) on `device`, and a bool mask of the
+    images that decoded (rows of undecodable images are meaningless and must be dropped)."""
+    size = model.config.vision.image_size
+    loader = DataLoader(_Images(images, transform, size), batch_size=batch_size, num_workers=num_workers)
+    out, valid = [], []
     with tqdm(total=len(images), desc="encode images", unit="img", disable=not progress, leave=False) as bar:
-        for pixels in loader:
+        for pixels, ok in loader:
             with _autocast(device, autocast_dtype):
                 out.append(model.encode_image(pixels.to(device)).float())
+            valid.append(ok)
             bar.update(pixels.shape[0])
-    return torch.cat(out) if out else torch.empty(0, model.embed_dim, device=device)
+    if not out:
+        return torch.empty(0, model.embed_dim, device=device), torch.empty(0, dtype=torch.bool)
+    return torch.cat(out), torch.cat(valid)
+
+
+def drop_images(
+    text_to_images: Sequence[Sequence[int]], valid: Sequence[bool]
+) -> tuple[list[int], list[list[int]]]:
+    """Ground truth without the invalid images: (kept text indices, their positives re-indexed)."""
+    new_index, count = [], 0
+    for ok in valid:
+        new_index.append(count if ok else -1)
+        count += bool(ok)
+    kept, positives = [], []
+    for t, pos in enumerate(text_to_images):
+        remaining = [new_index[i] for i in pos if new_index[i] >= 0]
+        if remaining:
+            kept.append(t)
+            positives.append(remaining)
+    return kept, positives
