@@ -1,0 +1,64 @@
+"""Export the best model in the converted format (`model.safetensors` + `config.json` + `vocab.txt`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class ExportBestModel(pl.Callback):
+    """After each validation, export `pl_module.model` to `dirpath` when `monitor` improved.
+
+    The export is what `embed`, `evaluate` and `similarity` load directly. Without the monitored metric
+    (e.g. no eval set), the model at the end of training is exported.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str = "retrieval/mean_recall",
+        mode: str = "max",
+        vocab_file: str | None = None,
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"ExportBestModel.mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = Path(dirpath)
+        self.monitor = monitor
+        self.mode = mode
+        self.vocab_file = vocab_file
+        self.best: float | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ernievil2_train.checkpoints.io import save_pretrained
+
+        if trainer.is_global_zero:
+            save_pretrained(pl_module.model, self.dirpath, vocab_file=self.vocab_file)
+        trainer.strategy.barrier("export_best_model")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(torch.as_tensor(trainer.callback_metrics[self.monitor]))
+        if self._improved(value):
+            self.best = value
+            self._export(trainer, pl_module)
+            rank_zero_info(f"exported best model ({self.monitor}={value:.4f}) to {self.dirpath}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.best is None:
+            self._export(trainer, pl_module)
+            rank_zero_info(f"exported final model to {self.dirpath}")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")

@@ -1,0 +1,72 @@
+"""Start-up checks of a composed config: required values and input paths, reported by config key."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+from braceexpand import braceexpand
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Config leaves holding an input path that must exist before training starts.
+PATH_KEYS = (
+    "path",
+    "vocab_file",
+    "eval_set",
+    "checkpoint",
+    "train_shards",
+    "val_shards",
+    "vision_weights",
+    "text_weights",
+)
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; reported as one line, exit code 2."""
+
+
+def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every literal `???` value (interpolations to them are not repeated), in config order."""
+    found = []
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_interpolation():
+            found += missing_keys(node, f"{prefix}{key}.")
+        elif not node._is_interpolation() and node._is_missing():
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def _leaf_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            yield from _leaf_keys(child, f"{prefix}{key}.")
+        elif not isinstance(child, ListConfig):
+            yield f"{prefix}{key}"
+
+
+def _path_exists(value: str) -> bool:
+    for pattern in braceexpand(value):
+        if Path(pattern).exists() or (glob.has_magic(pattern) and glob.glob(pattern)):
+            return True
+    return False
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` naming the first missing `???` value or input path that does not exist."""
+    missing = missing_keys(cfg)
+    if missing:
+        key = missing[0]
+        raise ConfigError(
+            f"missing required config value '{key}': set it on the command line, e.g. {key}=/path/to/it"
+        )
+    for key in _leaf_keys(cfg):
+        if key.rsplit(".", 1)[-1] not in PATH_KEYS:
+            continue
+        resolved = OmegaConf.select(cfg, key)
+        if isinstance(resolved, str) and resolved and not _path_exists(resolved):
+            raise ConfigError(f"config key '{key}': path not found: {resolved}")

@@ -1,0 +1,66 @@
+"""Build everything a composed config describes and fit it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ernievil2_train.config_checks import ConfigError, check_config
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate each entry of a name -> config mapping (callbacks, loggers); `null` entries are skipped."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint to resume from.
+
+    `None`: the newest of the run folder's SLURM requeue checkpoint (`hpc_ckpt_*.ckpt`) and
+    `checkpoints/last.ckpt`, if any; `"last"`: the run folder's last checkpoint, which must exist;
+    anything else: that path.
+    """
+    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
+    existing = [path for path in candidates if path.is_file()]
+    if ckpt_path is None:
+        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+    if ckpt_path == "last":
+        if not existing:
+            raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir}")
+        return str(max(existing, key=lambda p: p.stat().st_mtime))
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data.datamodule)
+    model = instantiate(cfg.model)
+    module = instantiate(cfg.module, model=model)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return {key: float(value) for key, value in trainer.callback_metrics.items()}
