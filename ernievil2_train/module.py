@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ernievil2_train.accumulation import feature_cache_step, split_batch
+from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.distributed import world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
 from ernievil2_train.losses.multiview import (
@@ -40,7 +41,7 @@ IMAGE_PAIRS = ("image_caption", "image_tags", "image_image")
 TEXT_PAIRS = ("image_caption", "image_tags", "text_text")
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(ConfigError):
     """A combination of settings that cannot train correctly; the message names the settings."""
 
 

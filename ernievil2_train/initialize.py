@@ -1,0 +1,108 @@
+"""The model a training run starts from: from scratch, from a converted checkpoint, or with tower weights.
+
+Hydra: `model: {_target_: ernievil2_train.initialize.build_model, preset: ernie_vil2_base, ...}`.
+Hub downloads are not supported: every weight file is local.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.models import DualEncoder, create_model
+
+TOWER_PREFIXES = {"vision": ("model.vision.", "vision."), "text": ("model.text.", "text.")}
+
+
+def _read_state(path: Path, key: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(f"config key 'model.{key}': weight file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"config key 'model.{key}': cannot read {path} ({err})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"config key 'model.{key}': {path} does not hold a state dict of tensors")
+    return state
+
+
+def _tower_state(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:
+    """Keys relative to the tower: strip a `model.<tower>.` / `<tower>.` prefix when the file has one."""
+    for prefix in TOWER_PREFIXES[tower]:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def load_tower_weights(model: DualEncoder, tower: str, path: str | Path) -> None:
+    """Load `path` (.safetensors or torch .pt/.pth/.bin) into `model.<tower>`; every key must match."""
+    key = f"{tower}_weights"
+    path = Path(path)
+    state = _tower_state(_read_state(path, key), tower)
+    module = getattr(model, tower)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"config key 'model.{key}': {path} does not fit the {tower} tower "
+            f"(missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, wrong shape {wrong[:8]})"
+        )
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    """Nested plain dicts (Hydra passes DictConfig)."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
+
+
+def build_model(
+    preset: str | None = None,
+    config: dict[str, Any] | None = None,
+    checkpoint: str | None = None,
+    vision_weights: str | None = None,
+    text_weights: str | None = None,
+    logit_scale: float | None = None,
+) -> DualEncoder:
+    """A `DualEncoder` in train mode.
+
+    Exactly one of: `preset` (optionally with `config` overrides merged in), `config` (a full
+    `DualEncoderConfig` dict), `checkpoint` (a `save_pretrained` / convert folder; its temperature is kept).
+    Then `vision_weights` / `text_weights` replace one tower's weights from a local file, and `logit_scale`
+    (a log scale) replaces the temperature.
+    """
+    if checkpoint is not None:
+        if preset is not None or config is not None:
+            raise ConfigError("config key 'model.checkpoint' excludes 'model.preset' and 'model.config'")
+        from ernievil2_train.checkpoints.io import load_pretrained
+
+        if not Path(checkpoint).is_dir():
+            raise ConfigError(f"config key 'model.checkpoint': checkpoint folder not found: {checkpoint}")
+        model = load_pretrained(checkpoint)
+    elif preset is not None:
+        model = create_model(preset, **_plain(config or {}))
+    elif config is not None:
+        model = create_model(_plain(config))
+    else:
+        raise ConfigError("config key 'model': set one of model.preset, model.config or model.checkpoint")
+    if vision_weights is not None:
+        load_tower_weights(model, "vision", vision_weights)
+    if text_weights is not None:
+        load_tower_weights(model, "text", text_weights)
+    if logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(float(logit_scale))
+    return model.train()
