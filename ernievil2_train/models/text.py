@@ -69,6 +69,7 @@ def ernie_config(cfg: TextConfig) -> ErnieConfig:
         use_task_id=False,
         layer_norm_eps=TEXT_LN_EPS,
         pad_token_id=PAD_ID,
+        use_cache=False,
     )
 
 
