@@ -22,3 +22,13 @@ def paddle_ref() -> Path:
     if not (path / "outputs.npz").is_file():
         pytest.fail(f"reference fixtures not found at {path}; set {PADDLE_REF_ENV} to their folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder (`ERNIEVIL2_CACHE`) holding the built-in demo set, built once per test session."""
+    from data_recipes.demo import ensure_demo
+
+    cache = tmp_path_factory.mktemp("cache")
+    ensure_demo(cache / "demo")
+    return cache

@@ -41,7 +41,7 @@ def test_sbatch_renders_the_ddp_command(tmp_path: Path) -> None:
         "SLURM_CPUS_PER_TASK": "12",
         "SLURM_RESTART_COUNT": "1",
     }
-    result = _render(tmp_path, slurm, "+experiment=pretrain_multiview", "data.train_shards=/d/{0..9}.tar")
+    result = _render(tmp_path, slurm, "+experiment=pretrain_multiview", "data.train_shards='/d/{0..9}.tar'")
     assert result.returncode == 0, result.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert args[:4] == ["--kill-on-bad-exit=1", "python", "-m", "ernievil2_train"]
@@ -49,7 +49,7 @@ def test_sbatch_renders_the_ddp_command(tmp_path: Path) -> None:
     assert "trainer.num_nodes=2" in args
     assert "trainer.devices=8" in args
     assert "hydra.run.dir=outputs/slurm/ernievil2-4242" in args
-    assert args[-2:] == ["+experiment=pretrain_multiview", "data.train_shards=/d/{0..9}.tar"]
+    assert args[-2:] == ["+experiment=pretrain_multiview", "data.train_shards='/d/{0..9}.tar'"]
     assert "restart 1" in result.stdout
 
 

@@ -1,0 +1,129 @@
+"""Every experiment composes with Hydra's compose API, and every `_target_` in it instantiates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ernievil2_train.config_checks import ConfigError, check_config
+from ernievil2_train.resolvers import register_resolvers
+from tests.app_helpers import tiny_checkpoint
+from tests.conftest import REPO_ROOT
+
+CONF = REPO_ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _compose(overrides: list[str], output_dir: Path) -> DictConfig:
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg
+
+
+def _real_data_overrides(demo_root: Path) -> list[str]:
+    return [
+        f"data.train_shards={demo_root}",
+        f"data.eval_set={demo_root / 'eval'}",
+        f"data.vocab_file={demo_root / 'vocab.txt'}",
+    ]
+
+
+def _instantiate_all(cfg: DictConfig) -> dict[str, object]:
+    built = {
+        "datamodule": instantiate(cfg.data.datamodule),
+        "model": instantiate(cfg.model),
+        "callbacks": [instantiate(c) for c in cfg.callbacks.values() if c],
+        "loggers": [instantiate(c) for c in cfg.logger.values() if c],
+    }
+    built["module"] = instantiate(cfg.module, model=built["model"])
+    built["trainer"] = instantiate(cfg.trainer, callbacks=built["callbacks"], logger=built["loggers"])
+    return built
+
+
+def test_experiments_are_found() -> None:
+    assert {"demo", "finetune_cococn", "pretrain_multiview"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(
+    experiment: str, demo_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    demo_root = next(p for p in (demo_cache / "demo").iterdir() if p.is_dir() and not p.name.startswith("."))
+    overrides = [f"+experiment={experiment}", f"paths.cache_dir={demo_cache}"]
+    if experiment != "demo":
+        overrides += _real_data_overrides(demo_root)
+    if experiment == "finetune_cococn":
+        overrides.append(f"model.path={tiny_checkpoint(tmp_path / 'ckpt', demo_root / 'vocab.txt')}")
+    if experiment == "pretrain_multiview":  # the Base preset is real-sized; shrink it for the test
+        overrides += ["++model.vision.layers=1", "++model.text.layers=1"]
+    overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]  # this machine has no GPU
+    cfg = _compose(overrides, tmp_path / "run")
+    check_config(cfg)
+    OmegaConf.resolve(cfg)
+    built = _instantiate_all(cfg)
+    assert built["module"].model is built["model"]
+    assert built["trainer"].default_root_dir == str(tmp_path / "run")
+
+
+def test_default_run_is_the_demo(demo_cache: Path, tmp_path: Path) -> None:
+    plain = _compose([f"paths.cache_dir={demo_cache}"], tmp_path)
+    demo = _compose([f"paths.cache_dir={demo_cache}", "+experiment=demo"], tmp_path)
+    for key in ("data", "model", "module"):
+        expected = OmegaConf.to_container(demo[key], resolve=True)
+        assert OmegaConf.to_container(plain[key], resolve=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["+experiment=finetune_cococn"], "data.train_shards"),
+        (["+experiment=pretrain_multiview", "data.train_shards=/x", "data.eval_set=/y"], "data.vocab_file"),
+    ],
+)
+def test_missing_required_value_names_the_key(overrides: list[str], key: str, tmp_path: Path) -> None:
+    cfg = _compose(overrides, tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        check_config(cfg)
+
+
+def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
+    cfg = _compose(
+        ["+experiment=finetune_cococn", "data.train_shards='/no/such/{000..009}.tar'", "data.eval_set=/e",
+         "model.path=/m"],
+        tmp_path,
+    )
+    with pytest.raises(ConfigError, match=re.escape("'data.train_shards'")):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("group_option", ["trainer=ddp", "trainer=fsdp", "trainer=gpu", "logger=tensorboard",
+                                          "logger=csv", "loss=clip", "model=ernie_vil2_large"])
+def test_group_options_compose(group_option: str, demo_cache: Path, tmp_path: Path) -> None:
+    cfg = _compose([group_option, f"paths.cache_dir={demo_cache}"], tmp_path)
+    assert OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_slurm_launcher_config_composes(demo_cache: Path) -> None:
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", f"paths.cache_dir={demo_cache}"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == cfg.trainer.devices
+    assert launcher.signal_delay_s > 0
