@@ -26,8 +26,8 @@ class ZeroShotRetrieval(Metric):
     """Accumulates text/image embeddings with their global indices and evaluates once over the whole set.
 
     States are concatenated across processes on sync, then ordered and de-duplicated by index, so the result
-    does not depend on how items were split over ranks. `text_to_images=None` selects the row-paired
-    `ernie` protocol; otherwise `any_positive`.
+    does not depend on how items were split over ranks. protocol `any_positive` uses `text_to_images`;
+    `ernie` pairs text i with image `text_to_images[i][0]` (or image i when `text_to_images` is None).
     """
 
     full_state_update = False
@@ -37,13 +37,19 @@ class ZeroShotRetrieval(Metric):
         text_to_images: Sequence[Sequence[int]] | None = None,
         num_texts: int | None = None,
         num_images: int | None = None,
+        protocol: str = "any_positive",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if protocol not in ("any_positive", "ernie"):
+            raise ValueError(f"protocol must be 'any_positive' or 'ernie', got {protocol!r}")
+        if protocol == "any_positive" and text_to_images is None:
+            raise ValueError("protocol 'any_positive' needs text_to_images")
         self.text_to_images = [list(p) for p in text_to_images] if text_to_images is not None else None
         self.num_texts = len(self.text_to_images) if self.text_to_images is not None else num_texts
         self.num_images = num_images
+        self.protocol = protocol
         self.chunk_size = chunk_size
         for name in ("text_emb", "text_idx", "image_emb", "image_idx"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -63,12 +69,23 @@ class ZeroShotRetrieval(Metric):
             self.image_emb.append(image_emb.detach().float())
             self.image_idx.append(torch.as_tensor(image_idx, device=image_emb.device, dtype=torch.long))
 
-    def compute(self) -> dict[str, float]:
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """Accumulated text and image embeddings (this process's, or all after a sync), ordered by index."""
         text_idx, image_idx = dim_zero_cat(self.text_idx), dim_zero_cat(self.image_idx)
         num_texts = self.num_texts if self.num_texts is not None else int(text_idx.max()) + 1
         num_images = self.num_images if self.num_images is not None else int(image_idx.max()) + 1
         text = _unique_rows(dim_zero_cat(self.text_emb), text_idx, num_texts, "texts")
         image = _unique_rows(dim_zero_cat(self.image_emb), image_idx, num_images, "images")
-        if self.text_to_images is None:
-            return ernie_protocol(text, image, chunk_size=self.chunk_size, device=text.device)
-        return any_positive(text, image, self.text_to_images, chunk_size=self.chunk_size, device=text.device)
+        return text, image
+
+    def score(self, text: Tensor, image: Tensor) -> dict[str, float]:
+        """Metrics for complete, ordered embeddings (see `embeddings`)."""
+        kw = {"chunk_size": self.chunk_size, "device": text.device}
+        if self.protocol == "any_positive":
+            return any_positive(text, image, self.text_to_images, **kw)
+        if self.text_to_images is not None:
+            image = image[torch.tensor([p[0] for p in self.text_to_images], device=image.device)]
+        return ernie_protocol(text, image, **kw)
+
+    def compute(self) -> dict[str, float]:
+        return self.score(*self.embeddings())

@@ -189,10 +189,10 @@ def test_metric_identical_with_one_and_two_processes(tmp_path):
 
 def test_metric_row_paired_and_missing_items():
     text, image, _ = eval_data()
-    metric = ZeroShotRetrieval(num_texts=11, num_images=11)
+    metric = ZeroShotRetrieval(num_texts=11, num_images=11, protocol="ernie")
     metric.update(text_emb=text[:11], text_idx=torch.arange(11), image_emb=image, image_idx=torch.arange(11))
     assert metric.compute() == ernie_protocol(text[:11], image, device="cpu")
-    partial = ZeroShotRetrieval(num_texts=11, num_images=11)
+    partial = ZeroShotRetrieval(num_texts=11, num_images=11, protocol="ernie")
     partial.update(text_emb=text[:5], text_idx=torch.arange(5), image_emb=image, image_idx=torch.arange(11))
     with pytest.raises(ValueError, match="5 of 11"):
         partial.compute()

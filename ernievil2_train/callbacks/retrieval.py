@@ -1,0 +1,220 @@
+"""Zero-shot retrieval evaluation during training: before the first step and after every validation epoch.
+
+Each rank encodes a strided slice of the eval set with `pl_module.model`; the `ZeroShotRetrieval` metric
+gathers the slices and every rank scores the whole set, so the logged values are identical everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+from torch import Tensor
+
+from ernievil2_train.data.evalset import EvalSet, load_evalset
+from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
+from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE
+from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.vision import eval_transform
+
+LOGGED = ("t2i/r@1", "t2i/r@5", "t2i/r@10", "i2t/r@1", "i2t/r@5", "i2t/r@10", "mean_recall")
+PROTOCOLS = ("any_positive", "ernie")
+AUTOCAST = {
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "bf16-true": torch.bfloat16,
+    "16-true": torch.float16,
+}
+
+
+def cap_evalset(evalset: EvalSet, max_items: int | None) -> EvalSet:
+    """The first `max_items` images and the first `max_items` texts that keep a positive among them."""
+    if max_items is None or (len(evalset.images) <= max_items and len(evalset.texts) <= max_items):
+        return evalset
+    valid = [i < max_items for i in range(len(evalset.images))]
+    kept, positives = drop_images(evalset.text_to_images, valid)
+    kept, positives = kept[:max_items], positives[:max_items]
+    return EvalSet(
+        evalset.image_ids[:max_items],
+        evalset.images[:max_items],
+        [evalset.text_ids[t] for t in kept],
+        [evalset.texts[t] for t in kept],
+        positives,
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Eval mode for every submodule, restoring each one's own previous mode (frozen towers stay eval)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class RetrievalCallback(pl.Callback):
+    """Log `retrieval/{t2i,i2t}/r@{1,5,10}` and `retrieval/mean_recall` for an eval set.
+
+    eval_set / split: see `load_evalset` (None disables the callback). vocab_file: tokenizer vocab.
+    image_size: eval transform size (default: the model's). protocol: `any_positive` (unique images and
+    texts) or `ernie` (one row per text, paired with its first image). max_items caps images and texts.
+    log_examples: with a W&B logger, log a table of a few text queries and their top-5 images.
+    Runs before training (zero-shot baseline, sent straight to the loggers) and at every validation epoch
+    end (via `pl_module.log`, so ModelCheckpoint can monitor `retrieval/mean_recall`).
+    """
+
+    def __init__(
+        self,
+        eval_set: str | Path | None,
+        split: str = "valid",
+        vocab_file: str | Path | None = None,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        protocol: str = "any_positive",
+        max_items: int | None = None,
+        log_examples: bool = True,
+        num_examples: int = 4,
+        max_len: int = 48,
+        num_workers: int = 0,
+        progress: bool = True,
+        at_start: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"RetrievalCallback.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if eval_set is not None and vocab_file is None:
+            raise ValueError("RetrievalCallback needs vocab_file to tokenize the eval texts")
+        self.eval_set, self.split, self.vocab_file = eval_set, split, vocab_file
+        self.image_size, self.batch_size, self.protocol = image_size, batch_size, protocol
+        self.max_items, self.log_examples, self.num_examples = max_items, log_examples, num_examples
+        self.max_len, self.num_workers, self.progress = max_len, num_workers, progress
+        self.at_start, self.chunk_size = at_start, chunk_size
+        self.evalset: EvalSet | None = None
+        self.last: dict[str, float] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.eval_set is None or self.evalset is not None:
+            return
+        try:
+            self.evalset = cap_evalset(load_evalset(self.eval_set, split=self.split), self.max_items)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"RetrievalCallback.eval_set: {err}") from None
+        self.tokenizer = ErnieTokenizer(self.vocab_file, max_len=self.max_len)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evalset is None or not self.at_start or trainer.global_step > 0:
+            return
+        metrics = self.evaluate(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"retrieval/{k}": metrics[k] for k in LOGGED}, step=trainer.global_step)
+        self._report(trainer, pl_module, "zero-shot baseline")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evalset is None or trainer.sanity_checking:
+            return
+        metrics = self.evaluate(trainer, pl_module)
+        for key in LOGGED:
+            pl_module.log(f"retrieval/{key}", metrics[key], sync_dist=False, rank_zero_only=False)
+        self._report(trainer, pl_module, f"epoch {trainer.current_epoch}")
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        m = self.last
+        pl_module.print(
+            f"retrieval ({when}): T2I R@1/5/10 {m['t2i/r@1']:.2%} {m['t2i/r@5']:.2%} {m['t2i/r@10']:.2%} | "
+            f"I2T R@1/5/10 {m['i2t/r@1']:.2%} {m['i2t/r@5']:.2%} {m['i2t/r@10']:.2%} | "
+            f"mean recall {m['mean_recall']:.2%}"
+        )
+        if self.log_examples and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_metrics(
+                        {"retrieval/examples": self._examples_table(when)}, step=trainer.global_step
+                    )
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Encode this rank's slice, gather, score; returns the metrics (identical on every rank)."""
+        evalset, model, device = self.evalset, pl_module.model, pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        amp = AUTOCAST.get(str(trainer.precision)) if device.type == "cuda" else None
+        size = self.image_size or model.config.vision.image_size
+        progress = self.progress and trainer.is_global_zero
+        text_idx = list(range(rank, len(evalset.texts), world))
+        image_idx = list(range(rank, len(evalset.images), world))
+        with eval_mode(model):
+            text = encode_texts(
+                model,
+                [evalset.texts[i] for i in text_idx],
+                self.tokenizer,
+                self.batch_size,
+                device,
+                progress=progress,
+                autocast_dtype=amp,
+            )
+            image, valid = encode_images(
+                model,
+                [evalset.images[i] for i in image_idx],
+                eval_transform(size),
+                self.batch_size,
+                device,
+                progress=progress,
+                num_workers=self.num_workers,
+                autocast_dtype=amp,
+            )
+        if not bool(valid.all()):
+            bad = evalset.image_ids[image_idx[int((~valid).nonzero()[0])]]
+            raise ValueError(f"RetrievalCallback: eval image {bad!r} of {self.eval_set} cannot be decoded")
+        metric = ZeroShotRetrieval(
+            evalset.text_to_images,
+            num_images=len(evalset.images),
+            protocol=self.protocol,
+            chunk_size=self.chunk_size,
+        ).to(device)
+        metric.update(
+            text, torch.tensor(text_idx, device=device), image, torch.tensor(image_idx, device=device)
+        )
+        with metric.sync_context():
+            text_all, image_all = metric.embeddings()
+            self.last = metric.score(text_all, image_all)
+            if self.log_examples and trainer.is_global_zero:
+                self._top = self._top_images(text_all, image_all)
+        return self.last
+
+    def _top_images(self, text: Tensor, image: Tensor, k: int = 5) -> list[list[int]]:
+        queries = text[: self.num_examples]
+        return (queries @ image.T).topk(min(k, image.shape[0]), dim=1).indices.tolist()
+
+    def _examples_table(self, when: str) -> Any:
+        import wandb
+
+        evalset = self.evalset
+        table = wandb.Table(columns=["when", "text", "hit@5", *[f"top{i + 1}" for i in range(5)]])
+        for t, top in enumerate(self._top):
+            positives = set(evalset.text_to_images[t])
+            images = [
+                wandb.Image(
+                    _thumbnail(evalset.images[i]),
+                    caption=("✓ " if i in positives else "") + evalset.image_ids[i],
+                )
+                for i in top
+            ]
+            table.add_data(
+                when, evalset.texts[t], bool(positives & set(top)), *images, *[None] * (5 - len(images))
+            )
+        return table
+
+
+def _thumbnail(data: bytes, size: int = 96) -> Image.Image:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image.thumbnail((size, size))
+    return image

@@ -1,0 +1,179 @@
+"""RetrievalCallback with a tiny real model and a real Lightning Trainer on CPU."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode
+from ernievil2_train.data.evalset import load_evalset
+from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.vision import eval_transform
+from tests.metrics.evalset_helpers import MAX_LEN, TINY, tiny_checkpoint, write_evalset
+
+LOGGED = ["t2i/r@1", "t2i/r@5", "t2i/r@10", "i2t/r@1", "i2t/r@5", "i2t/r@10", "mean_recall"]
+
+
+class TinyModule(pl.LightningModule):
+    """Trains only the logit scale, so the encoders (and the retrieval numbers) stay fixed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return (self.model.logit_scale - 1.0) ** 2 + 0 * batch.sum()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.model.logit_scale], lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(torch.zeros(4, 1), batch_size=2)
+
+    def val_dataloader(self):
+        return DataLoader(torch.zeros(2, 1), batch_size=2)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    texts, _, positives = write_evalset(tmp_path / "evalset")
+    tokenizer = ErnieTokenizer(ckpt / "vocab.txt", max_len=MAX_LEN)
+    transform = eval_transform(TINY["vision"]["image_size"])
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(texts)["input_ids"])
+        image = model.encode_image(
+            torch.stack([transform(b) for b in load_evalset(tmp_path / "evalset").images])
+        )
+    expected = any_positive(text, image, positives, device="cpu")
+    callback = RetrievalCallback(
+        tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", batch_size=4, max_len=MAX_LEN, progress=False
+    )
+    return model, callback, expected
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_logs_metrics_every_validation_epoch_and_at_start(tmp_path, setup):
+    model, callback, expected = setup
+    model.train()
+    model.vision.eval()  # like a frozen tower: must stay in eval mode afterwards
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="retrieval/mean_recall", mode="max")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=CSVLogger(tmp_path / "logs"),
+        callbacks=[callback, checkpoint],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
+    trainer.fit(TinyModule(model))
+    for key in LOGGED:
+        assert trainer.callback_metrics[f"retrieval/{key}"].item() == pytest.approx(expected[key], rel=1e-6)
+    assert checkpoint.best_model_score.item() == pytest.approx(expected["mean_recall"], rel=1e-6)
+    rows = [r for r in read_csv(Path(trainer.logger.log_dir) / "metrics.csv") if r.get("retrieval/t2i/r@1")]
+    assert len(rows) == 3  # zero-shot baseline + two validation epochs; the sanity check is skipped
+    assert rows[0]["step"] == "0"
+    for row in rows:
+        for key in LOGGED:
+            assert float(row[f"retrieval/{key}"]) == pytest.approx(expected[key], rel=1e-6)
+    assert model.text.training and not model.vision.training
+
+
+def test_eval_mode_restores_each_module():
+    net = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Dropout())
+    net.train()
+    net[1].eval()
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert net.training and net[0].training and not net[1].training
+
+
+def test_cap_evalset(tmp_path):
+    write_evalset(tmp_path / "evalset", num_images=7, num_texts=11)
+    full = load_evalset(tmp_path / "evalset")
+    capped = cap_evalset(full, 3)
+    assert capped.image_ids == full.image_ids[:3] and len(capped.texts) <= 3
+    for text, pos in zip(capped.texts, capped.text_to_images, strict=True):
+        original = full.text_to_images[full.texts.index(text)]
+        assert pos == [i for i in original if i < 3] and pos
+    assert cap_evalset(full, None) is full
+
+
+def test_ernie_protocol_pairs_each_text_with_its_first_image(tmp_path, setup):
+    model, _, _ = setup
+    callback = RetrievalCallback(
+        tmp_path / "evalset",
+        vocab_file=tmp_path / "ckpt" / "vocab.txt",
+        protocol="ernie",
+        max_len=MAX_LEN,
+        progress=False,
+        at_start=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TinyModule(model))
+    evalset = load_evalset(tmp_path / "evalset")
+    tokenizer = ErnieTokenizer(tmp_path / "ckpt" / "vocab.txt", max_len=MAX_LEN)
+    transform = eval_transform(TINY["vision"]["image_size"])
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(evalset.texts)["input_ids"])
+        pixels = torch.stack([transform(evalset.images[p[0]]) for p in evalset.text_to_images])
+        expected = ernie_protocol(text, model.encode_image(pixels), device="cpu")
+    assert callback.last == pytest.approx(expected, rel=1e-6)
+
+
+def test_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="protocol"):
+        RetrievalCallback(tmp_path, vocab_file="v.txt", protocol="nope")
+    with pytest.raises(ValueError, match="vocab_file"):
+        RetrievalCallback(tmp_path)
+    callback = RetrievalCallback(tmp_path / "missing", vocab_file="v.txt")
+    with pytest.raises(ValueError, match=r"RetrievalCallback\.eval_set"):
+        callback.setup(None, None, "fit")
+
+
+def test_wandb_table_offline(tmp_path, setup, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    model, callback, _ = setup
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TinyModule(model))
+    run_dir = Path(logger.experiment.dir)
+    logger.experiment.finish()
+    tables = list(run_dir.glob("media/table/retrieval/examples*.table.json"))
+    assert len(tables) == 2  # baseline + one validation epoch
