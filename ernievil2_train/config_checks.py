@@ -11,7 +11,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Config leaves holding an input path that must exist before training starts.
 PATH_KEYS = (
-    "path",
     "vocab_file",
     "eval_set",
     "checkpoint",

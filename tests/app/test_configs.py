@@ -67,9 +67,9 @@ def test_experiment_composes_and_instantiates(
     if experiment != "demo":
         overrides += _real_data_overrides(demo_root)
     if experiment == "finetune_cococn":
-        overrides.append(f"model.path={tiny_checkpoint(tmp_path / 'ckpt', demo_root / 'vocab.txt')}")
+        overrides.append(f"model.checkpoint={tiny_checkpoint(tmp_path / 'ckpt', demo_root / 'vocab.txt')}")
     if experiment == "pretrain_multiview":  # the Base preset is real-sized; shrink it for the test
-        overrides += ["++model.vision.layers=1", "++model.text.layers=1"]
+        overrides += ["++model.config.vision.layers=1", "++model.config.text.layers=1"]
     overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]  # this machine has no GPU
     cfg = _compose(overrides, tmp_path / "run")
     check_config(cfg)
@@ -103,7 +103,7 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
 def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose(
         ["+experiment=finetune_cococn", "data.train_shards='/no/such/{000..009}.tar'", "data.eval_set=/e",
-         "model.path=/m"],
+         "model.checkpoint=/m"],
         tmp_path,
     )
     with pytest.raises(ConfigError, match=re.escape("'data.train_shards'")):

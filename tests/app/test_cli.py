@@ -1,0 +1,180 @@
+"""End-to-end runs of the real training CLI in subprocesses, on the demo data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernievil2_train import load_pretrained
+
+TINY = [
+    "data.image_size=32",
+    "data.datamodule.batch_size=16",
+    "data.datamodule.num_workers=1",
+    "data.datamodule.epoch_samples=128",
+    "model.config.vision.width=32",
+    "model.config.vision.layers=1",
+    "model.config.vision.heads=2",
+    "model.config.text.width=32",
+    "model.config.text.layers=1",
+    "model.config.text.heads=2",
+    "model.config.text.intermediate_size=64",
+    "callbacks.retrieval.max_items=48",
+    "callbacks.retrieval.progress=false",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
+    env.update(ERNIEVIL2_CACHE=str(cache), WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def _cli(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "ernievil2_train", *TINY, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _metric_rows(run_dir: Path, name: str) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get(name)]
+
+
+def test_demo_run_logs_recall_to_csv_and_wandb_and_exports(demo_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run(_cli(run_dir, "trainer.max_epochs=2"), _env(demo_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    recalls = _metric_rows(run_dir, "retrieval/mean_recall")
+    assert len(recalls) == 3  # zero-shot baseline + one per epoch
+    assert all(0.0 <= float(row["retrieval/mean_recall"]) <= 1.0 for row in recalls)
+    assert {"retrieval/t2i/r@1", "retrieval/i2t/r@10"} <= set(recalls[-1])
+    assert "retrieval (epoch 1)" in result.stdout + result.stderr
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and any(wandb_runs[0].glob("*.wandb"))
+    model = load_pretrained(run_dir / "export")
+    assert (run_dir / "export" / "vocab.txt").is_file()
+    assert model.config.vision.width == 32
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    evaluate = _run(
+        [sys.executable, "-m", "ernievil2_train.evaluate", "--checkpoint", str(run_dir / "export"),
+         "--eval-set", str(next((demo_cache / "demo").glob("v*")) / "eval"), "--json"],
+        _env(demo_cache),
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert '"mean_recall"' in evaluate.stdout
+
+
+def test_ddp_run_on_two_cpu_processes(demo_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = _cli(run_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               "trainer.precision=32-true", "trainer.max_epochs=1", "logger=csv")
+    result = _run(cmd, _env(demo_cache), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size: 2" in result.stdout + result.stderr or "Initializing distributed: GLOBAL_RANK: 1" in (
+        result.stdout + result.stderr
+    )
+    assert len(_metric_rows(run_dir, "retrieval/mean_recall")) == 2
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "csv", "export"]
+    assert not list(tmp_path.glob("outputs")), "DDP children must not create their own run folders"
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert step == 128 // (16 * 2)
+
+
+def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:
+    result = _run([sys.executable, "-m", "ernievil2_train", "+experiment=finetune_cococn",
+                   f"hydra.run.dir={tmp_path}"], _env(demo_cache))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: missing required config value 'data.train_shards': set it on the command line, "
+                     "e.g. data.train_shards=/path/to/it"]
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "process ended"
+        try:
+            if any(int(r["step"]) >= step for r in _metric_rows(run_dir, "train/loss")):
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"training did not reach step {step} in {timeout} s")
+
+
+def _adam_steps(ckpt: Path) -> set[int]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
+
+
+LONG_EPOCH = ["data.datamodule.epoch_samples=4096", "trainer.log_every_n_steps=1",
+              "++logger.csv.flush_logs_every_n_steps=1", "logger=csv"]
+
+
+def test_sigterm_mid_epoch_then_resume_continues_step_and_optimizer(demo_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run_dir, *LONG_EPOCH), env=_env(demo_cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    interrupted = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 3 <= interrupted < 4096 // 16, "the interruption must land mid-epoch"
+    assert _adam_steps(last) == {interrupted}
+
+    target = interrupted + 4
+    resumed = _run(_cli(run_dir, *LONG_EPOCH, "ckpt_path=last", f"trainer.max_steps={target}"), _env(demo_cache))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == target
+    assert _adam_steps(last) == {target}
+
+
+def test_slurm_requeue_signal_saves_requeues_and_the_restart_resumes(demo_cache: Path, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "777", "SLURM_JOB_NAME": "ernievil2", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
+             "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    env = _env(demo_cache, **slurm)
+    proc = subprocess.Popen(_cli(run_dir, *LONG_EPOCH), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 120
+    while not calls.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.kill()  # SLURM ends the job after the requeue
+    proc.communicate(timeout=60)
+    assert calls.read_text().split() == ["requeue", "777"]
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert len(hpc) == 1
+    saved = torch.load(hpc[0], map_location="cpu", weights_only=False)["global_step"]
+    assert saved >= 3
+
+    target = saved + 3
+    restart = _run(_cli(run_dir, *LONG_EPOCH, f"trainer.max_steps={target}"), env)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == target
+    assert _adam_steps(run_dir / "checkpoints" / "last.ckpt") == {target}
