@@ -38,8 +38,14 @@ OPENCLIP_TEXT_TOKENS = (20, 40)  # real tokens per OpenCLIP caption, padded to i
 
 TINY_OURS = {
     "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
-    "text": {"vocab_size": 1000, "width": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
-             "max_position_embeddings": 64},
+    "text": {
+        "vocab_size": 1000,
+        "width": 64,
+        "layers": 2,
+        "heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 64,
+    },
 }
 TINY_OPENCLIP = {
     "embed_dim": 64,
