@@ -232,3 +232,19 @@ def test_checkpoint_skips_unreadable_images(tmp_path, capsys):
     out = json.loads(captured.out)
     assert (out["num_texts"], out["num_images"]) == (len(keep), 6)
     assert {k: out[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+
+
+def test_irregular_but_valid_files_take_the_line_reader(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    text = rng.standard_normal((6, 4)).astype(np.float32)
+    image = rng.standard_normal((6, 4)).astype(np.float32)
+    lines = [" ".join(map(str, t)) + "\t" + " ".join(map(str, i)) for t, i in zip(text, image, strict=True)]
+    expected = ernie_protocol(text, image, device="cpu")
+    for name, content in [("ids.txt", "".join(f"{line}\timg{k}\n" for k, line in enumerate(lines))),
+                          ("crlf.txt", "".join(f"{line}\t1\r\n" for line in lines)),
+                          ("exp.txt", "".join(f"{line} \t1\n".replace(" \t", "\t") for line in lines))]:
+        path = tmp_path / name
+        path.write_text(content)
+        assert main([str(path), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert {k: out[k] for k in expected} == expected, name

@@ -17,7 +17,7 @@ import numpy as np
 INT_DIGITS = 3  # digits before the point handled by the fast path
 FRAC_DIGITS = 12  # digits after it: every mantissa has at most 15 digits, below 2**53
 _WIDTH = INT_DIGITS + 1 + FRAC_DIGITS  # 16 bytes: two little-endian uint64 lanes "ddd.ffff" "ffffffff"
-PARALLEL_MIN_CHARS = 1 << 22
+BLOCK_BYTES = 1 << 23
 _ZEROS = np.uint64(0x3030303030303030)
 
 
@@ -74,35 +74,41 @@ def _first_dot(lanes: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def parse_floats(text: str, threads: int | None = None) -> np.ndarray:
-    """Parse `text` (numbers separated by single spaces) into float32; ValueError on any bad token.
-
-    Large inputs are cut at spaces into one part per thread (numpy releases the GIL in the heavy steps).
-    """
-    threads = threads or min(os.cpu_count() or 1, 8)
-    if threads > 1 and len(text) > PARALLEL_MIN_CHARS:
-        cuts = [0]
-        for k in range(1, threads):
-            cut = text.find(" ", max(cuts[-1], len(text) * k // threads))
-            if cut < 0:
-                break
-            cuts.append(cut + 1)
-        parts = [text[a : b - 1] for a, b in itertools.pairwise(cuts)] + [text[cuts[-1] :]]
-        with ThreadPoolExecutor(len(parts)) as pool:
-            return np.concatenate(list(pool.map(_parse_part, parts)))
-    return _parse_part(text)
-
-
-def _parse_part(text: str) -> np.ndarray:
+    """Parse `text` (numbers separated by single spaces) into float32; ValueError on any bad token."""
     if not text.isascii():
         return np.array([float(t) for t in text.split(" ")], dtype=np.float64).astype(np.float32)
-    raw = text.encode("ascii")
+    return parse_ascii(text.encode("ascii"), threads)
+
+
+def parse_ascii(raw: bytes, threads: int | None = None) -> np.ndarray:
+    """Parse ASCII numbers separated by single spaces, tabs or newlines into float32 (ValueError if bad).
+
+    The input is cut at separators into blocks of about `BLOCK_BYTES`, parsed by a thread pool (numpy
+    releases the GIL in the heavy steps), so temporaries stay small and both cores work.
+    """
+    cuts = [0]
+    while len(raw) - cuts[-1] > BLOCK_BYTES:
+        pos = cuts[-1] + BLOCK_BYTES
+        cut = min((c for c in (raw.find(sep, pos) for sep in (b" ", b"\t", b"\n")) if c >= 0), default=-1)
+        if cut < 0:
+            break
+        cuts.append(cut + 1)
+    parts = [raw[a : b - 1] for a, b in itertools.pairwise(cuts)] + [raw[cuts[-1] :]]
+    if len(parts) == 1:
+        return _parse_block(parts[0])
+    with ThreadPoolExecutor(threads or min(os.cpu_count() or 1, 8)) as pool:
+        return np.concatenate(list(pool.map(_parse_block, parts)))
+
+
+def _parse_block(raw: bytes) -> np.ndarray:
     # Padded on both sides so every token's window lies inside the buffer; positions are buffer offsets.
     padded = b" " * _WIDTH + raw + b" " * _WIDTH
     buf = np.frombuffer(padded, dtype=np.uint8)
     body = buf[_WIDTH : _WIDTH + len(raw)]
-    spaces = np.flatnonzero(body == 32) + _WIDTH
-    starts = np.concatenate(([_WIDTH], spaces + 1))
-    ends = np.concatenate((spaces, [_WIDTH + len(raw)]))
+    is_sep = (body == 32) | (body == 9) | (body == 10)
+    seps = np.flatnonzero(is_sep) + _WIDTH
+    starts = np.concatenate(([_WIDTH], seps + 1))
+    ends = np.concatenate((seps, [_WIDTH + len(raw)]))
     ntok = starts.size
     lanes = np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
     num_dots = int(np.count_nonzero(body == 46))
@@ -117,10 +123,11 @@ def _parse_part(text: str) -> np.ndarray:
         dot_tok = _owner(starts, dot_pos)
         dots[dot_tok] = dot_pos
         slow[dot_tok[np.flatnonzero(np.diff(dot_tok) == 0)]] = True
-    bad = (body > 57) | (body < 45) & (body != 32) | (body == 47)
+    bad = (body > 57) | (body < 45) & ~is_sep | (body == 47)
     slow[_owner(starts, np.flatnonzero(bad) + _WIDTH)] = True
     minus = np.flatnonzero(body == 45) + _WIDTH
-    slow[_owner(starts, minus[buf[minus - 1] != 32])] = True  # a '-' not at a token start
+    before = buf[minus - 1]
+    slow[_owner(starts, minus[(before != 32) & (before != 9) & (before != 10)])] = True  # '-' inside
     signed = (buf[starts] == 45).astype(np.int64)
     values, fast_slow = _fast_values(lanes, starts, ends, dots, signed)
     slow |= fast_slow

@@ -35,7 +35,7 @@ def test_identical_to_float(seed):
 
 
 def test_threads_give_the_same_result(monkeypatch):
-    monkeypatch.setattr(floats, "PARALLEL_MIN_CHARS", 100)
+    monkeypatch.setattr(floats, "BLOCK_BYTES", 100)
     toks = tokens(2, 5000)
     text = " ".join(toks)
     assert np.array_equal(parse_floats(text, threads=3).view(np.uint32), reference(toks).view(np.uint32))
