@@ -1,0 +1,321 @@
+"""WebDataset LightningDataModule producing multi-view batches (DESIGN §1; batch format in the team brief).
+
+Training stream per rank: shards (split by node, then by worker) -> sample shuffle buffer -> decode +
+views (`SampleTransform`) -> batches of `batch_size` collated inside the worker ->
+`DataLoader(batch_size=None)`.
+Epochs are virtual: each worker yields `ceil(batches_per_rank / num_workers)` batches (the shard stream
+repeats as needed), so every rank sees exactly `len(train_dataloader())` batches and DDP never waits on a
+rank that ran out of data.
+
+Skipped samples. Bad data never stops the stream: every failure is counted per reason (`SKIP_REASONS`) in the
+worker process where it happens, by the same `SkipCounter` the collate of that worker uses, and each batch
+carries `batch["skipped"]`: LongTensor[len(SKIP_REASONS)], the skips that worker saw since its previous
+batch. Summing `batch["skipped"]` over an epoch (and over ranks) gives the epoch's skip counts, whatever the
+number of workers; `skip_metrics(batch)` names them for `self.log(..., reduce_fx="sum")`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
+from ernievil2_train.data.views import SampleTransform, ViewConfig
+
+log = logging.getLogger(__name__)
+
+SKIPPED_KEY = "skipped"
+_LOGGED_PER_REASON = 5
+
+
+class SkipCounter:
+    """Per-process skip counts; used as the webdataset exception handler (warn, count, continue)."""
+
+    def __init__(self, stage: str = "sample") -> None:
+        self.stage = stage
+        self.pending = [0] * len(SKIP_REASONS)
+        self.total = [0] * len(SKIP_REASONS)
+
+    def count(self, reason: str, message: str) -> None:
+        index = SKIP_REASONS.index(reason)
+        self.pending[index] += 1
+        self.total[index] += 1
+        if self.total[index] <= _LOGGED_PER_REASON:
+            log.warning("skipped a sample (%s): %s", reason, message)
+
+    def tar_handler(self, exn: Exception) -> bool:
+        """Handler for grouping files into samples (e.g. duplicate names): counted as a bad tar."""
+        self.count("bad_tar", f"{type(exn).__name__}: {exn}")
+        return True
+
+    def sample_handler(self, exn: Exception) -> bool:
+        """Handler for the decode/views stage: `SkipSample` carries its reason, anything else is 'other'."""
+        if isinstance(exn, SkipSample):
+            self.count(exn.reason, str(exn))
+        else:
+            self.count("other", f"{type(exn).__name__}: {exn}")
+        return True
+
+    def take(self) -> torch.Tensor:
+        """Counts since the previous call, as LongTensor[len(SKIP_REASONS)]."""
+        counts = torch.tensor(self.pending, dtype=torch.long)
+        self.pending = [0] * len(SKIP_REASONS)
+        return counts
+
+
+class Collate:
+    """Stack per-sample tensors into a batch dict and attach this worker's pending skip counts."""
+
+    def __init__(self, counter: SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0] if key != "__key__"}
+        batch[SKIPPED_KEY] = self.counter.take()
+        return batch
+
+
+def read_shards(sources: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """`{"url"}` dicts -> tar member dicts, `{}` after each shard. A shard that cannot be opened or read to
+    its end (missing, truncated, corrupt) counts one `bad_tar`; the members read before the error are kept."""
+    for source in sources:
+        url = source["url"]
+        try:
+            stream = wds.gopen(url)
+            try:
+                for member in wds.tariterators.tar_file_iterator(stream):
+                    member["__url__"] = url
+                    yield member
+            finally:
+                stream.close()
+        except Exception as exn:
+            counter.count("bad_tar", f"{url}: {type(exn).__name__}: {exn}")
+        yield {}
+
+
+def skip_metrics(batch: dict[str, torch.Tensor], prefix: str = "data/skipped_") -> dict[str, torch.Tensor]:
+    """`{prefix + reason: count}` from `batch["skipped"]`, ready for `self.log_dict(..., reduce_fx="sum")`."""
+    counts = batch[SKIPPED_KEY]
+    return {prefix + reason: counts[i] for i, reason in enumerate(SKIP_REASONS)}
+
+
+def _index_samples(index_file: Path) -> tuple[list[str], int]:
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    shards = [str(index_file.parent / s["name"]) for s in index.get("shards", [])]
+    samples = index.get("samples", sum(int(s.get("samples", 0)) for s in index.get("shards", [])))
+    return shards, int(samples)
+
+
+def resolve_shards(spec: str | list[str], split: str, name: str) -> tuple[list[str], int | None]:
+    """Shard urls and, when a `{split}.json` index says so, their sample count.
+
+    `spec`: a directory (shards from `{split}.json`, else `{split}-*.tar`), a list file (`.txt`, one url a
+    line), a brace pattern (`train-{000000..000009}.tar`), a glob, or a list of those. `name` is the config
+    key, for error messages.
+    """
+    if isinstance(spec, list | tuple):
+        parts = [resolve_shards(s, split, name) for s in spec]
+        counts = [n for _, n in parts]
+        total = None if None in counts else sum(counts)
+        return [u for urls, _ in parts for u in urls], total
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        index = path / f"{split}.json"
+        if index.is_file():
+            urls, total = _index_samples(index)
+        else:
+            urls, total = sorted(glob.glob(str(path / f"{split}-*.tar"))), None
+        if not urls:
+            raise FileNotFoundError(f"{name}: no {split}-*.tar shards in directory {spec}")
+        return urls, total
+    if path.suffix == ".txt" and path.is_file():
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        urls = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not urls:
+            raise FileNotFoundError(f"{name}: shard list {spec} is empty")
+        return urls, None
+    if "://" in spec or spec.startswith("pipe:"):
+        return list(wds.shardlists.expand_urls(spec)), None
+    urls = [u for pattern in wds.shardlists.expand_urls(spec) for u in sorted(glob.glob(pattern))]
+    if not urls:
+        raise FileNotFoundError(f"{name}: no shards match {spec}")
+    return urls, None
+
+
+def _rank_and_world(trainer: Any) -> tuple[int, int]:
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _WorkerInit:
+    """Seed Python's `random` per (rank, worker): augmentation streams differ across ranks and workers."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        random.seed(torch.initial_seed() + 1_000_003 * self.rank)
+
+
+class MultiViewDataModule(L.LightningDataModule):
+    """Multi-view training batches (and single-view validation batches) from WebDataset shards.
+
+    Args (plain types, Hydra-friendly):
+        train_shards: directory / list file / brace pattern / glob / list (see `resolve_shards`).
+        vocab_file: ERNIE `vocab.txt`.
+        val_shards: same forms; optional. Validation uses the eval-style center view, no text view.
+        epoch_samples: samples per (virtual) epoch over all ranks; default: the `{split}.json` count.
+        resampled: draw shards with replacement (infinite stream; recommended for multi-node).
+        views: `ViewConfig` fields (image_view2, tags, text_view, token_drop_p).
+        augment: `TrainViews` keyword arguments (scale, flip_p, jitter_p, ...).
+        max_image_pixels: images whose header announces more pixels are skipped (`image_too_large`).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        vocab_file: str,
+        val_shards: str | list[str] | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        epoch_samples: int | None = None,
+        shuffle_buffer: int = 2000,
+        shard_shuffle: int = 100,
+        resampled: bool = False,
+        text_max_len: int = 48,
+        views: ViewConfig | dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        train_split: str = "train",
+        val_split: str = "val",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not Path(vocab_file).is_file():
+            raise FileNotFoundError(f"vocab_file: {vocab_file} not found")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.train_urls, index_samples = resolve_shards(train_shards, train_split, "train_shards")
+        self.val_urls = resolve_shards(val_shards, val_split, "val_shards")[0] if val_shards else None
+        self.epoch_samples = epoch_samples if epoch_samples is not None else index_samples
+        if not self.epoch_samples or self.epoch_samples < 1:
+            raise ValueError(
+                f"epoch_samples: set it to a positive number (no {train_split}.json sample count for "
+                f"train_shards={train_shards})"
+            )
+        self.vocab_file = str(vocab_file)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.shard_shuffle = shard_shuffle
+        self.resampled = resampled
+        self.text_max_len = text_max_len
+        self.views = ViewConfig.of(views)
+        self.augment = dict(augment or {})
+        self.max_image_pixels = max_image_pixels
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.seed = seed
+
+    def batches_per_worker(self, world_size: int) -> int:
+        """Training batches each worker yields per epoch (at least 1)."""
+        per_rank = max(1, self.epoch_samples // (self.batch_size * world_size))
+        return math.ceil(per_rank / max(1, self.num_workers))
+
+    def _transform(self, train: bool) -> SampleTransform:
+        return SampleTransform(
+            self.vocab_file,
+            image_size=self.image_size,
+            text_max_len=self.text_max_len,
+            views=self.views,
+            augment=self.augment,
+            max_image_pixels=self.max_image_pixels,
+            train=train,
+        )
+
+    def _loader(self, dataset: wds.DataPipeline, rank: int) -> DataLoader:
+        workers = self.num_workers > 0
+        if workers:
+            # OpenCV's thread pool does not survive fork (a forked worker can hang on it): run OpenCV
+            # single-threaded in this process, so forked workers start without a pool. Workers are the
+            # parallelism here.
+            cv2.setNumThreads(1)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=_WorkerInit(rank) if workers else None,
+        )
+
+    def _pipeline(self, urls: list[str], counter: SkipCounter, train: bool) -> list[Callable]:
+        if train and self.resampled:
+            source = [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]
+        else:
+            source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+            if train and self.shard_shuffle:
+                source.append(wds.detshuffle(self.shard_shuffle, seed=self.seed))
+        return [
+            *source,
+            functools.partial(read_shards, counter=counter),
+            functools.partial(wds.tariterators.group_by_keys, handler=counter.tar_handler),
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = _rank_and_world(self.trainer)
+        streams = world_size * max(1, self.num_workers)
+        if not self.resampled and len(self.train_urls) < streams:
+            raise ValueError(
+                f"train_shards: {len(self.train_urls)} shards for {world_size} ranks x {self.num_workers} "
+                "workers; every worker needs a shard (set resampled=true or use fewer workers)"
+            )
+        counter = SkipCounter()
+        per_worker = self.batches_per_worker(world_size)
+        dataset = wds.DataPipeline(
+            *self._pipeline(self.train_urls, counter, train=True),
+            wds.shuffle(self.shuffle_buffer),
+            wds.map(self._transform(train=True), handler=counter.sample_handler),
+            wds.batched(self.batch_size, collation_fn=Collate(counter), partial=False),
+        )
+        dataset.with_epoch(per_worker).with_length(per_worker * max(1, self.num_workers), silent=True)
+        return self._loader(dataset, rank)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        rank, _ = _rank_and_world(self.trainer)
+        counter = SkipCounter()
+        dataset = wds.DataPipeline(
+            *self._pipeline(self.val_urls, counter, train=False),
+            wds.map(self._transform(train=False), handler=counter.sample_handler),
+            wds.batched(self.val_batch_size, collation_fn=Collate(counter), partial=True),
+        )
+        return self._loader(dataset, rank)
+

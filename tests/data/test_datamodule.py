@@ -1,0 +1,147 @@
+"""MultiViewDataModule: shard resolution, virtual epochs, rank/worker splitting, batch format, errors."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, resolve_shards
+from ernievil2_train.data.decode import SKIP_REASONS
+from ernievil2_train.data.keys import stable_key
+from tests.data.shard_helpers import sample, write_shard, write_vocab
+
+SIZE = 32
+PER_SHARD = 8
+SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_vocab(root / "vocab.txt")
+    for split, offset in (("train", 0), ("val", 1000)):
+        entries = []
+        for s in range(SHARDS if split == "train" else 2):
+            name = f"{split}-{s:06d}.tar"
+            write_shard(root / name, [sample(offset + s * PER_SHARD + i) for i in range(PER_SHARD)])
+            entries.append({"name": name, "samples": PER_SHARD})
+        index = {"split": split, "samples": PER_SHARD * len(entries), "shards": entries}
+        (root / f"{split}.json").write_text(json.dumps(index))
+    return root
+
+
+def module(data, **kw):
+    args = {"train_shards": str(data), "vocab_file": str(data / "vocab.txt"), "image_size": SIZE,
+            "batch_size": 4, "num_workers": 0, "shuffle_buffer": 50}
+    return MultiViewDataModule(**{**args, **kw})
+
+
+def keys_of(ids):
+    return {stable_key(f"img{i}") for i in ids}
+
+
+def test_resolve_shards_in_every_form(data, tmp_path):
+    urls, total = resolve_shards(str(data), "train", "k")
+    assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{s:06d}.tar" for s in range(SHARDS)]
+    assert total == PER_SHARD * SHARDS
+    assert resolve_shards(str(data / "train-{000001..000002}.tar"), "train", "k") == (urls[1:3], None)
+    assert resolve_shards(str(data / "val-*.tar"), "train", "k")[0][0].endswith("val-000000.tar")
+    listing = tmp_path / "shards.txt"
+    listing.write_text("\n".join(["# comment", *urls[:2], ""]))
+    assert resolve_shards(str(listing), "train", "k") == (urls[:2], None)
+    both, total = resolve_shards([str(data), str(data)], "train", "k")
+    assert both == urls + urls and total == 2 * PER_SHARD * SHARDS
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_shard(bare / "train-000000.tar", [sample(0)])
+    assert resolve_shards(str(bare), "train", "k") == ([str(bare / "train-000000.tar")], None)
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train_shards: no shards match .*nope-\{0\.\.3\}\.tar"):
+        module(data, train_shards=str(tmp_path / "nope-{0..3}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"train_shards: no train-\*\.tar shards in directory"):
+        module(data, train_shards=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"vocab_file: .*missing\.txt not found"):
+        module(data, vocab_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="epoch_samples"):
+        module(data, train_shards=str(data / "train-*.tar"))
+    with pytest.raises(ValueError, match=r"views\.text_view"):
+        module(data, views={"text_view": "nonsense"})
+    with pytest.raises(ValueError, match="train_shards: 4 shards for 1 ranks x 5 workers"):
+        module(data, num_workers=5).train_dataloader()
+
+
+def test_one_epoch_sees_every_sample_once_with_the_agreed_batch_format(data):
+    loader = module(data).train_dataloader()
+    assert len(loader) == PER_SHARD * SHARDS // 4
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    batch = batches[0]
+    assert batch["image"].shape == batch["image_view2"].shape == (4, 3, SIZE, SIZE)
+    for name in ("caption_ids", "text_view_ids", "tag_ids"):
+        assert batch[name].shape == (4, 48) and batch[name].dtype == torch.long
+    assert batch["has_tags"].dtype == torch.bool and batch["has_tags"].shape == (4,)
+    assert batch["image_key"].dtype == torch.long and batch["caption_key"].shape == (4,)
+    assert batch[SKIPPED_KEY].shape == (len(SKIP_REASONS),) and batch[SKIPPED_KEY].dtype == torch.long
+    seen = torch.cat([b["image_key"] for b in batches]).tolist()
+    assert sorted(seen) == sorted(keys_of(range(PER_SHARD * SHARDS)))
+
+
+def test_virtual_epochs_are_fixed_length_and_repeat_the_stream(data):
+    loader = module(data, epoch_samples=80, batch_size=6, num_workers=2).train_dataloader()
+    assert len(loader) == 14  # ceil((80 // 6) / 2) batches per worker, 2 workers
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == 14 and all(b["image"].shape[0] == 6 for b in batches)
+        keys = torch.cat([b["image_key"] for b in batches]).tolist()
+        assert set(keys) <= keys_of(range(32)) and len(set(keys)) < len(keys)
+
+
+def test_ranks_get_equal_batches_and_disjoint_shards(data, monkeypatch):
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = module(data)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        loader = dm.train_dataloader()
+        assert len(loader) == PER_SHARD * SHARDS // (4 * 2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        seen.append(set(torch.cat([b["image_key"] for b in batches]).tolist()))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
+
+
+def test_resampled_stream_runs_with_more_workers_than_shards(data):
+    loader = module(data, train_shards=str(data / "train-000000.tar"), epoch_samples=24, resampled=True,
+                    num_workers=2, persistent_workers=False).train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6
+    assert set(torch.cat([b["image_key"] for b in batches]).tolist()) <= keys_of(range(PER_SHARD))
+
+
+def test_view_flags_reach_the_batch(data):
+    views = {"image_view2": False, "tags": False, "text_view": "none"}
+    batch = next(iter(module(data, views=views).train_dataloader()))
+    assert set(batch) == {"image", "caption_ids", "image_key", "caption_key", SKIPPED_KEY}
+
+
+def test_val_loader_is_one_deterministic_single_view_pass(data):
+    dm = module(data, val_shards=str(data), val_batch_size=5, num_workers=2)
+    first = list(dm.val_dataloader())
+    assert [b["image"].shape[0] for b in first] in ([5, 3, 5, 3], [5, 5, 3, 3], [5, 5, 5, 1])
+    assert set(first[0]) == {"image", "caption_ids", "tag_ids", "has_tags", "image_key", "caption_key",
+                             SKIPPED_KEY}
+    keys = torch.cat([b["image_key"] for b in first])
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD)))
+    second = {k: img for b in dm.val_dataloader()
+              for k, img in zip(b["image_key"].tolist(), b["image"], strict=True)}
+    for b in first:
+        for k, img in zip(b["image_key"].tolist(), b["image"], strict=True):
+            assert torch.equal(second[k], img)
+    assert module(data).val_dataloader() == []
