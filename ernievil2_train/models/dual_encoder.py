@@ -47,10 +47,15 @@ class DualEncoderConfig:
         )
 
 
-def last_real_length(input_ids: torch.Tensor) -> int:
-    """1 + the last column holding a non-pad token in any row (at least 1)."""
+def last_real_length(input_ids: torch.Tensor, multiple: int = 8) -> int:
+    """1 + the last column with a non-pad token in any row, rounded up to `multiple` (capped at the length).
+
+    Rounding keeps the number of distinct sequence lengths small (few recompilations under torch.compile);
+    the extra columns are padding, which the attention mask hides.
+    """
     real_cols = (input_ids != PAD_ID).any(dim=0).nonzero()
-    return int(real_cols[-1]) + 1 if len(real_cols) else 1
+    length = int(real_cols[-1]) + 1 if len(real_cols) else 1
+    return min(-(-length // multiple) * multiple, input_ids.shape[1])
 
 
 class DualEncoder(nn.Module):

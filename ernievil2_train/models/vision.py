@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -40,6 +43,23 @@ class VisionConfig:
         return cls(**check_fields(cls, data, "vision"))
 
 
+class LinearPatchEmbed(PatchEmbed):
+    """timm's `PatchEmbed` (same `proj` parameters) computed as one matrix product over flattened patches.
+
+    A stride-p convolution over non-overlapping patches is a GEMM; written as one it runs at matmul speed
+    instead of the much slower convolution kernels.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        ph, pw = self.patch_size
+        if self.strict_img_size and (h, w) != tuple(self.img_size):
+            raise ValueError(f"input image size {h}x{w} does not match the model's {self.img_size}")
+        patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(b, -1, c * ph * pw)
+        return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
+
+
 def create_vision_tower(cfg: VisionConfig) -> VisionTransformer:
     """Pre-norm ViT with QuickGELU, bias-free patch conv, final norm on all tokens, CLS output, no head."""
     return VisionTransformer(
@@ -59,6 +79,7 @@ def create_vision_tower(cfg: VisionConfig) -> VisionTransformer:
         norm_layer=partial(nn.LayerNorm, eps=VISION_LN_EPS),
         act_layer="quick_gelu",
         drop_path_rate=cfg.drop_path_rate,
+        embed_layer=LinearPatchEmbed,
     )
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -47,3 +48,12 @@ def test_config_validation_and_round_trip() -> None:
         VisionConfig(width=30, heads=4)
     with pytest.raises(ValueError, match="unknown vision config field"):
         VisionConfig.from_dict({"widht": 3})
+
+
+def test_linear_patch_embed_equals_the_convolution() -> None:
+    torch.manual_seed(0)
+    tower = create_vision_tower(VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2))
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    embed = tower.patch_embed.double()
+    conv = F.conv2d(pixels, embed.proj.weight, embed.proj.bias, stride=8).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(embed(pixels), conv, atol=1e-12, rtol=0)
