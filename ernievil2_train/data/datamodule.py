@@ -300,7 +300,7 @@ class MultiViewDataModule(L.LightningDataModule):
         per_worker = self.batches_per_worker(world_size)
         dataset = wds.DataPipeline(
             *self._pipeline(self.train_urls, counter, train=True),
-            wds.shuffle(self.shuffle_buffer),
+            *([wds.shuffle(self.shuffle_buffer)] if self.shuffle_buffer > 0 else []),
             wds.map(self._transform(train=True), handler=counter.sample_handler),
             wds.batched(self.batch_size, collation_fn=Collate(counter), partial=False),
         )
