@@ -82,56 +82,71 @@ def official_summary(ranks: np.ndarray) -> list[float]:
     return [r1, r5, r10, (r1 + r5 + r10) / 3, float(np.mean(1.0 / (1 + ranks)))]
 
 
-def run_official(path: Path) -> tuple[dict[str, list[float]], float, float]:
-    t0 = time.perf_counter()
+class Clock:
+    """Wall and process-CPU seconds of consecutive phases."""
+
+    def __init__(self) -> None:
+        self.marks = [(time.perf_counter(), time.process_time())]
+
+    def lap(self) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def phases(self) -> list[tuple[float, float]]:
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def run_official(path: Path) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
+    clock = Clock()
     text, image = official_parse(path)
-    t1 = time.perf_counter()
+    clock.lap()
     scores = official_scores(text, image)
     result = {"t2i": official_summary(official_ranks(scores)),
               "i2t": official_summary(official_ranks(scores.T))}
-    return result, t1 - t0, time.perf_counter() - t1
+    clock.lap()
+    return result, clock.phases()
 
 
-def run_ours(path: Path) -> tuple[dict[str, list[float]], float, float, tuple[int, int]]:
-    t0 = time.perf_counter()
+def run_ours(path: Path) -> tuple[dict[str, list[float]], list[tuple[float, float]]]:
+    clock = Clock()
     text, image = read_embeddings_file(path)
-    t1 = time.perf_counter()
+    clock.lap()
     m = ernie_protocol(text, image, device="cpu")
-    result = {d: [m[f"{d}/{k}"] for k in KEYS] for d in ("t2i", "i2t")}
-    return result, t1 - t0, time.perf_counter() - t1, text.shape
+    clock.lap()
+    return {d: [m[f"{d}/{k}"] for k in KEYS] for d in ("t2i", "i2t")}, clock.phases()
 
 
-def bare_matmul(n: int, dim: int) -> float:
+def bare_matmul(n: int, dim: int) -> tuple[float, float]:
     a, b = torch.randn(n, dim), torch.randn(n, dim)
-    t0 = time.perf_counter()
+    clock = Clock()
     _ = a @ b.T
-    return time.perf_counter() - t0
-
-
-def best_of(repeats: int, fn):
-    runs = [fn() for _ in range(repeats)]
-    return runs, [min(r[i] for r in runs) for i in range(1, 3)]
+    clock.lap()
+    return clock.phases()[0]
 
 
 def compare(sizes: list[int], dim: int, repeats: int, workdir: Path) -> None:
-    print(f"torch threads {torch.get_num_threads()}; best of {repeats}; times in seconds")
-    head = (f"{'n':>6} | {'official parse':>14} {'score+rank':>10} {'total':>7} | {'ours parse':>10} "
-            f"{'score+rank':>10} {'total':>7} | {'matmul':>7} | {'e2e x':>6} {'parse x':>7} "
-            f"{'rank/matmul':>11} | same")
+    print(f"torch threads {torch.get_num_threads()}; best of {repeats} (runs interleaved); seconds")
+    head = (f"{'n':>6} {'clock':>5} | {'official parse':>14} {'score+rank':>10} {'total':>7} | "
+            f"{'ours parse':>10} {'score+rank':>10} {'total':>7} | {'matmul':>7} | "
+            f"{'e2e x':>6} {'parse x':>7} {'rank/matmul':>11} | same")
     print(head)
     print("-" * len(head))
     for n in sizes:
         path = write_file(workdir / f"emb_n{n}_d{dim}.txt", n, dim)
-        off_runs, (off_parse, off_score) = best_of(repeats, lambda p=path: run_official(p))
-        our_runs, (our_parse, our_score) = best_of(repeats, lambda p=path: run_ours(p))
-        floor = min(bare_matmul(n, dim) for _ in range(repeats))
-        same = all(r[0] == off_runs[0][0] for r in off_runs + [o[:1] for o in our_runs])
-        off_total, our_total = off_parse + off_score, our_parse + our_score
-        print(f"{n:>6} | {off_parse:>14.3f} {off_score:>10.3f} {off_total:>7.3f} | {our_parse:>10.3f} "
-              f"{our_score:>10.3f} {our_total:>7.3f} | {floor:>7.3f} | {off_total / our_total:>6.2f} "
-              f"{off_parse / our_parse:>7.2f} {our_score / floor:>11.2f} | {'yes' if same else 'NO'}")
+        official, ours, floors = [], [], []
+        for _ in range(repeats):
+            official.append(run_official(path))
+            ours.append(run_ours(path))
+            floors.append(bare_matmul(n, dim))
+        same = all(r[0] == official[0][0] for r in official + ours)
+        for c, clock in enumerate(("wall", "cpu")):
+            op, orank = (min(r[1][i][c] for r in official) for i in range(2))
+            up, urank = (min(r[1][i][c] for r in ours) for i in range(2))
+            floor = min(f[c] for f in floors)
+            print(f"{n:>6} {clock:>5} | {op:>14.3f} {orank:>10.3f} {op + orank:>7.3f} | {up:>10.3f} "
+                  f"{urank:>10.3f} {up + urank:>7.3f} | {floor:>7.3f} | {(op + orank) / (up + urank):>6.2f} "
+                  f"{op / up:>7.2f} {urank / floor:>11.2f} | {'yes' if same else 'NO'}")
         if not same:
-            print("   official:", off_runs[0][0], "\n   ours:    ", our_runs[0][0])
+            print("   official:", official[0][0], "\n   ours:    ", ours[0][0])
 
 
 def _big_child(n: int, dim: int, out: mp.Queue) -> None:

@@ -61,15 +61,12 @@ def _fast_values(lanes: np.ndarray, starts: np.ndarray, ends: np.ndarray, dots: 
     return np.where(signed.astype(bool), -values, values), slow
 
 
-def _first_dot(lanes: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Offset of the first '.' in the 16 bytes from each token start (16 if none), by SWAR zero-byte tests."""
+def _first_dot(buf: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Offset of the first '.' among each token's first INT_DIGITS + 2 bytes (a sign, the integer digits and
+    the point), or _WIDTH if there is none there."""
     offset = np.full(starts.size, _WIDTH, dtype=np.int64)
-    for base in (8, 0):  # the low lane last, so its hits take precedence
-        x = lanes[starts + base] ^ np.uint64(0x2E2E2E2E2E2E2E2E)
-        hits = (x - np.uint64(0x0101010101010101)) & ~x & np.uint64(0x8080808080808080)
-        found = hits != 0
-        lowest = hits[found] & (~hits[found] + np.uint64(1))
-        offset[found] = base + (np.log2(lowest.astype(np.float64)).astype(np.int64) >> 3)
+    for k in range(INT_DIGITS + 1, -1, -1):  # the smallest offset is written last
+        offset[buf[starts + k] == 46] = k
     return offset
 
 
@@ -112,12 +109,12 @@ def _parse_block(raw: bytes) -> np.ndarray:
     ntok = starts.size
     lanes = np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
     num_dots = int(np.count_nonzero(body == 46))
-    offset = _first_dot(lanes, starts)
+    offset = _first_dot(buf, starts)
     has_dot = offset < ends - starts
     slow = np.zeros(ntok, dtype=bool)
     if int(np.count_nonzero(has_dot)) == num_dots:
         dots = np.where(has_dot, starts + offset, ends)
-    else:  # a token with two dots, or a dot beyond 16 bytes: locate every dot exactly
+    else:  # a token with two dots, or a dot further in: locate every dot exactly
         dots = ends.copy()
         dot_pos = np.flatnonzero(body == 46) + _WIDTH
         dot_tok = _owner(starts, dot_pos)
