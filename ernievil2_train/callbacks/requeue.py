@@ -1,0 +1,70 @@
+"""SLURM pre-timeout requeue that saves at a step boundary.
+
+Lightning's own SLURM handler saves its checkpoint *inside* the signal handler, i.e. at whatever point of the
+step the signal lands: between two optimizer param groups, the saved state can hold some groups already
+stepped and others not, and the resumed run carries that skew forever. This callback only sets a flag in the
+handler; at the next step boundary (agreed across ranks) it saves `hpc_ckpt_<n>.ckpt` into the run folder,
+asks SLURM to requeue the job and stops training. The restarted job finds the checkpoint and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class SlurmRequeue(pl.Callback):
+    """On `signal_name` inside a SLURM job: save at the next step boundary, `scontrol requeue`, stop."""
+
+    def __init__(self, signal_name: str = "SIGUSR1", check_every_n_steps: int = 1) -> None:
+        self.signum = signal.Signals[signal_name]
+        self.check_every_n_steps = max(1, int(check_every_n_steps))
+        self.requested = False
+        self._previous: Any = None
+
+    @staticmethod
+    def job_id() -> str | None:
+        """The id `scontrol requeue` takes (array jobs: `<array job>_<task>`), or None outside SLURM."""
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array_job is not None:
+            return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        return os.environ.get("SLURM_JOB_ID")
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Installed before the Trainer registers its handlers, so Lightning's in-handler save stays off.
+        if stage == "fit" and self.job_id() is not None:
+            self._previous = signal.signal(self.signum, self._handle)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._previous is None or trainer.global_step % self.check_every_n_steps:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        path = Path(trainer.default_root_dir) / f"hpc_ckpt_{self._next_index(trainer)}.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            job = self.job_id()
+            code = subprocess.call(["scontrol", "requeue", str(job)])
+            rank_zero_info(f"saved {path} at step {trainer.global_step}; scontrol requeue {job}: exit {code}")
+        trainer.should_stop = True
+        self.requested = False
+
+    @staticmethod
+    def _next_index(trainer: pl.Trainer) -> int:
+        existing = [p.stem.rsplit("_", 1)[-1] for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")]
+        return 1 + max((int(i) for i in existing if i.isdigit()), default=0)
