@@ -34,10 +34,12 @@ from torch.utils.data import DataLoader
 
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
 from ernievil2_train.data.views import SampleTransform, ViewConfig
+from ernievil2_train.vision.augment import normalize_uint8
 
 log = logging.getLogger(__name__)
 
 SKIPPED_KEY = "skipped"
+IMAGE_KEYS = ("image", "image_view2")
 _LOGGED_PER_REASON = 5
 
 
@@ -110,6 +112,14 @@ def skip_metrics(batch: dict[str, torch.Tensor], prefix: str = "data/skipped_") 
     """`{prefix + reason: count}` from `batch["skipped"]`, ready for `self.log_dict(..., reduce_fx="sum")`."""
     counts = batch[SKIPPED_KEY]
     return {prefix + reason: counts[i] for i, reason in enumerate(SKIP_REASONS)}
+
+
+def normalize_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 `image` / `image_view2` -> normalised float32 (the agreed batch format); float ones unchanged."""
+    for key in IMAGE_KEYS:
+        if key in batch and batch[key].dtype == torch.uint8:
+            batch[key] = normalize_uint8(batch[key])
+    return batch
 
 
 def _index_samples(index_file: Path) -> tuple[list[str], int]:
@@ -186,6 +196,9 @@ class MultiViewDataModule(L.LightningDataModule):
         views: `ViewConfig` fields (image_view2, tags, text_view, token_drop_p).
         augment: `TrainViews` keyword arguments (scale, flip_p, jitter_p, ...).
         max_image_pixels: images whose header announces more pixels are skipped (`image_too_large`).
+        uint8_transfer: workers send uint8 images (4x less to copy between processes and to the GPU);
+            `on_after_batch_transfer` normalises them on the device, so the LightningModule still gets
+            float32. Iterating a loader outside Lightning: call `normalize_batch(batch)`.
     """
 
     def __init__(
@@ -206,6 +219,7 @@ class MultiViewDataModule(L.LightningDataModule):
         augment: dict[str, Any] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         pin_memory: bool = True,
+        uint8_transfer: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         train_split: str = "train",
@@ -238,6 +252,7 @@ class MultiViewDataModule(L.LightningDataModule):
         self.augment = dict(augment or {})
         self.max_image_pixels = max_image_pixels
         self.pin_memory = pin_memory
+        self.uint8_transfer = uint8_transfer
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
         self.seed = seed
@@ -256,7 +271,12 @@ class MultiViewDataModule(L.LightningDataModule):
             augment=self.augment,
             max_image_pixels=self.max_image_pixels,
             train=train,
+            uint8_images=self.uint8_transfer,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise uint8 images on the device (Lightning calls this after moving the batch)."""
+        return normalize_batch(batch)
 
     def _loader(self, dataset: wds.DataPipeline, rank: int) -> DataLoader:
         workers = self.num_workers > 0

@@ -1,7 +1,8 @@
 """Per-sample multi-view transform, run inside DataLoader workers: raw shard sample -> dict of tensors.
 
 Keys (per sample; the collate stacks them into the batch format of DESIGN / the team brief):
-`image` [3,S,S], `image_view2` [3,S,S] (views.image_view2), `caption_ids` [L], `text_view_ids` [L]
+`image` [3,S,S], `image_view2` [3,S,S] (views.image_view2) (float32 normalised; uint8 with `uint8_images`),
+`caption_ids` [L], `text_view_ids` [L]
 (views.text_view != "none"), `tag_ids` [L] + `has_tags` [] (views.tags), `image_key` [], `caption_key` [].
 
 Text view modes: `dropout` (the caption ids again; the model's dropout makes the second view),
@@ -61,6 +62,7 @@ class SampleTransform:
         augment: dict[str, Any] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         train: bool = True,
+        uint8_images: bool = False,
     ) -> None:
         self.tokenizer = ErnieTokenizer(vocab_file, max_len=text_max_len)
         self.views = ViewConfig.of(views)
@@ -68,9 +70,10 @@ class SampleTransform:
         self.max_image_pixels = max_image_pixels
         if train:
             num_views = 2 if self.views.image_view2 else 1
-            self.images = TrainViews(image_size=image_size, num_views=num_views, **dict(augment or {}))
+            augment = {**dict(augment or {}), "normalize": not uint8_images}
+            self.images = TrainViews(image_size=image_size, num_views=num_views, **augment)
         else:
-            self.images = CenterView(image_size=image_size)
+            self.images = CenterView(image_size=image_size, normalize=not uint8_images)
 
     def __repr__(self) -> str:
         return f"SampleTransform(train={self.train}, views={asdict(self.views)})"

@@ -96,26 +96,43 @@ def _crop(array: np.ndarray, box: Box) -> np.ndarray:
 
 
 class Normalize:
-    """uint8 HWC RGB -> float32 CHW, `(x / 255 - mean) / std`, fused into one scale and shift."""
+    """uint8 HWC RGB -> float32 CHW, `(x / 255 - mean) / std` fused into one scale and shift.
 
-    def __init__(self, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> None:
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+    With `enabled=False` it stops at uint8 CHW: the batch then crosses process boundaries 4x smaller and
+    `normalize_uint8` finishes the job on the device (the DataModule does this after the transfer).
+    """
+
+    def __init__(
+        self, mean: Sequence[float] = MEAN, std: Sequence[float] = STD, enabled: bool = True
+    ) -> None:
+        self.mean, self.std, self.enabled = tuple(mean), tuple(std), enabled
 
     def __call__(self, array: np.ndarray) -> torch.Tensor:
         chw = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-        return chw.float().mul_(self.scale).sub_(self.shift)
+        return normalize_uint8(chw, self.mean, self.std) if self.enabled else chw
+
+
+def normalize_uint8(
+    images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 `(x / 255 - mean) / std`, on the tensor's device."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1) / std_t
+    return images.float().mul_(1.0 / (255.0 * std_t)).sub_(shift)
 
 
 class CenterView:
     """Eval-style view: short side to `image_size`, center crop, normalise (one decode, draft-reduced)."""
 
     def __init__(
-        self, image_size: int = 224, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+        normalize: bool = True,
     ) -> None:
         self.image_size = image_size
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, enabled=normalize)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         w, h = oriented_size(image)
@@ -128,7 +145,8 @@ class CenterView:
 
 
 class TrainViews:
-    """`num_views` independently augmented views of one image, decoded once: PIL image -> float32 [3,S,S]s."""
+    """`num_views` independently augmented views of one image, decoded once: PIL image -> float32 [3,S,S]s
+    (uint8 [3,S,S]s with `normalize=False`)."""
 
     def __init__(
         self,
@@ -147,6 +165,7 @@ class TrainViews:
         blur_sigma: Sequence[float] = (0.1, 2.0),
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
+        normalize: bool = True,
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be at least 1, got {num_views}")
@@ -164,7 +183,7 @@ class TrainViews:
         self.grayscale_p = grayscale_p
         self.blur_p = blur_p
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std, enabled=normalize)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
         w, h = oriented_size(image)

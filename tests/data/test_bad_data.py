@@ -129,6 +129,7 @@ class SkipLogger(L.LightningModule):
         self.weight = torch.nn.Parameter(torch.zeros(()))
 
     def validation_step(self, batch, batch_idx):
+        assert batch["image"].dtype == torch.float32  # normalised by the DataModule after the transfer
         self.log_dict(skip_metrics(batch), reduce_fx="sum", on_epoch=True, batch_size=len(batch["image"]))
 
 

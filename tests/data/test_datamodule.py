@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, resolve_shards
+from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, normalize_batch, resolve_shards
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
 from tests.data.shard_helpers import sample, write_shard, write_vocab
@@ -80,8 +80,10 @@ def test_one_epoch_sees_every_sample_once_with_the_agreed_batch_format(data):
     assert len(loader) == PER_SHARD * SHARDS // 4
     batches = list(loader)
     assert len(batches) == len(loader)
-    batch = batches[0]
+    assert batches[0]["image"].dtype == torch.uint8
+    batch = module(data).on_after_batch_transfer(batches[0], 0)
     assert batch["image"].shape == batch["image_view2"].shape == (4, 3, SIZE, SIZE)
+    assert batch["image"].dtype == batch["image_view2"].dtype == torch.float32
     for name in ("caption_ids", "text_view_ids", "tag_ids"):
         assert batch[name].shape == (4, 48) and batch[name].dtype == torch.long
     assert batch["has_tags"].dtype == torch.bool and batch["has_tags"].shape == (4,)
@@ -145,3 +147,10 @@ def test_val_loader_is_one_deterministic_single_view_pass(data):
         for k, img in zip(b["image_key"].tolist(), b["image"], strict=True):
             assert torch.equal(second[k], img)
     assert module(data).val_dataloader() == []
+
+
+def test_uint8_transfer_then_normalize_equals_float_batches(data):
+    as_uint8 = next(iter(module(data, val_shards=str(data)).val_dataloader()))
+    as_float = next(iter(module(data, val_shards=str(data), uint8_transfer=False).val_dataloader()))
+    assert as_uint8["image"].dtype == torch.uint8 and as_float["image"].dtype == torch.float32
+    torch.testing.assert_close(normalize_batch(as_uint8)["image"], as_float["image"], atol=1e-5, rtol=0)
