@@ -192,3 +192,13 @@ def test_invalid_parameters_are_refused():
         TrainViews(hue=0.7)
     with pytest.raises(ValueError, match="num_views"):
         TrainViews(num_views=0)
+
+
+def test_uint8_output_normalises_to_the_float_output():
+    from ernievil2_train.vision.augment import normalize_uint8
+
+    image = smooth_image(80, 60, 11)
+    as_float = CenterView(32)(lazy(image))
+    as_uint8 = CenterView(32, normalize=False)(lazy(image))
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 32, 32)
+    torch.testing.assert_close(normalize_uint8(as_uint8), as_float, atol=1e-5, rtol=0)
