@@ -83,29 +83,32 @@ def parse_ascii(raw: bytes, threads: int | None = None) -> np.ndarray:
     The input is cut at separators into blocks of about `BLOCK_BYTES`, parsed by a thread pool (numpy
     releases the GIL in the heavy steps), so temporaries stay small and both cores work.
     """
-    cuts = [0]
-    while len(raw) - cuts[-1] > BLOCK_BYTES:
+    # Padded on both sides so every token's 16-byte window lies inside the buffer.
+    padded = b" " * _WIDTH + raw + b" " * _WIDTH
+    cuts = [_WIDTH]
+    end = _WIDTH + len(raw)
+    while end - cuts[-1] > BLOCK_BYTES:
         pos = cuts[-1] + BLOCK_BYTES
-        cut = min((c for c in (raw.find(sep, pos) for sep in (b" ", b"\t", b"\n")) if c >= 0), default=-1)
+        cut = min((c for c in (padded.find(sep, pos, end) for sep in (b" ", b"\t", b"\n")) if c >= 0),
+                  default=-1)
         if cut < 0:
             break
         cuts.append(cut + 1)
-    parts = [raw[a : b - 1] for a, b in itertools.pairwise(cuts)] + [raw[cuts[-1] :]]
-    if len(parts) == 1:
-        return _parse_block(parts[0])
+    blocks = [(padded, lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(padded, cuts[-1], end)]
+    if len(blocks) == 1:
+        return _parse_block(*blocks[0])
     with ThreadPoolExecutor(threads or min(os.cpu_count() or 1, 8)) as pool:
-        return np.concatenate(list(pool.map(_parse_block, parts)))
+        return np.concatenate(list(pool.map(lambda block: _parse_block(*block), blocks)))
 
 
-def _parse_block(raw: bytes) -> np.ndarray:
-    # Padded on both sides so every token's window lies inside the buffer; positions are buffer offsets.
-    padded = b" " * _WIDTH + raw + b" " * _WIDTH
+def _parse_block(padded: bytes, lo: int, hi: int) -> np.ndarray:
+    """Parse the tokens in padded[lo:hi]; all positions are offsets into `padded`."""
     buf = np.frombuffer(padded, dtype=np.uint8)
-    body = buf[_WIDTH : _WIDTH + len(raw)]
+    body = buf[lo:hi]
     is_sep = (body == 32) | (body == 9) | (body == 10)
-    seps = np.flatnonzero(is_sep) + _WIDTH
-    starts = np.concatenate(([_WIDTH], seps + 1))
-    ends = np.concatenate((seps, [_WIDTH + len(raw)]))
+    seps = np.flatnonzero(is_sep) + lo
+    starts = np.concatenate(([lo], seps + 1))
+    ends = np.concatenate((seps, [hi]))
     ntok = starts.size
     lanes = np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
     num_dots = int(np.count_nonzero(body == 46))
@@ -116,18 +119,18 @@ def _parse_block(raw: bytes) -> np.ndarray:
         dots = np.where(has_dot, starts + offset, ends)
     else:  # a token with two dots, or a dot further in: locate every dot exactly
         dots = ends.copy()
-        dot_pos = np.flatnonzero(body == 46) + _WIDTH
+        dot_pos = np.flatnonzero(body == 46) + lo
         dot_tok = _owner(starts, dot_pos)
         dots[dot_tok] = dot_pos
         slow[dot_tok[np.flatnonzero(np.diff(dot_tok) == 0)]] = True
     bad = (body > 57) | (body < 45) & ~is_sep | (body == 47)
-    slow[_owner(starts, np.flatnonzero(bad) + _WIDTH)] = True
-    minus = np.flatnonzero(body == 45) + _WIDTH
+    slow[_owner(starts, np.flatnonzero(bad) + lo)] = True
+    minus = np.flatnonzero(body == 45) + lo
     before = buf[minus - 1]
     slow[_owner(starts, minus[(before != 32) & (before != 9) & (before != 10)])] = True  # '-' inside
     signed = (buf[starts] == 45).astype(np.int64)
     values, fast_slow = _fast_values(lanes, starts, ends, dots, signed)
     slow |= fast_slow
     for t in np.flatnonzero(slow).tolist():
-        values[t] = float(raw[starts[t] - _WIDTH : ends[t] - _WIDTH].decode())
+        values[t] = float(padded[starts[t] : ends[t]].decode())
     return values.astype(np.float32)
