@@ -7,6 +7,7 @@ strictly greater than the score of its (best) correct candidate, so ties favour 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,21 @@ def _embeddings(name: str, value: Tensor | np.ndarray, device: torch.device) -> 
     if not bool(torch.isfinite(emb).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return emb
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device):
+    """On CPU, run the small memory-bound comparison ops on one thread: with intra-op threads every op
+    waits for all of them, which costs more than it gains on a block of this size (10x on a busy host)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def positive_pairs(text_to_images: Sequence[Sequence[int]], num_images: int) -> tuple[Tensor, Tensor]:
@@ -85,12 +101,13 @@ def rank_positives(
         scores = text_emb[start : start + chunk_size] @ image_t
         lo, hi = bounds[c], bounds[c + 1]
         scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
-        # Compare in cache-sized row blocks: two cheap passes instead of large boolean temporaries.
-        for u in range(0, scores.shape[0], COMPARE_ROWS):
-            block = scores[u : u + COMPARE_ROWS]
-            rows = slice(start + u, start + u + block.shape[0])
-            text_rank[rows] = (block > best_text[rows, None]).sum(1, dtype=torch.int32)
-            image_rank += (block > best_image[None, :]).sum(0, dtype=torch.int32)
+        with _single_thread(device):
+            # Cache-sized row blocks: two cheap passes instead of large boolean temporaries.
+            for u in range(0, scores.shape[0], COMPARE_ROWS):
+                block = scores[u : u + COMPARE_ROWS]
+                rows = slice(start + u, start + u + block.shape[0])
+                text_rank[rows] = (block > best_text[rows, None]).sum(1, dtype=torch.int32)
+                image_rank += (block > best_image[None, :]).sum(0, dtype=torch.int32)
     image_rank[torch.isinf(best_image)] = -1
     return text_rank.long(), image_rank.long()
 
