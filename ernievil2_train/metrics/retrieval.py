@@ -29,24 +29,38 @@ def _embeddings(name: str, value: Tensor | np.ndarray, device: torch.device) -> 
     emb = torch.as_tensor(value).detach().to(device=device, dtype=torch.float32)
     if emb.ndim != 2 or emb.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D [N, D] array, got shape {tuple(emb.shape)}")
-    if not bool(torch.isfinite(emb).all()):
+    with _cpu_threads(device, 1):
+        finite = bool(torch.isfinite(emb).all())
+    if not finite:
         raise ValueError(f"{name} contains NaN or infinite values")
     return emb
 
 
 @contextlib.contextmanager
-def _single_thread(device: torch.device):
-    """On CPU, run the small memory-bound comparison ops on one thread: with intra-op threads every op
-    waits for all of them, which costs more than it gains on a block of this size (10x on a busy host)."""
+def _cpu_threads(device: torch.device, threads: int):
+    """Set torch's intra-op CPU threads for a block (no-op off CPU). The ranking runs its small,
+    memory-bound ops on one thread and only the matmuls on all: with intra-op threads every op waits for
+    all of them, which costs more than it gains at these sizes (up to 10x on a busy host)."""
     if device.type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """Exact float32 matmuls (no TF32 / reduced-precision kernels) whatever the caller set globally."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def positive_pairs(text_to_images: Sequence[Sequence[int]], num_images: int) -> tuple[Tensor, Tensor]:
@@ -79,37 +93,38 @@ def rank_positives(
     rounding differences between the matmul and the pairwise dot product.
     """
     num_texts, num_images = text_emb.shape[0], image_emb.shape[0]
-    device = text_emb.device
-    pair_text, pair_image = pair_text.to(device), pair_image.to(device)
-    pos_score = torch.cat(
-        [
-            (text_emb[pair_text[s : s + chunk_size]] * image_emb[pair_image[s : s + chunk_size]]).sum(1)
-            for s in range(0, pair_text.numel(), chunk_size)
-        ]
-    )
-    best_text = torch.full((num_texts,), -torch.inf, device=device)
-    best_text.scatter_reduce_(0, pair_text, pos_score, "amax")
-    best_image = torch.full((num_images,), -torch.inf, device=device)
-    best_image.scatter_reduce_(0, pair_image, pos_score, "amax")
+    device, threads = text_emb.device, torch.get_num_threads()
+    with _cpu_threads(device, 1):
+        pair_text, pair_image = pair_text.to(device), pair_image.to(device)
+        pos_score = torch.cat(
+            [
+                (text_emb[pair_text[s : s + chunk_size]] * image_emb[pair_image[s : s + chunk_size]]).sum(1)
+                for s in range(0, pair_text.numel(), chunk_size)
+            ]
+        )
+        best_text = torch.full((num_texts,), -torch.inf, device=device)
+        best_text.scatter_reduce_(0, pair_text, pos_score, "amax")
+        best_image = torch.full((num_images,), -torch.inf, device=device)
+        best_image.scatter_reduce_(0, pair_image, pos_score, "amax")
 
-    bounds = torch.searchsorted(pair_text, torch.arange(0, num_texts + chunk_size, chunk_size, device=device))
-    bounds = bounds.tolist()
-    text_rank = torch.empty(num_texts, dtype=torch.int32, device=device)
-    image_rank = torch.zeros(num_images, dtype=torch.int32, device=device)
-    image_t = image_emb.T
-    for c, start in enumerate(range(0, num_texts, chunk_size)):
-        scores = text_emb[start : start + chunk_size] @ image_t
-        lo, hi = bounds[c], bounds[c + 1]
-        scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
-        with _single_thread(device):
+        chunk_starts = torch.arange(0, num_texts + chunk_size, chunk_size, device=device)
+        bounds = torch.searchsorted(pair_text, chunk_starts).tolist()
+        text_rank = torch.empty(num_texts, dtype=torch.int32, device=device)
+        image_rank = torch.zeros(num_images, dtype=torch.int32, device=device)
+        image_t = image_emb.T
+        for c, start in enumerate(range(0, num_texts, chunk_size)):
+            with _cpu_threads(device, threads), _full_float32():
+                scores = text_emb[start : start + chunk_size] @ image_t
+            lo, hi = bounds[c], bounds[c + 1]
+            scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
             # Cache-sized row blocks: two cheap passes instead of large boolean temporaries.
             for u in range(0, scores.shape[0], COMPARE_ROWS):
                 block = scores[u : u + COMPARE_ROWS]
                 rows = slice(start + u, start + u + block.shape[0])
                 text_rank[rows] = (block > best_text[rows, None]).sum(1, dtype=torch.int32)
                 image_rank += (block > best_image[None, :]).sum(0, dtype=torch.int32)
-    image_rank[torch.isinf(best_image)] = -1
-    return text_rank.long(), image_rank.long()
+        image_rank[torch.isinf(best_image)] = -1
+        return text_rank.long(), image_rank.long()
 
 
 def summarize(rank: Tensor | np.ndarray, prefix: str) -> dict[str, float]:

@@ -196,3 +196,16 @@ def test_metric_row_paired_and_missing_items():
     partial.update(text_emb=text[:5], text_idx=torch.arange(5), image_emb=image, image_idx=torch.arange(11))
     with pytest.raises(ValueError, match="5 of 11"):
         partial.compute()
+
+
+def test_scores_stay_full_float32_under_reduced_matmul_precision():
+    rng = np.random.default_rng(8)
+    text, image = quantised(rng, 30), quantised(rng, 30)
+    expected = ernie_protocol(text, image, device="cpu")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert ernie_protocol(text, image, device="cpu") == expected
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
