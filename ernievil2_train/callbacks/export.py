@@ -10,10 +10,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class ExportBestModel(pl.Callback):
-    """After each validation, export `pl_module.model` to `dirpath` when `monitor` improved.
+    """At each training epoch end, export `pl_module.model` to `dirpath` when `monitor` improved.
 
-    The export is what `embed`, `evaluate` and `similarity` load directly. Without the monitored metric
-    (e.g. no eval set), the model at the end of training is exported.
+    List it after the callback that logs `monitor` (the retrieval callback). The export is what `embed`,
+    `evaluate` and `similarity` load directly. Without the monitored metric (e.g. no eval set), the model at
+    the end of training is exported.
     """
 
     def __init__(
@@ -43,8 +44,8 @@ class ExportBestModel(pl.Callback):
             save_pretrained(pl_module.model, self.dirpath, vocab_file=self.vocab_file)
         trainer.strategy.barrier("export_best_model")
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor not in trainer.callback_metrics:
             return
         value = float(torch.as_tensor(trainer.callback_metrics[self.monitor]))
         if self._improved(value):

@@ -69,8 +69,9 @@ class RetrievalCallback(pl.Callback):
     image_size: eval transform size (default: the model's). protocol: `any_positive` (unique images and
     texts) or `ernie` (one row per text, paired with its first image). max_items caps images and texts.
     log_examples: with a W&B logger, log a table of a few text queries and their top-5 images.
-    Runs before training (zero-shot baseline, sent straight to the loggers) and at every validation epoch
-    end (via `pl_module.log`, so ModelCheckpoint can monitor `retrieval/mean_recall`).
+    Runs before training (zero-shot baseline, sent straight to the loggers) and at the end of every training
+    epoch, after that epoch's validation if there is one (via `pl_module.log`, so a ModelCheckpoint saving at
+    train epoch end can monitor `retrieval/mean_recall`; runs without a validation set are covered too).
     """
 
     def __init__(
@@ -119,8 +120,8 @@ class RetrievalCallback(pl.Callback):
             logger.log_metrics({f"retrieval/{k}": metrics[k] for k in LOGGED}, step=trainer.global_step)
         self._report(trainer, pl_module, "zero-shot baseline")
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evalset is None or trainer.sanity_checking:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evalset is None:
             return
         metrics = self.evaluate(trainer, pl_module)
         for key in LOGGED:

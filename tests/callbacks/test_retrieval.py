@@ -87,12 +87,36 @@ def test_logs_metrics_every_validation_epoch_and_at_start(tmp_path, setup):
         assert trainer.callback_metrics[f"retrieval/{key}"].item() == pytest.approx(expected[key], rel=1e-6)
     assert checkpoint.best_model_score.item() == pytest.approx(expected["mean_recall"], rel=1e-6)
     rows = [r for r in read_csv(Path(trainer.logger.log_dir) / "metrics.csv") if r.get("retrieval/t2i/r@1")]
-    assert len(rows) == 3  # zero-shot baseline + two validation epochs; the sanity check is skipped
+    assert len(rows) == 3  # zero-shot baseline + two epochs; the sanity check is skipped
     assert rows[0]["step"] == "0"
     for row in rows:
         for key in LOGGED:
             assert float(row[f"retrieval/{key}"]) == pytest.approx(expected[key], rel=1e-6)
     assert model.text.training and not model.vision.training
+
+
+class NoValModule(TinyModule):
+    val_dataloader = None
+    validation_step = None
+
+
+def test_runs_every_epoch_without_a_validation_set(tmp_path, setup):
+    model, callback, expected = setup
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpts", monitor="retrieval/mean_recall", mode="max", save_on_train_epoch_end=True
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=CSVLogger(tmp_path / "logs"),
+        callbacks=[callback, checkpoint],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(NoValModule(model))
+    rows = read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    assert len([r for r in rows if r.get("retrieval/mean_recall")]) == 3  # zero-shot baseline + two epochs
+    assert checkpoint.best_model_score.item() == pytest.approx(expected["mean_recall"], rel=1e-6)
 
 
 def test_eval_mode_restores_each_module():
@@ -176,4 +200,4 @@ def test_wandb_table_offline(tmp_path, setup, monkeypatch):
     run_dir = Path(logger.experiment.dir)
     logger.experiment.finish()
     tables = list(run_dir.glob("media/table/retrieval/examples*.table.json"))
-    assert len(tables) == 2  # baseline + one validation epoch
+    assert len(tables) == 2  # baseline + one epoch
