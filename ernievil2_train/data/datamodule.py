@@ -1,4 +1,4 @@
-"""WebDataset LightningDataModule producing multi-view batches (DESIGN §1; batch format in the team brief).
+"""WebDataset LightningDataModule producing multi-view batches (the batch format is in the README).
 
 Training stream per rank: shards (split by node, then by worker) -> sample shuffle buffer -> decode +
 views (`SampleTransform`) -> batches of `batch_size` collated inside the worker ->

@@ -1,6 +1,6 @@
 """Per-sample multi-view transform, run inside DataLoader workers: raw shard sample -> dict of tensors.
 
-Keys (per sample; the collate stacks them into the batch format of DESIGN / the team brief):
+Keys (per sample; the collate stacks them into the batch format documented in the README):
 `image` [3,S,S], `image_view2` [3,S,S] (views.image_view2) (float32 normalised; uint8 with `uint8_images`),
 `caption_ids` [L], `text_view_ids` [L]
 (views.text_view != "none"), `tag_ids` [L] + `has_tags` [] (views.tags), `image_key` [], `caption_key` [].
