@@ -1,0 +1,47 @@
+"""CUDA checks, run on a GPU machine with `pytest -m gpu` (deselected by default: CI has no GPU)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernievil2_train.module import ErnieVil2Module
+from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def test_bf16_training_step_on_cuda_matches_fp32() -> None:
+    torch.manual_seed(0)
+    module = ErnieVil2Module(tiny_model().cuda(), loss={"weights": ALL_PAIRS, "multi_positive": True})
+    batch = {k: v.cuda() for k, v in make_batch().items()}
+    module.eval()
+    with torch.no_grad():
+        full = module(batch)["loss"]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half = module(batch)["loss"]
+    assert torch.isfinite(half)
+    torch.testing.assert_close(half.float(), full, atol=5e-2, rtol=5e-2)
+
+
+def test_demo_training_runs_on_the_gpu(demo_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
+    env["ERNIEVIL2_CACHE"] = str(demo_cache)
+    cmd = [sys.executable, "-m", "ernievil2_train", "trainer=gpu", "logger=csv", "trainer.max_epochs=2",
+           "trainer.enable_progress_bar=false", "callbacks.retrieval.progress=false",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("retrieval/mean_recall")]
+    recall = [float(r["retrieval/mean_recall"]) for r in rows]
+    assert len(recall) == 3
+    assert recall[-1] > recall[0]
+    assert (run_dir / "export" / "model.safetensors").is_file()
