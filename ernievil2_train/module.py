@@ -119,21 +119,24 @@ class ErnieVil2Module(pl.LightningModule):
         """Refuse combinations that would train nothing or give wrong gradients; return the frozen towers."""
         active = self.loss_fn.config.active_pairs()
         if freeze_vision and freeze_text:
-            raise TrainingConfigError("freeze_vision and freeze_text are both set: nothing would train")
+            raise TrainingConfigError(
+                "module.freeze_vision and module.freeze_text are both set: nothing would train"
+            )
         k = self.accumulate_microbatches
         if k < 1:
-            raise TrainingConfigError(f"accumulate_microbatches must be >= 1, got {k}")
+            raise TrainingConfigError(f"module.accumulate_microbatches must be >= 1, got {k}")
         if self.gradient_clip_val is not None and k == 1:
             raise TrainingConfigError(
-                "model.gradient_clip_val is for accumulate_microbatches > 1; use trainer.gradient_clip_val"
+                "module.gradient_clip_val is for accumulate_microbatches > 1; use trainer.gradient_clip_val"
             )
         if not 0.0 < self.layer_decay <= 1.0:
-            raise TrainingConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise TrainingConfigError(f"module.layer_decay must be in (0, 1], got {self.layer_decay}")
         checks = ((freeze_vision, "vision", "image_image"), (freeze_text, "text", "text_text"))
         for frozen, tower, pair in checks:
             if frozen and pair in active:
                 raise TrainingConfigError(
-                    f"freeze_{tower} with loss.weights.{pair} > 0: that loss reaches only the frozen tower"
+                    f"module.freeze_{tower} with module.loss.weights.{pair} > 0: "
+                    "that loss reaches only the frozen tower"
                 )
         frozen_towers = [t for t, f in (("vision", freeze_vision), ("text", freeze_text)) if f]
         if not any(p in active for p in IMAGE_PAIRS) and "vision" not in frozen_towers:
@@ -148,7 +151,7 @@ class ErnieVil2Module(pl.LightningModule):
             raise TrainingConfigError(
                 f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} does not give the "
                 "gradient of a bigger contrastive batch (negatives never meet across accumulated batches); "
-                "set it to 1 and use model.accumulate_microbatches (feature-cache accumulation) instead"
+                "set it to 1 and use module.accumulate_microbatches (feature-cache accumulation) instead"
             )
 
     def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
@@ -157,8 +160,8 @@ class ErnieVil2Module(pl.LightningModule):
             key, pair = next(iter(missing.items()))
             what = BATCH_KEY_HELP.get(key, key)
             raise TrainingConfigError(
-                f"loss.weights.{pair} > 0 needs batch key {key!r} ({what}), which the data pipeline does not "
-                f"produce: turn on that view in the data config or set loss.weights.{pair}=0"
+                f"module.loss.weights.{pair} > 0 needs batch key {key!r} ({what}), which the data pipeline "
+                f"does not produce: turn on that view in the data config or set module.loss.weights.{pair}=0"
             )
         self._batch_checked = True
 
@@ -295,7 +298,7 @@ class ErnieVil2Module(pl.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise TrainingConfigError(
                 "cannot infer the number of training steps for the lr schedule: set trainer.max_steps or "
-                "model.scheduler.total_steps"
+                "module.scheduler.total_steps"
             )
         lr_lambda = functools.partial(
             warmup_cosine,

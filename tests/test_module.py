@@ -110,7 +110,8 @@ def test_validation_logs_image_caption_loss_and_accuracy():
 
 def test_missing_batch_key_names_key_and_loss():
     module = _module()
-    with pytest.raises(TrainingConfigError, match=r"loss.weights.image_tags > 0 needs batch key 'tag_ids'"):
+    expected = r"module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"
+    with pytest.raises(TrainingConfigError, match=expected):
         _trainer().fit(module, train_dataloaders=_loader(drop=("tag_ids",)))
     single = _module(loss={"weights": {"image_caption": 1.0}, "multi_positive": True})
     with pytest.raises(TrainingConfigError, match=r"'image_key'.*multi_positive"):
@@ -124,8 +125,8 @@ def test_lightning_gradient_accumulation_is_refused():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"freeze_vision": True, "freeze_text": True}, "both set"),
-    ({"freeze_text": True}, "freeze_text with loss.weights.text_text"),
-    ({"freeze_vision": True}, "freeze_vision with loss.weights.image_image"),
+    ({"freeze_text": True}, "module.freeze_text with module.loss.weights.text_text"),
+    ({"freeze_vision": True}, "module.freeze_vision with module.loss.weights.image_image"),
     ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val"),
     ({"accumulate_microbatches": 0}, "accumulate_microbatches must be >= 1"),
     ({"layer_decay": 1.5}, "layer_decay"),

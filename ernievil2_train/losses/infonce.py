@@ -54,11 +54,11 @@ class LossConfig:
         self.weights = {str(k): float(v) for k, v in dict(self.weights).items()}
         unknown = sorted(set(self.weights) - set(PAIRS))
         if unknown:
-            raise ValueError(f"unknown loss.weights key(s) {unknown}; choose from {list(PAIRS)}")
+            raise ValueError(f"unknown module.loss.weights key(s) {unknown}; choose from {list(PAIRS)}")
         if any(w < 0 for w in self.weights.values()):
-            raise ValueError(f"loss.weights must be >= 0, got {self.weights}")
+            raise ValueError(f"module.loss.weights must be >= 0, got {self.weights}")
         if not self.active_pairs():
-            raise ValueError("loss.weights: every pair has weight 0, nothing to train")
+            raise ValueError("module.loss.weights: every pair has weight 0, nothing to train")
         if self.temperature not in TEMPERATURE_MODES:
             raise ValueError(f"loss.temperature must be one of {TEMPERATURE_MODES}, got {self.temperature!r}")
         for name in ("caption_image_view", "tags_image_view"):

@@ -218,7 +218,7 @@ def test_weight_zero_pairs_are_not_computed_or_encoded():
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"weights": {"image_text": 1.0}}, "unknown loss.weights"),
+    ({"weights": {"image_text": 1.0}}, "unknown module.loss.weights"),
     ({"weights": {"image_caption": 0.0}}, "every pair has weight 0"),
     ({"weights": {"image_caption": -1.0}}, ">= 0"),
     ({"temperature": "learned"}, "loss.temperature"),
