@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from ernievil2_train.config_checks import ConfigError
@@ -20,18 +19,9 @@ def main(cfg: DictConfig) -> None:
 
     try:
         train(cfg)
-    except InstantiationException as error:
-        # Hydra wraps errors raised while building an object; a config mistake inside stays a user error.
-        if not isinstance(error.__cause__, ConfigError):
-            raise
-        _exit_with(error.__cause__)
     except ConfigError as error:
-        _exit_with(error)
-
-
-def _exit_with(error: ConfigError) -> None:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

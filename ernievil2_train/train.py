@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,11 +16,25 @@ from ernievil2_train.config_checks import ConfigError, check_config
 log = logging.getLogger(__name__)
 
 
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate each entry of a name -> config mapping (callbacks, loggers); `null` entries are skipped."""
+def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate(node)`, where a missing file or an invalid argument value becomes a `ConfigError` naming
+    `key`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, (FileNotFoundError, ValueError)):
+            raise ConfigError(f"config key '{key}': {cause}") from None
+        raise
+
+
+def _build_group(name: str, group: DictConfig | None) -> list[Any]:
+    """Build each entry of a name -> config mapping (callbacks, loggers); `null` entries are skipped."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+    return [build(f"{name}.{key}", node) for key, node in group.items() if node and "_target_" in node]
 
 
 def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -48,12 +63,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data.datamodule)
-    model = instantiate(cfg.model)
-    module = instantiate(cfg.module, model=model)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    datamodule = build("data.datamodule", cfg.data.datamodule)
+    model = build("model", cfg.model)
+    module = build("module", cfg.module, model=model)
+    callbacks = _build_group("callbacks", cfg.get("callbacks"))
+    loggers = _build_group("logger", cfg.get("logger"))
+    trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:

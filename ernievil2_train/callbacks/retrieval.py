@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torch import Tensor
 
+from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import EvalSet, load_evalset
 from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
 from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE
@@ -109,7 +110,7 @@ class RetrievalCallback(pl.Callback):
         try:
             self.evalset = cap_evalset(load_evalset(self.eval_set, split=self.split), self.max_items)
         except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"RetrievalCallback.eval_set: {err}") from None
+            raise ConfigError(f"callbacks.retrieval.eval_set: {err}") from None
         self.tokenizer = ErnieTokenizer(self.vocab_file, max_len=self.max_len)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

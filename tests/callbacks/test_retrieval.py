@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode
+from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import load_evalset
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
 from ernievil2_train.text import ErnieTokenizer
@@ -175,7 +176,7 @@ def test_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="vocab_file"):
         RetrievalCallback(tmp_path)
     callback = RetrievalCallback(tmp_path / "missing", vocab_file="v.txt")
-    with pytest.raises(ValueError, match=r"RetrievalCallback\.eval_set"):
+    with pytest.raises(ConfigError, match=r"callbacks\.retrieval\.eval_set"):
         callback.setup(None, None, "fit")
 
 
