@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from braceexpand import braceexpand
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,6 +24,14 @@ PATH_KEYS = (
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; reported as one line, exit code 2."""
+
+
+def check_fields(cls: type, data: dict[str, Any], section: str) -> dict[str, Any]:
+    """Return a copy of `data` after checking that every key is a field of the dataclass `cls`."""
+    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown {section} config field(s): {', '.join(unknown)}")
+    return dict(data)
 
 
 def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from ernievil2_train.config_checks import check_fields
+
 # Embedding tables and tokens get no weight decay (besides every 0/1-dim parameter: biases, norms, scales).
 NO_DECAY_NAME = re.compile(r"(cls_token|pos_embed|class_embedding|positional_embedding|_embeddings\.weight)$")
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
@@ -85,11 +87,7 @@ class ScheduleConfig:
             return cls()
         if isinstance(value, ScheduleConfig):
             return value
-        data = dict(value)
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown scheduler config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**check_fields(cls, dict(value), "scheduler"))
 
     def warmup(self, total_steps: int) -> int:
         return self.warmup_steps or round(self.warmup_ratio * total_steps)

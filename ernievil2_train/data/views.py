@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ernievil2_train.config_checks import check_fields
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SkipSample, parse_sample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer
@@ -47,7 +48,7 @@ class ViewConfig:
     def of(cls, value: ViewConfig | dict[str, Any] | None) -> ViewConfig:
         if isinstance(value, cls):
             return value
-        return cls(**dict(value or {}))
+        return cls(**check_fields(cls, dict(value or {}), "views"))
 
 
 class SampleTransform:

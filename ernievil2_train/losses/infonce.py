@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernievil2_train.config_checks import check_fields
+
 OFFICIAL_LOG_SCALE_INIT = 2.65926
 MAX_LOG_SCALE = math.log(100.0)
 PAIRS = ("image_caption", "image_tags", "image_image", "text_text")
@@ -60,10 +62,12 @@ class LossConfig:
         if not self.active_pairs():
             raise ValueError("module.loss.weights: every pair has weight 0, nothing to train")
         if self.temperature not in TEMPERATURE_MODES:
-            raise ValueError(f"loss.temperature must be one of {TEMPERATURE_MODES}, got {self.temperature!r}")
+            raise ValueError(
+                f"module.loss.temperature must be one of {TEMPERATURE_MODES}, got {self.temperature!r}"
+            )
         for name in ("caption_image_view", "tags_image_view"):
             if getattr(self, name) not in IMAGE_VIEWS:
-                raise ValueError(f"loss.{name} must be 1 or 2, got {getattr(self, name)!r}")
+                raise ValueError(f"module.loss.{name} must be 1 or 2, got {getattr(self, name)!r}")
 
     @classmethod
     def from_any(cls, value: LossConfig | dict[str, Any] | None) -> LossConfig:
@@ -71,11 +75,7 @@ class LossConfig:
             return cls()
         if isinstance(value, LossConfig):
             return value
-        data = dict(value)
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown loss config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**check_fields(cls, dict(value), "loss"))
 
     def active_pairs(self) -> list[str]:
         return [p for p in PAIRS if self.weights.get(p, 0.0) > 0]

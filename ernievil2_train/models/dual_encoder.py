@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernievil2_train.config_checks import check_fields
 from ernievil2_train.models.text import PAD_ID, TextConfig, TextTower
-from ernievil2_train.models.vision import VisionConfig, check_fields, create_vision_tower
+from ernievil2_train.models.vision import VisionConfig, create_vision_tower
 
 OFFICIAL_LOGIT_SCALE_INIT = 2.65926
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ErnieConfig, ErnieModel
 
-from ernievil2_train.models.vision import check_fields
+from ernievil2_train.config_checks import check_fields
 
 TEXT_LN_EPS = 1e-5
 PAD_ID = 0

@@ -12,6 +12,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ernievil2_train.config_checks import check_fields
+
 VISION_LN_EPS = 1e-6
 
 
@@ -81,11 +83,3 @@ def create_vision_tower(cfg: VisionConfig) -> VisionTransformer:
         drop_path_rate=cfg.drop_path_rate,
         embed_layer=LinearPatchEmbed,
     )
-
-
-def check_fields(cls: type, data: dict[str, Any], section: str) -> dict[str, Any]:
-    """Return a copy of `data` after checking that every key is a field of the dataclass `cls`."""
-    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown {section} config field(s): {', '.join(unknown)}")
-    return dict(data)

@@ -117,3 +117,8 @@ def test_bad_view_config_is_refused():
         ViewConfig(text_view="shuffle")
     with pytest.raises(ValueError, match="token_drop_p"):
         ViewConfig(token_drop_p=1.0)
+
+
+def test_unknown_view_field_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown views config field"):
+        ViewConfig.of({"image_view3": True})
