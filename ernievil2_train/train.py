@@ -46,12 +46,13 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     """
     candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
     existing = [path for path in candidates if path.is_file()]
+    newest = str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
     if ckpt_path is None:
-        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+        return newest
     if ckpt_path == "last":
-        if not existing:
+        if newest is None:
             raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir}")
-        return str(max(existing, key=lambda p: p.stat().st_mtime))
+        return newest
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")
     return ckpt_path
