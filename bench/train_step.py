@@ -3,7 +3,9 @@
 Both systems run in one process at the same per-device batch, with synthetic batches already on the device:
 forward (bf16 autocast on CUDA), loss, backward and a fused AdamW step, timed with CUDA events after a
 warm-up (median over the timed steps). One step of each is counted with `FlopCounterMode` (eager) to give
-model TFLOP/s and MFU against a bf16 matmul ceiling measured on the same GPU.
+model TFLOP/s and MFU against a bf16 matmul ceiling measured on the same GPU, and one with
+`perf.HostSyncCounter` for the ops that make the host wait for the device. Our text ids are cut to the
+batch's longest row on the host, as the data pipeline does.
 
     python bench/train_step.py --batch-size 256 --compile --json out.json
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from ernievil2_train import perf
+from ernievil2_train.data.datamodule import trim_text_ids
 
 PAD_ID, CLS_ID, SEP_ID = 0, 1, 2
 N_BATCHES = 3  # distinct synthetic batches, used in turn
@@ -82,6 +85,7 @@ class Result:
     encoder_passes: int
     params: int
     loss: float
+    host_syncs_per_step: dict[str, int]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -151,7 +155,7 @@ def ours_batch(args: argparse.Namespace, model: nn.Module, gen: torch.Generator)
         "image_key": torch.randint(0, 2**62, (b,), generator=gen),
         "caption_key": torch.randint(0, 2**62, (b,), generator=gen),
     }
-    return to_device(batch, args)
+    return to_device(trim_text_ids(batch), args)
 
 
 def to_device(batch: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -215,8 +219,7 @@ def build_openclip(args: argparse.Namespace, gen: torch.Generator) -> System:
 
 def make_step(system: System, args: argparse.Namespace) -> Callable[[int], torch.Tensor]:
     """A full optimisation step over batch `i % N_BATCHES`; returns the (detached) loss tensor."""
-    fused = args.device.type == "cuda"
-    optimizer = torch.optim.AdamW(system.param_groups, lr=1e-5, weight_decay=0.05, fused=fused)
+    optimizer = torch.optim.AdamW(system.param_groups, lr=1e-5, weight_decay=0.05, fused=True)
     use_amp = args.device.type == "cuda"
 
     def step(i: int) -> torch.Tensor:
@@ -234,6 +237,7 @@ def measure(system: System, args: argparse.Namespace, ceiling: float | None) -> 
     """Count one step's flops (eager), optionally compile, warm up, then time `args.steps` steps."""
     step = make_step(system, args)
     flops = perf.count_flops(lambda: step(0))
+    syncs = perf.count_host_syncs(lambda: step(1))
     if args.compile:
         system.compile_fn()
     for i in range(args.warmup):
@@ -262,6 +266,7 @@ def measure(system: System, args: argparse.Namespace, ceiling: float | None) -> 
         encoder_passes=system.encoder_passes,
         params=sum(p.numel() for p in system.model.parameters()),
         loss=loss,
+        host_syncs_per_step=syncs,
     )
 
 
@@ -308,7 +313,7 @@ def table(
         f" | grad-ckpt {env['grad_checkpointing']} | amp {env['amp']}"
         f" | bf16 matmul ceiling {fmt(ceiling, '.1f')} TFLOP/s",
         f"{'system':<10} {'step ms':>9} {'samples/s':>10} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'MFU':>6} "
-        f"{'peak GiB':>9} {'MiB/smp':>8} {'passes':>6}",
+        f"{'peak GiB':>9} {'MiB/smp':>8} {'passes':>6} {'syncs':>5}",
     ]
     for r in results:
         peak = r.peak_memory_bytes / 2**30 if r.peak_memory_bytes is not None else None
@@ -316,7 +321,7 @@ def table(
         lines.append(
             f"{r.name:<10} {r.step_ms:>9.1f} {r.samples_per_s:>10.1f} {r.gflops_per_sample:>10.2f} "
             f"{r.tflops:>8.3g} {fmt(None if r.mfu is None else 100 * r.mfu, '.1f'):>6} {fmt(peak, '.2f'):>9} "
-            f"{fmt(per, '.1f'):>8} {r.encoder_passes:>6}"
+            f"{fmt(per, '.1f'):>8} {r.encoder_passes:>6} {sum(r.host_syncs_per_step.values()):>5}"
         )
     if rel:
         lines.append(

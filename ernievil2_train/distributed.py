@@ -55,6 +55,33 @@ def check_equal_local_sizes(local_size: int, device: torch.device) -> None:
         )
 
 
+class LocalBatchSize:
+    """Checks that all ranks hold the same local batch size without a collective in every step.
+
+    The first call compares the sizes of all ranks with one tiny all-gather (which waits for the device);
+    later calls only compare the local size with that first one on the host. Ranks that all keep their
+    first size keep equal sizes, and a rank whose size changes stops with a clear error before any
+    collective could hang on mismatched shapes.
+    """
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+    def check(self, local_size: int, device: torch.device) -> None:
+        _, world_size = world()
+        if world_size == 1:
+            return
+        if self.size is None:
+            check_equal_local_sizes(local_size, device)
+            self.size = local_size
+        elif local_size != self.size:
+            raise RuntimeError(
+                f"the local batch size changed from {self.size} to {local_size}: the contrastive loss needs "
+                "the same full batch on every rank at every step (the training loader must drop incomplete "
+                "batches: drop_last)"
+            )
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] on each rank -> [world_size * b, ...], rank-major; gradients flow back to each rank's rows."""
     _, world_size = world()

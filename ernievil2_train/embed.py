@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
-from ernievil2_train.models import DualEncoder
+from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import ImageDecodeError, eval_transform
 
@@ -99,7 +99,7 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, texts: list[str], images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.tokenizer(texts)["input_ids"].to(self.device)
+        ids = trim_padding(self.tokenizer(texts)["input_ids"]).to(self.device)
         pixels = torch.stack(images).to(self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:

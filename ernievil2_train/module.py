@@ -16,7 +16,7 @@ from torch import nn
 
 from ernievil2_train.accumulation import feature_cache_step, split_batch
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.distributed import world
+from ernievil2_train.distributed import LocalBatchSize, world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
 from ernievil2_train.losses.multiview import (
     BATCH_KEYS,
@@ -112,6 +112,7 @@ class ErnieVil2Module(pl.LightningModule):
             self.model.text.compile()
         self.automatic_optimization = self.accumulate_microbatches == 1
         self._batch_checked = False
+        self._local_size = LocalBatchSize()
         self._last_time: float | None = None
         self._skipped: torch.Tensor | None = None
 
@@ -178,7 +179,7 @@ class ErnieVil2Module(pl.LightningModule):
     def _losses(self, features: Batch, batch: Batch) -> Batch:
         size = next(iter(features.values())).shape[0]
         metadata = batch_metadata(batch, size, self.device)
-        return gathered_losses(self.loss_fn, features, metadata, self.model.logit_scale)
+        return gathered_losses(self.loss_fn, features, metadata, self.model.logit_scale, self._local_size)
 
     def forward(self, batch: Batch) -> Batch:
         """Encode the needed views, gather once; this rank's {"loss", "loss_<pair>", "acc_<pair>"}."""
@@ -221,7 +222,7 @@ class ErnieVil2Module(pl.LightningModule):
 
     def _log_train(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         size = _batch_size(batch)
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        self.log("train/loss", out["loss"], batch_size=size)  # shown by LossProgressBar
         for pair in self.loss_fn.config.active_pairs():
             self.log(f"train/loss_{pair}", out[f"loss_{pair}"], batch_size=size)
             self.log(f"train/acc_{pair}", out[f"acc_{pair}"], batch_size=size)

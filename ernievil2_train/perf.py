@@ -1,13 +1,32 @@
-"""Measurement helpers for the benchmarks: matmul ceiling, flop counting, step timing, peak memory."""
+"""Measurement helpers for the benchmarks: matmul ceiling, flop counting, step timing, peak memory, and a
+counter of the operations that make the host wait for the device."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+# Ops that read device values on the host: their result (a Python number, or an output shape that depends
+# on the data) is only known once the device has caught up.
+_SYNC_OPS = {
+    aten._local_scalar_dense,  # .item(), bool(t), int(t), float(t), t.tolist() on scalars
+    aten.nonzero,
+    aten.masked_select,
+    aten.equal,
+    aten._unique2,
+    aten.unique_consecutive,
+    aten.unique_dim,
+    aten.repeat_interleave,
+}
+_BOOL_INDEX_OPS = {aten.index, aten.index_put, aten.index_put_}  # x[mask], x[mask] = v
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,6 +103,13 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def count_host_syncs(fn: Callable[[], object]) -> dict[str, int]:
+    """Host-sync ops of one call of `fn`, by op name (see `HostSyncCounter`)."""
+    with HostSyncCounter() as counter:
+        fn()
+    return dict(counter.ops)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Free cached blocks and restart the peak-allocation counter (no-op on CPU)."""
     if device.type == "cuda":
@@ -97,3 +123,26 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts, by op name, the operations run inside it that wait for the device on CUDA: reading a value
+    (`.item()`, `bool(t)`, `int(t)`), data-dependent shapes (`nonzero`, boolean-mask indexing,
+    `masked_select`, `unique`, `repeat_interleave`) and `torch.equal`. Works on any device, so a CPU run
+    shows which syncs a GPU run of the same code would have. Device-to-host copies (`.cpu()`) are not
+    counted: on CPU they cannot be told apart from other copies.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        packet = func.overloadpacket
+        if packet in _SYNC_OPS or (packet in _BOOL_INDEX_OPS and _has_bool_index(args[1])):
+            self.ops[str(packet)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_index(indices: Any) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
-from ernievil2_train.models import DualEncoder
+from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import ImageDecodeError, eval_transform
 
@@ -31,7 +31,7 @@ def similarity(
     device = model.logit_scale.device
     transform = eval_transform(model.config.vision.image_size)
     pixels = torch.stack([transform(path) for path in images]).to(device)
-    ids = tokenizer(texts)["input_ids"].to(device)
+    ids = trim_padding(tokenizer(texts)["input_ids"]).to(device)
     cosine = model.encode_image(pixels, normalize=True) @ model.encode_text(ids, normalize=True).T
     probs = F.softmax(model.logit_scale.exp() * cosine, dim=-1)
     return probs.cpu(), cosine.cpu()

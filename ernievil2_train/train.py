@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ernievil2_train.config_checks import ConfigError, check_config
@@ -68,6 +69,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build("model", cfg.model)
     module = build("module", cfg.module, model=model)
     callbacks = _build_group("callbacks", cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _build_group("logger", cfg.get("logger"))
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

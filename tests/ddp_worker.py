@@ -86,6 +86,34 @@ def run_case(weights: dict[str, float], local: dict[str, torch.Tensor], variant:
     return grads(module)
 
 
+def batch_size_checks(local: dict[str, torch.Tensor]) -> dict:
+    """All-gathers in a first and a second step (the size check communicates once), and the error when the
+    local batch size changes (raised on every rank before any collective, so nothing hangs)."""
+    module = build_module({"image_caption": 1.0})
+    original = dist.all_gather
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        counts = []
+        for _ in range(2):
+            before = len(calls)
+            module(local)
+            counts.append(len(calls) - before)
+        try:
+            module({k: v[:-1] for k, v in local.items()})
+            error = ""
+        except RuntimeError as exn:
+            error = str(exn)
+    finally:
+        dist.all_gather = original
+    return {"gathers": counts, "error": error}
+
+
 def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """Every variant x case; saves {variant: {case: {param name: DDP-averaged grad}}} to rank{rank}.pt."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -101,6 +129,8 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             buggy = variant == "no_grad_gather"
             distributed.all_gather_with_grad = _no_grad_gather if buggy else correct_gather
             results[variant] = {case: run_case(CASES[case], local, variant) for case in cases}
+        distributed.all_gather_with_grad = correct_gather
+        results["batch_size_checks"] = batch_size_checks(local)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         distributed.all_gather_with_grad = correct_gather

@@ -70,3 +70,11 @@ def test_no_grad_gather_would_fail(ranks, reference):
         diff = _max_diff(ranks[0]["no_grad_gather"][case], reference[case])
         print(f"no-grad gather {case}: max |grad diff| = {diff:.2e} (max |grad| {scale:.2e})")
         assert diff > 0.1 * scale, (case, diff, scale)
+
+
+def test_equal_batch_sizes_are_checked_with_one_collective_then_on_the_host(ranks):
+    for rank in ranks:
+        checks = rank["batch_size_checks"]
+        assert checks["gathers"] == [3, 2]  # sizes + features + metadata, then features + metadata
+        assert "local batch size changed from 4 to 3" in checks["error"]
+        assert "drop_last" in checks["error"]

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from ernievil2_train.data.datamodule import SKIP_REASONS
 from ernievil2_train.losses import MAX_LOG_SCALE
 from ernievil2_train.module import ErnieVil2Module, TrainingConfigError
-from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
+from ernievil2_train.perf import HostSyncCounter
+from tests.training_helpers import ALL_PAIRS, SyncWatch, make_batch, tiny_model
 
 LOSS = {"weights": ALL_PAIRS, "multi_positive": True}
 
@@ -60,6 +61,31 @@ def test_fit_logs_every_term_and_clamps_temperatures():
     changed = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
     assert any(n.startswith("model.vision.") for n in changed)
     assert any(n.startswith("model.text.") for n in changed)
+
+
+def test_training_steps_never_wait_for_the_device():
+    """Forward, four losses, backward, clipping, fused AdamW, schedule, clamping and logging between log
+    steps: no op that reads a device value on the host (the GPU recipe's settings, counted on CPU)."""
+    watch = SyncWatch()
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4, fused=True)
+    loader = DataLoader(_samples(40), batch_size=8, drop_last=True,
+                        collate_fn=lambda rows: {**torch.utils.data.default_collate(rows),
+                                                 "skipped": torch.zeros(len(SKIP_REASONS), dtype=torch.long)})
+    trainer = _trainer(max_steps=5, callbacks=[watch], gradient_clip_val=1.0, log_every_n_steps=50)
+    trainer.fit(_module(optimizer=optimizer), train_dataloaders=loader)
+    assert watch.batches == 4
+    assert dict(watch.counter.ops) == {}
+
+
+def test_host_sync_counter_sees_reads_and_data_dependent_shapes():
+    x = torch.arange(6.0, requires_grad=True)
+    with HostSyncCounter() as counter:
+        y = x[x > 2].sum()
+        y.backward()
+        bool(y > 0)
+        torch.nn.functional.normalize(x, dim=0)
+    # x[mask] forward (index) and backward (index_put), then bool(y > 0)
+    assert counter.ops == {"aten.index": 1, "aten.index_put": 1, "aten._local_scalar_dense": 1}
 
 
 def test_feature_cache_under_trainer_matches_one_pass():

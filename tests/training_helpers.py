@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 
 from ernievil2_train.models import DualEncoder, create_model
+from ernievil2_train.perf import HostSyncCounter
 
 IMAGE_SIZE = 32
 VOCAB = 64
@@ -68,3 +70,19 @@ def make_batch(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 
 ALL_PAIRS = {"image_caption": 1.0, "image_tags": 0.5, "image_image": 0.25, "text_text": 0.75}
+
+
+class SyncWatch(pl.Callback):
+    """Counts host syncs from the start of batch 1 to the end of training (batch 0 sets things up)."""
+
+    def __init__(self) -> None:
+        self.counter = HostSyncCounter()
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            self.counter.__enter__()
+        self.batches += batch_idx >= 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.counter.__exit__(None, None, None)

@@ -34,12 +34,14 @@ from torch.utils.data import DataLoader
 
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
 from ernievil2_train.data.views import SampleTransform, ViewConfig
+from ernievil2_train.models.text import padded_length
 from ernievil2_train.vision.augment import normalize_uint8
 
 log = logging.getLogger(__name__)
 
 SKIPPED_KEY = "skipped"
 IMAGE_KEYS = ("image", "image_view2")
+TEXT_ID_KEYS = ("caption_ids", "text_view_ids", "tag_ids")
 _LOGGED_PER_REASON = 5
 
 
@@ -87,7 +89,20 @@ class Collate:
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0] if key != "__key__"}
         batch[SKIPPED_KEY] = self.counter.take()
-        return batch
+        return trim_text_ids(batch)
+
+
+def trim_text_ids(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut every text-id tensor of a host batch to one common length: the longest real row, rounded up to 8.
+
+    Done here, on the host, so the training step never has to read the length back from the device; the
+    text views keep one length, so they still encode in one call.
+    """
+    keys = [key for key in TEXT_ID_KEYS if key in batch]
+    if keys:
+        length = padded_length(*(batch[key] for key in keys))
+        batch.update({key: batch[key][:, :length] for key in keys})
+    return batch
 
 
 def read_shards(sources: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernievil2_train.distributed import (
+    LocalBatchSize,
     all_gather_features,
     all_gather_metadata,
-    check_equal_local_sizes,
     world,
 )
 from ernievil2_train.losses.infonce import MultiViewInfoNCE
@@ -69,12 +69,13 @@ def gathered_losses(
     local_features: dict[str, torch.Tensor],
     metadata: torch.Tensor,
     model_log_scale: torch.Tensor,
+    local_size: LocalBatchSize | None = None,
 ) -> dict[str, torch.Tensor]:
     """Normalise (float32 or wider), gather features with ONE autograd all-gather and metadata with one
-    more, then compute this rank's loss share (see `ernievil2_train.distributed`)."""
+    more, then compute this rank's loss share (see `ernievil2_train.distributed`). `local_size` carries the
+    equal-size check across steps (a fresh one checks with a collective)."""
     rank, world_size = world()
-    size = metadata.shape[0]
-    check_equal_local_sizes(size, metadata.device)
+    (local_size or LocalBatchSize()).check(metadata.shape[0], metadata.device)
     normed = {n: F.normalize(_wide(f), dim=-1) for n, f in local_features.items()}
     feats = all_gather_features(normed)
     meta = all_gather_metadata(metadata)

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ernievil2_train.models.text import trim_padding
+
 
 class _Images(Dataset):
     """Transformed images; an undecodable one yields zeros and `ok=False` instead of failing the run."""
@@ -48,7 +50,7 @@ def encode_texts(
     out = []
     with tqdm(total=len(texts), desc="encode texts", unit="txt", disable=not progress, leave=False) as bar:
         for start in range(0, len(texts), batch_size):
-            ids = tokenizer(list(texts[start : start + batch_size]))["input_ids"].to(device)
+            ids = trim_padding(tokenizer(list(texts[start : start + batch_size]))["input_ids"]).to(device)
             with _autocast(device, autocast_dtype):
                 out.append(model.encode_text(ids).float())
             bar.update(ids.shape[0])

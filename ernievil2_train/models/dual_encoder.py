@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernievil2_train.config_checks import check_fields
-from ernievil2_train.models.text import PAD_ID, TextConfig, TextTower
+from ernievil2_train.models.text import TextConfig, TextTower
 from ernievil2_train.models.vision import VisionConfig, create_vision_tower
 
 OFFICIAL_LOGIT_SCALE_INIT = 2.65926
@@ -48,17 +48,6 @@ class DualEncoderConfig:
         )
 
 
-def last_real_length(input_ids: torch.Tensor, multiple: int = 8) -> int:
-    """1 + the last column with a non-pad token in any row, rounded up to `multiple` (capped at the length).
-
-    Rounding keeps the number of distinct sequence lengths small (few recompilations under torch.compile);
-    the extra columns are padding, which the attention mask hides.
-    """
-    real_cols = (input_ids != PAD_ID).any(dim=0).nonzero()
-    length = int(real_cols[-1]) + 1 if len(real_cols) else 1
-    return min(-(-length // multiple) * multiple, input_ids.shape[1])
-
-
 class DualEncoder(nn.Module):
     """Image and text encoders whose CLS / pooled outputs live in one `embed_dim` space."""
 
@@ -79,8 +68,9 @@ class DualEncoder(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Long[B,L] -> [B,D]: the pooled output (columns after the batch's last real token are dropped)."""
-        input_ids = input_ids[:, : last_real_length(input_ids)]
+        """Long[B,L] -> [B,D]: the pooled output. Pad columns are masked but still cost compute: trim them on
+        the host with `trim_padding` before moving the ids to an accelerator (finding the length there would
+        wait for the device)."""
         features = self.text(input_ids).pooler_output
         return F.normalize(features, dim=-1) if normalize else features
 

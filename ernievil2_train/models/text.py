@@ -42,6 +42,27 @@ class TextConfig:
         return cls(**check_fields(cls, data, "text"))
 
 
+def padded_length(*input_ids: torch.Tensor, multiple: int = 8) -> int:
+    """1 + the last column holding a real token in any row of any tensor, rounded up to `multiple` and capped
+    at the tensors' common length. Meant for host (CPU) tensors: on an accelerator it waits for the device.
+
+    Rounding keeps the number of distinct sequence lengths small (few recompilations under torch.compile);
+    the extra columns are padding, which the attention mask hides.
+    """
+    width = input_ids[0].shape[1]
+    length = 1
+    for ids in input_ids:
+        real_cols = (ids != PAD_ID).any(dim=0).nonzero()
+        if len(real_cols):
+            length = max(length, int(real_cols[-1]) + 1)
+    return min(-(-length // multiple) * multiple, width)
+
+
+def trim_padding(input_ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Drop the all-pad columns after the last real token (see `padded_length`); the encoding is unchanged."""
+    return input_ids[:, : padded_length(input_ids, multiple=multiple)]
+
+
 class ZeroTokenType(nn.Module):
     """Stands in for the token-type table: always adds exactly zero, has no parameters and no saved state."""
 
@@ -82,8 +103,14 @@ class TextTower(nn.Module):
         self.ernie.embeddings.token_type_embeddings = ZeroTokenType(cfg.width)
 
     def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> Any:
-        """Run the encoder; returns the transformers output (`last_hidden_state`, `pooler_output`, ...)."""
-        mask = (input_ids != PAD_ID).long()
+        """Run the encoder; returns the transformers output (`last_hidden_state`, `pooler_output`, ...).
+
+        With SDPA the key mask goes in as a ready 4-D boolean mask: given the 2-D one, transformers would
+        test whether it has any pad (`mask.all()`), a host sync in every step.
+        """
+        keep = input_ids != PAD_ID
+        sdpa = self.ernie.config._attn_implementation == "sdpa"
+        mask = keep[:, None, None, :] if sdpa else keep.long()
         return self.ernie(input_ids=input_ids, attention_mask=mask, output_hidden_states=output_hidden_states)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

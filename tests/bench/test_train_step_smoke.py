@@ -21,6 +21,7 @@ SYSTEM_FIELDS = {
     "encoder_passes",
     "params",
     "loss",
+    "host_syncs_per_step",
 }
 
 
@@ -42,6 +43,7 @@ def test_tiny_run_reports_both_systems(tmp_path: Path) -> None:
         assert system["mfu"] is None  # no measured ceiling on CPU
         assert system["batch_size"] == report["env"]["batch_size"]
     ours, peer = report["systems"]["ernievil2"], report["systems"]["openclip"]
+    assert ours["host_syncs_per_step"] == {}  # the multi-view step never waits for the device
     assert ours["encoder_passes"] == 5 and peer["encoder_passes"] == 2
     # the multi-view step encodes more per sample than the single-view one
     assert ours["gflops_per_sample"] > peer["gflops_per_sample"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ernievil2_train.data.datamodule import trim_text_ids
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 
@@ -28,6 +30,30 @@ def test_bf16_training_step_on_cuda_matches_fp32() -> None:
             half = module(batch)["loss"]
     assert torch.isfinite(half)
     torch.testing.assert_close(half.float(), full, atol=5e-2, rtol=5e-2)
+
+
+def test_training_step_never_waits_for_the_gpu() -> None:
+    """CUDA's own sync check (raises on any sync) over bf16 forward, four losses, backward, fused AdamW."""
+    module = ErnieVil2Module(tiny_model().cuda(), loss={"weights": ALL_PAIRS, "multi_positive": True})
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4, fused=True)(module.param_groups())
+    batch = {k: v.cuda() for k, v in trim_text_ids(make_batch()).items()}
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        module.clamp_temperatures()
+
+    step()  # first-step set-up (batch check, optimizer state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_demo_training_runs_on_the_gpu(demo_cache: Path, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from ernievil2_train.models import DualEncoderConfig, create_model
-from ernievil2_train.models.dual_encoder import last_real_length
 from tests.models.tiny import TINY, tiny_model
 
 
@@ -38,29 +37,6 @@ def test_encoders_shapes_and_normalization() -> None:
     torch.testing.assert_close(img_n, F.normalize(img, dim=-1))
     torch.testing.assert_close(txt_n, F.normalize(txt, dim=-1))
     torch.testing.assert_close(scale, model.logit_scale.exp())
-
-
-def test_encode_text_trims_to_last_real_token_without_changing_output() -> None:
-    torch.manual_seed(0)
-    model = tiny_model()
-    ids = torch.tensor([[1, 5, 0, 6, 2] + [0] * 11, [1, 7, 2] + [0] * 13])
-    seen: list[int] = []
-    hook = model.text.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-    with torch.no_grad():
-        trimmed = model.encode_text(ids)
-    hook.remove()
-    with torch.no_grad():
-        full = model.text(ids).pooler_output
-    assert seen == [8]  # the last real token is column 4; lengths are rounded up to a multiple of 8
-    torch.testing.assert_close(trimmed, full, atol=1e-6, rtol=1e-5)
-
-
-def test_last_real_length_rounds_up_and_caps() -> None:
-    assert last_real_length(torch.tensor([[1, 2] + [0] * 14])) == 8
-    assert last_real_length(torch.tensor([[1] + [5] * 8 + [2] + [0] * 6])) == 16
-    assert last_real_length(torch.tensor([[1] + [5] * 10 + [2]])) == 12
-    assert last_real_length(torch.zeros(2, 12, dtype=torch.long)) == 8
-    assert last_real_length(torch.tensor([[1, 5, 2, 0]]), multiple=1) == 3
 
 
 def test_grad_checkpointing_reaches_both_towers() -> None:

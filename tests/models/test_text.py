@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ernievil2_train.models import TextConfig, TextTower
+from ernievil2_train.models import TextConfig, TextTower, trim_padding
+from ernievil2_train.models.text import padded_length
 
 CFG = TextConfig(vocab_size=50, width=32, layers=2, heads=2, intermediate_size=64, max_position_embeddings=16)
 
@@ -45,6 +46,38 @@ def test_pooled_is_tanh_linear_of_cls_and_pads_are_masked() -> None:
         other_pads = tower(torch.where(ids == 0, torch.zeros_like(ids), ids)).pooler_output
     torch.testing.assert_close(out.pooler_output, short, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.pooler_output, other_pads)
+
+
+def test_sdpa_key_mask_matches_eager_attention() -> None:
+    tower = _tower()
+    ids = torch.tensor([[1, 7, 9, 2, 0, 0, 0], [1, 4, 2, 0, 0, 0, 0], [1, 4, 5, 6, 7, 8, 2]])
+    with torch.no_grad():
+        sdpa = tower(ids).last_hidden_state
+        tower.ernie.config._attn_implementation = "eager"
+        eager = tower(ids).last_hidden_state
+    real = ids != 0
+    torch.testing.assert_close(sdpa[real], eager[real], atol=1e-6, rtol=1e-5)
+
+
+def test_padded_length_rounds_up_and_caps() -> None:
+    assert padded_length(torch.tensor([[1, 2] + [0] * 14])) == 8
+    assert padded_length(torch.tensor([[1] + [5] * 8 + [2] + [0] * 6])) == 16
+    assert padded_length(torch.tensor([[1] + [5] * 10 + [2]])) == 12
+    assert padded_length(torch.zeros(2, 12, dtype=torch.long)) == 8
+    assert padded_length(torch.tensor([[1, 5, 2, 0]]), multiple=1) == 3
+    short, long = torch.tensor([[1, 2] + [0] * 30]), torch.tensor([[1] + [5] * 17 + [2] + [0] * 13])
+    assert padded_length(short, long) == padded_length(long, short) == 24
+
+
+def test_trim_padding_keeps_the_encoding() -> None:
+    tower = _tower()
+    ids = torch.tensor([[1, 5, 0, 6, 2] + [0] * 11, [1, 7, 2] + [0] * 13])
+    trimmed = trim_padding(ids)
+    assert trimmed.shape == (2, 8)  # the last real token is column 4; rounded up to a multiple of 8
+    assert torch.equal(trimmed, ids[:, :8])
+    with torch.no_grad():
+        short, full = tower(trimmed).pooler_output, tower(ids).pooler_output
+    torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
 
 
 def _first(out: torch.Tensor | tuple) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""LossProgressBar: the loss on the bar, read from the device only when the bar redraws."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ernievil2_train.callbacks.progress import LossProgressBar
+from ernievil2_train.module import ErnieVil2Module
+from tests.training_helpers import ALL_PAIRS, SyncWatch, make_batch, tiny_model
+
+
+def _fit(refresh_rate: int, steps: int) -> tuple[LossProgressBar, SyncWatch]:
+    batch = make_batch(8 * steps)
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(8 * steps)]
+    bar, watch = LossProgressBar(refresh_rate=refresh_rate), SyncWatch()
+    module = ErnieVil2Module(
+        tiny_model(), loss={"weights": ALL_PAIRS},
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, fused=True),
+    )
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[bar, watch], log_every_n_steps=100,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(samples, batch_size=8, drop_last=True))
+    return bar, watch
+
+
+def test_loss_is_shown_and_read_once_per_redraw():
+    bar, watch = _fit(refresh_rate=4, steps=9)
+    shown = bar.train_progress_bar.postfix
+    assert "loss=" in shown, shown
+    assert float(shown.split("loss=")[1].split(",")[0]) > 0
+    # steps 2..9 are watched: the bar redraws after steps 4, 8 and the last one, and at the epoch's end
+    assert watch.batches == 8
+    assert 2 <= watch.counter.ops["aten._local_scalar_dense"] <= 4, watch.counter.ops
+    assert set(watch.counter.ops) == {"aten._local_scalar_dense"}
+
+
+def test_refreshing_every_step_reads_every_step():
+    """Control: the count above comes from the redraws."""
+    _, watch = _fit(refresh_rate=1, steps=9)
+    assert watch.counter.ops["aten._local_scalar_dense"] >= 8, watch.counter.ops
