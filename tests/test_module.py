@@ -77,6 +77,33 @@ def test_training_steps_never_wait_for_the_device():
     assert dict(watch.counter.ops) == {}
 
 
+class LossLog(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.slow
+def test_compiled_towers_train_like_eager_without_graph_breaks():
+    """`compile=True` under a real Trainer: one graph per tower, no graph break, the eager losses."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compile in (False, True):
+        log = LossLog()
+        _trainer(max_steps=3, callbacks=[log]).fit(_module(compile=compile), train_dataloaders=_loader())
+        runs.append(log.losses)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(runs[1]) == 3
+    torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+
+
 def test_host_sync_counter_sees_reads_and_data_dependent_shapes():
     x = torch.arange(6.0, requires_grad=True)
     with HostSyncCounter() as counter:
