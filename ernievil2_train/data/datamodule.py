@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -53,11 +54,12 @@ class SkipCounter:
         self.pending = [0] * len(SKIP_REASONS)
         self.total = [0] * len(SKIP_REASONS)
 
-    def count(self, reason: str, message: str) -> None:
+    def count(self, reason: str, message: str, samples: int = 1) -> None:
         index = SKIP_REASONS.index(reason)
-        self.pending[index] += 1
-        self.total[index] += 1
-        if self.total[index] <= _LOGGED_PER_REASON:
+        logged = self.total[index] < _LOGGED_PER_REASON
+        self.pending[index] += samples
+        self.total[index] += samples
+        if logged:
             log.warning("skipped a sample (%s): %s", reason, message)
 
     def tar_handler(self, exn: Exception) -> bool:
@@ -105,22 +107,55 @@ def trim_text_ids(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def read_shards(sources: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+def read_shards(
+    sources: Iterable[dict[str, Any]], counter: SkipCounter, expected: dict[str, int] | None = None
+) -> Iterator[dict[str, Any]]:
     """`{"url"}` dicts -> tar member dicts, `{}` after each shard. A shard that cannot be opened or read to
-    its end (missing, truncated, corrupt) counts one `bad_tar`; the members read before the error are kept."""
+    its end (missing, truncated, corrupt) counts one `bad_tar`; the members read before the error are kept.
+    `expected`: samples per shard (`indexed_sizes`); a shard read to its end with fewer samples counts the
+    missing ones as `short_shard` (a tar cut at a member boundary otherwise reads as a valid, shorter tar)."""
+    expected = expected or {}
     for source in sources:
         url = source["url"]
+        samples, last_key = 0, None
         try:
             stream = wds.gopen(url)
             try:
                 for member in wds.tariterators.tar_file_iterator(stream):
+                    key = wds.tariterators.base_plus_ext(member["fname"])[0]
+                    if key is not None and key != last_key:
+                        samples, last_key = samples + 1, key
                     member["__url__"] = url
                     yield member
             finally:
                 stream.close()
         except Exception as exn:
             counter.count("bad_tar", f"{url}: {type(exn).__name__}: {exn}")
+        wanted = expected.get(_local_path(url) or "", 0)
+        if samples < wanted:
+            message = f"{url}: holds {samples} of the {wanted} samples its index lists"
+            counter.count("short_shard", message, samples=wanted - samples)
         yield {}
+
+
+def _local_path(url: str) -> str | None:
+    """The canonical path of a local shard url; None for remote and `pipe:` urls."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return os.path.realpath(url)
+
+
+def indexed_sizes(urls: list[str], split: str) -> dict[str, int]:
+    """`{canonical shard path: samples}` from the `{split}.json` index (written by `data_recipes`) beside each
+    local shard, for the shards it lists; however the shards were named (directory, list, pattern)."""
+    sizes: dict[str, int] = {}
+    folders = {os.path.dirname(path) for path in map(_local_path, urls) if path}
+    for folder in sorted(folders):
+        index = Path(folder) / f"{split}.json"
+        if index.is_file():
+            names = _read_index(index)[0]
+            sizes.update({os.path.realpath(os.path.join(folder, n)): count for n, count in names.items()})
+    return sizes
 
 
 def skip_metrics(batch: dict[str, torch.Tensor], prefix: str = "data/skipped_") -> dict[str, torch.Tensor]:
@@ -137,11 +172,19 @@ def normalize_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _read_index(index_file: Path) -> tuple[dict[str, int], int]:
+    """`({shard name: samples}, total samples)` of a `{split}.json` index written by `data_recipes`."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        sizes = {str(s["name"]): int(s.get("samples", 0)) for s in index.get("shards", [])}
+        return sizes, int(index.get("samples", sum(sizes.values())))
+    except (ValueError, KeyError, TypeError, AttributeError) as exn:
+        raise ValueError(f"{index_file}: not a shard index ({type(exn).__name__}: {exn})") from None
+
+
 def _index_samples(index_file: Path) -> tuple[list[str], int]:
-    index = json.loads(index_file.read_text(encoding="utf-8"))
-    shards = [str(index_file.parent / s["name"]) for s in index.get("shards", [])]
-    samples = index.get("samples", sum(int(s.get("samples", 0)) for s in index.get("shards", [])))
-    return shards, int(samples)
+    sizes, total = _read_index(index_file)
+    return [str(index_file.parent / name) for name in sizes], total
 
 
 def resolve_shards(spec: str | list[str], split: str, name: str) -> tuple[list[str], int | None]:
@@ -248,6 +291,8 @@ class MultiViewDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.train_urls, index_samples = resolve_shards(train_shards, train_split, "train_shards")
         self.val_urls = resolve_shards(val_shards, val_split, "val_shards")[0] if val_shards else None
+        self.shard_sizes = indexed_sizes(self.train_urls, train_split)
+        self.shard_sizes.update(indexed_sizes(self.val_urls or [], val_split))
         self.epoch_samples = epoch_samples if epoch_samples is not None else index_samples
         if not self.epoch_samples or self.epoch_samples < 1:
             raise ValueError(
@@ -319,7 +364,7 @@ class MultiViewDataModule(L.LightningDataModule):
                 source.append(wds.detshuffle(self.shard_shuffle, seed=self.seed))
         return [
             *source,
-            functools.partial(read_shards, counter=counter),
+            functools.partial(read_shards, counter=counter, expected=self.shard_sizes),
             functools.partial(wds.tariterators.group_by_keys, handler=counter.tar_handler),
         ]
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 SKIP_REASONS: tuple[str, ...] = (
     "bad_tar",  # unreadable or truncated tar, unopenable shard
+    "short_shard",  # samples a shard's `{split}.json` index lists that its tar does not hold
     "missing_field",  # no image, `txt` or `json` in the sample
     "bad_text",  # caption empty or not UTF-8
     "bad_json",  # metadata not JSON, not an object, no `image_id`, wrong field types

@@ -19,7 +19,7 @@ from ernievil2_train.data.keys import stable_key
 from tests.data.shard_helpers import jpeg_bytes, sample, smooth_image, write_shard, write_vocab
 
 MAX_PIXELS = 100_000
-EXPECTED = {"bad_tar": 2, "missing_field": 4, "bad_text": 2, "bad_json": 3, "bad_image": 2,
+EXPECTED = {"bad_tar": 2, "short_shard": 0, "missing_field": 4, "bad_text": 2, "bad_json": 3, "bad_image": 2,
             "image_too_large": 2, "other": 0}
 GOOD = list(range(8))
 
@@ -110,6 +110,42 @@ def test_training_stream_counts_the_same(data):
     assert good_keys(batches) == sorted(stable_key(f"img{i}") for i in GOOD)
     # a batch is emitted when the next sample arrives, so the epoch reads on past gone.tar to the next pass
     assert counts_of(batches) == EXPECTED
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """Two shards with a `train.json` index of 4 samples each; one tar is cut exactly where its third sample
+    begins (it still reads as a valid tar), the other is whole."""
+    root = tmp_path_factory.mktemp("indexed")
+    write_vocab(root / "vocab.txt")
+    for shard in range(2):
+        write_shard(root / f"train-{shard:06d}.tar", [sample(4 * shard + i) for i in range(4)])
+    index = {"shards": [{"name": f"train-{i:06d}.tar", "samples": 4} for i in range(2)], "samples": 8}
+    (root / "train.json").write_text(json.dumps(index))
+    cut = root / "train-000001.tar"
+    with tarfile.open(cut) as tar:
+        third = next(m for m in tar.getmembers() if m.name.startswith("s00006."))
+    cut.write_bytes(cut.read_bytes()[: third.offset])
+    return root
+
+
+@pytest.mark.parametrize("spec", ["{root}", "{root}/train-{{000000..000001}}.tar", "{root}/./train-*.tar"])
+def test_shard_shorter_than_its_index_counts_the_missing_samples(indexed, spec):
+    shards = spec.format(root=indexed)
+    dm = MultiViewDataModule(shards, str(indexed / "vocab.txt"), val_shards=shards, val_split="train",
+                             image_size=32, batch_size=4, num_workers=0, epoch_samples=6)
+    batches = list(dm.val_dataloader())
+    counts = counts_of(batches)
+    assert counts == {**dict.fromkeys(SKIP_REASONS, 0), "short_shard": 2}, counts
+    assert good_keys(batches) == sorted(stable_key(f"img{i}") for i in range(6))
+
+
+def test_broken_index_is_a_clear_error(tmp_path):
+    write_vocab(tmp_path / "vocab.txt")
+    write_shard(tmp_path / "train-000000.tar", [sample(0)])
+    (tmp_path / "train.json").write_text('{"shards": [{"samples": 1}]}')
+    with pytest.raises(ValueError, match=r"train\.json: not a shard index \(KeyError"):
+        MultiViewDataModule(str(tmp_path / "train-*.tar"), str(tmp_path / "vocab.txt"), epoch_samples=1)
 
 
 def test_image_limit_is_configurable(data):
