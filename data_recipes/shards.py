@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -79,7 +79,30 @@ def _safe(part: str, limit: int = 40) -> str:
     return _UNSAFE.sub("-", part)[:limit] or "x"
 
 
-class ShardSink:
+_W = TypeVar("_W", bound="_Writer")
+
+
+class _Writer:
+    """A context manager that keeps its output on success (`close`) and removes partial files on error
+    (`abort`)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardSink(_Writer):
     """Writes samples into size-limited shards `{split}-%06d.tar` and keeps `{split}.json` up to date."""
 
     def __init__(
@@ -199,15 +222,6 @@ class ShardSink:
             f"to {self.out_dir}"
         )
 
-    def __enter__(self) -> ShardSink:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def parallel_map(
     fn: Callable[[Any], Any], items: Iterable[Any], workers: int, chunksize: int = 8
@@ -220,7 +234,7 @@ def parallel_map(
         yield from pool.imap(fn, items, chunksize=chunksize)
 
 
-class EvalSetWriter:
+class EvalSetWriter(_Writer):
     """Writes records as an eval set in the Chinese-CLIP layout: `{split}_imgs.tsv` + `{split}_texts.jsonl`.
 
     Images are streamed to the tsv; texts are grouped by `text_id` (or, with `group_by="text"`, by the text
@@ -272,15 +286,6 @@ class EvalSetWriter:
         return (
             f"{self.split}: wrote eval set of {self.images} images and {self.texts} texts to {self.out_dir}"
         )
-
-    def __enter__(self) -> EvalSetWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class _PassSkips:
