@@ -15,6 +15,7 @@ Without CUDA it runs a tiny configuration in fp32 for 2 steps (a smoke test; MFU
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -31,6 +32,7 @@ from torch import nn
 
 from ernievil2_train import perf
 from ernievil2_train.data.datamodule import trim_text_ids
+from ernievil2_train.module import COMPILE_MODES
 
 PAD_ID, CLS_ID, SEP_ID = 0, 1, 2
 N_BATCHES = 3  # distinct synthetic batches, used in turn
@@ -94,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; CPU: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; CPU: 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders of both systems")
+    parser.add_argument(
+        "--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode (with --compile)"
+    )
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing, both")
     parser.add_argument("--channels-last", action="store_true", help="images in channels-last layout")
     parser.add_argument("--text-len", type=int, default=48, help="padded text length of our batches")
@@ -184,8 +189,8 @@ def build_ours(args: argparse.Namespace, gen: torch.Generator) -> System:
         return module.training_step(batch, 0)
 
     def compile_fn() -> None:
-        model.vision.compile()
-        model.text.compile()
+        model.vision.compile(mode=args.compile_mode)
+        model.text.compile(mode=args.compile_mode)
 
     batches = [ours_batch(args, model, gen) for _ in range(N_BATCHES)]
     return System("ernievil2", module, module.param_groups(), loss_fn, batches, 5, compile_fn)
@@ -214,7 +219,8 @@ def build_openclip(args: argparse.Namespace, gen: torch.Generator) -> System:
 
     batches = [make_batch() for _ in range(N_BATCHES)]
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return System("openclip", model, params, loss_fn, batches, 2, model.compile)
+    compile_fn = functools.partial(model.compile, mode=args.compile_mode)
+    return System("openclip", model, params, loss_fn, batches, 2, compile_fn)
 
 
 def make_step(system: System, args: argparse.Namespace) -> Callable[[int], torch.Tensor]:
@@ -351,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
-        "compile": args.compile,
+        "compile": args.compile_mode if args.compile else False,
         "grad_checkpointing": args.grad_checkpointing,
         "channels_last": args.channels_last,
         "text_len": args.text_len,

@@ -37,6 +37,7 @@ BATCH_KEY_HELP = {
     "image_key": "image keys (needed by loss.multi_positive)",
     "caption_key": "caption keys (needed by loss.multi_positive)",
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IMAGE_PAIRS = ("image_caption", "image_tags", "image_image")
 TEXT_PAIRS = ("image_caption", "image_tags", "text_text")
 
@@ -67,6 +68,7 @@ class ErnieVil2Module(pl.LightningModule):
     param groups (Hydra `_partial_: true`); its `lr` and `weight_decay` are the defaults of every group.
     scheduler: `ScheduleConfig` fields (per-step warmup + cosine). vision_lr / text_lr / temperature_lr
     override the lr per group; layer_decay < 1 scales block i's lr by layer_decay ** (depth - i).
+    compile: `torch.compile` both towers (true, or a mode such as "max-autotune").
     freeze_vision / freeze_text: LiT-style (tower in eval mode, no grads, not optimized); a tower no active
     loss uses is frozen the same way. accumulate_microbatches = k > 1: feature-cache accumulation over k
     chunks of each batch (manual optimization; clip with `gradient_clip_val` here, not in the Trainer).
@@ -85,7 +87,7 @@ class ErnieVil2Module(pl.LightningModule):
         freeze_vision: bool = False,
         freeze_text: bool = False,
         grad_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         accumulate_microbatches: int = 1,
         gradient_clip_val: float | None = None,
     ) -> None:
@@ -107,9 +109,10 @@ class ErnieVil2Module(pl.LightningModule):
             self.model.logit_scale.requires_grad_(False)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        if compile:
-            self.model.vision.compile()
-            self.model.text.compile()
+        mode = self._compile_mode(compile)
+        if mode is not None:
+            self.model.vision.compile(mode=mode)
+            self.model.text.compile(mode=mode)
         self.automatic_optimization = self.accumulate_microbatches == 1
         self._batch_checked = False
         self._local_size = LocalBatchSize()
@@ -145,6 +148,19 @@ class ErnieVil2Module(pl.LightningModule):
         if not any(p in active for p in TEXT_PAIRS) and "text" not in frozen_towers:
             frozen_towers.append("text")
         return frozen_towers
+
+    @staticmethod
+    def _compile_mode(compile: bool | str) -> str | None:
+        """`torch.compile` mode for the towers, None for eager; `true` is the "default" mode."""
+        if compile is True:
+            return "default"
+        if compile is False or compile is None:
+            return None
+        if compile not in COMPILE_MODES:
+            raise TrainingConfigError(
+                f"module.compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {compile!r}"
+            )
+        return str(compile)
 
     # ---- set-up checks -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

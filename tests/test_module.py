@@ -93,7 +93,7 @@ def test_compiled_towers_train_like_eager_without_graph_breaks():
     torch._dynamo.reset()
     counters.clear()
     runs = []
-    for compile in (False, True):
+    for compile in (False, "default"):
         log = LossLog()
         _trainer(max_steps=3, callbacks=[log]).fit(_module(compile=compile), train_dataloaders=_loader())
         runs.append(log.losses)
@@ -183,6 +183,7 @@ def test_lightning_gradient_accumulation_is_refused():
     ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val"),
     ({"accumulate_microbatches": 0}, "accumulate_microbatches must be >= 1"),
     ({"layer_decay": 1.5}, "layer_decay"),
+    ({"compile": "fastest"}, "module.compile must be true, false or one of default, reduce-overhead"),
 ])
 def test_flag_combinations_are_refused(kwargs, match):
     with pytest.raises(TrainingConfigError, match=match):
