@@ -43,10 +43,10 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
 
     `None`: the newest of the run folder's SLURM requeue checkpoint (`hpc_ckpt_*.ckpt`) and
     `checkpoints/last.ckpt`, if any; `"last"`: the run folder's last checkpoint, which must exist;
-    anything else: that path.
+    anything else: that path. A checkpoint is a file, or a folder when FSDP saves it sharded.
     """
     candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
-    existing = [path for path in candidates if path.is_file()]
+    existing = [path for path in candidates if path.exists()]
     newest = str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
     if ckpt_path is None:
         return newest
@@ -54,7 +54,7 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
         if newest is None:
             raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir}")
         return newest
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():
         raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")
     return ckpt_path
 

@@ -7,6 +7,20 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+
+def model_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
+    """The full weights of `pl_module.model` when the strategy shards them (FSDP): gathered from every rank,
+    so all ranks must call this; complete on rank 0 only. None otherwise (read `pl_module.model` directly)."""
+    wrapper = trainer.strategy.model
+    if not isinstance(wrapper, FSDP):
+        return None
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(wrapper, StateDictType.FULL_STATE_DICT, config):
+        full = wrapper.state_dict()
+    return {name.removeprefix("model."): t for name, t in full.items() if name.startswith("model.")}
 
 
 class ExportBestModel(pl.Callback):
@@ -40,8 +54,9 @@ class ExportBestModel(pl.Callback):
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ernievil2_train.checkpoints.io import save_pretrained
 
+        weights = model_weights(trainer, pl_module)
         if trainer.is_global_zero:
-            save_pretrained(pl_module.model, self.dirpath, vocab_file=self.vocab_file)
+            save_pretrained(pl_module.model, self.dirpath, vocab_file=self.vocab_file, state_dict=weights)
         trainer.strategy.barrier("export_best_model")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,6 +2,9 @@
 
 Each rank encodes a strided slice of the eval set with `pl_module.model`; the `ZeroShotRetrieval` metric
 gathers the slices and every rank scores the whole set, so the logged values are identical everywhere.
+Under a strategy that wraps the LightningModule (DDP, FSDP) the encoders are called through the wrapper, as
+in a training step (FSDP gathers its sharded parameters there), and every rank makes the same number of
+calls: the slices are padded to one length.
 """
 
 from __future__ import annotations
@@ -49,6 +52,44 @@ def cap_evalset(evalset: EvalSet, max_items: int | None) -> EvalSet:
         [evalset.texts[t] for t in kept],
         positives,
     )
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Indices `rank, rank + world, ...` below `n`, padded by repeating one of them to `ceil(n / world)`
+    (the same length on every rank), and how many are real."""
+    real = list(range(rank, n, world))
+    length = -(-n // world)
+    return real + (real[-1:] or [0]) * (length - len(real)), len(real)
+
+
+class StrategyEncoder:
+    """`encode_image` / `encode_text` of `pl_module.model`, run through the strategy's wrapper of the
+    LightningModule when there is one. Every rank must make the same calls (the wrapper may communicate)."""
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wrapper, self.pl_module = trainer.strategy.model, pl_module
+        self.config, self.embed_dim = pl_module.model.config, pl_module.model.embed_dim
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        return self._call(self.pl_module.model.encode_image, pixels)
+
+    def encode_text(self, input_ids: Tensor) -> Tensor:
+        return self._call(self.pl_module.model.encode_text, input_ids)
+
+    def _call(self, encode: Any, inputs: Tensor) -> Tensor:
+        if self.wrapper is None or self.wrapper is self.pl_module:
+            return encode(inputs)
+        module, forward = self.pl_module, self.pl_module.forward
+
+        def redirected(*args: Any) -> Tensor:  # the wrapper's forward lands here, with its set-up done
+            module.forward = forward
+            return encode(*args)
+
+        module.forward = redirected
+        try:
+            return self.wrapper(inputs)
+        finally:
+            module.forward = forward
 
 
 @contextlib.contextmanager
@@ -151,11 +192,12 @@ class RetrievalCallback(pl.Callback):
         amp = AUTOCAST.get(str(trainer.precision)) if device.type == "cuda" else None
         size = self.image_size or model.config.vision.image_size
         progress = self.progress and trainer.is_global_zero
-        text_idx = list(range(rank, len(evalset.texts), world))
-        image_idx = list(range(rank, len(evalset.images), world))
+        text_idx, n_text = rank_slice(len(evalset.texts), rank, world)
+        image_idx, n_image = rank_slice(len(evalset.images), rank, world)
+        encoder = StrategyEncoder(trainer, pl_module)
         with eval_mode(model):
             text = encode_texts(
-                model,
+                encoder,
                 [evalset.texts[i] for i in text_idx],
                 self.tokenizer,
                 self.batch_size,
@@ -164,7 +206,7 @@ class RetrievalCallback(pl.Callback):
                 autocast_dtype=amp,
             )
             image, valid = encode_images(
-                model,
+                encoder,
                 [evalset.images[i] for i in image_idx],
                 eval_transform(size),
                 self.batch_size,
@@ -173,9 +215,14 @@ class RetrievalCallback(pl.Callback):
                 num_workers=self.num_workers,
                 autocast_dtype=amp,
             )
-        if not bool(valid.all()):
-            bad = evalset.image_ids[image_idx[int((~valid).nonzero()[0])]]
-            raise ValueError(f"RetrievalCallback: eval image {bad!r} of {self.eval_set} cannot be decoded")
+        text, image, valid = text[:n_text], image[:n_image], valid[:n_image]
+        text_idx, image_idx = text_idx[:n_text], image_idx[:n_image]
+        # the first undecodable image of any rank, so that every rank stops (none waits in a collective)
+        local_bad = next((image_idx[i] for i in (~valid).nonzero().flatten().tolist()), len(evalset.images))
+        bad = int(trainer.strategy.reduce(torch.tensor(local_bad, device=device), reduce_op="min"))
+        if bad < len(evalset.images):
+            bad_id = evalset.image_ids[bad]
+            raise ValueError(f"RetrievalCallback: eval image {bad_id!r} of {self.eval_set} cannot be decoded")
         metric = ZeroShotRetrieval(
             evalset.text_to_images,
             num_images=len(evalset.images),

@@ -17,15 +17,22 @@ CONFIG_NAME = "config.json"
 VOCAB_NAME = "vocab.txt"
 
 
-def save_pretrained(model: DualEncoder, out_dir: str | Path, vocab_file: str | Path | None = None) -> Path:
-    """Write weights, config (and a copy of the vocabulary) into `out_dir`; returns the folder."""
+def save_pretrained(
+    model: DualEncoder,
+    out_dir: str | Path,
+    vocab_file: str | Path | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write weights, config (and a copy of the vocabulary) into `out_dir`; returns the folder.
+    `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if vocab_file is not None:
         if not Path(vocab_file).is_file():
             raise CheckpointError(f"{vocab_file}: vocabulary file not found")
         shutil.copyfile(vocab_file, out / VOCAB_NAME)
-    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    state = {name: t.detach().to("cpu").contiguous() for name, t in weights.items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
     return out

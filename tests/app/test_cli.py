@@ -79,14 +79,27 @@ def test_demo_run_logs_recall_to_csv_and_wandb_and_exports(demo_cache: Path, tmp
     assert '"mean_recall"' in evaluate.stdout
 
 
+# 47 eval images: 24 on rank 0 (2 encoder calls of 23) and 23 on rank 1 (1 call) unless the slices are padded
+UNEVEN_RETRIEVAL = ("callbacks.retrieval.max_items=47", "callbacks.retrieval.batch_size=23")
+RECALL_KEYS = [f"retrieval/{d}/r@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)] + ["retrieval/mean_recall"]
+
+
 def test_ddp_run_on_two_cpu_processes(demo_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = _cli(run_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-               "trainer.precision=32-true", "trainer.max_epochs=1", "logger=csv")
+               "trainer.precision=32-true", "trainer.max_epochs=1", "logger=csv", *UNEVEN_RETRIEVAL)
     result = _run(cmd, _env(demo_cache), timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr
-    assert len(_metric_rows(run_dir, "retrieval/mean_recall")) == 2
+    recalls = _metric_rows(run_dir, "retrieval/mean_recall")
+    assert len(recalls) == 2
+    single_dir = tmp_path / "single"
+    single = _run(_cli(single_dir, "trainer.max_steps=1", "logger=csv",
+                       *UNEVEN_RETRIEVAL), _env(demo_cache))
+    assert single.returncode == 0, single.stderr[-3000:]
+    baseline = _metric_rows(single_dir, "retrieval/mean_recall")[0]
+    assert recalls[0]["step"] == baseline["step"] == "0"
+    assert {k: float(recalls[0][k]) for k in RECALL_KEYS} == {k: float(baseline[k]) for k in RECALL_KEYS}
     folders = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
     assert folders == [".hydra", "checkpoints", "csv", "export"]
     assert not list(tmp_path.glob("outputs")), "DDP children must not create their own run folders"

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode
+from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode, rank_slice
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import load_evalset
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
@@ -127,6 +127,27 @@ def test_eval_mode_restores_each_module():
     with eval_mode(net):
         assert not any(m.training for m in net.modules())
     assert net.training and net[0].training and not net[1].training
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 47, 150])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_slices_have_one_length_and_cover_every_item_once(n, world):
+    slices = [rank_slice(n, rank, world) for rank in range(world)]
+    assert len({len(indices) for indices, _ in slices}) == 1
+    real = [i for indices, count in slices for i in indices[:count]]
+    assert sorted(real) == list(range(n))
+    assert all(0 <= i < max(n, 1) for indices, _ in slices for i in indices)
+
+
+def test_undecodable_eval_image_is_named(tmp_path):
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    write_evalset(tmp_path / "evalset", corrupt=(3,))
+    callback = RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", max_len=MAX_LEN,
+                                 progress=False)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[callback],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"eval image 'img3' of .*evalset cannot be decoded"):
+        trainer.fit(TinyModule(model))
 
 
 def test_cap_evalset(tmp_path):

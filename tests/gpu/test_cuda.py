@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ernievil2_train import load_pretrained
 from ernievil2_train.data.datamodule import trim_text_ids
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
@@ -71,3 +72,21 @@ def test_demo_training_runs_on_the_gpu(demo_cache: Path, tmp_path: Path) -> None
     assert len(recall) == 3
     assert recall[-1] > recall[0]
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_fsdp_run_evaluates_and_exports(demo_cache: Path, tmp_path: Path) -> None:
+    """FSDP on one GPU: retrieval and export go through the FSDP wrapper (its parameters are sharded)."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
+    env["ERNIEVIL2_CACHE"] = str(demo_cache)
+    cmd = [sys.executable, "-m", "ernievil2_train", "trainer=fsdp", "trainer.devices=1", "logger=csv",
+           "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "callbacks.retrieval.progress=false",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("retrieval/mean_recall")]
+    assert len(rows) == 2
+    exported = load_pretrained(run_dir / "export")
+    assert all(torch.isfinite(p).all() for p in exported.parameters())
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()  # a folder: sharded state
