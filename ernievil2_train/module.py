@@ -188,6 +188,12 @@ class ErnieVil2Module(pl.LightningModule):
             getattr(self.model, tower).eval()
         return self
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the model's architecture beside its weights (`python -m ernievil2_train.export` reads it)."""
+        from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
+
+        checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
+
     # ---- training --------------------------------------------------------------------------------------
     def _encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return encode_views(self.model, batch, self.loss_fn.config.required_features())

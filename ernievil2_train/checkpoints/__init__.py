@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from ernievil2_train.checkpoints.io import find_vocab, load_pretrained, save_pretrained
+from ernievil2_train.checkpoints.io import (
+    find_vocab,
+    load_pretrained,
+    load_training_checkpoint,
+    save_pretrained,
+)
 from ernievil2_train.checkpoints.paddle import CheckpointError, load_pdparams, read_pdparams
 
 __all__ = [
@@ -10,6 +15,7 @@ __all__ = [
     "find_vocab",
     "load_pdparams",
     "load_pretrained",
+    "load_training_checkpoint",
     "read_pdparams",
     "save_pretrained",
 ]

@@ -72,3 +72,42 @@ def find_vocab(path: str | Path) -> Path | None:
     """`path/vocab.txt` if the checkpoint folder carries a vocabulary."""
     vocab = Path(path) / VOCAB_NAME
     return vocab if vocab.is_file() else None
+
+
+MODEL_CONFIG_KEY = "model_config"  # the `DualEncoderConfig` dict that training checkpoints carry
+
+
+def load_training_checkpoint(path: str | Path) -> DualEncoder:
+    """The `DualEncoder` of a Lightning training checkpoint file (`last.ckpt`, `best-epoch*.ckpt`,
+    `hpc_ckpt_*.ckpt`), in eval mode on CPU. Read with `weights_only=True`: no code in the file runs."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: a sharded (FSDP) checkpoint folder; consolidate it into one file first with "
+            "`python -m lightning.pytorch.utilities.consolidate_checkpoint`"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not a Lightning training checkpoint (no state_dict)")
+    if MODEL_CONFIG_KEY not in checkpoint:
+        raise CheckpointError(f"{path}: no model config in the checkpoint (not written by ErnieVil2Module)")
+    try:
+        model = DualEncoder(DualEncoderConfig.from_dict(checkpoint[MODEL_CONFIG_KEY]))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: invalid model config ({err})") from None
+    weights = checkpoint["state_dict"].items()
+    state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not match its model config (missing {missing[:8]}, wrong shape {wrong[:8]})"
+        )
+    model.load_state_dict({k: state[k] for k in expected})
+    return model.eval()
