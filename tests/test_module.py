@@ -63,16 +63,20 @@ def test_fit_logs_every_term_and_clamps_temperatures():
     assert any(n.startswith("model.text.") for n in changed)
 
 
-def test_training_steps_never_wait_for_the_device():
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_steps_never_wait_for_the_device(accumulate):
     """Forward, four losses, backward, clipping, fused AdamW, schedule, clamping and logging between log
-    steps: no op that reads a device value on the host (the GPU recipe's settings, counted on CPU)."""
+    steps, with and without feature-cache accumulation: no op that reads a device value on the host (the GPU
+    recipe's settings, counted on CPU)."""
     watch = SyncWatch()
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-4, fused=True)
     loader = DataLoader(_samples(40), batch_size=8, drop_last=True,
                         collate_fn=lambda rows: {**torch.utils.data.default_collate(rows),
                                                  "skipped": torch.zeros(len(SKIP_REASONS), dtype=torch.long)})
-    trainer = _trainer(max_steps=5, callbacks=[watch], gradient_clip_val=1.0, log_every_n_steps=50)
-    trainer.fit(_module(optimizer=optimizer), train_dataloaders=loader)
+    trainer_clip, module_clip = (1.0, None) if accumulate == 1 else (None, 1.0)  # where clipping happens
+    trainer = _trainer(max_steps=5, callbacks=[watch], gradient_clip_val=trainer_clip, log_every_n_steps=50)
+    module = _module(optimizer=optimizer, accumulate_microbatches=accumulate, gradient_clip_val=module_clip)
+    trainer.fit(module, train_dataloaders=loader)
     assert watch.batches == 4
     assert dict(watch.counter.ops) == {}
 
