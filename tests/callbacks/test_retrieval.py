@@ -46,6 +46,13 @@ class TinyModule(pl.LightningModule):
         return DataLoader(torch.zeros(2, 1), batch_size=2)
 
 
+def fit_one_epoch(model: torch.nn.Module, callback: RetrievalCallback, logger=False) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, callbacks=[callback],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(model))
+    return trainer
+
+
 @pytest.fixture
 def setup(tmp_path):
     ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
@@ -144,10 +151,8 @@ def test_undecodable_eval_image_is_named(tmp_path):
     write_evalset(tmp_path / "evalset", corrupt=(3,))
     callback = RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", max_len=MAX_LEN,
                                  progress=False)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[callback],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match=r"eval image 'img3' of .*evalset cannot be decoded"):
-        trainer.fit(TinyModule(model))
+        fit_one_epoch(model, callback)
 
 
 def test_cap_evalset(tmp_path):
@@ -171,16 +176,7 @@ def test_ernie_protocol_pairs_each_text_with_its_first_image(tmp_path, setup):
         progress=False,
         at_start=False,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(TinyModule(model))
+    fit_one_epoch(model, callback)
     evalset = load_evalset(tmp_path / "evalset")
     tokenizer = ErnieTokenizer(tmp_path / "ckpt" / "vocab.txt", max_len=MAX_LEN)
     transform = eval_transform(TINY["vision"]["image_size"])
@@ -209,16 +205,7 @@ def test_wandb_table_offline(tmp_path, setup, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     model, callback, _ = setup
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=logger,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(TinyModule(model))
+    fit_one_epoch(model, callback, logger)
     run_dir = Path(logger.experiment.dir)
     logger.experiment.finish()
     tables = list(run_dir.glob("media/table/retrieval/examples*.table.json"))
