@@ -116,7 +116,8 @@ class ErnieVil2Module(pl.LightningModule):
         self.automatic_optimization = self.accumulate_microbatches == 1
         self._batch_checked = False
         self._local_size = LocalBatchSize()
-        self._last_time: float | None = None
+        self._window_start: float | None = None
+        self._window_samples = 0
         self._skipped: torch.Tensor | None = None
 
     def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
@@ -264,16 +265,28 @@ class ErnieVil2Module(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.clamp_temperatures()
+        self._log_throughput(_batch_size(batch))
+
+    def _log_throughput(self, batch_size: int) -> None:
+        """samples/s since the previous report, straight to the loggers on logging steps. Host numbers do not
+        go through `self.log`, which would copy them to the device (a host sync) in every step."""
         now = time.perf_counter()
-        if self._last_time is not None:
-            size = _batch_size(batch)
-            per_device = size / max(now - self._last_time, 1e-9)
-            self.log("train/samples_per_s_per_device", per_device, batch_size=size)
-            self.log("train/samples_per_s", per_device * world()[1], batch_size=size)
-        self._last_time = now
+        if self._window_start is None:  # the first batch (start-up, compilation) is not timed
+            self._window_start, self._window_samples = now, 0
+            return
+        self._window_samples += batch_size
+        step = self.trainer.global_step
+        if step % self.trainer.log_every_n_steps or not self.loggers:
+            return
+        per_device = self._window_samples / max(now - self._window_start, 1e-9)
+        total = per_device * world()[1]
+        metrics = {"train/samples_per_s_per_device": per_device, "train/samples_per_s": total}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+        self._window_start, self._window_samples = now, 0
 
     def on_train_epoch_start(self) -> None:
-        self._last_time = None
+        self._window_start = None
         self._skipped = None
 
     def on_train_epoch_end(self) -> None:

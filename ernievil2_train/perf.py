@@ -25,6 +25,7 @@ _SYNC_OPS = {
     aten.unique_consecutive,
     aten.unique_dim,
     aten.repeat_interleave,
+    aten.lift_fresh,  # torch.tensor(data, device=...): a blocking copy from host memory to the device
 }
 _BOOL_INDEX_OPS = {aten.index, aten.index_put, aten.index_put_}  # x[mask], x[mask] = v
 
@@ -128,9 +129,10 @@ def peak_memory_bytes(device: torch.device) -> int | None:
 class HostSyncCounter(TorchDispatchMode):
     """Counts, by op name, the operations run inside it that wait for the device on CUDA: reading a value
     (`.item()`, `bool(t)`, `int(t)`), data-dependent shapes (`nonzero`, boolean-mask indexing,
-    `masked_select`, `unique`, `repeat_interleave`) and `torch.equal`. Works on any device, so a CPU run
-    shows which syncs a GPU run of the same code would have. Device-to-host copies (`.cpu()`) are not
-    counted: on CPU they cannot be told apart from other copies.
+    `masked_select`, `unique`, `repeat_interleave`), `torch.equal`, and `torch.tensor(data)` (a blocking copy
+    from host memory when the target is a GPU; `lift_fresh`). Works on any device, so a CPU run shows which
+    syncs a GPU run of the same code would have. Other copies between host and device (`.cpu()`, `.to()`) are
+    not counted: on CPU they cannot be told apart from copies that stay on one device.
     """
 
     def __init__(self) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ernievil2_train.data.datamodule import SKIP_REASONS
@@ -41,20 +44,25 @@ def _module(**kwargs) -> ErnieVil2Module:
     return ErnieVil2Module(tiny_model(seed=0), **kwargs)
 
 
-def test_fit_logs_every_term_and_clamps_temperatures():
+def test_fit_logs_every_term_and_clamps_temperatures(tmp_path):
     module = _module(scheduler={"warmup_steps": 1})
     with torch.no_grad():
         module.model.logit_scale.fill_(7.0)  # above ln 100
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    _trainer(gradient_clip_val=1.0).fit(module, train_dataloaders=_loader())
+    logger = CSVLogger(tmp_path)
+    trainer = _trainer(gradient_clip_val=1.0, logger=logger, log_every_n_steps=1)
+    trainer.fit(module, train_dataloaders=_loader())
     metrics = module.trainer.callback_metrics
     for pair in ALL_PAIRS:
         for name in (f"train/loss_{pair}", f"train/acc_{pair}", f"train/scale_{pair}"):
             assert name in metrics, name
             assert torch.isfinite(metrics[name]), name
     assert 0.0 < metrics["train/loss"].item() < 50
-    assert metrics["train/samples_per_s"].item() > 0
-    assert metrics["train/samples_per_s_per_device"].item() > 0
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("train/samples_per_s")]
+    assert [r["step"] for r in rows] == ["2", "3"]  # every step after the first (start-up is not timed)
+    for row in rows:
+        assert float(row["train/samples_per_s"]) == float(row["train/samples_per_s_per_device"]) > 0
     assert module.model.logit_scale.item() <= MAX_LOG_SCALE + 1e-6
     assert all(0.0 <= p.item() <= MAX_LOG_SCALE for p in module.loss_fn.log_scales.values())
     assert 99.0 < metrics["train/scale_image_caption"].item() <= 100.0 + 1e-3  # clamped from e^7 after step 1
@@ -114,9 +122,11 @@ def test_host_sync_counter_sees_reads_and_data_dependent_shapes():
         y = x[x > 2].sum()
         y.backward()
         bool(y > 0)
-        torch.nn.functional.normalize(x, dim=0)
-    # x[mask] forward (index) and backward (index_put), then bool(y > 0)
-    assert counter.ops == {"aten.index": 1, "aten.index_put": 1, "aten._local_scalar_dense": 1}
+        torch.nn.functional.normalize(x, dim=0) * torch.tensor(2.0)
+        torch.full((), 2.0)
+    # x[mask] forward (index) and backward (index_put), bool(y > 0), torch.tensor (a copy from host memory)
+    expected = {"aten.index": 1, "aten.index_put": 1, "aten._local_scalar_dense": 1, "aten.lift_fresh": 1}
+    assert counter.ops == expected
 
 
 def test_feature_cache_under_trainer_matches_one_pass():

@@ -73,16 +73,21 @@ ALL_PAIRS = {"image_caption": 1.0, "image_tags": 0.5, "image_image": 0.25, "text
 
 
 class SyncWatch(pl.Callback):
-    """Counts host syncs from the start of batch 1 to the end of training (batch 0 sets things up)."""
+    """Counts host syncs from the start of batch 1 (batch 0 sets things up) to the end of the first epoch,
+    before the epoch-end hooks."""
 
     def __init__(self) -> None:
         self.counter = HostSyncCounter()
         self.batches = 0
+        self.active = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == 1:
+        if batch_idx == 1 and trainer.current_epoch == 0:
             self.counter.__enter__()
-        self.batches += batch_idx >= 1
+            self.active = True
+        self.batches += self.active
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.counter.__exit__(None, None, None)
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.active:
+            self.counter.__exit__(None, None, None)
+            self.active = False

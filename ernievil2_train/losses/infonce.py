@@ -149,7 +149,7 @@ def symmetric_infonce(
     loss_ab, hits_ab = _direction(rows_a, cols_b, scale, labels, positives, col_valid)
     loss_ba, hits_ba = _direction(rows_b, cols_a, scale, labels, positives, col_valid)
     if valid is None:
-        n_valid = torch.tensor(float(n), device=rows_a.device)
+        n_valid = torch.full((), float(n), dtype=loss_ab.dtype, device=rows_a.device)  # no host copy
         local_valid = torch.ones(b, dtype=torch.bool, device=rows_a.device)
     else:
         n_valid = valid.sum().to(loss_ab.dtype)
