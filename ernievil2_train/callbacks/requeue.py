@@ -21,7 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class SlurmRequeue(pl.Callback):
-    """On `signal_name` inside a SLURM job: save at the next step boundary, `scontrol requeue`, stop."""
+    """On `signal_name` inside a SLURM job: save at the next step boundary, `scontrol requeue`, stop.
+
+    With several ranks the signal is checked every `check_every_n_steps` steps (all ranks agree on it with a
+    collective); a single process checks its flag after every step at no cost."""
 
     def __init__(self, signal_name: str = "SIGUSR1", check_every_n_steps: int = 1) -> None:
         self.signum = signal.Signals[signal_name]
@@ -51,9 +54,15 @@ class SlurmRequeue(pl.Callback):
             self._previous = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._previous is None or trainer.global_step % self.check_every_n_steps:
+        if self._previous is None:
             return
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if trainer.world_size == 1:
+            if not self.requested:
+                return
+        # ranks agree on the decision with a collective (and a host sync): only every n steps
+        elif trainer.global_step % self.check_every_n_steps or not trainer.strategy.reduce_boolean_decision(
+            self.requested, all=False
+        ):
             return
         path = Path(trainer.default_root_dir) / f"hpc_ckpt_{self._next_index(trainer)}.ckpt"
         trainer.save_checkpoint(path)
