@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -112,3 +113,26 @@ def test_gradient_checkpointing_toggles() -> None:
         torch.testing.assert_close(a, b)
     tower.set_grad_checkpointing(False)
     assert not tower.grad_checkpointing
+
+
+@pytest.mark.slow
+def test_compiled_tower_takes_every_trimmed_length():
+    """Batches trimmed to different lengths: a static graph, then one with a dynamic length; eager outputs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _tower()
+    compiled = _tower()
+    compiled.compile()
+    generator = torch.Generator().manual_seed(0)
+    for length in (8, 16, 8, 16):
+        ids = torch.randint(4, CFG.vocab_size, (3, length), generator=generator)
+        ids[0, length // 2 :] = 0  # one padded row
+        with torch.no_grad():
+            expected = eager(ids).pooler_output
+            got = compiled(ids).pooler_output
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
