@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader
 
 from ernievil2_train.config_checks import ConfigError, check_config
 from ernievil2_train.resolvers import register_resolvers
@@ -127,3 +130,33 @@ def test_slurm_launcher_config_composes(demo_cache: Path) -> None:
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == cfg.trainer.devices
     assert launcher.signal_delay_s > 0
+
+
+class _RecallByEpoch(pl.LightningModule):
+    """Logs a made-up `retrieval/mean_recall` per epoch (best in epoch 1) while training one weight."""
+
+    RECALL = (0.5, 0.7, 0.6)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch.sum()) ** 2
+
+    def on_train_epoch_end(self) -> None:
+        self.log("retrieval/mean_recall", self.RECALL[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_checkpoints_keep_the_best_and_the_last_epoch(tmp_path):
+    """The configured checkpoint callbacks: `best-*` follows the monitor, `last.ckpt` is always the newest."""
+    cfg = _compose([], tmp_path)
+    callbacks = [instantiate(cfg.callbacks[name]) for name in ("model_checkpoint", "last_checkpoint")]
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=callbacks,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_RecallByEpoch(), train_dataloaders=DataLoader(torch.ones(4, 1), batch_size=2))
+    saved = {p.name: torch.load(p, weights_only=True)["epoch"] for p in (tmp_path / "checkpoints").iterdir()}
+    assert saved == {"best-epoch001.ckpt": 1, "last.ckpt": 2}
