@@ -60,8 +60,8 @@ class LocalBatchSize:
 
     The first call compares the sizes of all ranks with one tiny all-gather (which waits for the device);
     later calls only compare the local size with that first one on the host. Ranks that all keep their
-    first size keep equal sizes, and a rank whose size changes stops with a clear error before any
-    collective could hang on mismatched shapes.
+    first size keep equal sizes; a rank whose size changes stops with a clear error instead of entering the
+    all-gathers with a mismatched shape.
     """
 
     def __init__(self) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ernievil2_train.accumulation import feature_cache_step, split_batch
+from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.distributed import LocalBatchSize, world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
@@ -191,8 +192,6 @@ class ErnieVil2Module(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the model's architecture beside its weights (`python -m ernievil2_train.export` reads it)."""
-        from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
-
         checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
 
     # ---- training --------------------------------------------------------------------------------------
