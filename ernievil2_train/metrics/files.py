@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ernievil2_train.metrics.floats import parse_ascii, parse_floats
+from ernievil2_train.metrics.floats import parse_floats, parse_padded, read_padded
 
 
 class EvalInputError(ValueError):
@@ -57,39 +57,36 @@ def _vectors(fields: list[str], path: Path, what: str, column: int) -> np.ndarra
     return values.reshape(len(fields), dim)
 
 
-def _embeddings_fast(raw: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-    """Whole-file vectorised read of a regular ASCII file; None when anything is off (the line-by-line
-    reader then finds and reports the problem)."""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    if not body or not body.isascii() or b"\r" in body:
-        return None
-    data = np.frombuffer(body, dtype=np.uint8)
-    breaks = np.flatnonzero((data == 9) | (data == 10))
-    if breaks.size % 3 != 2:
-        return None
-    n = (breaks.size + 1) // 3
-    kinds = np.append(data[breaks], 10).reshape(n, 3)
-    if not (np.all(kinds[:, :2] == 9) and np.all(kinds[:, 2] == 10)):
-        return None
-    bounds = np.concatenate(([0], breaks, [data.size]))
-    spaces = np.diff(np.searchsorted(np.flatnonzero(data == 32), bounds)).reshape(n, 3)
-    dim_text, dim_image = int(spaces[0, 0]) + 1, int(spaces[0, 1]) + 1
-    if (spaces[:, 0] != dim_text - 1).any() or (spaces[:, 1] != dim_image - 1).any() or spaces[:, 2].any():
-        return None
-    if dim_text != dim_image:
+def _embeddings_fast(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Whole-file vectorised read of a regular file; None when anything is off (the line-by-line reader
+    then finds and reports the problem)."""
+    buf, lo, hi = read_padded(path)
+    if hi > lo and buf[hi - 1] == 10:
+        hi -= 1
+    if hi == lo:
         return None
     try:
-        values = parse_ascii(body).reshape(n, 2 * dim_text + 1)
+        values, kinds = parse_padded(buf, lo, hi)
     except ValueError:
         return None
-    return np.ascontiguousarray(values[:, :dim_text]), np.ascontiguousarray(values[:, dim_text:-1])
+    kinds[-1] = 10
+    per_line = int(np.argmax(kinds == 10)) + 1  # tokens of line 1: text_vec, image_vec, idx
+    dim = (per_line - 1) // 2
+    if dim < 1 or per_line != 2 * dim + 1 or kinds.size % per_line:
+        return None
+    expected = np.full(per_line, 32, dtype=np.uint8)
+    expected[[dim - 1, 2 * dim - 1, 2 * dim]] = 9, 9, 10
+    if not (kinds.reshape(-1, per_line) == expected).all():
+        return None
+    values = values.reshape(-1, per_line)
+    return values[:, :dim], values[:, dim:-1]  # views: the scoring reads them in place
 
 
 def read_embeddings_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a `run_infer` file (`text_vec \\t image_vec \\t idx` per line) into float32 text, image arrays."""
     path = Path(path)
     if path.is_file():
-        fast = _embeddings_fast(path.read_bytes())
+        fast = _embeddings_fast(path)
         if fast is not None:
             return fast
     lines = _read_lines(path)

@@ -1,24 +1,32 @@
-"""Fast parsing of space-separated decimal floats, bit-identical to `float()` followed by a float32 cast.
+"""Fast parsing of separated decimal floats, bit-identical to `float()` followed by a float32 cast.
 
-Plain decimals (`-0.0123`, `12.5`, `3`) are parsed vectorised: each token's digits are aligned on its
-decimal point, read as one exact integer (at most 15 digits, so exact in float64) and divided once by a power
-of ten. Both operands are exact, so the IEEE division is correctly rounded, exactly like `float()` (Clinger's
-fast path). Anything else (exponents, long mantissas, `nan`, malformed text) goes through `float()` itself.
+Tokens are separated by single spaces, tabs or newlines. Plain decimals (`-0.0123`, `12.5`, `3`) are
+parsed vectorised: each token's 16-byte window is aligned on its decimal point, its digits are checked
+and read as one exact integer (at most 15 digits, so exact in float64) and divided once by a power of
+ten. Both operands are exact, so the IEEE division is correctly rounded, exactly like `float()`
+(Clinger's fast path). Anything else (exponents, long mantissas, `nan`, malformed text) goes through
+`float()` itself.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 INT_DIGITS = 3  # digits before the point handled by the fast path
 FRAC_DIGITS = 12  # digits after it: every mantissa has at most 15 digits, below 2**53
-_WIDTH = INT_DIGITS + 1 + FRAC_DIGITS  # 16 bytes: two little-endian uint64 lanes "ddd.ffff" "ffffffff"
-BLOCK_BYTES = 1 << 23
+PAD = INT_DIGITS + 1 + FRAC_DIGITS  # 16 bytes: two little-endian uint64 lanes "ddd.ffff" "ffffffff"
+BLOCK_BYTES = 1 << 21  # per-block temporaries stay in a core's cache
+_MINUS, _DOT = 45, 46
+_SEPARATOR_BELOW = 43  # '+': every byte below it is taken for a separator, then checked to be one
 _ZEROS = np.uint64(0x3030303030303030)
+_HIGH_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
+_PLUS_SIX = np.uint64(0x0606060606060606)
 
 
 def _byte_mask(lo: int, hi: int, base: int) -> int:
@@ -26,111 +34,172 @@ def _byte_mask(lo: int, hi: int, base: int) -> int:
     return sum(0xFF << (8 * k) for k in range(8) if lo <= base + k < hi and base + k != INT_DIGITS)
 
 
-# Indexed by (first digit offset, end offset) inside the 16-byte window.
-_MASK_A = np.array([[_byte_mask(lo, hi, 0) for hi in range(_WIDTH + 1)] for lo in range(INT_DIGITS + 1)],
+# Indexed by first digit offset * (PAD + 1) + end offset in the 16-byte window (lane A), or end offset (B).
+_MASK_A = np.array([_byte_mask(lo, hi, 0) for lo in range(INT_DIGITS + 1) for hi in range(PAD + 1)],
                    dtype=np.uint64)
-_MASK_B = np.array([_byte_mask(0, hi, 8) for hi in range(_WIDTH + 1)], dtype=np.uint64)
+_MASK_B = np.array([_byte_mask(0, hi, 8) for hi in range(PAD + 1)], dtype=np.uint64)
+_FILL_A, _FILL_B = _ZEROS & ~_MASK_A, _ZEROS & ~_MASK_B
 
 
-def _owner(starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Index of the token containing each byte position."""
-    return np.searchsorted(starts, positions, side="right") - 1
+class _Irregular(Exception):
+    """A byte below '+' that is not a separator: the block needs the general reader."""
 
 
-def _eight_digits(lane: np.ndarray) -> np.ndarray:
-    """Value of 8 ASCII digits per uint64 (first digit in the lowest byte), by SWAR multiply-shift."""
+def _digits(
+    lanes: np.ndarray, at: np.ndarray, mask: np.ndarray, fill: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 window bytes at `at`, with bytes outside `mask` read as '0'; and whether all are ASCII digits."""
+    lane = lanes[at]
+    lane &= mask
+    lane |= fill
+    ok = (lane & _HIGH_NIBBLES) == _ZEROS
+    ok &= ((lane + _PLUS_SIX) & _HIGH_NIBBLES) == _ZEROS
+    return lane, ok
+
+
+def _four_digit_pairs(lane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of the first and last 4 ASCII digits of each uint64 (first digit in the lowest byte)."""
     v = (lane & np.uint64(0x0F0F0F0F0F0F0F0F)) * np.uint64(2561) >> np.uint64(8)
     v = (v & np.uint64(0x00FF00FF00FF00FF)) * np.uint64(6553601) >> np.uint64(16)
-    return (v & np.uint64(0x0000FFFF0000FFFF)) * np.uint64(42949672960001) >> np.uint64(32)
+    low16 = np.uint64(0xFFFF)
+    return (v & low16).astype(np.float64), ((v >> np.uint64(32)) & low16).astype(np.float64)
 
 
 def _fast_values(lanes: np.ndarray, starts: np.ndarray, ends: np.ndarray, dots: np.ndarray,
                  signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Values of plain-decimal tokens and a mask of the tokens the fast path cannot take."""
-    digit_start = starts + signed
-    num_digits = ends - digit_start - (dots < ends)
     origin = dots - INT_DIGITS
-    slow = (num_digits == 0) | (digit_start < origin) | (ends > origin + _WIDTH)
+    first = starts + signed - origin  # first digit's offset in the window
+    end = ends - origin
+    slow = (first < 0) | (end > PAD) | (end - first - (dots < ends) <= 0)
     origin[slow] = 0
-    mask_a = _MASK_A[np.clip(digit_start - origin, 0, INT_DIGITS), np.clip(ends - origin, 0, _WIDTH)]
-    mask_b = _MASK_B[np.clip(ends - origin, 0, _WIDTH)]
-    a = _eight_digits((lanes[origin] & mask_a) | (_ZEROS & ~mask_a))  # "ddd0ffff"
-    b = _eight_digits((lanes[origin + 8] & mask_b) | (_ZEROS & ~mask_b))  # "ffffffff"
-    mantissa = (a // np.uint64(100_000)) * np.uint64(10**12) + (a % np.uint64(10_000)) * np.uint64(10**8) + b
-    values = mantissa.astype(np.float64) / 10.0**FRAC_DIGITS
-    return np.where(signed.astype(bool), -values, values), slow
+    first[slow] = 0
+    end[slow] = 0
+    first *= PAD + 1
+    first += end
+    a, ok = _digits(lanes, origin, _MASK_A.take(first), _FILL_A.take(first))  # "ddd0ffff"
+    origin += 8
+    b, ok_b = _digits(lanes, origin, _MASK_B.take(end), _FILL_B.take(end))  # "ffffffff"
+    slow |= ~(ok & ok_b)
+    int_part, frac_high = _four_digit_pairs(a)  # "ddd0" = 10 * the integer part, "ffff"
+    frac_low_high, frac_low_low = _four_digit_pairs(b)
+    values = int_part * 1e11  # every partial sum is an integer below 1e15: exact
+    values += frac_high * 1e8
+    values += frac_low_high * 1e4
+    values += frac_low_low
+    values /= 10.0**FRAC_DIGITS
+    np.copysign(values, 0.5 - signed, out=values)  # negative where the token has a sign
+    return values, slow
 
 
-def _first_dot(buf: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Offset of the first '.' among each token's first INT_DIGITS + 2 bytes (a sign, the integer digits and
-    the point), or _WIDTH if there is none there."""
-    offset = np.full(starts.size, _WIDTH, dtype=np.int64)
-    for k in range(INT_DIGITS + 1, -1, -1):  # the smallest offset is written last
-        offset[buf[starts + k] == 46] = k
-    return offset
+def _dots(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, signed: np.ndarray) -> np.ndarray:
+    """Position of each token's decimal point, or its end if there is none in its first INT_DIGITS + 2 bytes.
+
+    Most tokens are "d.ddd" or "-d.ddd", so that place is tried first; the others are searched. A wrong
+    guess only costs speed: the digit check then sends the token to `float()`.
+    """
+    dots = starts + signed
+    dots += 1
+    missed = np.flatnonzero(buf[dots] != _DOT)
+    if missed.size:
+        head = starts[missed]
+        found = ends[missed]
+        for k in range(INT_DIGITS + 1, -1, -1):  # the smallest offset is written last
+            at = head + k
+            hit = buf[at] == _DOT
+            found[hit] = at[hit]
+        dots[missed] = found
+    np.minimum(dots, ends, out=dots)
+    return dots
+
+
+def _parse_block(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 values, the separator byte after each token) of the tokens in buf[lo:hi]; buf[hi] must be
+    a separator or padding, and PAD bytes either side of the block must be readable."""
+    seps = np.flatnonzero(buf[lo:hi] < _SEPARATOR_BELOW)
+    seps += lo
+    seps = np.append(seps, hi)
+    kinds = buf[seps]
+    if not ((kinds == 32) | (kinds == 9) | (kinds == 10)).all():
+        raise _Irregular
+    starts = np.empty_like(seps)
+    starts[0] = lo
+    starts[1:] = seps[:-1] + 1
+    lanes = np.ndarray(shape=(buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))
+    signed = (buf[starts] == _MINUS).view(np.int8).astype(np.int64)
+    dots = _dots(buf, starts, seps, signed)
+    values, slow = _fast_values(lanes, starts, seps, dots, signed)
+    for t in np.flatnonzero(slow).tolist():
+        values[t] = float(buf[starts[t] : seps[t]].tobytes().decode())
+    return values.astype(np.float32), kinds
+
+
+def _parse_general(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same by `float()` on every token, for blocks with other bytes below '+' (such as CR)."""
+    text = buf[lo:hi].tobytes()
+    tokens = re.split(rb"[ \t\n]", text)
+    kinds = np.array([text[m.start()] for m in re.finditer(rb"[ \t\n]", text)] + [buf[hi]], dtype=np.uint8)
+    values = np.array([float(t.decode()) for t in tokens], dtype=np.float64)
+    return values.astype(np.float32), kinds
+
+
+def _parse(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return _parse_block(buf, lo, hi)
+    except _Irregular:
+        return _parse_general(buf, lo, hi)
+
+
+def _separators(window: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((window == 32) | (window == 9) | (window == 10))
+
+
+def parse_padded(
+    buf: np.ndarray, lo: int, hi: int, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse the numbers in uint8 `buf[lo:hi]` into float32 (ValueError on a bad token).
+
+    `buf` holds PAD space bytes before `lo` and after `hi`. Returns the values and, per token, the separator
+    byte that follows it (the last token's is `buf[hi]`). The text is cut at separators into blocks of about
+    `BLOCK_BYTES`, parsed by a thread pool (numpy releases the GIL in the heavy steps).
+    """
+    cuts = [lo]
+    while hi - cuts[-1] > BLOCK_BYTES:
+        window = buf[cuts[-1] + BLOCK_BYTES : hi]
+        found = _separators(window[:4096])
+        if found.size == 0:
+            found = _separators(window)
+        if found.size == 0:
+            break
+        cuts.append(cuts[-1] + BLOCK_BYTES + int(found[0]) + 1)
+    blocks = [(a, b - 1) for a, b in itertools.pairwise(cuts)] + [(cuts[-1], hi)]
+    if len(blocks) == 1:
+        return _parse(buf, lo, hi)
+    with ThreadPoolExecutor(threads or min(os.cpu_count() or 1, 8)) as pool:
+        parts = list(pool.map(lambda block: _parse(buf, *block), blocks))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def padded(raw: bytes) -> tuple[np.ndarray, int, int]:
+    """`raw` as a uint8 array with PAD spaces either side, and the bounds of `raw` in it."""
+    buf = np.full(len(raw) + 2 * PAD, 32, dtype=np.uint8)
+    buf[PAD : PAD + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    return buf, PAD, PAD + len(raw)
+
+
+def read_padded(path: Path) -> tuple[np.ndarray, int, int]:
+    """A file's bytes read straight into a padded uint8 array (no copy), and their bounds in it."""
+    size = path.stat().st_size
+    buf = np.empty(size + 2 * PAD, dtype=np.uint8)
+    with path.open("rb") as fh:
+        got = fh.readinto(memoryview(buf)[PAD : PAD + size])
+    buf[:PAD] = 32
+    buf[PAD + got :] = 32
+    return buf, PAD, PAD + got
 
 
 def parse_floats(text: str, threads: int | None = None) -> np.ndarray:
     """Parse `text` (numbers separated by single spaces) into float32; ValueError on any bad token."""
     if not text.isascii():
         return np.array([float(t) for t in text.split(" ")], dtype=np.float64).astype(np.float32)
-    return parse_ascii(text.encode("ascii"), threads)
-
-
-def parse_ascii(raw: bytes, threads: int | None = None) -> np.ndarray:
-    """Parse ASCII numbers separated by single spaces, tabs or newlines into float32 (ValueError if bad).
-
-    The input is cut at separators into blocks of about `BLOCK_BYTES`, parsed by a thread pool (numpy
-    releases the GIL in the heavy steps), so temporaries stay small and both cores work.
-    """
-    # Padded on both sides so every token's 16-byte window lies inside the buffer.
-    padded = b" " * _WIDTH + raw + b" " * _WIDTH
-    cuts = [_WIDTH]
-    end = _WIDTH + len(raw)
-    while end - cuts[-1] > BLOCK_BYTES:
-        pos = cuts[-1] + BLOCK_BYTES
-        cut = min((c for c in (padded.find(sep, pos, end) for sep in (b" ", b"\t", b"\n")) if c >= 0),
-                  default=-1)
-        if cut < 0:
-            break
-        cuts.append(cut + 1)
-    blocks = [(padded, lo, hi - 1) for lo, hi in itertools.pairwise(cuts)] + [(padded, cuts[-1], end)]
-    if len(blocks) == 1:
-        return _parse_block(*blocks[0])
-    with ThreadPoolExecutor(threads or min(os.cpu_count() or 1, 8)) as pool:
-        return np.concatenate(list(pool.map(lambda block: _parse_block(*block), blocks)))
-
-
-def _parse_block(padded: bytes, lo: int, hi: int) -> np.ndarray:
-    """Parse the tokens in padded[lo:hi]; all positions are offsets into `padded`."""
-    buf = np.frombuffer(padded, dtype=np.uint8)
-    body = buf[lo:hi]
-    is_sep = (body == 32) | (body == 9) | (body == 10)
-    seps = np.flatnonzero(is_sep) + lo
-    starts = np.concatenate(([lo], seps + 1))
-    ends = np.concatenate((seps, [hi]))
-    ntok = starts.size
-    lanes = np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
-    num_dots = int(np.count_nonzero(body == 46))
-    offset = _first_dot(buf, starts)
-    has_dot = offset < ends - starts
-    slow = np.zeros(ntok, dtype=bool)
-    if int(np.count_nonzero(has_dot)) == num_dots:
-        dots = np.where(has_dot, starts + offset, ends)
-    else:  # a token with two dots, or a dot further in: locate every dot exactly
-        dots = ends.copy()
-        dot_pos = np.flatnonzero(body == 46) + lo
-        dot_tok = _owner(starts, dot_pos)
-        dots[dot_tok] = dot_pos
-        slow[dot_tok[np.flatnonzero(np.diff(dot_tok) == 0)]] = True
-    bad = (body > 57) | (body < 45) & ~is_sep | (body == 47)
-    slow[_owner(starts, np.flatnonzero(bad) + lo)] = True
-    minus = np.flatnonzero(body == 45) + lo
-    before = buf[minus - 1]
-    slow[_owner(starts, minus[(before != 32) & (before != 9) & (before != 10)])] = True  # '-' inside
-    signed = (buf[starts] == 45).astype(np.int64)
-    values, fast_slow = _fast_values(lanes, starts, ends, dots, signed)
-    slow |= fast_slow
-    for t in np.flatnonzero(slow).tolist():
-        values[t] = float(padded[starts[t] : ends[t]].decode())
-    return values.astype(np.float32)
+    return parse_padded(*padded(text.encode("ascii")), threads=threads)[0]

@@ -8,7 +8,9 @@ strictly greater than the score of its (best) correct candidate, so ties favour 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -16,7 +18,8 @@ from torch import Tensor
 
 KS = (1, 5, 10)
 DEFAULT_CHUNK_SIZE = 4096
-COMPARE_ROWS = 256
+COMPARE_ROWS = 32
+PARALLEL_COMPARE = 1 << 22  # scores per chunk from which the CPU compare passes use all threads
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -79,6 +82,19 @@ def positive_pairs(text_to_images: Sequence[Sequence[int]], num_images: int) -> 
     return torch.tensor(texts, dtype=torch.long), torch.tensor(images, dtype=torch.long)
 
 
+def _compare(scores: Tensor, start: int, blocks: Sequence[int], best_text: Tensor, best_image: Tensor,
+             text_rank: Tensor) -> Tensor:
+    """Count, over the row blocks of one chunk of scores, the candidates that beat each text's best positive
+    (written into `text_rank`) and each image's (returned). Cache-sized blocks: two cheap passes each."""
+    image_count = torch.zeros(scores.shape[1], dtype=torch.int32, device=scores.device)
+    for u in blocks:
+        block = scores[u : u + COMPARE_ROWS]
+        rows = slice(start + u, start + u + block.shape[0])
+        text_rank[rows] = (block > best_text[rows, None]).sum(1, dtype=torch.int32)
+        image_count += (block > best_image[None, :]).sum(0, dtype=torch.int32)
+    return image_count
+
+
 def rank_positives(
     text_emb: Tensor,
     image_emb: Tensor,
@@ -112,17 +128,24 @@ def rank_positives(
         text_rank = torch.empty(num_texts, dtype=torch.int32, device=device)
         image_rank = torch.zeros(num_images, dtype=torch.int32, device=device)
         image_t = image_emb.T
-        for c, start in enumerate(range(0, num_texts, chunk_size)):
-            with _cpu_threads(device, threads), _full_float32():
-                scores = text_emb[start : start + chunk_size] @ image_t
-            lo, hi = bounds[c], bounds[c + 1]
-            scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
-            # Cache-sized row blocks: two cheap passes instead of large boolean temporaries.
-            for u in range(0, scores.shape[0], COMPARE_ROWS):
-                block = scores[u : u + COMPARE_ROWS]
-                rows = slice(start + u, start + u + block.shape[0])
-                text_rank[rows] = (block > best_text[rows, None]).sum(1, dtype=torch.int32)
-                image_rank += (block > best_image[None, :]).sum(0, dtype=torch.int32)
+        workers = threads if device.type == "cpu" else 1
+        with ThreadPoolExecutor(max(workers - 1, 1)) as helpers:
+            for c, start in enumerate(range(0, num_texts, chunk_size)):
+                with _cpu_threads(device, threads), _full_float32():
+                    scores = text_emb[start : start + chunk_size] @ image_t
+                lo, hi = bounds[c], bounds[c + 1]
+                scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
+                row_blocks = list(range(0, scores.shape[0], COMPARE_ROWS))
+                # Large CPU chunks: one slice of row blocks per thread (this one and helpers), one-thread ops.
+                parallel = scores.numel() >= PARALLEL_COMPARE
+                parts = np.array_split(row_blocks, workers) if parallel else [row_blocks]
+                compare = functools.partial(
+                    _compare, scores, start, best_text=best_text, best_image=best_image, text_rank=text_rank
+                )
+                helped = [helpers.submit(compare, part) for part in parts[1:]]
+                image_rank += compare(parts[0])
+                for counts in helped:
+                    image_rank += counts.result()
         image_rank[torch.isinf(best_image)] = -1
         return text_rank.long(), image_rank.long()
 

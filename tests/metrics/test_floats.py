@@ -26,12 +26,34 @@ def tokens(seed: int, n: int) -> list[str]:
     return out
 
 
+def no_general_reader(*args):
+    raise AssertionError("the general reader was used")
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_identical_to_float(seed):
+def test_identical_to_float(seed, monkeypatch):
+    monkeypatch.setattr(floats, "_parse_general", no_general_reader)
     toks = tokens(seed, 20000)
     for part in (toks, toks[:1], toks[:7], ["6.5"], ["-7"]):
         got = parse_floats(" ".join(part), threads=1)
         assert np.array_equal(got.view(np.uint32), reference(part).view(np.uint32))
+
+
+def test_blocks_with_other_bytes_take_the_general_reader(monkeypatch):
+    toks = tokens(3, 2000)
+    toks[::500] = ["7\r"] * len(toks[::500])  # float() strips the carriage return
+    monkeypatch.setattr(floats, "BLOCK_BYTES", 1000)  # most blocks are regular, a few are not
+    general, reader = [], floats._parse_general
+    monkeypatch.setattr(floats, "_parse_general", lambda *a: general.append(a) or reader(*a))
+    text = " ".join(toks)
+    assert np.array_equal(parse_floats(text, threads=2).view(np.uint32), reference(toks).view(np.uint32))
+    assert 0 < len(general) < len(text) // 1000 / 2
+
+
+def test_separator_after_each_token():
+    values, kinds = floats.parse_padded(*floats.padded(b"1.5 -2\t3\n4 +5\t6"))
+    assert values.tolist() == [1.5, -2.0, 3.0, 4.0, 5.0, 6.0]
+    assert kinds.tolist() == [32, 9, 10, 32, 9, 32]  # the last one is the padding after the text
 
 
 def test_threads_give_the_same_result(monkeypatch):

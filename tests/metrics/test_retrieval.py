@@ -54,6 +54,28 @@ def test_ernie_protocol_matches_dense_reference_with_ties(n):
     assert ernie_protocol(text, image, chunk_size=16, device="cpu") == expected
 
 
+def test_parallel_compare_passes_give_the_same_numbers(monkeypatch):
+    """Large chunks split their compare passes over threads; force that on a small, tie-heavy case."""
+    from ernievil2_train.metrics import retrieval
+
+    rng = np.random.default_rng(5)
+    text, image = quantised(rng, 150), quantised(rng, 150)
+    image[::3] = text[::3]
+    positives = many_to_many(rng, 150, 150)
+    expected = (dense_reference(text, image, [[i] for i in range(150)]),
+                dense_reference(text, image, positives))
+    monkeypatch.setattr(retrieval, "PARALLEL_COMPARE", 0)
+    monkeypatch.setattr(retrieval, "COMPARE_ROWS", 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = (ernie_protocol(text, image, chunk_size=64, device="cpu"),
+               any_positive(text, image, positives, chunk_size=64, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert got == expected
+
+
 def test_ties_favour_the_correct_item():
     text = np.ones((4, 3), np.float32)
     image = np.ones((4, 3), np.float32)
