@@ -7,6 +7,10 @@ Epochs are virtual: each worker yields `ceil(batches_per_rank / num_workers)` ba
 repeats as needed), so every rank sees exactly `len(train_dataloader())` batches and DDP never waits on a
 rank that ran out of data.
 
+Every pass is a function of (seed, epoch, rank, worker): the shard order, the sample shuffle and the
+augmentations are re-seeded from them when a worker starts an epoch, so a run resumed at epoch e reads epoch e
+exactly as the uninterrupted run would have (from its start: streams cannot seek mid-epoch).
+
 Skipped samples. Bad data never stops the stream: every failure is counted per reason (`SKIP_REASONS`) in the
 worker process where it happens, by the same `SkipCounter` the collate of that worker uses, and each batch
 carries `batch["skipped"]`: LongTensor[len(SKIP_REASONS)], the skips that worker saw since its previous
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -232,14 +238,82 @@ def _rank_and_world(trainer: Any) -> tuple[int, int]:
     return 0, 1
 
 
-class _WorkerInit:
-    """Seed Python's `random` per (rank, worker): augmentation streams differ across ranks and workers."""
+class DataEpoch:
+    """The epoch a training loader is about to read, shared with its worker processes."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("i", -1, lock=False)
 
-    def __call__(self, worker_id: int) -> None:
-        random.seed(torch.initial_seed() + 1_000_003 * self.rank)
+    @property
+    def value(self) -> int:
+        return self._value.value
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._value.value = epoch
+
+
+def _stream_name(seed: int, rank: int, epoch: DataEpoch) -> str:
+    """Seed string of this process's stream for the current epoch."""
+    info = torch.utils.data.get_worker_info()
+    return f"{seed}:{epoch.value}:{rank}:{info.id if info else 0}"
+
+
+class _SeedEpoch:
+    """First pipeline stage: at the start of each pass, seed the shuffles' generators and `random` (used by
+    the augmentations) from (seed, epoch, rank, worker)."""
+
+    def __init__(self, seed: int, rank: int, epoch: DataEpoch, rngs: dict[str, random.Random]) -> None:
+        self.seed, self.rank, self.epoch, self.rngs = seed, rank, epoch, rngs
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        stream = _stream_name(self.seed, self.rank, self.epoch)
+        for name, rng in self.rngs.items():
+            rng.seed(f"{name}:{stream}")
+        random.seed(f"augment:{stream}")
+        yield from src
+
+
+def _resampled_shards(urls: list[str], rng: random.Random) -> Iterator[dict[str, str]]:
+    """Shards drawn with replacement, forever."""
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its workers which epoch a pass reads, and resumes mid-epoch.
+
+    `position()` gives (epoch, batches of it already trained) when a trainer drives the loader; the pass
+    then reads that epoch's stream and drops its first batches, so a resumed run continues exactly where the
+    interrupted one stopped (dropped batches are still decoded: resuming late in a long epoch takes a while).
+    Without a trainer each pass reads the next epoch from its start.
+    """
+
+    def __init__(
+        self, *args: Any, epoch: DataEpoch, position: Callable[[int], tuple[int, int] | None], **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.epoch, self.position = epoch, position
+
+    def __iter__(self) -> Any:
+        epoch, done = self.position(len(self)) or (self.epoch.value + 1, 0)
+        self.epoch.value = epoch
+        batches = super().__iter__()
+        return itertools.islice(batches, done, None) if done else batches
+
+
+def _trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:
+    """(epoch, batches of it already trained) that a Lightning trainer is about to run; None without one."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:
+        return None
+    epoch = trainer.current_epoch
+    done = fit_loop.epoch_loop.batch_progress.current.processed  # restored from a checkpoint, else 0
+    limit = trainer.limit_train_batches
+    planned = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+    if done >= planned:  # restored from the end of an epoch: the next one starts
+        return epoch + 1, 0
+    return epoch, done
 
 
 class MultiViewDataModule(L.LightningDataModule):
@@ -338,30 +412,39 @@ class MultiViewDataModule(L.LightningDataModule):
         """Normalise uint8 images on the device (Lightning calls this after moving the batch)."""
         return normalize_batch(batch)
 
-    def _loader(self, dataset: wds.DataPipeline, rank: int) -> DataLoader:
+    def _position(self, batches: int) -> tuple[int, int] | None:
+        return _trainer_position(self.trainer, batches)
+
+    def _loader(self, dataset: wds.DataPipeline, epoch: DataEpoch | None = None) -> DataLoader:
+        """A loader over `dataset`; with `epoch` (training), one that seeds and resumes each pass."""
         workers = self.num_workers > 0
         if workers:
             # OpenCV's thread pool does not survive fork (a forked worker can hang on it): run OpenCV
             # single-threaded in this process, so forked workers start without a pool. Workers are the
             # parallelism here.
             cv2.setNumThreads(1)
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers,
-            prefetch_factor=self.prefetch_factor if workers else None,
-            worker_init_fn=_WorkerInit(rank) if workers else None,
-        )
+        settings = {
+            "batch_size": None,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers and workers,
+            "prefetch_factor": self.prefetch_factor if workers else None,
+        }
+        if epoch is None:
+            return DataLoader(dataset, **settings)
+        return _EpochLoader(dataset, epoch=epoch, position=self._position, **settings)
 
-    def _pipeline(self, urls: list[str], counter: SkipCounter, train: bool) -> list[Callable]:
-        if train and self.resampled:
-            source = [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]
+    def _pipeline(
+        self, urls: list[str], counter: SkipCounter, seeding: _SeedEpoch | None = None
+    ) -> list[Callable]:
+        """Shards -> tar members -> samples; `seeding` (training) re-seeds the stream at each pass."""
+        seed_stage = [seeding] if seeding else []
+        if seeding and self.resampled:
+            source = [functools.partial(_resampled_shards, urls, seeding.rngs["shards"]), *seed_stage]
         else:
-            source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-            if train and self.shard_shuffle:
-                source.append(wds.detshuffle(self.shard_shuffle, seed=self.seed))
+            source = [wds.SimpleShardList(urls), *seed_stage, wds.split_by_node, wds.split_by_worker]
+            if seeding and self.shard_shuffle:
+                source.append(wds.shuffle(self.shard_shuffle, self.shard_shuffle, rng=seeding.rngs["shards"]))
         return [
             *source,
             functools.partial(read_shards, counter=counter, expected=self.shard_sizes),
@@ -378,24 +461,25 @@ class MultiViewDataModule(L.LightningDataModule):
             )
         counter = SkipCounter()
         per_worker = self.batches_per_worker(world_size)
+        rngs = {"shards": random.Random(), "samples": random.Random()}
+        seeding = _SeedEpoch(self.seed, rank, DataEpoch(), rngs)
         dataset = wds.DataPipeline(
-            *self._pipeline(self.train_urls, counter, train=True),
-            *([wds.shuffle(self.shuffle_buffer)] if self.shuffle_buffer > 0 else []),
+            *self._pipeline(self.train_urls, counter, seeding),
+            *([wds.shuffle(self.shuffle_buffer, rng=rngs["samples"])] if self.shuffle_buffer > 0 else []),
             wds.map(self._transform(train=True), handler=counter.sample_handler),
             wds.batched(self.batch_size, collation_fn=Collate(counter), partial=False),
         )
         dataset.with_epoch(per_worker).with_length(per_worker * max(1, self.num_workers), silent=True)
-        return self._loader(dataset, rank)
+        return self._loader(dataset, seeding.epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        rank, _ = _rank_and_world(self.trainer)
         counter = SkipCounter()
         dataset = wds.DataPipeline(
-            *self._pipeline(self.val_urls, counter, train=False),
+            *self._pipeline(self.val_urls, counter),
             wds.map(self._transform(train=False), handler=counter.sample_handler),
             wds.batched(self.val_batch_size, collation_fn=Collate(counter), partial=True),
         )
-        return self._loader(dataset, rank)
+        return self._loader(dataset)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, normalize_batch, resolve_shards
 from ernievil2_train.data.decode import SKIP_REASONS
@@ -129,6 +131,65 @@ def test_resampled_stream_runs_with_more_workers_than_shards(data):
     batches = list(loader)
     assert len(batches) == len(loader) == 6
     assert set(torch.cat([b["image_key"] for b in batches]).tolist()) <= keys_of(range(PER_SHARD))
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    keys = ("image_key", "image", "image_view2", "text_view_ids")
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in keys)
+
+
+class Recorder(L.LightningModule):
+    """Trains one scalar; records every batch it trains on, by epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[dict]] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).append({k: v.clone() for k, v in batch.items()})
+        return (self.weight * batch["image"].float().mean()).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(datamodule, epochs: int, ckpt_dir, ckpt_path=None) -> Recorder:
+    model = Recorder()
+    savers = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1),  # epoch=E-step=S.ckpt at epoch ends
+              ModelCheckpoint(dirpath=ckpt_dir, filename="mid-{step}", save_top_k=-1, every_n_train_steps=4)]
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=savers, accelerator="cpu", devices=1)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize(("resampled", "persistent"), [(False, True), (True, False)])
+def test_a_resumed_run_reads_what_the_uninterrupted_run_reads(data, tmp_path, resampled, persistent):
+    """Shard order, sample order and augmentations depend on (seed, epoch) only, and a resumed run skips the
+    batches its epoch already trained: from an epoch-end or a mid-epoch checkpoint, every later batch (keys,
+    pixels, text views) is the uninterrupted run's."""
+    settings = {"num_workers": 2, "persistent_workers": persistent, "resampled": resampled,
+                "shuffle_buffer": 8, "shard_shuffle": 4, "seed": 3, "epoch_samples": 32}
+    full = _fit(module(data, **settings), 3, tmp_path / "full")  # 8 batches per epoch
+    assert not _same_batches(full.seen[0], full.seen[1])
+    saved = tmp_path / "full"
+    at_epoch_end = _fit(module(data, **settings), 3, tmp_path / "a", saved / "epoch=0-step=8.ckpt")
+    assert sorted(at_epoch_end.seen) == [1, 2]
+    assert all(_same_batches(at_epoch_end.seen[e], full.seen[e]) for e in (1, 2))
+    mid_epoch = _fit(module(data, **settings), 2, tmp_path / "b", saved / "mid-step=12.ckpt")
+    assert _same_batches(mid_epoch.seen[1], full.seen[1][4:])
+    other_seed = _fit(module(data, **{**settings, "seed": 4}), 1, tmp_path / "c")
+    assert not _same_batches(other_seed.seen[0], full.seen[0])
+
+
+def test_without_a_trainer_each_pass_is_the_next_epoch(data):
+    settings = {"num_workers": 0, "shuffle_buffer": 8, "shard_shuffle": 4, "epoch_samples": 16}
+    loader = module(data, **settings).train_dataloader()
+    first, second = list(loader), list(loader)
+    again = module(data, **settings).train_dataloader()
+    assert _same_batches(list(again), first) and _same_batches(list(again), second)
+    assert not _same_batches(first, second)
 
 
 def test_view_flags_reach_the_batch(data):
