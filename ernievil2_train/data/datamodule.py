@@ -8,8 +8,9 @@ repeats as needed), so every rank sees exactly `len(train_dataloader())` batches
 rank that ran out of data.
 
 Every pass is a function of (seed, epoch, rank, worker): the shard order, the sample shuffle and the
-augmentations are re-seeded from them when a worker starts an epoch, so a run resumed at epoch e reads epoch e
-exactly as the uninterrupted run would have (from its start: streams cannot seek mid-epoch).
+augmentations are re-seeded from them when a worker starts an epoch. A resumed run reads what the
+uninterrupted run would have read: the next epoch after an epoch-end checkpoint; after a mid-epoch one, the
+interrupted epoch's stream without the batches already trained (streams cannot seek: those are read, dropped).
 
 Skipped samples. Bad data never stops the stream: every failure is counted per reason (`SKIP_REASONS`) in the
 worker process where it happens, by the same `SkipCounter` the collate of that worker uses, and each batch
@@ -238,7 +239,7 @@ def _rank_and_world(trainer: Any) -> tuple[int, int]:
     return 0, 1
 
 
-class DataEpoch:
+class _DataEpoch:
     """The epoch a training loader is about to read, shared with its worker processes."""
 
     def __init__(self) -> None:
@@ -253,7 +254,7 @@ class DataEpoch:
         self._value.value = epoch
 
 
-def _stream_name(seed: int, rank: int, epoch: DataEpoch) -> str:
+def _stream_name(seed: int, rank: int, epoch: _DataEpoch) -> str:
     """Seed string of this process's stream for the current epoch."""
     info = torch.utils.data.get_worker_info()
     return f"{seed}:{epoch.value}:{rank}:{info.id if info else 0}"
@@ -263,7 +264,7 @@ class _SeedEpoch:
     """First pipeline stage: at the start of each pass, seed the shuffles' generators and `random` (used by
     the augmentations) from (seed, epoch, rank, worker)."""
 
-    def __init__(self, seed: int, rank: int, epoch: DataEpoch, rngs: dict[str, random.Random]) -> None:
+    def __init__(self, seed: int, rank: int, epoch: _DataEpoch, rngs: dict[str, random.Random]) -> None:
         self.seed, self.rank, self.epoch, self.rngs = seed, rank, epoch, rngs
 
     def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
@@ -290,7 +291,7 @@ class _EpochLoader(DataLoader):
     """
 
     def __init__(
-        self, *args: Any, epoch: DataEpoch, position: Callable[[int], tuple[int, int] | None], **kw: Any
+        self, *args: Any, epoch: _DataEpoch, position: Callable[[int], tuple[int, int] | None], **kw: Any
     ) -> None:
         super().__init__(*args, **kw)
         self.epoch, self.position = epoch, position
@@ -415,7 +416,7 @@ class MultiViewDataModule(L.LightningDataModule):
     def _position(self, batches: int) -> tuple[int, int] | None:
         return _trainer_position(self.trainer, batches)
 
-    def _loader(self, dataset: wds.DataPipeline, epoch: DataEpoch | None = None) -> DataLoader:
+    def _loader(self, dataset: wds.DataPipeline, epoch: _DataEpoch | None = None) -> DataLoader:
         """A loader over `dataset`; with `epoch` (training), one that seeds and resumes each pass."""
         workers = self.num_workers > 0
         if workers:
@@ -462,7 +463,7 @@ class MultiViewDataModule(L.LightningDataModule):
         counter = SkipCounter()
         per_worker = self.batches_per_worker(world_size)
         rngs = {"shards": random.Random(), "samples": random.Random()}
-        seeding = _SeedEpoch(self.seed, rank, DataEpoch(), rngs)
+        seeding = _SeedEpoch(self.seed, rank, _DataEpoch(), rngs)
         dataset = wds.DataPipeline(
             *self._pipeline(self.train_urls, counter, seeding),
             *([wds.shuffle(self.shuffle_buffer, rng=rngs["samples"])] if self.shuffle_buffer > 0 else []),
