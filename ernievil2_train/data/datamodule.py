@@ -8,9 +8,9 @@ repeats as needed), so every rank sees exactly `len(train_dataloader())` batches
 rank that ran out of data.
 
 Every pass is a function of (seed, epoch, rank, worker): the shard order, the sample shuffle and the
-augmentations are re-seeded from them when a worker starts an epoch. A resumed run reads what the
+augmentations are seeded from them (each sample's augmentations by its own seed). A resumed run reads what the
 uninterrupted run would have read: the next epoch after an epoch-end checkpoint; after a mid-epoch one, the
-interrupted epoch's stream without the batches already trained (streams cannot seek: those are read, dropped).
+interrupted epoch's stream without the batches already trained (their samples are read, not decoded).
 
 Skipped samples. Bad data never stops the stream: every failure is counted per reason (`SKIP_REASONS`) in the
 worker process where it happens, by the same `SkipCounter` the collate of that worker uses, and each batch
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import itertools
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ import cv2
 import lightning as L
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
 from ernievil2_train.data.views import SampleTransform, ViewConfig
@@ -51,6 +50,7 @@ SKIPPED_KEY = "skipped"
 IMAGE_KEYS = ("image", "image_view2")
 TEXT_ID_KEYS = ("caption_ids", "text_view_ids", "tag_ids")
 _LOGGED_PER_REASON = 5
+SAMPLE_SEED_KEY = "__seed__"
 
 
 class SkipCounter:
@@ -240,39 +240,93 @@ def _rank_and_world(trainer: Any) -> tuple[int, int]:
 
 
 class _DataEpoch:
-    """The epoch a training loader is about to read, shared with its worker processes."""
+    """Where a training loader's next pass starts: its epoch and the batches of it already trained. Shared
+    with the loader's worker processes (set in the main process before each pass)."""
 
     def __init__(self) -> None:
-        self._value = multiprocessing.Value("i", -1, lock=False)
+        self._epoch = multiprocessing.Value("i", -1, lock=False)
+        self._done = multiprocessing.Value("q", 0, lock=False)
 
     @property
-    def value(self) -> int:
-        return self._value.value
+    def epoch(self) -> int:
+        return self._epoch.value
 
-    @value.setter
-    def value(self, epoch: int) -> None:
-        self._value.value = epoch
+    @property
+    def done(self) -> int:
+        return self._done.value
 
-
-def _stream_name(seed: int, rank: int, epoch: _DataEpoch) -> str:
-    """Seed string of this process's stream for the current epoch."""
-    info = torch.utils.data.get_worker_info()
-    return f"{seed}:{epoch.value}:{rank}:{info.id if info else 0}"
+    def start(self, epoch: int, done: int = 0) -> None:
+        self._epoch.value, self._done.value = epoch, done
 
 
-class _SeedEpoch:
-    """First pipeline stage: at the start of each pass, seed the shuffles' generators and `random` (used by
-    the augmentations) from (seed, epoch, rank, worker)."""
+class _EpochStream(IterableDataset):
+    """The training stream of each (rank, worker): every epoch a function of (seed, epoch, rank, worker).
 
-    def __init__(self, seed: int, rank: int, epoch: _DataEpoch, rngs: dict[str, random.Random]) -> None:
-        self.seed, self.rank, self.epoch, self.rngs = seed, rank, epoch, rngs
+    `samples` runs the decoded-sample `pipeline` (built with `start` after the shard source and `positions`
+    after the sample shuffle) as often as needed; the chained passes are cut into the worker's `per_worker`
+    batches of `batch_size`, put together by `collate`. `start` seeds the shard and sample shuffles from
+    (seed, epoch, repetition, rank, worker). `positions` drops the samples of the batches this worker already
+    gave in the epoch (round robin over workers: a resumed run), before they are decoded, and tags each sample
+    with its own seed, which `_Seeded` puts into `random` (augmentations, text views) before its transform.
+    """
 
-    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
-        stream = _stream_name(self.seed, self.rank, self.epoch)
-        for name, rng in self.rngs.items():
-            rng.seed(f"{name}:{stream}")
-        random.seed(f"augment:{stream}")
+    def __init__(self, seed: int, rank: int, batch_size: int, per_worker: int, workers: int) -> None:
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.per_worker, self.workers = per_worker, workers
+        self.position = _DataEpoch()
+        self.rngs = {"shards": random.Random(), "samples": random.Random()}
+        self.pipeline: wds.DataPipeline | None = None
+        self.collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
+        self.name, self.repetition, self.index, self.skip = "", 0, 0, 0
+
+    def __len__(self) -> int:
+        return self.per_worker * self.workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        done = len(range(worker, self.position.done, workers))
+        self.skip, self.index, self.repetition = done * self.batch_size, 0, 0
+        samples = self.samples()
+        for _ in range(self.per_worker - done):
+            yield self.collate([next(samples) for _ in range(self.batch_size)])
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """Decoded samples of the epoch: passes over the worker's shards, chained."""
+        while True:
+            given, before = 0, self.index
+            for sample in self.pipeline:
+                given += 1
+                yield sample
+            if given == 0 and (self.index == before or before >= self.skip):  # it would never end
+                raise RuntimeError("train_shards: a pass over this worker's shards gave no usable sample")
+            self.repetition += 1
+
+    def start(self, src: Iterable[Any]) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        self.name = f"{self.seed}:{self.position.epoch}:{self.repetition}:{self.rank}:{worker}"
+        for kind, rng in self.rngs.items():
+            rng.seed(f"{kind}:{self.name}")
         yield from src
+
+    def positions(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            self.index += 1
+            if self.index > self.skip:
+                sample[SAMPLE_SEED_KEY] = f"sample:{self.name}:{self.index}"
+                yield sample
+
+
+class _Seeded:
+    """A sample transform run with `random` seeded by the sample's own seed."""
+
+    def __init__(self, transform: Callable[[dict[str, Any]], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        random.seed(sample.pop(SAMPLE_SEED_KEY))
+        return self.transform(sample)
 
 
 def _resampled_shards(urls: list[str], rng: random.Random) -> Iterator[dict[str, str]]:
@@ -282,25 +336,22 @@ def _resampled_shards(urls: list[str], rng: random.Random) -> Iterator[dict[str,
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that tells its workers which epoch a pass reads, and resumes mid-epoch.
+    """A DataLoader that tells its workers where each pass starts.
 
-    `position()` gives (epoch, batches of it already trained) when a trainer drives the loader; the pass
-    then reads that epoch's stream and drops its first batches, so a resumed run continues exactly where the
-    interrupted one stopped (dropped batches are still decoded: resuming late in a long epoch takes a while).
-    Without a trainer each pass reads the next epoch from its start.
+    `position(len)` gives (epoch, batches of it already trained) when a trainer drives the loader: the pass
+    reads that epoch's stream without those batches, so a resumed run continues where the interrupted one
+    stopped. Without a trainer each pass reads the next epoch from its start.
     """
 
     def __init__(
-        self, *args: Any, epoch: _DataEpoch, position: Callable[[int], tuple[int, int] | None], **kw: Any
+        self, *args: Any, stream: _EpochStream, position: Callable[[int], tuple[int, int] | None], **kw: Any
     ) -> None:
         super().__init__(*args, **kw)
-        self.epoch, self.position = epoch, position
+        self.stream, self.position = stream, position
 
     def __iter__(self) -> Any:
-        epoch, done = self.position(len(self)) or (self.epoch.value + 1, 0)
-        self.epoch.value = epoch
-        batches = super().__iter__()
-        return itertools.islice(batches, done, None) if done else batches
+        self.stream.position.start(*(self.position(len(self)) or (self.stream.position.epoch + 1, 0)))
+        return super().__iter__()
 
 
 def _trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:
@@ -416,8 +467,8 @@ class MultiViewDataModule(L.LightningDataModule):
     def _position(self, batches: int) -> tuple[int, int] | None:
         return _trainer_position(self.trainer, batches)
 
-    def _loader(self, dataset: wds.DataPipeline, epoch: _DataEpoch | None = None) -> DataLoader:
-        """A loader over `dataset`; with `epoch` (training), one that seeds and resumes each pass."""
+    def _loader(self, dataset: IterableDataset, stream: _EpochStream | None = None) -> DataLoader:
+        """A loader over `dataset`; with `stream` (training), one that seeds and resumes each pass."""
         workers = self.num_workers > 0
         if workers:
             # OpenCV's thread pool does not survive fork (a forked worker can hang on it): run OpenCV
@@ -431,21 +482,21 @@ class MultiViewDataModule(L.LightningDataModule):
             "persistent_workers": self.persistent_workers and workers,
             "prefetch_factor": self.prefetch_factor if workers else None,
         }
-        if epoch is None:
+        if stream is None:
             return DataLoader(dataset, **settings)
-        return _EpochLoader(dataset, epoch=epoch, position=self._position, **settings)
+        return _EpochLoader(dataset, stream=stream, position=self._position, **settings)
 
     def _pipeline(
-        self, urls: list[str], counter: SkipCounter, seeding: _SeedEpoch | None = None
+        self, urls: list[str], counter: SkipCounter, stream: _EpochStream | None = None
     ) -> list[Callable]:
-        """Shards -> tar members -> samples; `seeding` (training) re-seeds the stream at each pass."""
-        seed_stage = [seeding] if seeding else []
-        if seeding and self.resampled:
-            source = [functools.partial(_resampled_shards, urls, seeding.rngs["shards"]), *seed_stage]
+        """Shards -> tar members -> samples; `stream` (training) seeds the shard order at each pass."""
+        start = [stream.start] if stream else []
+        if stream and self.resampled:
+            source = [functools.partial(_resampled_shards, urls, stream.rngs["shards"]), *start]
         else:
-            source = [wds.SimpleShardList(urls), *seed_stage, wds.split_by_node, wds.split_by_worker]
-            if seeding and self.shard_shuffle:
-                source.append(wds.shuffle(self.shard_shuffle, self.shard_shuffle, rng=seeding.rngs["shards"]))
+            source = [wds.SimpleShardList(urls), *start, wds.split_by_node, wds.split_by_worker]
+            if stream and self.shard_shuffle:
+                source.append(wds.shuffle(self.shard_shuffle, self.shard_shuffle, rng=stream.rngs["shards"]))
         return [
             *source,
             functools.partial(read_shards, counter=counter, expected=self.shard_sizes),
@@ -462,16 +513,17 @@ class MultiViewDataModule(L.LightningDataModule):
             )
         counter = SkipCounter()
         per_worker = self.batches_per_worker(world_size)
-        rngs = {"shards": random.Random(), "samples": random.Random()}
-        seeding = _SeedEpoch(self.seed, rank, _DataEpoch(), rngs)
-        dataset = wds.DataPipeline(
-            *self._pipeline(self.train_urls, counter, seeding),
-            *([wds.shuffle(self.shuffle_buffer, rng=rngs["samples"])] if self.shuffle_buffer > 0 else []),
-            wds.map(self._transform(train=True), handler=counter.sample_handler),
-            wds.batched(self.batch_size, collation_fn=Collate(counter), partial=False),
+        stream = _EpochStream(self.seed, rank, self.batch_size, per_worker, max(1, self.num_workers))
+        samples = stream.rngs["samples"]
+        shuffle = [wds.shuffle(self.shuffle_buffer, rng=samples)] if self.shuffle_buffer > 0 else []
+        stream.pipeline = wds.DataPipeline(
+            *self._pipeline(self.train_urls, counter, stream),
+            *shuffle,
+            stream.positions,
+            wds.map(_Seeded(self._transform(train=True)), handler=counter.sample_handler),
         )
-        dataset.with_epoch(per_worker).with_length(per_worker * max(1, self.num_workers), silent=True)
-        return self._loader(dataset, seeding.epoch)
+        stream.collate = Collate(counter)
+        return self._loader(stream, stream)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:

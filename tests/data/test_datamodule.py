@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, normalize_batch, resolve_shards
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
+from ernievil2_train.data.views import SampleTransform
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 
 SIZE = 32
@@ -157,7 +158,7 @@ class Recorder(L.LightningModule):
 def _fit(datamodule, epochs: int, ckpt_dir, ckpt_path=None) -> Recorder:
     model = Recorder()
     savers = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1),  # epoch=E-step=S.ckpt at epoch ends
-              ModelCheckpoint(dirpath=ckpt_dir, filename="mid-{step}", save_top_k=-1, every_n_train_steps=4)]
+              ModelCheckpoint(dirpath=ckpt_dir, filename="mid-{step}", save_top_k=-1, every_n_train_steps=3)]
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=savers, accelerator="cpu", devices=1)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -179,8 +180,26 @@ def test_a_resumed_run_reads_what_the_uninterrupted_run_reads(data, tmp_path, re
     assert all(_same_batches(at_epoch_end.seen[e], full.seen[e]) for e in (1, 2))
     mid_epoch = _fit(module(data, **settings), 2, tmp_path / "b", saved / "mid-step=12.ckpt")
     assert _same_batches(mid_epoch.seen[1], full.seen[1][4:])
+    # 1 batch done: the workers' remaining batches are the same, met in another round-robin order
+    odd = _fit(module(data, **settings), 2, tmp_path / "d", saved / "mid-step=9.ckpt")
+    assert _same_batches(sorted(odd.seen[1], key=_first_key), sorted(full.seen[1][1:], key=_first_key))
     other_seed = _fit(module(data, **{**settings, "seed": 4}), 1, tmp_path / "c")
     assert not _same_batches(other_seed.seen[0], full.seen[0])
+
+
+def _first_key(batch: dict) -> int:
+    return int(batch["image_key"][0])
+
+
+def test_resuming_mid_epoch_decodes_only_the_remaining_samples(data, tmp_path, monkeypatch):
+    settings = {"num_workers": 0, "shuffle_buffer": 8, "epoch_samples": 32}
+    full = _fit(module(data, **settings), 2, tmp_path / "full")
+    decoded = []
+    transform = SampleTransform.__call__
+    monkeypatch.setattr(SampleTransform, "__call__", lambda self, s: decoded.append(s) or transform(self, s))
+    resumed = _fit(module(data, **settings), 2, tmp_path / "a", tmp_path / "full" / "mid-step=12.ckpt")
+    assert len(decoded) == 4 * 4  # the 4 remaining batches of 4, not the 4 trained ones too
+    assert _same_batches(resumed.seen[1], full.seen[1][4:])
 
 
 def test_without_a_trainer_each_pass_is_the_next_epoch(data):
