@@ -344,13 +344,14 @@ class _EpochLoader(DataLoader):
     """
 
     def __init__(
-        self, *args: Any, stream: _EpochStream, position: Callable[[int], tuple[int, int] | None], **kw: Any
+        self, stream: _EpochStream, position: Callable[[int], tuple[int, int] | None], **kw: Any
     ) -> None:
-        super().__init__(*args, **kw)
-        self.stream, self.position = stream, position
+        super().__init__(stream, **kw)
+        self.position = position
 
     def __iter__(self) -> Any:
-        self.stream.position.start(*(self.position(len(self)) or (self.stream.position.epoch + 1, 0)))
+        where = self.dataset.position
+        where.start(*(self.position(len(self)) or (where.epoch + 1, 0)))
         return super().__iter__()
 
 
@@ -467,8 +468,8 @@ class MultiViewDataModule(L.LightningDataModule):
     def _position(self, batches: int) -> tuple[int, int] | None:
         return _trainer_position(self.trainer, batches)
 
-    def _loader(self, dataset: IterableDataset, stream: _EpochStream | None = None) -> DataLoader:
-        """A loader over `dataset`; with `stream` (training), one that seeds and resumes each pass."""
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        """A loader over `dataset`; over a training stream, one that tells it where each pass starts."""
         workers = self.num_workers > 0
         if workers:
             # OpenCV's thread pool does not survive fork (a forked worker can hang on it): run OpenCV
@@ -482,9 +483,9 @@ class MultiViewDataModule(L.LightningDataModule):
             "persistent_workers": self.persistent_workers and workers,
             "prefetch_factor": self.prefetch_factor if workers else None,
         }
-        if stream is None:
-            return DataLoader(dataset, **settings)
-        return _EpochLoader(dataset, stream=stream, position=self._position, **settings)
+        if isinstance(dataset, _EpochStream):
+            return _EpochLoader(dataset, position=self._position, **settings)
+        return DataLoader(dataset, **settings)
 
     def _pipeline(
         self, urls: list[str], counter: SkipCounter, stream: _EpochStream | None = None
@@ -523,7 +524,7 @@ class MultiViewDataModule(L.LightningDataModule):
             wds.map(_Seeded(self._transform(train=True)), handler=counter.sample_handler),
         )
         stream.collate = Collate(counter)
-        return self._loader(stream, stream)
+        return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
