@@ -255,8 +255,14 @@ class _DataEpoch:
     def done(self) -> int:
         return self._done.value
 
-    def start(self, epoch: int, done: int = 0) -> None:
+    def set(self, epoch: int, done: int = 0) -> None:
         self._epoch.value, self._done.value = epoch, done
+
+
+def _worker() -> tuple[int, int]:
+    """(this loader worker's id, the number of workers); (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 class _EpochStream(IterableDataset):
@@ -283,8 +289,7 @@ class _EpochStream(IterableDataset):
         return self.per_worker * self.workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = _worker()
         done = len(range(worker, self.position.done, workers))
         self.skip, self.index, self.repetition = done * self.batch_size, 0, 0
         samples = self.samples()
@@ -303,9 +308,7 @@ class _EpochStream(IterableDataset):
             self.repetition += 1
 
     def start(self, src: Iterable[Any]) -> Iterator[Any]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        self.name = f"{self.seed}:{self.position.epoch}:{self.repetition}:{self.rank}:{worker}"
+        self.name = f"{self.seed}:{self.position.epoch}:{self.repetition}:{self.rank}:{_worker()[0]}"
         for kind, rng in self.rngs.items():
             rng.seed(f"{kind}:{self.name}")
         yield from src
@@ -351,7 +354,7 @@ class _EpochLoader(DataLoader):
 
     def __iter__(self) -> Any:
         where = self.dataset.position
-        where.start(*(self.position(len(self)) or (where.epoch + 1, 0)))
+        where.set(*(self.position(len(self)) or (where.epoch + 1, 0)))
         return super().__iter__()
 
 

@@ -120,7 +120,7 @@ def _parse_block(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
     seps += lo
     seps = np.append(seps, hi)
     kinds = buf[seps]
-    if not ((kinds == 32) | (kinds == 9) | (kinds == 10)).all():
+    if not _is_separator(kinds).all():
         raise _Irregular
     starts = np.empty_like(seps)
     starts[0] = lo
@@ -136,10 +136,9 @@ def _parse_block(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
 
 def _parse_general(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """The same by `float()` on every token, for blocks with other bytes below '+' (such as CR)."""
-    text = buf[lo:hi].tobytes()
-    tokens = re.split(rb"[ \t\n]", text)
-    kinds = np.array([text[m.start()] for m in re.finditer(rb"[ \t\n]", text)] + [buf[hi]], dtype=np.uint8)
-    values = np.array([float(t.decode()) for t in tokens], dtype=np.float64)
+    parts = re.split(rb"([ \t\n])", buf[lo:hi].tobytes())  # tokens and the separators between them
+    kinds = np.array([*(sep[0] for sep in parts[1::2]), buf[hi]], dtype=np.uint8)
+    values = np.array([float(t.decode()) for t in parts[0::2]], dtype=np.float64)
     return values.astype(np.float32), kinds
 
 
@@ -150,8 +149,9 @@ def _parse(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         return _parse_general(buf, lo, hi)
 
 
-def _separators(window: np.ndarray) -> np.ndarray:
-    return np.flatnonzero((window == 32) | (window == 9) | (window == 10))
+def _is_separator(chars: np.ndarray) -> np.ndarray:
+    """Which bytes are a space, a tab or a newline."""
+    return (chars == 32) | (chars == 9) | (chars == 10)
 
 
 def parse_padded(
@@ -166,9 +166,9 @@ def parse_padded(
     cuts = [lo]
     while hi - cuts[-1] > BLOCK_BYTES:
         window = buf[cuts[-1] + BLOCK_BYTES : hi]
-        found = _separators(window[:4096])
+        found = np.flatnonzero(_is_separator(window[:4096]))
         if found.size == 0:
-            found = _separators(window)
+            found = np.flatnonzero(_is_separator(window))
         if found.size == 0:
             break
         cuts.append(cuts[-1] + BLOCK_BYTES + int(found[0]) + 1)

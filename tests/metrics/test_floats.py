@@ -50,8 +50,9 @@ def test_blocks_with_other_bytes_take_the_general_reader(monkeypatch):
     assert 0 < len(general) < len(text) // 1000 / 2
 
 
-def test_separator_after_each_token():
-    values, kinds = floats.parse_padded(*floats.padded(b"1.5 -2\t3\n4 +5\t6"))
+@pytest.mark.parametrize("text", [b"1.5 -2\t3\n4 +5\t6", b"1.5 -2\t3\r\n4 +5\t6"])  # vectorised, general
+def test_separator_after_each_token(text):
+    values, kinds = floats.parse_padded(*floats.padded(text))
     assert values.tolist() == [1.5, -2.0, 3.0, 4.0, 5.0, 6.0]
     assert kinds.tolist() == [32, 9, 10, 32, 9, 32]  # the last one is the padding after the text
 
