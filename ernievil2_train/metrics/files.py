@@ -6,8 +6,10 @@ Every reader raises `EvalInputError` with a one-line message naming the file (an
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,23 +124,29 @@ class Features:
         return {i: n for n, i in enumerate(self.ids)}
 
 
-def read_feature_jsonl(path: str | Path, id_key: str) -> Features:
-    """Read a Chinese-CLIP feature file: one `{"<id_key>": ..., "feature": [...]}` object per line."""
-    path = Path(path)
-    ids: list[str] = []
-    rows: list[list[float]] = []
-    seen: set[str] = set()
+def _json_records(path: Path, keys: tuple[str, str]) -> Iterator[tuple[str, list[Any]]]:
+    """("file:line", the values of `keys`) for each non-blank line of a JSON-lines file."""
     for line_no, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
         try:
             obj = json.loads(line)
-            item_id, feature = str(obj[id_key]), obj["feature"]
+            values = [obj[key] for key in keys]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise EvalInputError(
-                f"{where}: expected a json object with {id_key!r} and 'feature' ({err})"
-            ) from None
+            wanted = " and ".join(map(repr, keys))
+            raise EvalInputError(f"{where}: expected a json object with {wanted} ({err})") from None
+        yield where, values
+
+
+def read_feature_jsonl(path: str | Path, id_key: str) -> Features:
+    """Read a Chinese-CLIP feature file: one `{"<id_key>": ..., "feature": [...]}` object per line."""
+    path = Path(path)
+    ids: list[str] = []
+    rows: list[list[float]] = []
+    seen: set[str] = set()
+    for where, (item_id, feature) in _json_records(path, (id_key, "feature")):
+        item_id = str(item_id)
         if not isinstance(feature, list) or not feature:
             raise EvalInputError(f"{where}: 'feature' must be a non-empty list of numbers")
         if rows and len(feature) != len(rows[0]):
@@ -167,17 +175,8 @@ def read_ground_truth(
     image_index, text_index = images.index(), texts.index()
     text_rows: list[int] = []
     positives: list[list[int]] = []
-    for line_no, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(line)
-            text_id, image_ids = str(obj["text_id"]), obj["image_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise EvalInputError(
-                f"{where}: expected a json object with 'text_id' and 'image_ids' ({err})"
-            ) from None
+    for where, (text_id, image_ids) in _json_records(path, ("text_id", "image_ids")):
+        text_id = str(text_id)
         if not isinstance(image_ids, list) or not image_ids:
             raise EvalInputError(f"{where}: 'image_ids' must be a non-empty list")
         if text_id not in text_index:
