@@ -29,9 +29,10 @@ import math
 import multiprocessing
 import os
 import random
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import lightning as L
@@ -51,6 +52,7 @@ IMAGE_KEYS = ("image", "image_view2")
 TEXT_ID_KEYS = ("caption_ids", "text_view_ids", "tag_ids")
 _LOGGED_PER_REASON = 5
 SAMPLE_SEED_KEY = "__seed__"
+INDEX_TIMEOUT_S = 30  # reading a remote shard index
 
 
 class SkipCounter:
@@ -119,7 +121,7 @@ def read_shards(
 ) -> Iterator[dict[str, Any]]:
     """`{"url"}` dicts -> tar member dicts, `{}` after each shard. A shard that cannot be opened or read to
     its end (missing, truncated, corrupt) counts one `bad_tar`; the members read before the error are kept.
-    `expected`: samples per shard (`indexed_sizes`); a shard read to its end with fewer samples counts the
+    `expected`: samples per shard (`ShardSet.sizes`); a shard read to its end with fewer samples counts the
     missing ones as `short_shard` (a tar cut at a member boundary otherwise reads as a valid, shorter tar)."""
     expected = expected or {}
     for source in sources:
@@ -138,30 +140,31 @@ def read_shards(
                 stream.close()
         except Exception as exn:
             counter.count("bad_tar", f"{url}: {type(exn).__name__}: {exn}")
-        wanted = expected.get(_local_path(url) or "", 0)
+        wanted = expected.get(shard_key(url), 0)
         if samples < wanted:
             message = f"{url}: holds {samples} of the {wanted} samples its index lists"
             counter.count("short_shard", message, samples=wanted - samples)
         yield {}
 
 
-def _local_path(url: str) -> str | None:
-    """The canonical path of a local shard url; None for remote and `pipe:` urls."""
-    if "://" in url or url.startswith("pipe:"):
-        return None
-    return os.path.realpath(url)
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
 
 
-def indexed_sizes(urls: list[str], split: str) -> dict[str, int]:
-    """`{canonical shard path: samples}` from the `{split}.json` index (written by `data_recipes`) beside each
-    local shard, for the shards it lists; however the shards were named (directory, list, pattern)."""
+def shard_key(url: str) -> str:
+    """How shard sizes are keyed: the canonical path of a local shard, the url itself of a remote one."""
+    return url if _is_remote(url) else os.path.realpath(url)
+
+
+def _indexed_sizes(urls: list[str], split: str) -> dict[str, int]:
+    """`{shard_key: samples}` from the `{split}.json` index (written by `data_recipes`) beside each local
+    shard, for the shards it lists; however the shards were named (directory, list, pattern)."""
     sizes: dict[str, int] = {}
-    folders = {os.path.dirname(path) for path in map(_local_path, urls) if path}
+    folders = {os.path.dirname(shard_key(url)) for url in urls if not _is_remote(url)}
     for folder in sorted(folders):
         index = Path(folder) / f"{split}.json"
         if index.is_file():
-            names = _read_index(index)[0]
-            sizes.update({os.path.realpath(os.path.join(folder, n)): count for n, count in names.items()})
+            sizes.update(_read_index(str(index), f"{split} index").sizes)
     return sizes
 
 
@@ -179,56 +182,86 @@ def normalize_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _read_index(index_file: Path) -> tuple[dict[str, int], int]:
-    """`({shard name: samples}, total samples)` of a `{split}.json` index written by `data_recipes`."""
+class ShardSet(NamedTuple):
+    """Resolved shards: their urls, the samples their index counts (None without an index), and
+    `{shard_key: samples}` for the shards an index lists (to catch short shards)."""
+
+    urls: list[str]
+    samples: int | None
+    sizes: dict[str, int]
+
+
+def _read_index(source: str, name: str) -> ShardSet:
+    """The shards a `data_recipes` index (`{split}.json`, a local file or an http(s) url) lists beside it."""
+    remote = _is_remote(source)
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        if remote:
+            with urllib.request.urlopen(source, timeout=INDEX_TIMEOUT_S) as response:
+                raw = response.read()
+        else:
+            raw = Path(source).read_bytes()
+    except (OSError, ValueError) as exn:
+        raise FileNotFoundError(f"{name}: cannot read shard index {source} ({exn})") from None
+    try:
+        index = json.loads(raw)
         sizes = {str(s["name"]): int(s.get("samples", 0)) for s in index.get("shards", [])}
-        return sizes, int(index.get("samples", sum(sizes.values())))
+        total = int(index.get("samples", sum(sizes.values())))
     except (ValueError, KeyError, TypeError, AttributeError) as exn:
-        raise ValueError(f"{index_file}: not a shard index ({type(exn).__name__}: {exn})") from None
+        raise ValueError(f"{source}: not a shard index ({type(exn).__name__}: {exn})") from None
+    if remote:
+        urls = [f"{source.rsplit('/', 1)[0]}/{shard}" for shard in sizes]
+    else:
+        urls = [str(Path(source).parent / shard) for shard in sizes]
+    return ShardSet(urls, total, {shard_key(url): n for url, n in zip(urls, sizes.values(), strict=True)})
 
 
-def _index_samples(index_file: Path) -> tuple[list[str], int]:
-    sizes, total = _read_index(index_file)
-    return [str(index_file.parent / name) for name in sizes], total
+def _without_index(urls: list[str], split: str) -> ShardSet:
+    return ShardSet(urls, None, _indexed_sizes(urls, split))
 
 
-def resolve_shards(spec: str | list[str], split: str, name: str) -> tuple[list[str], int | None]:
-    """Shard urls and, when a `{split}.json` index says so, their sample count.
+def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
+    """Shard urls and, when an index says so, their sample counts.
 
-    `spec`: a directory (shards from `{split}.json`, else `{split}-*.tar`), a list file (`.txt`, one url a
-    line), a brace pattern (`train-{000000..000009}.tar`), a glob, or a list of those. `name` is the config
-    key, for error messages.
+    `spec`: a directory (shards from `{split}.json`, else `{split}-*.tar`), an index file or http(s) url
+    (`.json`, written by `data_recipes`), a list file (`.txt`, one url a line), a brace pattern
+    (`train-{000000..000009}.tar`), a glob, or a list of those. `name` is the config key, for error messages.
     """
     if isinstance(spec, list | tuple):
         parts = [resolve_shards(s, split, name) for s in spec]
-        counts = [n for _, n in parts]
-        total = None if None in counts else sum(counts)
-        return [u for urls, _ in parts for u in urls], total
+        urls = [url for part in parts for url in part.urls]
+        counts = [part.samples for part in parts]
+        sizes = {key: n for part in parts for key, n in part.sizes.items()}
+        return ShardSet(urls, None if None in counts else sum(counts), sizes)
     spec = str(spec)
+    if spec.endswith(".json"):
+        if spec.startswith("pipe:") or ("://" in spec and not spec.startswith(("http://", "https://"))):
+            raise ValueError(f"{name}: a shard index is read from a local file or an http(s) url, not {spec}")
+        shards = _read_index(spec if _is_remote(spec) else str(Path(spec).expanduser()), name)
+        if not shards.urls:
+            raise FileNotFoundError(f"{name}: shard index {spec} lists no shards")
+        return shards
     path = Path(spec).expanduser()
     if path.is_dir():
         index = path / f"{split}.json"
         if index.is_file():
-            urls, total = _index_samples(index)
+            shards = _read_index(str(index), name)
         else:
-            urls, total = sorted(glob.glob(str(path / f"{split}-*.tar"))), None
-        if not urls:
+            shards = _without_index(sorted(glob.glob(str(path / f"{split}-*.tar"))), split)
+        if not shards.urls:
             raise FileNotFoundError(f"{name}: no {split}-*.tar shards in directory {spec}")
-        return urls, total
+        return shards
     if path.suffix == ".txt" and path.is_file():
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         urls = [ln for ln in lines if ln and not ln.startswith("#")]
         if not urls:
             raise FileNotFoundError(f"{name}: shard list {spec} is empty")
-        return urls, None
-    if "://" in spec or spec.startswith("pipe:"):
-        return list(wds.shardlists.expand_urls(spec)), None
+        return _without_index(urls, split)
+    if _is_remote(spec):
+        return ShardSet(list(wds.shardlists.expand_urls(spec)), None, {})
     urls = [u for pattern in wds.shardlists.expand_urls(spec) for u in sorted(glob.glob(pattern))]
     if not urls:
         raise FileNotFoundError(f"{name}: no shards match {spec}")
-    return urls, None
+    return _without_index(urls, split)
 
 
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
@@ -376,7 +409,8 @@ class MultiViewDataModule(L.LightningDataModule):
     """Multi-view training batches (and single-view validation batches) from WebDataset shards.
 
     Args (plain types, Hydra-friendly):
-        train_shards: directory / list file / brace pattern / glob / list (see `resolve_shards`).
+        train_shards: directory / index (.json, path or http(s) url) / list file / brace pattern / glob /
+            list (see `resolve_shards`).
         vocab_file: ERNIE `vocab.txt`.
         val_shards: same forms; optional. Validation uses the eval-style center view, no text view.
         epoch_samples: samples per (virtual) epoch over all ranks; default: the `{split}.json` count.
@@ -419,11 +453,11 @@ class MultiViewDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"vocab_file: {vocab_file} not found")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.train_urls, index_samples = resolve_shards(train_shards, train_split, "train_shards")
-        self.val_urls = resolve_shards(val_shards, val_split, "val_shards")[0] if val_shards else None
-        self.shard_sizes = indexed_sizes(self.train_urls, train_split)
-        self.shard_sizes.update(indexed_sizes(self.val_urls or [], val_split))
-        self.epoch_samples = epoch_samples if epoch_samples is not None else index_samples
+        train = resolve_shards(train_shards, train_split, "train_shards")
+        val = resolve_shards(val_shards, val_split, "val_shards") if val_shards else None
+        self.train_urls, self.val_urls = train.urls, val.urls if val else None
+        self.shard_sizes = {**train.sizes, **(val.sizes if val else {})}
+        self.epoch_samples = epoch_samples if epoch_samples is not None else train.samples
         if not self.epoch_samples or self.epoch_samples < 1:
             raise ValueError(
                 f"epoch_samples: set it to a positive number (no {train_split}.json sample count for "
@@ -539,4 +573,3 @@ class MultiViewDataModule(L.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=Collate(counter), partial=True),
         )
         return self._loader(dataset)
-

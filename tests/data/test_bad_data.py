@@ -16,7 +16,7 @@ from PIL import Image
 from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, skip_metrics
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
-from tests.data.shard_helpers import jpeg_bytes, sample, smooth_image, write_shard, write_vocab
+from tests.data.shard_helpers import jpeg_bytes, sample, serving, smooth_image, write_shard, write_vocab
 
 MAX_PIXELS = 100_000
 EXPECTED = {"bad_tar": 2, "short_shard": 0, "missing_field": 4, "bad_text": 2, "bad_json": 3, "bad_image": 2,
@@ -129,15 +129,18 @@ def indexed(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("spec", ["{root}", "{root}/train-{{000000..000001}}.tar", "{root}/./train-*.tar"])
+@pytest.mark.parametrize(
+    "spec", ["{root}", "{root}/train-{{000000..000001}}.tar", "{root}/./train-*.tar", "{url}/train.json"]
+)
 def test_shard_shorter_than_its_index_counts_the_missing_samples(indexed, spec):
-    shards = spec.format(root=indexed)
-    dm = MultiViewDataModule(shards, str(indexed / "vocab.txt"), val_shards=shards, val_split="train",
-                             image_size=32, batch_size=4, num_workers=0, epoch_samples=6)
-    batches = list(dm.val_dataloader())
-    counts = counts_of(batches)
-    assert counts == {**dict.fromkeys(SKIP_REASONS, 0), "short_shard": 2}, counts
-    assert good_keys(batches) == sorted(stable_key(f"img{i}") for i in range(6))
+    with serving(indexed) as url:
+        shards = spec.format(root=indexed, url=url)
+        dm = MultiViewDataModule(shards, str(indexed / "vocab.txt"), val_shards=shards, val_split="train",
+                                 image_size=32, batch_size=4, num_workers=0, epoch_samples=6)
+        batches = list(dm.val_dataloader())
+        counts = counts_of(batches)
+        assert counts == {**dict.fromkeys(SKIP_REASONS, 0), "short_shard": 2}, counts
+        assert good_keys(batches) == sorted(stable_key(f"img{i}") for i in range(6))
 
 
 def test_broken_index_is_a_clear_error(tmp_path):

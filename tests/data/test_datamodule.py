@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import lightning as L
@@ -14,7 +15,7 @@ from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, no
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.data.views import SampleTransform
-from tests.data.shard_helpers import sample, write_shard, write_vocab
+from tests.data.shard_helpers import sample, serving, write_shard, write_vocab
 
 SIZE = 32
 PER_SHARD = 8
@@ -47,20 +48,43 @@ def keys_of(ids):
 
 
 def test_resolve_shards_in_every_form(data, tmp_path):
-    urls, total = resolve_shards(str(data), "train", "k")
+    urls, total, sizes = resolve_shards(str(data), "train", "k")
     assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{s:06d}.tar" for s in range(SHARDS)]
     assert total == PER_SHARD * SHARDS
-    assert resolve_shards(str(data / "train-{000001..000002}.tar"), "train", "k") == (urls[1:3], None)
-    assert resolve_shards(str(data / "val-*.tar"), "train", "k")[0][0].endswith("val-000000.tar")
+    assert sizes == {os.path.realpath(u): PER_SHARD for u in urls}
+    assert resolve_shards(str(data / "train.json"), "val", "k") == (urls, total, sizes)
+    assert resolve_shards(str(data / "train-{000001..000002}.tar"), "train", "k") == (urls[1:3], None, sizes)
+    assert resolve_shards(str(data / "val-*.tar"), "train", "k").urls[0].endswith("val-000000.tar")
     listing = tmp_path / "shards.txt"
     listing.write_text("\n".join(["# comment", *urls[:2], ""]))
-    assert resolve_shards(str(listing), "train", "k") == (urls[:2], None)
-    both, total = resolve_shards([str(data), str(data)], "train", "k")
+    assert resolve_shards(str(listing), "train", "k") == (urls[:2], None, sizes)
+    both, total, _ = resolve_shards([str(data), str(data)], "train", "k")
     assert both == urls + urls and total == 2 * PER_SHARD * SHARDS
     bare = tmp_path / "bare"
     bare.mkdir()
     write_shard(bare / "train-000000.tar", [sample(0)])
-    assert resolve_shards(str(bare), "train", "k") == ([str(bare / "train-000000.tar")], None)
+    assert resolve_shards(str(bare), "train", "k") == ([str(bare / "train-000000.tar")], None, {})
+
+
+@pytest.fixture(scope="module")
+def served(data):
+    with serving(data) as url:
+        yield url
+
+
+def test_an_index_url_streams_its_shards_over_http(data, served):
+    urls, total, sizes = resolve_shards(f"{served}/train.json", "train", "train_shards")
+    assert urls == [f"{served}/train-{s:06d}.tar" for s in range(SHARDS)]
+    assert total == PER_SHARD * SHARDS and sizes == dict.fromkeys(urls, PER_SHARD)
+    dm = module(data, train_shards=f"{served}/train.json", val_shards=f"{served}/val.json")
+    assert dm.epoch_samples == PER_SHARD * SHARDS
+    keys = torch.cat([b["image_key"] for b in dm.val_dataloader()])
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD)))
+    missing = r"train_shards: cannot read shard index http:.*/nope\.json .*404"
+    with pytest.raises(FileNotFoundError, match=missing):
+        resolve_shards(f"{served}/nope.json", "train", "train_shards")
+    with pytest.raises(ValueError, match=r"train_shards: a shard index is read from a local file or an http"):
+        resolve_shards("s3://bucket/train.json", "train", "train_shards")
 
 
 def test_clear_errors(data, tmp_path):
