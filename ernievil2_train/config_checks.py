@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import glob
+import inspect
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from braceexpand import braceexpand
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Config leaves holding an input path that must exist before training starts.
@@ -65,7 +69,7 @@ def _path_exists(value: str) -> bool:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` naming the first missing `???` value or input path that does not exist."""
+    """Raise `ConfigError` naming the first missing `???` value or local input path that does not exist."""
     missing = missing_keys(cfg)
     if missing:
         key = missing[0]
@@ -76,5 +80,40 @@ def check_config(cfg: DictConfig) -> None:
         if key.rsplit(".", 1)[-1] not in PATH_KEYS:
             continue
         resolved = OmegaConf.select(cfg, key)
-        if isinstance(resolved, str) and resolved and not _path_exists(resolved):
+        remote = isinstance(resolved, str) and ("://" in resolved or resolved.startswith("pipe:"))
+        if isinstance(resolved, str) and resolved and not remote and not _path_exists(resolved):
             raise ConfigError(f"config key '{key}': path not found: {resolved}")
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The types of a parameter annotated with only int / float / bool / str / None; None otherwise."""
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    members = typing.get_args(annotation) if union else (annotation,)
+    return members if all(m in (int, float, bool, str, type(None)) for m in members) else None
+
+
+def _fits(value: Any, accepted: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in accepted
+    return isinstance(value, accepted) or (isinstance(value, int) and float in accepted)
+
+
+def check_argument_types(key: str, node: DictConfig) -> None:
+    """Raise `ConfigError` naming `key.field` when a config value cannot be what the `_target_` class or
+    function declares for it (e.g. `batch_size=abc`); only plain int / float / bool / str parameters."""
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return
+    try:
+        obj = get_object(target)
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # an unknown target or unresolvable hints: instantiate reports what is wrong
+        return
+    for name, annotation in hints.items():
+        accepted = _plain_types(annotation)
+        if accepted is None or name not in node or OmegaConf.is_missing(node, name):
+            continue
+        value = node[name]
+        if not _fits(value, accepted):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+            raise ConfigError(f"config key '{key}.{name}': expected {wanted}, got {value!r}")

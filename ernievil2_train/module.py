@@ -328,7 +328,10 @@ class ErnieVil2Module(pl.LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.param_groups())
+        try:
+            optimizer = self.optimizer_factory(self.param_groups())
+        except ValueError as error:  # the optimizer refuses a setting: a negative lr, say
+            raise TrainingConfigError(f"module.optimizer: {error}") from None
         total = self.schedule.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise TrainingConfigError(

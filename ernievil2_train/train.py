@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +12,25 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from ernievil2_train.config_checks import ConfigError, check_config
+from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
+from ernievil2_train.text import ErnieTokenizer
 
 log = logging.getLogger(__name__)
 
 
 def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
-    """`instantiate(node)`, where a missing file or an invalid argument value becomes a `ConfigError` naming
-    `key`."""
+    """`instantiate(node)`, where a value of the wrong type, a missing file or an invalid argument becomes a
+    `ConfigError` naming `key`."""
+    check_argument_types(key, node)
     try:
         return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
+    except (InstantiationException, InterpolationResolutionError) as error:
+        cause = error.__cause__ or error.__context__
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, (FileNotFoundError, ValueError)):
+        if isinstance(cause, (FileNotFoundError, ValueError, TypeError)):
             raise ConfigError(f"config key '{key}': {cause}") from None
         raise
 
@@ -49,14 +53,44 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     existing = [path for path in candidates if path.exists()]
     newest = str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
     if ckpt_path is None:
-        return newest
+        return _readable(newest, f"run folder checkpoint {newest}; delete it or set ckpt_path")
     if ckpt_path == "last":
         if newest is None:
             raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir}")
-        return newest
+        return _readable(newest, f"config key 'ckpt_path': {newest}")
     if not Path(ckpt_path).exists():
         raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")
-    return ckpt_path
+    return _readable(ckpt_path, f"config key 'ckpt_path': {ckpt_path}")
+
+
+def _readable(path: str | None, what: str) -> str | None:
+    """`path`, unless it is a file `torch.save` cannot have written whole (every such file is a zip archive;
+    a truncated one has lost its directory at the end). Folders (sharded FSDP checkpoints) pass."""
+    if path is not None and Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise ConfigError(f"{what}: not a readable checkpoint (truncated, or not written by torch.save)")
+    return path
+
+
+def check_data_fits_model(datamodule: Any, model: Any) -> None:
+    """Refuse data the model cannot take: another image size, or token ids beyond its embedding table (a
+    pretrained model keeps the sizes of its checkpoint)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    image_size, wanted = getattr(datamodule, "image_size", None), config.vision.image_size
+    if image_size is not None and image_size != wanted:
+        raise ConfigError(
+            f"config key 'data.image_size': {image_size}, but the model takes {wanted}-pixel images "
+            f"(set data.image_size={wanted})"
+        )
+    vocab_file = getattr(datamodule, "vocab_file", None)
+    if vocab_file is not None:
+        size = ErnieTokenizer(vocab_file).vocab_size
+        if size > config.text.vocab_size:
+            raise ConfigError(
+                f"config key 'data.vocab_file': {vocab_file} has ids up to {size - 1}, but the model's text "
+                f"vocab_size is {config.text.vocab_size} (the vocabulary of another model?)"
+            )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -67,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build("data.datamodule", cfg.data.datamodule)
     model = build("model", cfg.model)
+    check_data_fits_model(datamodule, model)
     module = build("module", cfg.module, model=model)
     callbacks = _build_group("callbacks", cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then

@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.models.text import padded_length
@@ -53,6 +54,10 @@ TEXT_ID_KEYS = ("caption_ids", "text_view_ids", "tag_ids")
 _LOGGED_PER_REASON = 5
 SAMPLE_SEED_KEY = "__seed__"
 INDEX_TIMEOUT_S = 30  # reading a remote shard index
+
+
+class NoUsableSample(ConfigError):
+    """The training shards give no sample that decodes: every one is corrupt or lacks a field."""
 
 
 class SkipCounter:
@@ -337,7 +342,7 @@ class _EpochStream(IterableDataset):
                 given += 1
                 yield sample
             if given == 0 and (self.index == before or before >= self.skip):  # it would never end
-                raise RuntimeError("train_shards: a pass over this worker's shards gave no usable sample")
+                raise NoUsableSample("train_shards: a pass over this worker's shards gave no usable sample")
             self.repetition += 1
 
     def start(self, src: Iterable[Any]) -> Iterator[Any]:
@@ -453,6 +458,10 @@ class MultiViewDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"vocab_file: {vocab_file} not found")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (load in this process) or more, got {num_workers}")
+        if epoch_samples is not None and epoch_samples < 1:
+            raise ValueError(f"epoch_samples must be positive, got {epoch_samples}")
         train = resolve_shards(train_shards, train_split, "train_shards")
         val = resolve_shards(val_shards, val_split, "val_shards") if val_shards else None
         self.train_urls, self.val_urls = train.urls, val.urls if val else None

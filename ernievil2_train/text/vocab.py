@@ -17,18 +17,21 @@ def load_vocab(path: str | Path) -> dict[str, int]:
     if not path.is_file():
         raise FileNotFoundError(f"vocab file not found: {path}")
     vocab: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for num, line in enumerate(f):
-            fields = line.strip().split("\t")
-            if len(fields) > 2:
-                raise ValueError(
-                    f"{path}:{num + 1}: expected 'token<TAB>id' or 'token' ({len(fields)} fields)"
-                )
-            token = fields[0].strip()
-            try:
-                vocab[token] = int(fields[1]) if len(fields) == 2 else num
-            except ValueError:
-                raise ValueError(f"{path}:{num + 1}: token id {fields[1]!r} is not an integer") from None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for num, line in enumerate(f):
+                fields = line.strip().split("\t")
+                if len(fields) > 2:
+                    raise ValueError(
+                        f"{path}:{num + 1}: expected 'token<TAB>id' or 'token' ({len(fields)} fields)"
+                    )
+                token = fields[0].strip()
+                try:
+                    vocab[token] = int(fields[1]) if len(fields) == 2 else num
+                except ValueError:
+                    raise ValueError(f"{path}:{num + 1}: token id {fields[1]!r} is not an integer") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 vocab file ({err.reason} at byte {err.start})") from None
     if not vocab:
         raise ValueError(f"vocab file is empty: {path}")
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]

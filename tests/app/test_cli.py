@@ -115,6 +115,25 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
                      "e.g. data.train_shards=/path/to/it"]
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.datamodule.batch_size=abc", "config key 'data.datamodule.batch_size': expected int"),
+        ("module.optimizer.lr=-1", "module.optimizer: Invalid learning rate: -1"),
+        ("data.datamodule.train_shards={garbage}", "train_shards: a pass over this worker's shards gave no"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo_cache: Path,
+                                               tmp_path: Path) -> None:
+    garbage = tmp_path / "train-000000.tar"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    result = _run(_cli(tmp_path / "run", "logger=csv", override.format(garbage=garbage)), _env(demo_cache))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: {message}"), result.stderr[-3000:]
+
+
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from ernievil2_train.config_checks import ConfigError, check_config
 from ernievil2_train.resolvers import register_resolvers
-from tests.app_helpers import tiny_checkpoint
+from ernievil2_train.train import build, check_data_fits_model
+from tests.app_helpers import TINY_MODEL, tiny_checkpoint
 from tests.conftest import REPO_ROOT
 
 CONF = REPO_ROOT / "conf"
@@ -45,14 +46,16 @@ def _real_data_overrides(demo_root: Path) -> list[str]:
 
 
 def _instantiate_all(cfg: DictConfig) -> dict[str, object]:
+    """Everything `train` builds, through its `build` (which checks every value's type first)."""
     built = {
-        "datamodule": instantiate(cfg.data.datamodule),
-        "model": instantiate(cfg.model),
-        "callbacks": [instantiate(c) for c in cfg.callbacks.values() if c],
-        "loggers": [instantiate(c) for c in cfg.logger.values() if c],
+        "datamodule": build("data.datamodule", cfg.data.datamodule),
+        "model": build("model", cfg.model),
+        "callbacks": [build(f"callbacks.{k}", c) for k, c in cfg.callbacks.items() if c],
+        "loggers": [build(f"logger.{k}", c) for k, c in cfg.logger.items() if c],
     }
-    built["module"] = instantiate(cfg.module, model=built["model"])
-    built["trainer"] = instantiate(cfg.trainer, callbacks=built["callbacks"], logger=built["loggers"])
+    check_data_fits_model(built["datamodule"], built["model"])
+    built["module"] = build("module", cfg.module, model=built["model"])
+    built["trainer"] = build("trainer", cfg.trainer, callbacks=built["callbacks"], logger=built["loggers"])
     return built
 
 
@@ -71,6 +74,7 @@ def test_experiment_composes_and_instantiates(
         overrides += _real_data_overrides(demo_root)
     if experiment == "finetune_cococn":
         overrides.append(f"model.checkpoint={tiny_checkpoint(tmp_path / 'ckpt', demo_root / 'vocab.txt')}")
+        overrides.append(f"data.image_size={TINY_MODEL['vision']['image_size']}")  # the checkpoint's size
     if experiment == "pretrain_multiview":  # the Base preset is real-sized; shrink it for the test
         overrides += ["++model.config.vision.layers=1", "++model.config.text.layers=1"]
     overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]  # this machine has no GPU
@@ -111,6 +115,15 @@ def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=re.escape("'data.train_shards'")):
         check_config(cfg)
+
+
+def test_remote_shards_are_not_checked_as_paths(demo_cache: Path, tmp_path: Path) -> None:
+    overrides = ["+experiment=pretrain_multiview", "data.train_shards=https://example.org/pairs/train.json",
+                 f"data.vocab_file={tmp_path}", f"data.eval_set={tmp_path}"]
+    check_config(_compose(overrides, tmp_path))
+    overrides[1] = "data.train_shards=/no/such/train.json"
+    with pytest.raises(ConfigError, match=re.escape("'data.train_shards': path not found")):
+        check_config(_compose(overrides, tmp_path))
 
 
 @pytest.mark.parametrize("group_option", ["trainer=ddp", "trainer=fsdp", "trainer=gpu", "logger=tensorboard",

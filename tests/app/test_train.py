@@ -6,12 +6,17 @@ import os
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.train import build, resume_checkpoint
+from ernievil2_train.resolvers import register_resolvers
+from ernievil2_train.train import build, check_data_fits_model, resume_checkpoint
+from tests.data.shard_helpers import sample, write_shard, write_vocab
+from tests.models.tiny import TINY, tiny_model
 
 
 def test_build_reports_a_missing_input_by_config_key(tmp_path: Path) -> None:
@@ -28,11 +33,57 @@ def test_build_reports_an_invalid_value_by_config_key() -> None:
         build("callbacks.export", node)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batch_size": "abc"}, "config key 'data.datamodule.batch_size': expected int, got 'abc'"),
+        ({"epoch_samples": 1.5}, "config key 'data.datamodule.epoch_samples': expected int or null, got 1.5"),
+        ({"num_workers": True}, "config key 'data.datamodule.num_workers': expected int, got True"),
+        ({"num_workers": -1}, "config key 'data.datamodule': num_workers must be 0"),
+        ({"epoch_samples": 0}, "config key 'data.datamodule': epoch_samples must be positive, got 0"),
+        ({"nope": 1}, "config key 'data.datamodule': MultiViewDataModule.__init__() got an unexpected"),
+    ],
+)
+def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path: Path) -> None:
+    shards, vocab = tmp_path / "train-000000.tar", tmp_path / "vocab.txt"
+    write_shard(shards, [sample(0)])
+    write_vocab(vocab)
+    node = OmegaConf.create({"_target_": "ernievil2_train.data.datamodule.MultiViewDataModule",
+                             "train_shards": str(shards), "vocab_file": str(vocab), "epoch_samples": 4,
+                             **values})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build("data.datamodule", node)
+
+
+def test_build_names_the_key_of_an_unreadable_interpolated_file(tmp_path: Path) -> None:
+    register_resolvers()
+    (tmp_path / "vocab.txt").write_bytes(b"\xff\xfe not text")
+    node = OmegaConf.create({"_target_": "builtins.int", "_args_": [f"${{vocab_size:{tmp_path}/vocab.txt}}"]})
+    message = f"config key 'model': {tmp_path}/vocab.txt: not a UTF-8"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build("model", node)
+
+
 def test_build_lets_other_errors_through() -> None:
-    node = OmegaConf.create({"_target_": "ernievil2_train.callbacks.export.ExportBestModel", "nope": 1})
+    node = OmegaConf.create({"_target_": "operator.truediv", "_args_": [1, 0]})
     with pytest.raises(Exception) as info:
         build("callbacks.export", node)
     assert not isinstance(info.value, ConfigError)
+
+
+def test_data_must_fit_the_model(tmp_path: Path) -> None:
+    model = tiny_model()
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    size = TINY["vision"]["image_size"]
+    check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=vocab), model)
+    message = f"config key 'data.image_size': {size + 16}, but the model takes {size}"
+    with pytest.raises(ConfigError, match=message):
+        check_data_fits_model(SimpleNamespace(image_size=size + 16, vocab_file=vocab), model)
+    big = tmp_path / "big.txt"
+    tokens = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", *map(str, range(TINY["text"]["vocab_size"]))]
+    big.write_text("\n".join(tokens))
+    with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*big\.txt has ids up to"):
+        check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=big), model)
 
 
 def test_resume_picks_the_newest_checkpoint_of_the_run_folder(tmp_path: Path) -> None:
@@ -41,13 +92,28 @@ def test_resume_picks_the_newest_checkpoint_of_the_run_folder(tmp_path: Path) ->
         resume_checkpoint("last", tmp_path)
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    last.write_bytes(b"")
+    torch.save({}, last)
     assert resume_checkpoint(None, tmp_path) == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"")
+    torch.save({}, hpc)
     now = time.time()
     os.utime(last, (now - 10, now - 10))
     assert resume_checkpoint(None, tmp_path) == str(hpc)
     assert resume_checkpoint("last", tmp_path) == str(hpc)
     with pytest.raises(ConfigError, match="not found"):
         resume_checkpoint(str(tmp_path / "other.ckpt"), tmp_path)
+
+
+def test_an_unreadable_checkpoint_is_refused_before_training(tmp_path: Path) -> None:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, last)
+    last.write_bytes(last.read_bytes()[:-100])  # cut short, as by a full disk or a kill mid-write
+    message = f"run folder checkpoint {last}; delete it or set ckpt_path"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resume_checkpoint(None, tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'ckpt_path': {last}: not a readable")):
+        resume_checkpoint(str(last), tmp_path)
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    assert resume_checkpoint(str(sharded), tmp_path) == str(sharded)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, skip_metrics
+from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, NoUsableSample, skip_metrics
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
 from tests.data.shard_helpers import jpeg_bytes, sample, serving, smooth_image, write_shard, write_vocab
@@ -191,5 +191,5 @@ def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path):
     dm = MultiViewDataModule(train_shards=str(tmp_path / "train-000000.tar"),
                              vocab_file=str(tmp_path / "vocab.txt"), image_size=32, batch_size=2,
                              num_workers=0, epoch_samples=8)
-    with pytest.raises(RuntimeError, match="gave no usable sample"):
+    with pytest.raises(NoUsableSample, match="gave no usable sample"):
         list(dm.train_dataloader())

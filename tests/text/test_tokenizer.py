@@ -122,6 +122,13 @@ def test_bad_vocab_line_names_file_and_line(tmp_path: Path) -> None:
         load_vocab(path)
 
 
+def test_vocab_that_is_not_utf8_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(b"[PAD]\n[CLS]\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt: not a UTF-8 vocab file"):
+        load_vocab(path)
+
+
 def test_missing_vocab_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         ErnieTokenizer(tmp_path / "nope.txt")
