@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import glob
 import inspect
+import math
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,31 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; reported as one line, exit code 2."""
 
 
-def check_fields(cls: type, data: dict[str, Any], section: str) -> dict[str, Any]:
-    """Return a copy of `data` after checking that every key is a field of the dataclass `cls`."""
+def check_fields(cls: type, data: Any, section: str) -> dict[str, Any]:
+    """`data` as a dict, after checking that it is a mapping whose every key is a field of the dataclass
+    `cls`."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{section} config must be a mapping of fields, got {type(data).__name__}")
+    data = {str(key): value for key, value in data.items()}
     unknown = sorted(set(data) - set(cls.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown {section} config field(s): {', '.join(unknown)}")
-    return dict(data)
+    return data
+
+
+def check_positive_int(value: Any, key: str) -> None:
+    """ValueError naming `key` unless `value` is an int > 0 (a bool or a string is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def check_number(value: Any, key: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """`value` as a float; ValueError naming `key` unless it is a finite number with low <= value < high."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if not low <= value < high:
+        raise ValueError(f"{key} must be in [{low:g}, {high:g}), got {value!r}")
+    return float(value)
 
 
 def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -9,6 +9,18 @@ import argparse
 import sys
 
 from ernievil2_train.checkpoints import CheckpointError, load_pdparams, save_pretrained
+from ernievil2_train.checkpoints.io import check_output
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="official .pdparams file")
     parser.add_argument("out_dir", help="output checkpoint folder")
     parser.add_argument(
-        "--vision-heads", type=int, default=None, help="ViT attention heads (default: width/64)"
+        "--vision-heads", type=positive_int, default=None, help="ViT attention heads (default: width/64)"
     )
     parser.add_argument(
-        "--text-heads", type=int, default=None, help="ERNIE attention heads (default: width/64)"
+        "--text-heads", type=positive_int, default=None, help="ERNIE attention heads (default: width/64)"
     )
     parser.add_argument("--vocab", default=None, help="vocab.txt to copy into the checkpoint folder")
     return parser
@@ -31,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output(args.src, args.out_dir)
         model = load_pdparams(args.src, args.vision_heads, args.text_heads)
         out = save_pretrained(model, args.out_dir, vocab_file=args.vocab)
     except CheckpointError as err:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ernievil2_train.checkpoints import CheckpointError, load_training_checkpoint, save_pretrained
-from ernievil2_train.checkpoints.io import VOCAB_NAME
+from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output
 
 
 def run_vocab(checkpoint: Path) -> Path | None:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     vocab = args.vocab or run_vocab(checkpoint)
     try:
+        check_output(checkpoint, args.out_dir)
         model = load_training_checkpoint(checkpoint)
         out = save_pretrained(model, args.out_dir, vocab_file=vocab)
     except CheckpointError as err:

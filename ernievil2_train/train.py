@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
-from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.vocab import check_vocab_fits
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,10 @@ def check_data_fits_model(datamodule: Any, model: Any) -> None:
         )
     vocab_file = getattr(datamodule, "vocab_file", None)
     if vocab_file is not None:
-        size = ErnieTokenizer(vocab_file).vocab_size
-        if size > config.text.vocab_size:
-            raise ConfigError(
-                f"config key 'data.vocab_file': {vocab_file} has ids up to {size - 1}, but the model's text "
-                f"vocab_size is {config.text.vocab_size} (the vocabulary of another model?)"
-            )
-
+        try:
+            check_vocab_fits(vocab_file, config.text.vocab_size)
+        except ValueError as error:
+            raise ConfigError(f"config key 'data.vocab_file': {error}") from None
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""

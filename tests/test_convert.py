@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -76,3 +77,75 @@ def test_user_errors_in_process(paddle_ref: Path, tmp_path: Path, capsys: pytest
     assert not marker.exists() and not (tmp_path / "d").exists()
     err = _main_error(capsys, paddle_ref / "model.pdparams", tmp_path / "e", "--text-heads", "7")
     assert "not divisible by 7 heads" in err
+
+
+def test_unwritable_output_is_one_line(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    err = _main_error(capsys, paddle_ref / "model.pdparams", existing)
+    assert err == f"error: {existing}: cannot write the checkpoint folder (File exists)"
+    assert existing.read_text() == "keep me"
+    err = _main_error(capsys, paddle_ref / "model.pdparams", existing / "sub")
+    assert err.startswith(f"error: {existing / 'sub'}: cannot write the checkpoint folder (")
+
+
+def test_output_equal_to_the_input_is_refused(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "model.pdparams"
+    src.write_bytes((paddle_ref / "model.pdparams").read_bytes())
+    assert "the output folder is the input file" in _main_error(capsys, src, src)
+    assert src.read_bytes() == (paddle_ref / "model.pdparams").read_bytes()
+
+
+def test_bad_vocabularies_are_refused_before_writing(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vocab_size = json.loads((paddle_ref / "config.json").read_text())["text"]["vocab_size"]
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(bytes(range(128, 256)) * 8)
+    too_big = tmp_path / "big.txt"
+    too_big.write_text(f"[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[UNK]\t{vocab_size}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    src = paddle_ref / "model.pdparams"
+    for vocab, match in [
+        (garbage, "UTF-8"),
+        (too_big, f"ids go up to {vocab_size} but the model's text vocab_size is {vocab_size}"),
+        (tmp_path / "nope.txt", "vocabulary file not found"),
+    ]:
+        err = _main_error(capsys, src, out, "--vocab", vocab)
+        assert match in err and str(vocab) in err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("heads", ["0", "-2", "two"])
+def test_heads_must_be_positive(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], heads: str
+) -> None:
+    for option in ("--vision-heads", "--text-heads"):
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main([str(paddle_ref / "model.pdparams"), str(tmp_path / "o"), option, heads])
+        assert exit_info.value.code == 2
+        assert f"argument {option}: must be a positive integer, got '{heads}'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_source_errors_name_the_file_once(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _main_error(capsys, tmp_path, tmp_path / "a")
+    assert err == f"error: {tmp_path}: is a folder, not a .pdparams file"
+    zipped = tmp_path / "torch.pdparams"
+    torch.save({"w": torch.zeros(2)}, zipped)
+    err = _main_error(capsys, zipped, tmp_path / "b")
+    assert err == f"error: {zipped}: a torch/zip file, not a Paddle .pdparams pickle"
+    with (paddle_ref / "model.pdparams").open("rb") as f:
+        arrays = pickle.load(f)
+    del arrays["text_model.encoder_stack.block.0.ffn.i.weight"]
+    missing = tmp_path / "missing.pdparams"
+    missing.write_bytes(pickle.dumps(arrays, protocol=4))
+    err = _main_error(capsys, missing, tmp_path / "c")
+    assert err.count(str(missing)) == 1 and "missing key text_model.encoder_stack.block.0.ffn.i.weight" in err
+    assert not any((tmp_path / name).exists() for name in "abc")

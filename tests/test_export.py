@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ernievil2_train import export
 from ernievil2_train.checkpoints import find_vocab, load_pretrained
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
@@ -59,7 +60,7 @@ def _error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_bad_checkpoints_are_one_line_errors(run, tmp_path):
+def test_bad_checkpoints_are_one_line_errors(run, tmp_path, paddle_ref):
     assert "checkpoint file not found" in _error(_export(tmp_path / "nope.ckpt", tmp_path / "o1"))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
@@ -69,5 +70,68 @@ def test_bad_checkpoints_are_one_line_errors(run, tmp_path):
     assert "no model config" in _error(_export(foreign, tmp_path / "o3"))
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()
+    (sharded / "meta.pt").write_bytes(b"")
+    (sharded / "__0_0.distcp").write_bytes(b"")
     assert "consolidate it" in _error(_export(sharded, tmp_path / "o4"))
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    pdparams = tmp_path / "pd.ckpt"
+    pdparams.write_bytes((paddle_ref / "model.pdparams").read_bytes())
+    assert "a plain pickle (a .pdparams file?)" in _error(_export(pdparams, tmp_path / "o5"))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def _main_error(capsys, *args) -> str:
+    assert export.main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err.removeprefix("error: ")
+
+
+def test_a_run_folder_points_to_its_checkpoint(run, tmp_path, capsys):
+    run_dir, _ = run
+    err = _main_error(capsys, run_dir, tmp_path / "out")
+    assert err == f"{run_dir}: is a folder; pass a .ckpt file (e.g. {run_dir / 'checkpoints' / 'last.ckpt'})"
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_file_and_input_as_output_are_refused(run, tmp_path, capsys):
+    run_dir, _ = run
+    ckpt = tmp_path / "copy.ckpt"
+    ckpt.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    before = ckpt.read_bytes()
+    assert "the output folder is the input file" in _main_error(capsys, ckpt, ckpt)
+    assert ckpt.read_bytes() == before
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    err = _main_error(capsys, ckpt, existing)
+    assert err == f"{existing}: cannot write the checkpoint folder (File exists)"
+    assert existing.read_text() == "keep me"
+
+
+def test_vocabulary_must_fit_the_model(run, tmp_path, capsys):
+    run_dir, module = run
+    vocab_size = module.model.config.text.vocab_size
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(bytes(range(128, 256)) * 8)
+    too_big = tmp_path / "big.txt"
+    too_big.write_text(f"[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[UNK]\t{vocab_size}\n")
+    out = tmp_path / "out"
+    assert "UTF-8" in _main_error(capsys, ckpt, out, "--vocab", garbage)
+    err = _main_error(capsys, ckpt, out, "--vocab", too_big)
+    assert err.startswith(f"{too_big}: ids go up to {vocab_size} but the model's text vocab_size is ")
+    assert not out.exists()
+
+
+def test_invalid_model_config_and_cut_file(run, tmp_path, capsys):
+    run_dir, _ = run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["model_config"]["text"]["heads"] = 0
+    zero_heads = tmp_path / "zero.ckpt"
+    torch.save(checkpoint, zero_heads)
+    err = _main_error(capsys, zero_heads, tmp_path / "out")
+    assert err == f"{zero_heads}: invalid model config (text.heads must be a positive integer, got 0)"
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(zero_heads.read_bytes()[: zero_heads.stat().st_size // 2])
+    err = _main_error(capsys, cut, tmp_path / "out")
+    assert err.startswith(f"{cut}: not a readable training checkpoint (RuntimeError: ")
+    assert not (tmp_path / "out").exists()

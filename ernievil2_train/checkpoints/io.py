@@ -4,17 +4,42 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ernievil2_train.checkpoints.paddle import CheckpointError
+from ernievil2_train.checkpoints.paddle import ZIP_MAGIC, CheckpointError, short_reason
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
+from ernievil2_train.text.vocab import check_vocab_fits
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 VOCAB_NAME = "vocab.txt"
+SHARDED_META_NAME = "meta.pt"  # written by Lightning's FSDP strategy into a sharded checkpoint folder
+
+
+def check_vocab(vocab_file: str | Path, vocab_size: int) -> None:
+    """Raise `CheckpointError` unless `vocab_file` reads as a vocabulary whose ids fit `vocab_size`."""
+    path = Path(vocab_file)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a vocabulary file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: vocabulary file not found")
+    try:
+        check_vocab_fits(path, vocab_size)
+    except (OSError, ValueError) as err:
+        message = " ".join(str(err).split())
+        raise CheckpointError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def check_output(src: str | Path, out_dir: str | Path) -> None:
+    """Raise `CheckpointError` when the output folder would be the input file itself."""
+    if Path(out_dir).resolve() == Path(src).resolve():
+        raise CheckpointError(f"{out_dir}: the output folder is the input file; choose a new folder")
 
 
 def save_pretrained(
@@ -23,18 +48,23 @@ def save_pretrained(
     vocab_file: str | Path | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights, config (and a copy of the vocabulary) into `out_dir`; returns the folder.
+    """Write weights, config (and a copy of the vocabulary, checked first) into `out_dir`; returns the folder.
     `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if vocab_file is not None:
-        if not Path(vocab_file).is_file():
-            raise CheckpointError(f"{vocab_file}: vocabulary file not found")
-        shutil.copyfile(vocab_file, out / VOCAB_NAME)
+        check_vocab(vocab_file, model.config.text.vocab_size)
     weights = model.state_dict() if state_dict is None else state_dict
     state = {name: t.detach().to("cpu").contiguous() for name, t in weights.items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    vocab = out / VOCAB_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if vocab_file is not None and not (vocab.exists() and vocab.samefile(vocab_file)):
+            shutil.copyfile(vocab_file, vocab)
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, "strerror", None) or short_reason(err)
+        raise CheckpointError(f"{out}: cannot write the checkpoint folder ({reason})") from None
     return out
 
 
@@ -46,15 +76,22 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{folder}: not a checkpoint folder (missing {', '.join(missing)})")
+    config_file = folder / CONFIG_NAME
     try:
-        config = DualEncoderConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: invalid model config ({err})") from None
-    model = DualEncoder(config)
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"{config_file}: cannot read file ({err.strerror or err})") from None
+    except ValueError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({short_reason(err)})") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise CheckpointError(f"{config_file}: invalid model config (must be a JSON object, not a {kind})")
+    model = _build_model(data, config_file)
     try:
         state = load_file(str(folder / WEIGHTS_NAME))
     except Exception as err:
-        raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({err})") from None
+        reason = short_reason(err)
+        raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({reason})") from None
     expected = model.state_dict()
     missing_keys = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -74,7 +111,60 @@ def find_vocab(path: str | Path) -> Path | None:
     return vocab if vocab.is_file() else None
 
 
+def _build_model(config: Any, source: Path) -> DualEncoder:
+    """The `DualEncoder` of a config dict; an invalid config is a `CheckpointError` naming `source`."""
+    try:
+        return DualEncoder(DualEncoderConfig.from_dict(config))
+    except (ValueError, TypeError) as err:
+        message = " ".join(str(err).split())
+        raise CheckpointError(f"{source}: invalid model config ({message})") from None
+
+
+def _tensor_shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of a tensor; None for anything else a checkpoint may hold."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
 MODEL_CONFIG_KEY = "model_config"  # the `DualEncoderConfig` dict that training checkpoints carry
+
+
+def _folder_message(path: Path) -> str:
+    """Why a folder is not a training checkpoint file, and what to pass instead."""
+    if (path / SHARDED_META_NAME).is_file() and any(path.glob("*.distcp")):
+        return (
+            f"{path}: a sharded (FSDP) checkpoint folder; consolidate it into one file first with "
+            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`"
+        )
+    last = next((p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), None)
+    example = last or path / "checkpoints" / "last.ckpt"
+    return f"{path}: is a folder; pass a .ckpt file (e.g. {example})"
+
+
+def _torch_load(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, without warnings; failures are one-line errors."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read file ({err.strerror or err})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = _load_failure(head, err)
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({reason})") from None
+
+
+def _load_failure(head: bytes, err: Exception) -> str:
+    """Why `torch.load` failed, from the file's first bytes and the exception."""
+    if not head:
+        return "the file is empty"
+    if head == ZIP_MAGIC:
+        return short_reason(err)
+    if head.startswith(b"\x80"):
+        return "a plain pickle (a .pdparams file?), not a torch zip archive"
+    return "not a zip file"
 
 
 def load_training_checkpoint(path: str | Path) -> DualEncoder:
@@ -82,29 +172,20 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
     `hpc_ckpt_*.ckpt`), in eval mode on CPU. Read with `weights_only=True`: no code in the file runs."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(
-            f"{path}: a sharded (FSDP) checkpoint folder; consolidate it into one file first with "
-            "`python -m lightning.pytorch.utilities.consolidate_checkpoint`"
-        )
+        raise CheckpointError(_folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(err).__name__})") from None
+    checkpoint = _torch_load(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a Lightning training checkpoint (no state_dict)")
     if MODEL_CONFIG_KEY not in checkpoint:
         raise CheckpointError(f"{path}: no model config in the checkpoint (not written by ErnieVil2Module)")
-    try:
-        model = DualEncoder(DualEncoderConfig.from_dict(checkpoint[MODEL_CONFIG_KEY]))
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: invalid model config ({err})") from None
+    model = _build_model(checkpoint[MODEL_CONFIG_KEY], path)
     weights = checkpoint["state_dict"].items()
     state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in state and _tensor_shape(state[k]) != expected[k].shape]
     if missing or wrong:
         raise CheckpointError(
             f"{path}: weights do not match its model config (missing {missing[:8]}, wrong shape {wrong[:8]})"

@@ -29,6 +29,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (message is one line)."""
 
 
+def short_reason(err: BaseException, limit: int = 120) -> str:
+    """`err`'s type and the first line (first sentence) of its message, shortened to about `limit` chars."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _reconstruct(subtype: type, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError(f"array subtype {subtype!r} is not numpy.ndarray")
@@ -66,7 +74,17 @@ class _ArrayUnpickler(pickle.Unpickler):
         return allowed
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _unpickle(path: Path) -> Any:
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read file ({err.strerror or err})") from None
+    if head == ZIP_MAGIC:
+        raise CheckpointError(f"{path}: a torch/zip file, not a Paddle .pdparams pickle")
     try:
         with path.open("rb") as f:
             return _ArrayUnpickler(f, encoding="latin1").load()
@@ -79,12 +97,10 @@ def _unpickle(path: Path) -> Any:
     except EOFError:
         raise CheckpointError(f"{path}: file is truncated or empty (pickle stream ended early)") from None
     except pickle.UnpicklingError as err:
-        reason = "truncated" if "truncated" in str(err) else f"not a .pdparams pickle ({err})"
+        reason = "truncated" if "truncated" in str(err) else f"not a .pdparams pickle ({short_reason(err)})"
         raise CheckpointError(f"{path}: {reason}") from None
     except Exception as err:
-        raise CheckpointError(
-            f"{path}: not a readable .pdparams pickle ({type(err).__name__}: {err})"
-        ) from None
+        raise CheckpointError(f"{path}: not a readable .pdparams pickle ({short_reason(err)})") from None
 
 
 def _join_big_params(state: dict[str, Any], path: Path) -> None:
@@ -109,6 +125,8 @@ def _join_big_params(state: dict[str, Any], path: Path) -> None:
 def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
     """All parameter arrays of a `.pdparams` file, minus the name table and the unused classifier."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a .pdparams file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     state = _unpickle(path)
@@ -174,10 +192,14 @@ def map_name(name: str) -> tuple[str, bool] | None:
     return None
 
 
-def _shape(arrays: dict[str, np.ndarray], name: str, source: str) -> tuple[int, ...]:
+def _shape(arrays: dict[str, np.ndarray], name: str, source: str, ndim: int) -> tuple[int, ...]:
+    """The shape of `arrays[name]`, which must exist and have `ndim` dimensions."""
     if name not in arrays:
         raise CheckpointError(f"{source}: missing key {name} (needed to infer the architecture)")
-    return arrays[name].shape
+    shape = arrays[name].shape
+    if len(shape) != ndim:
+        raise CheckpointError(f"{source}: {name} has shape {shape}, expected a {ndim}-D array")
+    return shape
 
 
 def _count_layers(arrays: dict[str, np.ndarray], prefix: str) -> int:
@@ -188,9 +210,27 @@ def _count_layers(arrays: dict[str, np.ndarray], prefix: str) -> int:
 
 def _heads(width: int, heads: int | None, tower: str, source: str) -> int:
     heads = heads if heads is not None else max(width // HEAD_DIM, 1)
-    if heads <= 0 or width % heads:
+    if heads <= 0:
+        raise CheckpointError(f"{source}: {tower} heads must be a positive integer, got {heads}")
+    if width % heads:
         raise CheckpointError(f"{source}: {tower} width {width} is not divisible by {heads} heads")
     return heads
+
+
+def _image_size(arrays: dict[str, np.ndarray], source: str) -> tuple[int, int, int]:
+    """(width, patch size, image size) from the patch convolution and the positional embedding."""
+    conv_name, pos_name = "visual.patch_embed.proj.weight", "visual.positional_embedding"
+    width, _, patch, patch_w = _shape(arrays, conv_name, source, 4)
+    if patch != patch_w:
+        raise CheckpointError(f"{source}: {conv_name} has non-square {patch}x{patch_w} patches")
+    num_patches = _shape(arrays, pos_name, source, 3)[1] - 1
+    grid = math.isqrt(max(num_patches, 0))
+    if num_patches <= 0 or grid * grid != num_patches:
+        raise CheckpointError(
+            f"{source}: cannot infer image size: {pos_name} has {num_patches} patch positions "
+            "(not a square grid)"
+        )
+    return width, patch, grid * patch
 
 
 def infer_config(
@@ -200,32 +240,31 @@ def infer_config(
     source: str = "",
 ) -> DualEncoderConfig:
     """Architecture read off the tensor shapes; heads default to width / 64."""
-    conv = _shape(arrays, "visual.patch_embed.proj.weight", source)
-    width, patch = conv[0], conv[-1]
-    num_patches = _shape(arrays, "visual.positional_embedding", source)[-2] - 1
-    grid = math.isqrt(num_patches)
-    if len(conv) != 4 or grid * grid != num_patches:
-        raise CheckpointError(f"{source}: cannot infer image size from {num_patches} positional patches")
-    hidden = _shape(arrays, "visual.blocks.0.mlp.fc1.weight", source)[-1]
-    vocab, text_width = _shape(arrays, "text_model.word_emb.weight", source)
+    width, patch, image_size = _image_size(arrays, source)
+    hidden = _shape(arrays, "visual.blocks.0.mlp.fc1.weight", source, 2)[-1]
+    vocab, text_width = _shape(arrays, "text_model.word_emb.weight", source, 2)
     prefix = "text_model.encoder_stack.block."
+    intermediate = _shape(arrays, f"{prefix}0.ffn.i.weight", source, 2)[-1]
+    positions = _shape(arrays, "text_model.pos_emb.weight", source, 2)[0]
+    vision_heads = _heads(width, vision_heads, "vision", source)
+    text_heads = _heads(text_width, text_heads, "text", source)
     try:
         return DualEncoderConfig(
             vision=VisionConfig(
-                image_size=grid * patch,
+                image_size=image_size,
                 patch_size=patch,
                 width=width,
                 layers=_count_layers(arrays, "visual.blocks."),
-                heads=_heads(width, vision_heads, "vision", source),
-                mlp_ratio=hidden / width,
+                heads=vision_heads,
+                mlp_ratio=hidden / width if width else 0.0,
             ),
             text=TextConfig(
                 vocab_size=vocab,
                 width=text_width,
                 layers=_count_layers(arrays, prefix),
-                heads=_heads(text_width, text_heads, "text", source),
-                intermediate_size=_shape(arrays, f"{prefix}0.ffn.i.weight", source)[-1],
-                max_position_embeddings=_shape(arrays, "text_model.pos_emb.weight", source)[0],
+                heads=text_heads,
+                intermediate_size=intermediate,
+                max_position_embeddings=positions,
             ),
         )
     except ValueError as err:
@@ -278,6 +317,8 @@ def to_state_dict(
         target = expected[ours].shape
         if ours == "logit_scale" and tensor.numel() == 1:
             tensor = tensor.reshape(target)
+            if not torch.isfinite(tensor):
+                raise CheckpointError(f"{source}: {name} is not finite ({tensor.item()})")
         if tensor.shape != target:
             want = tuple(reversed(target)) if transpose else tuple(target)
             raise CheckpointError(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernievil2_train.config_checks import check_fields
+from ernievil2_train.config_checks import check_fields, check_number
 from ernievil2_train.models.text import TextConfig, TextTower
 from ernievil2_train.models.vision import VisionConfig, create_vision_tower
 
@@ -25,6 +25,9 @@ class DualEncoderConfig:
     logit_scale_init: float = OFFICIAL_LOGIT_SCALE_INIT
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vision, VisionConfig) or not isinstance(self.text, TextConfig):
+            raise ValueError("DualEncoderConfig takes a VisionConfig and a TextConfig (from_dict: dicts)")
+        self.logit_scale_init = check_number(self.logit_scale_init, "logit_scale_init")
         if self.vision.width != self.text.width:
             raise ValueError(
                 f"vision.width ({self.vision.width}) must equal text.width ({self.text.width}): "
@@ -42,9 +45,9 @@ class DualEncoderConfig:
     def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
         data = check_fields(cls, data, "model")
         return cls(
-            vision=VisionConfig.from_dict(dict(data.get("vision", {}))),
-            text=TextConfig.from_dict(dict(data.get("text", {}))),
-            logit_scale_init=float(data.get("logit_scale_init", OFFICIAL_LOGIT_SCALE_INIT)),
+            vision=VisionConfig.from_dict(data.get("vision", {})),
+            text=TextConfig.from_dict(data.get("text", {})),
+            logit_scale_init=data.get("logit_scale_init", OFFICIAL_LOGIT_SCALE_INIT),
         )
 
 

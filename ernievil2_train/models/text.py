@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ErnieConfig, ErnieModel
 
-from ernievil2_train.config_checks import check_fields
+from ernievil2_train.config_checks import check_fields, check_number, check_positive_int
 
 TEXT_LN_EPS = 1e-5
 PAD_ID = 0
@@ -31,6 +31,11 @@ class TextConfig:
     attention_dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "width", "layers", "heads", "intermediate_size", "max_position_embeddings")
+        for name in sizes:
+            check_positive_int(getattr(self, name), f"text.{name}")
+        self.dropout = check_number(self.dropout, "text.dropout", 0.0, 1.0)
+        self.attention_dropout = check_number(self.attention_dropout, "text.attention_dropout", 0.0, 1.0)
         if self.width % self.heads:
             raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
 

@@ -12,7 +12,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ernievil2_train.config_checks import check_fields
+from ernievil2_train.config_checks import check_fields, check_number, check_positive_int
 
 VISION_LN_EPS = 1e-6
 
@@ -30,6 +30,12 @@ class VisionConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "width", "layers", "heads"):
+            check_positive_int(getattr(self, name), f"vision.{name}")
+        self.mlp_ratio = check_number(self.mlp_ratio, "vision.mlp_ratio")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"vision.mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        self.drop_path_rate = check_number(self.drop_path_rate, "vision.drop_path_rate", 0.0, 1.0)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"

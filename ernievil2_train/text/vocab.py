@@ -38,3 +38,15 @@ def load_vocab(path: str | Path) -> dict[str, int]:
     if missing:
         raise ValueError(f"vocab file {path} lacks the special token(s) {', '.join(missing)}")
     return vocab
+
+
+def check_vocab_fits(path: str | Path, vocab_size: int) -> None:
+    """Raise ValueError naming `path` unless its ids fit a text tower of `vocab_size` embeddings."""
+    ids = load_vocab(path).values()
+    if min(ids) < 0:
+        raise ValueError(f"{path}: negative token id {min(ids)}")
+    if max(ids) >= vocab_size:
+        raise ValueError(
+            f"{path}: ids go up to {max(ids)} but the model's text vocab_size is {vocab_size} "
+            "(wrong vocabulary for this model?)"
+        )

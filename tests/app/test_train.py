@@ -82,7 +82,7 @@ def test_data_must_fit_the_model(tmp_path: Path) -> None:
     big = tmp_path / "big.txt"
     tokens = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", *map(str, range(TINY["text"]["vocab_size"]))]
     big.write_text("\n".join(tokens))
-    with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*big\.txt has ids up to"):
+    with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*big\.txt: ids go up to"):
         check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=big), model)
 
 

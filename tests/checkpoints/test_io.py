@@ -2,21 +2,30 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import ernievil2_train
-from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained, save_pretrained
-from tests.models.tiny import tiny_model
+from ernievil2_train.checkpoints import (
+    CheckpointError,
+    find_vocab,
+    load_pretrained,
+    load_training_checkpoint,
+    save_pretrained,
+)
+from tests.models.tiny import TINY, tiny_model
+
+SPECIALS = "[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[UNK]\t3\n"
 
 
 def test_round_trip_keeps_weights_config_and_vocab(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = tiny_model(logit_scale_init=1.5)
     vocab = tmp_path / "v.txt"
-    vocab.write_text("[PAD]\t0\n[CLS]\t1", encoding="utf-8")
+    vocab.write_text("[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[UNK]\t3", encoding="utf-8")
     out = save_pretrained(model, tmp_path / "ckpt", vocab_file=vocab)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "vocab.txt"}
     assert find_vocab(out) == out / "vocab.txt" and find_vocab(tmp_path) is None
@@ -46,3 +55,135 @@ def test_clear_errors(tmp_path: Path) -> None:
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unknown text config field"):
         load_pretrained(out)
+
+
+def _one_line_error(call, *args) -> str:
+    with pytest.raises(CheckpointError) as info:
+        call(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "match"),
+    [
+        ("text", "heads", 0, "text.heads must be a positive integer, got 0"),
+        ("vision", "layers", "two", "vision.layers must be a positive integer, got 'two'"),
+        ("vision", "width", -32, "vision.width must be a positive integer, got -32"),
+        ("text", "vocab_size", True, "text.vocab_size must be a positive integer, got True"),
+        ("text", "dropout", 1.5, "text.dropout must be in [0, 1), got 1.5"),
+        ("vision", "mlp_ratio", "4", "vision.mlp_ratio must be a finite number, got '4'"),
+    ],
+)
+def test_invalid_config_numbers_name_the_file_and_field(
+    tmp_path: Path, section: str, key: str, value: object, match: str
+) -> None:
+    out = save_pretrained(tiny_model(), tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    config[section][key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    message = _one_line_error(load_pretrained, out)
+    assert message == f"{out / 'config.json'}: invalid model config ({match})"
+
+
+def test_config_json_must_be_an_object(tmp_path: Path) -> None:
+    out = save_pretrained(tiny_model(), tmp_path / "ckpt")
+    (out / "config.json").write_text("[1, 2]")
+    assert "must be a JSON object, not a list" in _one_line_error(load_pretrained, out)
+    (out / "config.json").write_text('{"vision": null}')
+    assert "vision config must be a mapping" in _one_line_error(load_pretrained, out)
+    (out / "config.json").write_text("{oops")
+    assert f"{out / 'config.json'}: not valid JSON" in _one_line_error(load_pretrained, out)
+
+
+def test_unwritable_output_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    message = _one_line_error(save_pretrained, tiny_model(), existing)
+    assert message == f"{existing}: cannot write the checkpoint folder (File exists)"
+    below = existing / "sub"
+    message = _one_line_error(save_pretrained, tiny_model(), below)
+    assert message.startswith(f"{below}: cannot write the checkpoint folder (")
+    assert existing.read_text() == "keep me"
+
+
+def test_vocabulary_is_checked_before_the_folder_is_made(tmp_path: Path) -> None:
+    model = tiny_model()
+    vocab_size = model.config.text.vocab_size
+    out = tmp_path / "out"
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(bytes(range(128, 256)) * 8)
+    too_big = tmp_path / "big.txt"
+    too_big.write_text(f"{SPECIALS}word\t{vocab_size}\n", encoding="utf-8")
+    no_specials = tmp_path / "plain.txt"
+    no_specials.write_text("a\nb\n", encoding="utf-8")
+    cases = [
+        (garbage, "UTF-8"),
+        (too_big, f"ids go up to {vocab_size} but the model's text vocab_size is {vocab_size}"),
+        (no_specials, "lacks the special token(s)"),
+        (tmp_path / "missing.txt", "vocabulary file not found"),
+        (tmp_path, "is a folder, not a vocabulary file"),
+    ]
+    for vocab, match in cases:
+        message = _one_line_error(save_pretrained, model, out, vocab)
+        assert match in message and str(vocab) in message and message.count(str(vocab)) == 1, message
+        assert not out.exists()
+    fits = tmp_path / "fits.txt"
+    fits.write_text(f"{SPECIALS}word\t{vocab_size - 1}\n", encoding="utf-8")
+    save_pretrained(model, out, vocab_file=fits)
+    save_pretrained(model, out, vocab_file=out / "vocab.txt")  # overwriting a folder with its own vocab
+    assert find_vocab(out).read_bytes() == fits.read_bytes()
+
+
+def _training_checkpoint(path: Path, config: object) -> Path:
+    state = {f"model.{k}": v for k, v in tiny_model().state_dict().items()}
+    torch.save({"state_dict": state, "model_config": config}, path)
+    return path
+
+
+def test_training_checkpoint_config_errors_name_the_file(tmp_path: Path) -> None:
+    good = _training_checkpoint(tmp_path / "good.ckpt", TINY)
+    assert load_training_checkpoint(good).config == tiny_model().config
+    for i, (section, key, value) in enumerate([("vision", "heads", 0), ("text", "layers", "two")]):
+        config = {**TINY, section: {**TINY[section], key: value}}
+        path = _training_checkpoint(tmp_path / f"bad{i}.ckpt", config)
+        message = _one_line_error(load_training_checkpoint, path)
+        assert message.startswith(f"{path}: invalid model config ({section}.{key} must be a positive integer")
+    path = _training_checkpoint(tmp_path / "list.ckpt", [1, 2])
+    message = _one_line_error(load_training_checkpoint, path)
+    assert message == f"{path}: invalid model config (model config must be a mapping of fields, got list)"
+
+
+def test_unreadable_training_checkpoints(tmp_path: Path, paddle_ref: Path) -> None:
+    good = _training_checkpoint(tmp_path / "good.ckpt", TINY)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    message = _one_line_error(load_training_checkpoint, cut)
+    assert message.startswith(f"{cut}: not a readable training checkpoint (RuntimeError: ")
+    assert len(message) < len(str(cut)) + 200
+    pdparams = tmp_path / "pd.ckpt"
+    pdparams.write_bytes((paddle_ref / "model.pdparams").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        message = _one_line_error(load_training_checkpoint, pdparams)
+    assert "a plain pickle (a .pdparams file?), not a torch zip archive" in message
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    assert "(the file is empty)" in _one_line_error(load_training_checkpoint, empty)
+
+
+def test_a_folder_is_not_a_training_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    message = _one_line_error(load_training_checkpoint, run)
+    assert message == f"{run}: is a folder; pass a .ckpt file (e.g. {run / 'checkpoints' / 'last.ckpt'})"
+    _training_checkpoint(run / "last.ckpt", TINY)
+    assert f"(e.g. {run / 'last.ckpt'})" in _one_line_error(load_training_checkpoint, run)
+    assert "consolidate" not in _one_line_error(load_training_checkpoint, run)
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    (sharded / "meta.pt").write_bytes(b"")
+    (sharded / "__0_0.distcp").write_bytes(b"")
+    message = _one_line_error(load_training_checkpoint, sharded)
+    assert "sharded (FSDP) checkpoint folder" in message and "consolidate_checkpoint" in message

@@ -118,6 +118,65 @@ def test_truncated_and_non_pickle_files(tmp_path: Path, paddle_ref: Path) -> Non
         read_pdparams(_write(tmp_path / "list.pdparams", [1, 2]))
     with pytest.raises(CheckpointError, match="no such file"):
         read_pdparams(tmp_path / "absent.pdparams")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: is a folder, not a .pdparams file")):
+        read_pdparams(tmp_path)
+
+
+def test_torch_zip_file_is_named_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "torch.pdparams"
+    torch.save({"visual.class_embedding": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_pdparams(path)
+    assert str(info.value) == f"{path}: a torch/zip file, not a Paddle .pdparams pickle"
+
+
+def _error(tmp_path: Path, arrays: dict[str, np.ndarray], **heads: int) -> str:
+    """The one-line error of converting `arrays`, which names the file exactly once."""
+    path = _write(tmp_path / "edited.pdparams", arrays)
+    with pytest.raises(CheckpointError) as info:
+        load_pdparams(path, **heads)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and message.count(str(path)) == 1
+    return message.removeprefix(f"{path}: ")
+
+
+def test_unexpected_ranks_name_the_key_and_shape(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    conv = arrays["visual.patch_embed.proj.weight"]
+    flat_conv = conv.reshape(conv.shape[0], -1)
+    assert _error(tmp_path, {**arrays, "visual.patch_embed.proj.weight": flat_conv}) == (
+        f"visual.patch_embed.proj.weight has shape {flat_conv.shape}, expected a 4-D array"
+    )
+    flat_emb = arrays["text_model.word_emb.weight"].reshape(-1)
+    assert _error(tmp_path, {**arrays, "text_model.word_emb.weight": flat_emb}) == (
+        f"text_model.word_emb.weight has shape {flat_emb.shape}, expected a 2-D array"
+    )
+    pos = arrays["visual.positional_embedding"]
+    assert "visual.positional_embedding has shape" in _error(
+        tmp_path, {**arrays, "visual.positional_embedding": pos[0]}
+    )
+    short = pos[:, :-1]
+    assert "cannot infer image size" in _error(tmp_path, {**arrays, "visual.positional_embedding": short})
+
+
+def test_path_appears_once_in_architecture_errors(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    missing = {k: v for k, v in arrays.items() if k != "text_model.encoder_stack.block.0.ffn.i.weight"}
+    assert _error(tmp_path, missing).startswith("missing key text_model.encoder_stack.block.0.ffn.i.weight")
+    assert _error(tmp_path, arrays, vision_heads=0) == "vision heads must be a positive integer, got 0"
+    width = arrays["text_model.word_emb.weight"].shape[1]
+    assert _error(tmp_path, arrays, text_heads=width + 1) == (
+        f"text width {width} is not divisible by {width + 1} heads"
+    )
+    wrong_width = {**arrays, "text_model.word_emb.weight": arrays["text_model.word_emb.weight"][:, :-1]}
+    assert "must equal text.width" in _error(tmp_path, wrong_width, text_heads=1)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_logit_scale_is_refused(
+    tmp_path: Path, arrays: dict[str, np.ndarray], value: float
+) -> None:
+    scale = np.full_like(arrays["contrastive_loss_mm.temperature_b"], value)
+    message = _error(tmp_path, {**arrays, "contrastive_loss_mm.temperature_b": scale})
+    assert message == f"contrastive_loss_mm.temperature_b is not finite ({value})"
 
 
 def _convert_dict(tmp_path: Path, arrays: dict[str, np.ndarray]) -> DualEncoder:

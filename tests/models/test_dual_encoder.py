@@ -53,3 +53,20 @@ def test_config_round_trip() -> None:
     assert create_model(cfg).config == cfg
     with pytest.raises(ValueError, match="unknown model config field"):
         DualEncoderConfig.from_dict({**TINY, "projection": 3})
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ([1, 2], "model config must be a mapping of fields, got list"),
+        ({**TINY, "text": None}, "text config must be a mapping of fields, got NoneType"),
+        ({**TINY, "logit_scale_init": "high"}, "logit_scale_init must be a finite number, got 'high'"),
+        ({**TINY, "logit_scale_init": math.inf}, "logit_scale_init must be a finite number, got inf"),
+        ({**TINY, "vision": {**TINY["vision"], "heads": -2}},
+         "vision.heads must be a positive integer, got -2"),
+    ],
+)
+def test_invalid_configs_are_value_errors(data: object, match: str) -> None:
+    with pytest.raises(ValueError) as info:
+        DualEncoderConfig.from_dict(data)
+    assert str(info.value) == match

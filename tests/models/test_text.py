@@ -15,6 +15,25 @@ def _tower() -> TextTower:
     return TextTower(CFG).eval()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("heads", 0, "text.heads must be a positive integer, got 0"),
+        ("layers", "two", "text.layers must be a positive integer, got 'two'"),
+        ("width", -32, "text.width must be a positive integer, got -32"),
+        ("vocab_size", False, "text.vocab_size must be a positive integer, got False"),
+        ("intermediate_size", 0, "text.intermediate_size must be a positive integer, got 0"),
+        ("max_position_embeddings", 0, "text.max_position_embeddings must be a positive integer, got 0"),
+        ("dropout", -0.1, "text.dropout must be in [0, 1), got -0.1"),
+        ("attention_dropout", "0.1", "text.attention_dropout must be a finite number, got '0.1'"),
+    ],
+)
+def test_invalid_numbers_name_the_field(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError) as info:
+        TextConfig.from_dict({**CFG.to_dict(), field: value})
+    assert str(info.value) == match
+
+
 def test_config_of_the_ernie_model() -> None:
     cfg = _tower().ernie.config
     assert cfg.hidden_act == "gelu" and cfg.layer_norm_eps == 1e-5 and not cfg.use_task_id

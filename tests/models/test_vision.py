@@ -50,6 +50,33 @@ def test_config_validation_and_round_trip() -> None:
         VisionConfig.from_dict({"widht": 3})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("heads", 0, "vision.heads must be a positive integer, got 0"),
+        ("layers", "two", "vision.layers must be a positive integer, got 'two'"),
+        ("width", -48, "vision.width must be a positive integer, got -48"),
+        ("patch_size", 16.0, "vision.patch_size must be a positive integer, got 16.0"),
+        ("image_size", True, "vision.image_size must be a positive integer, got True"),
+        ("mlp_ratio", 0, "vision.mlp_ratio must be positive, got 0.0"),
+        ("mlp_ratio", float("nan"), "vision.mlp_ratio must be a finite number, got nan"),
+        ("drop_path_rate", 1.0, "vision.drop_path_rate must be in [0, 1), got 1.0"),
+        ("drop_path_rate", None, "vision.drop_path_rate must be a finite number, got None"),
+    ],
+)
+def test_invalid_numbers_name_the_field(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError) as info:
+        VisionConfig.from_dict({"image_size": 64, "patch_size": 16, "width": 48, "heads": 3, field: value})
+    assert str(info.value) == match
+
+
+def test_whole_numbers_are_accepted_as_floats() -> None:
+    cfg = VisionConfig.from_dict({"mlp_ratio": 2, "drop_path_rate": 0})
+    assert (cfg.mlp_ratio, cfg.drop_path_rate) == (2.0, 0.0) and isinstance(cfg.mlp_ratio, float)
+    with pytest.raises(ValueError, match="vision config must be a mapping of fields, got list"):
+        VisionConfig.from_dict([1, 2])
+
+
 def test_linear_patch_embed_equals_the_convolution() -> None:
     torch.manual_seed(0)
     tower = create_vision_tower(VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2))
