@@ -4,6 +4,7 @@
 
 Each written line is `text_vec \\t image_vec \\t 1`: L2-normalized float32 vectors, space-joined as numpy
 prints float32 values. Rows with a wrong column count or an undecodable image are skipped and reported.
+The output file is written only when at least one row was embedded.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.vocab import check_vocab_fits
 from ernievil2_train.vision import ImageDecodeError, eval_transform
 
 MAX_EXAMPLES = 10
@@ -178,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu` or `cuda` as a device; ValueError when CUDA is asked for but missing."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA device is available")
     if name == "auto":
@@ -186,37 +189,97 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
+    """`load_pretrained`, with a clear message when --checkpoint is a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"--checkpoint {path}: is a file, not a checkpoint folder")
+    return load_pretrained(path, device=device)
+
+
+def resolve_vocab(checkpoint: str | Path, vocab: str | Path | None) -> Path:
+    """The --vocab file if given, else the checkpoint folder's vocab.txt (ValueError if there is none)."""
+    if vocab is None:
+        found = find_vocab(checkpoint)
+        if found is None:
+            raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {checkpoint}")
+        return found
+    path = Path(vocab)
+    if path.is_dir():
+        raise ValueError(f"--vocab {path}: is a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"--vocab {path}: file not found")
+    return path
+
+
+def load_tokenizer(vocab: Path, model: DualEncoder, max_len: int) -> ErnieTokenizer:
+    """The tokenizer of `vocab` for `model` (ValueError naming the file or --max-len when they do not fit)."""
+    limit = model.config.text.max_position_embeddings
+    message = (
+        f"--max-len {max_len}: must be between 2 and the checkpoint's {limit} text positions "
+        "(max_position_embeddings)"
+    )
+    if max_len < 2:
+        raise ValueError(message)
+    tokenizer = ErnieTokenizer(vocab, max_len=max_len)
+    check_vocab_fits(vocab, model.config.text.vocab_size)
+    if max_len > limit:
+        raise ValueError(message)
+    return tokenizer
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    """--input must be a file; --output a file path in an existing folder, other than --input."""
+    if src.is_dir():
+        raise ValueError(f"--input {src}: is a folder, not a file")
+    if not src.is_file():
+        raise ValueError(f"--input {src}: no such file")
+    if out.is_dir():
+        raise ValueError(f"--output {out}: is a folder, not a file")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {out}: folder {out.parent} does not exist")
+    if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(src, out)):
+        raise ValueError(f"--output {out} is the same file as --input {src} (it would be overwritten)")
+
+
 def _setup(args: argparse.Namespace) -> tuple[Embedder, DualEncoder]:
     """Validate the arguments and load the checkpoint and tokenizer (user errors raise ValueError)."""
     if args.batch_size < 1 or args.workers < 1:
         raise ValueError("--batch-size and --workers must be positive")
-    if not Path(args.input).is_file():
-        raise ValueError(f"--input {args.input}: no such file")
-    vocab = Path(args.vocab) if args.vocab else find_vocab(args.checkpoint)
-    if vocab is None or not vocab.is_file():
-        raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {args.checkpoint}")
-    device = _device(args.device)
-    model = load_pretrained(args.checkpoint, device=device)
-    tokenizer = ErnieTokenizer(vocab, max_len=args.max_len)
-    if tokenizer.vocab_size > model.config.text.vocab_size:
-        raise ValueError(
-            f"{vocab}: ids go up to {tokenizer.vocab_size - 1} but the checkpoint's text vocab_size is "
-            f"{model.config.text.vocab_size} (wrong vocabulary for this checkpoint?)"
-        )
+    _check_paths(Path(args.input), Path(args.output))
+    device = resolve_device(args.device)
+    model = load_checkpoint(args.checkpoint, device)
+    tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, args.max_len)
     bf16 = args.precision == "bf16" or (
         args.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return Embedder(model, tokenizer, device, bf16), model
 
 
+def _embed_to_output(args: argparse.Namespace, embedder: Embedder, image_size: int) -> tuple[int, Skipped]:
+    """Embed into a temporary file beside --output, moved there only when at least one row was written."""
+    src, out = Path(args.input), Path(args.output)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            fh = tmp.open("x", encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"--output {out}: cannot write into {out.parent} ({err.strerror})") from None
+        with fh:
+            written, skipped = embed_file(embedder, image_size, src, fh, args.batch_size, args.workers)
+        if not written:
+            why = f"no row could be embedded; {skipped.summary()}" if skipped.counts else "no rows in it"
+            raise ValueError(f"--input {src}: nothing written to --output ({why})")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         embedder, model = _setup(args)
-        with open(args.output, "w", encoding="utf-8") as out:
-            written, skipped = embed_file(
-                embedder, model.config.vision.image_size, Path(args.input), out, args.batch_size, args.workers
-            )
+        written, skipped = _embed_to_output(args, embedder, model.config.vision.image_size)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -70,8 +70,23 @@ def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> dict[str,
     return any_positive(texts, images, [sorted(p) for p in positives], **kw)
 
 
+def _first_non_finite(vectors: np.ndarray, chunk: int = 1 << 14) -> int | None:
+    """Index of the first row with a NaN or infinite value (None if there is none)."""
+    for start in range(0, len(vectors), chunk):
+        bad = np.flatnonzero(~np.isfinite(vectors[start : start + chunk]).all(axis=1))
+        if bad.size:
+            return start + int(bad[0])
+    return None
+
+
 def _from_embeddings(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     text, image = read_embeddings_file(args.embeddings)
+    for column, what, vectors in ((1, "text", text), (2, "image", image)):
+        row = _first_non_finite(vectors)
+        if row is not None:
+            raise EvalInputError(
+                f"{args.embeddings}:{row + 1}: {what} vector (column {column}) has NaN or infinite values"
+            )
     kw = {"chunk_size": args.chunk_size, "device": args.device}
     if args.protocol == "any_positive":
         return _pooled_any_positive(text, image, **kw), len(text), len(image)
@@ -86,6 +101,12 @@ def _from_features(args: argparse.Namespace) -> tuple[dict[str, float], int, int
             f"dimension mismatch: {args.text_feats} has {texts.vectors.shape[1]}-d text features, "
             f"{args.image_feats} has {images.vectors.shape[1]}-d image features"
         )
+    for features, key in ((images, "image_id"), (texts, "text_id")):
+        row = _first_non_finite(features.vectors)
+        if row is not None:
+            raise EvalInputError(
+                f"{features.path}: the feature of {key} {features.ids[row]!r} has NaN or infinite values"
+            )
     text_rows, positives = read_ground_truth(args.texts, images, texts)
     metrics = any_positive(texts.vectors[text_rows], images.vectors, positives,
                            chunk_size=args.chunk_size, device=args.device)
@@ -93,25 +114,18 @@ def _from_features(args: argparse.Namespace) -> tuple[dict[str, float], int, int
 
 
 def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
-    from ernievil2_train.checkpoints.io import find_vocab, load_pretrained
     from ernievil2_train.data.evalset import load_evalset
+    from ernievil2_train.embed import load_checkpoint, load_tokenizer, resolve_vocab
     from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
-    from ernievil2_train.text import ErnieTokenizer
     from ernievil2_train.vision import eval_transform
 
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise EvalInputError(f"{checkpoint}: not a checkpoint folder (no config.json)")
-    vocab = Path(args.vocab) if args.vocab else find_vocab(checkpoint)
-    if vocab is None or not vocab.is_file():
-        raise EvalInputError(f"no vocab file: {args.vocab or checkpoint / 'vocab.txt'} (pass --vocab)")
+    checkpoint, device = Path(args.checkpoint), args.device
+    model = load_checkpoint(checkpoint, device)
+    tokenizer = load_tokenizer(resolve_vocab(checkpoint, args.vocab), model, args.max_len)
     try:
         evalset = load_evalset(args.eval_set, split=args.split)
     except (FileNotFoundError, ValueError) as err:
         raise EvalInputError(str(err)) from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_pretrained(checkpoint, device=device)
-    tokenizer = ErnieTokenizer(vocab, max_len=args.max_len)
     transform = eval_transform(model.config.vision.image_size)
     amp = torch.bfloat16 if device.type == "cuda" and args.bf16 else None
     progress = not args.no_progress
@@ -127,7 +141,11 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
               "without a positive", file=sys.stderr)
     if not kept:
         raise EvalInputError(f"{args.eval_set}: no readable image with a text")
-    metrics = any_positive(text[kept], image[valid.to(image.device)], positives,
+    image = image[valid.to(image.device)]
+    for what, emb in (("text", text), ("image", image)):
+        if not bool(torch.isfinite(emb).all()):
+            raise EvalInputError(f"{checkpoint}: the model gives NaN or infinite {what} embeddings")
+    metrics = any_positive(text[kept], image, positives,
                            chunk_size=args.chunk_size, device=device)
     return metrics, len(kept), int(valid.sum())
 
@@ -175,6 +193,27 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     return modes[0]
 
 
+def _device(name: str | None) -> torch.device:
+    """--device as a torch device that exists here (default: cuda if available, else cpu)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalInputError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise EvalInputError(f"--device {name!r}: not a compute device (use cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"--device {name} requested but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvalInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        raise EvalInputError(f"--device {name}: not available on this machine") from None
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -182,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args.protocol = args.protocol or ("ernie" if mode == "embeddings" else "any_positive")
     run = {"embeddings": _from_embeddings, "features": _from_features, "checkpoint": _from_checkpoint}[mode]
     try:
+        args.device = _device(args.device)
         metrics, num_texts, num_images = run(args)
-    except ValueError as err:  # EvalInputError, or bad values (NaN, shapes) found by the metric functions
+    except (ValueError, OSError) as err:  # EvalInputError, or bad values found by the metric functions
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     if args.json:

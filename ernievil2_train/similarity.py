@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,10 +18,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
+from ernievil2_train.checkpoints import CheckpointError
+from ernievil2_train.embed import (
+    load_checkpoint,
+    load_tokenizer,
+    resolve_device,
+    resolve_vocab,
+)
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import ImageDecodeError, eval_transform
+
+MAX_LEN = 48  # the official text length
 
 
 @torch.inference_mode()
@@ -30,11 +39,19 @@ def similarity(
     """(probabilities [I, T] softmaxed over texts, cosine similarities [I, T])."""
     device = model.logit_scale.device
     transform = eval_transform(model.config.vision.image_size)
-    pixels = torch.stack([transform(path) for path in images]).to(device)
+    pixels = torch.stack([_pixels(transform, path) for path in images]).to(device)
     ids = trim_padding(tokenizer(texts)["input_ids"]).to(device)
     cosine = model.encode_image(pixels, normalize=True) @ model.encode_text(ids, normalize=True).T
     probs = F.softmax(model.logit_scale.exp() * cosine, dim=-1)
     return probs.cpu(), cosine.cpu()
+
+
+def _pixels(transform: Callable[[Path], torch.Tensor], path: Path) -> torch.Tensor:
+    """The transformed image; decode errors name the file."""
+    try:
+        return transform(path)
+    except ImageDecodeError as err:
+        raise ImageDecodeError(f"{path}: cannot decode image: {err}") from None
 
 
 def render(title: str, values: torch.Tensor, images: list[Path], texts: list[str]) -> Table:
@@ -66,20 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_images(images: list[Path]) -> None:
+    """Every --images path must be a file."""
+    folders = [str(p) for p in images if p.is_dir()]
+    if folders:
+        raise ValueError(f"--images: {', '.join(folders)}: folder(s), not image files")
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise ValueError(f"image file(s) not found: {', '.join(missing)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        missing = [str(p) for p in args.images if not p.is_file()]
-        if missing:
-            raise ValueError(f"image file(s) not found: {', '.join(missing)}")
-        vocab = Path(args.vocab) if args.vocab else find_vocab(args.checkpoint)
-        if vocab is None or not vocab.is_file():
-            raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {args.checkpoint}")
-        model = load_pretrained(args.checkpoint, device=args.device)
-        probs, cosine = similarity(model, ErnieTokenizer(vocab), args.images, args.texts)
-    except ImageDecodeError as err:
-        print(f"error: cannot decode image: {err}", file=sys.stderr)
-        return 2
+        device = resolve_device(args.device)
+        _check_images(args.images)
+        model = load_checkpoint(args.checkpoint, device)
+        max_len = min(MAX_LEN, model.config.text.max_position_embeddings)
+        tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, max_len)
+        probs, cosine = similarity(model, tokenizer, args.images, args.texts)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

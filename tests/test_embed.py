@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ernievil2_train import embed
 from ernievil2_train.checkpoints import save_pretrained
@@ -98,7 +99,8 @@ def test_any_row_count_and_batch_size_independent(tiny_ckpt: Path, paddle_ref: P
     outputs = []
     for batch_size in (1, 4):
         out = tmp_path / f"b{batch_size}.txt"
-        args = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--batch-size", batch_size]
+        args = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--batch-size", batch_size,
+                "--max-len", 16]
         assert embed.main([str(a) for a in args]) == 0
         outputs.append(_parse(out))
     assert len(outputs[0]) == len(images)
@@ -114,15 +116,108 @@ def test_user_errors(
     tsv = _write_tsv(tmp_path / "p.tsv", ["a\t1\taGVsbG8="])
     vocab = paddle_ref / "vocab.txt"
     small_vocab_ckpt = save_pretrained(tiny_model(text={"vocab_size": 50}), tmp_path / "small")
+    gbk_vocab = tmp_path / "gbk.txt"
+    gbk_vocab.write_bytes("[PAD]\n[CLS]\n[SEP]\n[UNK]\n猫狗\n".encode("gbk"))
+    (tmp_path / "empty_ckpt").mkdir()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    missing = tmp_path / "no"
+    not_found = f"{missing}: checkpoint folder not found"
     cases = [
-        (["--checkpoint", tmp_path / "no", "--input", tsv, "--vocab", vocab], "checkpoint folder not found"),
+        (["--checkpoint", missing, "--input", tsv, "--vocab", vocab], not_found),
+        (["--checkpoint", missing, "--input", tsv], not_found),
+        (["--checkpoint", tsv, "--input", tsv], f"--checkpoint {tsv}: is a file, not a checkpoint folder"),
+        (["--checkpoint", tmp_path / "empty_ckpt", "--input", tsv], "not a checkpoint folder (missing"),
         (["--checkpoint", small_vocab_ckpt, "--input", tsv, "--vocab", vocab], "vocab_size is 50"),
         (["--checkpoint", tiny_ckpt, "--input", tmp_path / "none.tsv"], "no such file"),
-        (["--checkpoint", tiny_ckpt, "--input", tsv, "--vocab", tmp_path / "v.txt"], "no vocabulary"),
+        (["--checkpoint", tiny_ckpt, "--input", folder], f"--input {folder}: is a folder, not a file"),
+        (["--checkpoint", tiny_ckpt, "--input", tsv, "--vocab", missing], f"--vocab {missing}: file not"),
+        (["--checkpoint", tiny_ckpt, "--input", tsv, "--vocab", gbk_vocab], f"{gbk_vocab}"),
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--batch-size", "0"], "must be positive"),
+        (["--checkpoint", tiny_ckpt, "--input", tsv, "--max-len", "64"],
+         "--max-len 64: must be between 2 and the checkpoint's 16 text positions (max_position_embeddings)"),
+        (["--checkpoint", tiny_ckpt, "--input", tsv, "--output", folder], f"--output {folder}: is a folder"),
+        (["--checkpoint", tiny_ckpt, "--input", tsv, "--output", missing / "o.txt"],
+         f"--output {missing / 'o.txt'}: folder {missing} does not exist"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--checkpoint", tiny_ckpt, "--input", tsv, "--device", "cuda"],
+                      "--device cuda requested but no CUDA device is available"))
     for args, message in cases:
-        argv = [str(a) for a in [*args, "--output", tmp_path / "o.txt"]]
-        assert embed.main(argv) == 2
+        argv = [str(a) for a in args]
+        if "--output" not in argv:
+            argv += ["--output", str(tmp_path / "o.txt")]
+        assert embed.main(argv) == 2, args
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and message in err
+        assert err.count("\n") == 0 and message in err, (args, err)
+        assert "put vocab.txt" not in err
+    assert not (tmp_path / "o.txt").exists()
+
+
+def _last_error(run: subprocess.CompletedProcess) -> str:
+    """The one-line error a failed CLI run ends with (a progress bar may come before it)."""
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def test_output_may_not_be_the_input(
+    tiny_ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = base64.b64encode((paddle_ref / "tiny_100x80.jpg").read_bytes()).decode()
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{image}"])
+    before = tsv.read_bytes()
+    (tmp_path / "sub").mkdir()
+    other_spelling = tmp_path / "sub" / ".." / "p.tsv"
+    run = _run("ernievil2_train.embed", "--checkpoint", tiny_ckpt, "--input", tsv, "--output", other_spelling,
+               "--device", "cpu", "--max-len", "16")
+    assert _last_error(run) == run.stderr.strip()
+    assert run.stderr.strip() == (
+        f"error: --output {other_spelling} is the same file as --input {tsv} (it would be overwritten)"
+    )
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", tsv, "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 2
+    assert "is the same file as --input" in capsys.readouterr().err
+    assert tsv.read_bytes() == before
+
+
+def test_nothing_embedded_is_an_error_and_keeps_the_old_output(
+    tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "emb.txt"
+    out.write_text("previous run\n", encoding="utf-8")
+    bad = _write_tsv(tmp_path / "bad.tsv", ["one column", "bad image\t1\taGVsbG8="])
+    run = _run("ernievil2_train.embed", "--checkpoint", tiny_ckpt, "--input", bad, "--output", out,
+               "--device", "cpu", "--max-len", "16")
+    err = _last_error(run)
+    assert err.startswith(f"error: --input {bad}: nothing written to --output (no row could be embedded; ")
+    assert "skipped 2 row(s) [wrong column count: 1, undecodable image: 1]" in err
+    assert out.read_text(encoding="utf-8") == "previous run\n"
+    empty = _write_tsv(tmp_path / "empty.tsv", [])
+    fresh = tmp_path / "fresh.txt"
+    for target in (out, fresh):
+        argv = ["--checkpoint", tiny_ckpt, "--input", empty, "--output", target, "--max-len", "16"]
+        assert embed.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"error: --input {empty}: nothing written to --output (no rows in it)"
+    assert out.read_text(encoding="utf-8") == "previous run\n" and not fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "emb.txt", "empty.tsv"]
+
+
+def test_undecodable_images_are_reported_without_object_reprs(
+    tiny_ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = base64.b64encode((paddle_ref / "tiny_100x80.jpg").read_bytes()).decode()
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{image}", "empty image\t1\t", "garbage\t2\taGVsbG8="])
+    out = tmp_path / "emb.txt"
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("skipped 2 row(s) [undecodable image: 2]")
+    assert "line 2: undecodable image (not a recognised image (0 bytes))" in summary
+    assert "line 3: undecodable image (not a recognised image (5 bytes))" in summary
+    assert "BytesIO" not in err and " at 0x" not in err
+    assert len(_parse(out)) == 1

@@ -135,18 +135,20 @@ def run_error(capsys, argv: list[str]) -> str:
         ("1 2\t3 4\t1\n1 2 5\t3 4\t1\n", ":2: text vector (column 1) has 3 values, line 1 has 2"),
         ("1 2\t3 4\t1\n1 2\t3 x\t1\n", ":2: image vector (column 2): 'x' is not a number"),
         ("1 2\t3 4 5\t1\n", "text vectors have 2 values, image vectors 3"),
-        ("1 nan\t3 4\t1\n", "NaN"),
+        ("1 2\t3 4\t1\n1 nan\t3 4\t1\n", ":2: text vector (column 1) has NaN or infinite values"),
+        ("1 2\t3 inf\t1\n1 2\t3 4\t1\n", ":1: image vector (column 2) has NaN or infinite values"),
     ],
 )
 def test_embeddings_file_errors(tmp_path, capsys, content, match):
     path = tmp_path / "bad.txt"
     path.write_text(content)
     err = run_error(capsys, [str(path)])
-    assert match in err and ("NaN" in match or str(path) in err)
+    assert match in err and str(path) in err
 
 
 def test_missing_file_and_usage_errors(tmp_path, capsys):
     assert "no such file" in run_error(capsys, [str(tmp_path / "nope.txt")])
+    assert run_error(capsys, [str(tmp_path)]).endswith(f"error: {tmp_path}: is a folder, not a file")
     imgs, txts, gt_file, _ = feature_files(tmp_path)
     for argv, match in [
         ([], "exactly one input"),
@@ -183,6 +185,49 @@ def test_feature_file_errors(tmp_path, capsys):
     assert "duplicate image_id '1'" in run_error(capsys, ["--image-feats", str(dup), *base[2:]])
 
 
+def test_feature_file_with_nan_names_the_file_and_id(tmp_path, capsys):
+    imgs, txts, gt_file, _ = feature_files(tmp_path)
+    rows = [json.loads(line) for line in imgs.read_text().splitlines()]
+    rows[3]["feature"][5] = float("nan")
+    write_jsonl(imgs, rows)
+    err = run_error(capsys, ["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file)])
+    assert err.endswith(f"{imgs}: the feature of image_id '1003' has NaN or infinite values")
+
+
+def test_device_errors(paddle_ref, capsys):
+    embeddings = str(paddle_ref / "eval_n50_d16.txt")
+    err = run_error(capsys, [embeddings, "--device", "foo"])
+    assert err.endswith("error: --device 'foo': not a device (use cpu, cuda or cuda:N)")
+    assert "not a compute device" in run_error(capsys, [embeddings, "--device", "meta"])
+    if not torch.cuda.is_available():
+        result = cli(embeddings, "--device", "cuda")
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.strip() == ("python -m ernievil2_train.evaluate: error: "
+                                         "--device cuda requested but no CUDA device is available")
+
+
+def test_checkpoint_mode_input_errors(tmp_path, paddle_ref, capsys):
+    ckpt, _ = tiny_checkpoint(tmp_path / "ckpt")
+    evalset = tmp_path / "evalset"
+    write_evalset(evalset)
+    base = ["--eval-set", str(evalset), "--max-len", str(MAX_LEN), "--device", "cpu", "--no-progress"]
+    missing = tmp_path / "nope"
+    for args, match in [
+        (["--checkpoint", str(missing)], f"{missing}: checkpoint folder not found"),
+        (["--checkpoint", str(ckpt), "--vocab", str(missing)], f"--vocab {missing}: file not found"),
+        (["--checkpoint", str(ckpt), "--vocab", str(paddle_ref / "vocab.txt")],
+         "ids go up to 39979 but the model's text vocab_size is"),
+        (["--checkpoint", str(ckpt), "--max-len", str(MAX_LEN + 1)],
+         f"--max-len {MAX_LEN + 1}: must be between 2 and the checkpoint's {MAX_LEN} text positions"),
+    ]:
+        assert match in run_error(capsys, [*base, *args])
+    texts = evalset / "valid_texts.jsonl"
+    lines = texts.read_text(encoding="utf-8").splitlines(keepends=True)
+    texts.write_bytes("".join(lines[:2]).encode("utf-8") + "".join(lines[2:]).encode("gbk"))
+    err = run_error(capsys, [*base, "--checkpoint", str(ckpt)])
+    assert str(texts) in err and "UTF-8" in err
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -205,7 +250,7 @@ def test_checkpoint_on_eval_set(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["protocol"] == "any_positive" and (out["num_texts"], out["num_images"]) == (11, 7)
     assert {k: out[k] for k in expected} == pytest.approx(expected, abs=1e-12)
-    err = run_error(capsys, [*argv[:2], "--eval-set", str(tmp_path / "evalset"), "--split", "test"])
+    err = run_error(capsys, [*argv[:6], "--split", "test"])
     assert "no eval set for split 'test'" in err
     err = run_error(capsys, ["--checkpoint", str(tmp_path), "--eval-set", str(tmp_path / "evalset")])
     assert "not a checkpoint folder" in err

@@ -13,6 +13,7 @@ from ernievil2_train import similarity
 from ernievil2_train.checkpoints import load_pretrained, save_pretrained
 from ernievil2_train.text import ErnieTokenizer
 from tests.checkpoints.reference import ATOL, RTOL, convert_reference, load_npz
+from tests.models.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +57,58 @@ def test_cli_prints_tables(paddle_ref: Path, ckpt: Path) -> None:
     assert all(p.name in run.stdout for p in images) and "一只猫" in run.stdout
 
 
-def test_user_errors(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_errors(
+    ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    good = paddle_ref / "tiny_100x80.jpg"
     cases = [
         ([tmp_path / "missing.jpg"], "image file(s) not found"),
-        ([broken], "cannot decode image"),
+        ([tmp_path], f"--images: {tmp_path}: folder(s), not image files"),
+        ([broken], f"{broken}: cannot decode image: not a recognised image (12 bytes)"),
+        ([good, empty], f"{empty}: cannot decode image: not a recognised image (0 bytes)"),
     ]
     for images, message in cases:
-        argv = ["--checkpoint", str(ckpt), "--images", *map(str, images), "--texts", "x"]
+        argv = ["--checkpoint", str(ckpt), "--images", *map(str, images), "--texts", "x", "--device", "cpu"]
         assert similarity.main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and message in err
+        assert err.count("\n") == 0 and message in err, err
+        assert "BytesIO" not in err and " at 0x" not in err
+
+
+def test_checkpoint_vocab_and_device_errors(
+    ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = paddle_ref / "tiny_100x80.jpg"
+    small_vocab = save_pretrained(tiny_model(text={"vocab_size": 50}), tmp_path / "small")
+    gbk_vocab = tmp_path / "gbk.txt"
+    gbk_vocab.write_bytes("[PAD]\n[CLS]\n[SEP]\n[UNK]\n猫狗\n".encode("gbk"))
+    (tmp_path / "empty").mkdir()
+    missing = tmp_path / "nope"
+    cases = [
+        (["--checkpoint", missing], f"{missing}: checkpoint folder not found"),
+        (["--checkpoint", image], f"--checkpoint {image}: is a file, not a checkpoint folder"),
+        (["--checkpoint", tmp_path / "empty"], f"{tmp_path / 'empty'}: not a checkpoint folder (missing"),
+        (["--checkpoint", ckpt, "--vocab", missing], f"--vocab {missing}: file not found"),
+        (["--checkpoint", ckpt, "--vocab", gbk_vocab], str(gbk_vocab)),
+        (["--checkpoint", small_vocab, "--vocab", paddle_ref / "vocab.txt"],
+         "ids go up to 39979 but the model's text vocab_size is 50"),
+        (["--checkpoint", small_vocab], f"no vocabulary: pass --vocab or put vocab.txt into {small_vocab}"),
+    ]
+    for args, message in cases:
+        argv = [*map(str, args), "--images", str(image), "--texts", "x", "--device", "cpu"]
+        assert similarity.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(ckpt: Path, paddle_ref: Path) -> None:
+    cmd = [sys.executable, "-m", "ernievil2_train.similarity", "--checkpoint", str(ckpt), "--device", "cuda",
+           "--images", str(paddle_ref / "tiny_100x80.jpg"), "--texts", "x"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip() == "error: --device cuda requested but no CUDA device is available"

@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,17 @@ def _decode_b64(value: str, where: str) -> bytes:
         raise ValueError(f"{where}: bad base64 image") from err
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 is an error naming it."""
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
+            yield n, line
+
+
 def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
     for f in (imgs, texts):
         if not f.is_file():
@@ -80,39 +91,37 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
     image_ids: list[str] = []
     images: list[bytes] = []
     index: dict[str, int] = {}
-    with imgs.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != 2:
-                raise ValueError(f"{imgs}:{n}: expected 'image_id<TAB>base64', got {len(parts)} columns")
-            image_id = parts[0].strip()
-            if image_id in index:
-                raise ValueError(f"{imgs}:{n}: duplicate image id {image_id!r}")
-            index[image_id] = len(images)
-            image_ids.append(image_id)
-            images.append(_decode_b64(parts[1], f"{imgs}:{n}"))
+    for n, line in _text_lines(imgs):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 2:
+            raise ValueError(f"{imgs}:{n}: expected 'image_id<TAB>base64', got {len(parts)} columns")
+        image_id = parts[0].strip()
+        if image_id in index:
+            raise ValueError(f"{imgs}:{n}: duplicate image id {image_id!r}")
+        index[image_id] = len(images)
+        image_ids.append(image_id)
+        images.append(_decode_b64(parts[1], f"{imgs}:{n}"))
     text_ids: list[str] = []
     text_list: list[str] = []
     positives: list[list[int]] = []
-    with texts.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text_id, text, ids = str(row["text_id"]), str(row["text"]), row["image_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{texts}:{n}: expected json with text_id, text, image_ids ({err})") from err
-            if not isinstance(ids, list) or not ids:
-                raise ValueError(f"{texts}:{n}: image_ids must be a non-empty list")
-            unknown = [i for i in ids if str(i) not in index]
-            if unknown:
-                raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]!r} (not in {imgs.name})")
-            text_ids.append(text_id)
-            text_list.append(text)
-            positives.append(list(dict.fromkeys(index[str(i)] for i in ids)))
+    for n, line in _text_lines(texts):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text_id, text, ids = str(row["text_id"]), str(row["text"]), row["image_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{texts}:{n}: expected json with text_id, text, image_ids ({err})") from err
+        if not isinstance(ids, list) or not ids:
+            raise ValueError(f"{texts}:{n}: image_ids must be a non-empty list")
+        unknown = [i for i in ids if str(i) not in index]
+        if unknown:
+            raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]!r} (not in {imgs.name})")
+        text_ids.append(text_id)
+        text_list.append(text)
+        positives.append(list(dict.fromkeys(index[str(i)] for i in ids)))
     result = EvalSet(image_ids, images, text_ids, text_list, positives)
     _check_not_empty(result, f"{imgs} + {texts}")
     return result

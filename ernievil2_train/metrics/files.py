@@ -21,6 +21,8 @@ class EvalInputError(ValueError):
 
 
 def _read_lines(path: Path) -> list[str]:
+    if path.is_dir():
+        raise EvalInputError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise EvalInputError(f"{path}: no such file")
     try:

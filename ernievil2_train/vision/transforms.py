@@ -33,6 +33,8 @@ def _check_header(data: bytes, max_pixels: int) -> None:
             width, height = header.size
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image is too large to decode: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(f"not a recognised image ({len(data)} bytes)") from None
     except Exception as err:
         raise ImageDecodeError(f"not a recognised image ({len(data)} bytes): {err}") from None
     if width * height > max_pixels:
