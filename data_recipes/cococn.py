@@ -15,6 +15,8 @@ categories annotated in it, deduplicated and ordered by the total area of their 
 
 Outputs in `--out`: shards `{split}-%06d.tar` + `{split}.json`, and/or the eval set
 `eval/{split}_imgs.tsv` + `eval/{split}_texts.jsonl` (`--outputs`, default: shards for train, both otherwise).
+Lines that are not UTF-8 or not in the layout are skipped and counted; a run that writes nothing is an error
+(exit status 2).
 """
 
 from __future__ import annotations
@@ -26,15 +28,27 @@ from collections import defaultdict
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from data_recipes.common import ImageJob, Row, group_rows, prepare_job
-from data_recipes.shards import Skip, SkipCounter, add_writer_args, check_writer_args, write_outputs
+from data_recipes.common import ImageJob, Row, group_rows, line_skip, prepare_job, read_lines
+from data_recipes.shards import (
+    RecipeError,
+    Skip,
+    SkipCounter,
+    add_writer_args,
+    check_writer_args,
+    fail,
+    positive_int,
+    short_error,
+    write_outputs,
+)
 
 CATEGORY_TABLE = Path(__file__).with_name("coco_categories_zh.json")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
+_CLIP_FILE = re.compile(r"(.+)_(imgs\.tsv|texts\.jsonl)")
 
 
-class InputError(ValueError):
+class InputError(RecipeError):
     """A user mistake in the inputs (missing file, unreadable instances json); reported in one line."""
 
 
@@ -55,21 +69,42 @@ def load_coco_tags(files: list[Path]) -> dict[int, list[str]]:
     names = chinese_category_names()
     areas: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     for file in files:
+        data = _read_json(Path(file))
         try:
-            data = json.loads(Path(file).read_text(encoding="utf-8"))
             for cat in data.get("categories", []):
                 names.setdefault(int(cat["id"]), str(cat["name"]))
             for ann in data["annotations"]:
                 areas[int(ann["image_id"])][int(ann["category_id"])] += float(ann.get("area", 0.0))
-        except FileNotFoundError as err:
-            raise InputError(f"--coco-instances: file not found: {file}") from err
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise InputError(f"--coco-instances: {file} is not a COCO instances json ({err!r})") from err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise InputError(
+                f"--coco-instances: {file} is not a COCO instances json ({short_error(err)})"
+            ) from err
     tags = {}
     for image, per_cat in areas.items():
         ordered = sorted(per_cat.items(), key=lambda kv: (-kv[1], kv[0]))
         tags[image] = [names.get(cat, str(cat)) for cat, _ in ordered]
     return tags
+
+
+def _read_json(file: Path) -> Any:
+    """The parsed `--coco-instances` file; `InputError` naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise InputError(f"--coco-instances: file not found: {file}") from err
+    except IsADirectoryError as err:
+        raise InputError(f"--coco-instances: {file} is a folder, not a COCO instances json") from err
+    except OSError as err:
+        raise InputError(f"--coco-instances: cannot read {file}: {short_error(err)}") from err
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"--coco-instances: {file} is not a COCO instances json "
+            f"(invalid JSON at line {err.lineno} column {err.colno}: {err.msg})"
+        ) from err
+    except ValueError as err:
+        raise InputError(
+            f"--coco-instances: {file} is not a COCO instances json ({short_error(err)})"
+        ) from err
 
 
 def _tags_for(image_id: str, coco_tags: dict[int, list[str]]) -> tuple[str, ...]:
@@ -82,83 +117,107 @@ def chinese_clip_jobs(folder: Path, split: str, coco_tags: dict[int, list[str]],
     imgs, texts = folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
     for f in (imgs, texts):
         if not f.is_file():
-            raise InputError(f"input file missing: {f}")
-    captions: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    with texts.open(encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text_id, text, image_ids = (
-                    str(row["text_id"]),
-                    str(row["text"]).strip(),
-                    list(row["image_ids"]),
-                )
-            except (json.JSONDecodeError, KeyError, TypeError):
-                skips.add("malformed text line")
-                continue
-            if not text:
-                skips.add("empty caption")
-                continue
-            for image_id in image_ids:
-                captions[str(image_id)].append((text_id, text))
+            raise InputError(f"input file missing: {f} (for --split {split})")
+    captions = _captions(texts, skips)
     image_ids, lines = _image_ids(imgs)
-    unknown = sum(len(c) for i, c in captions.items() if i not in image_ids)
-    if unknown:
-        skips.add("unknown image id", unknown)
+    unknown = [i for i in captions if i not in image_ids]
+    for image_id in unknown:
+        skips.add("unknown image id", len(captions[image_id]), image_id)
 
     def jobs() -> Iterator[ImageJob | Skip]:
         seen: set[str] = set()
-        with imgs.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                image_id, _, b64 = line.rstrip("\r\n").partition("\t")
-                image_id = image_id.strip()
-                if not image_id or not b64.strip():
-                    yield Skip("malformed image line")
-                elif image_id in seen:
-                    yield Skip("duplicate image id")
-                elif not captions.get(image_id):
-                    seen.add(image_id)
-                    yield Skip("image without captions")
-                else:
-                    seen.add(image_id)
-                    yield ImageJob(
-                        image_id, b64, False, tuple(captions[image_id]), _tags_for(image_id, coco_tags)
-                    )
+        for index, line in read_lines(imgs):
+            if line is None:
+                yield line_skip("not UTF-8 image line", index)
+                continue
+            if not line.strip():
+                continue
+            image_id, _, b64 = line.partition("\t")
+            image_id = image_id.strip()
+            if not image_id or not b64.strip():
+                yield line_skip("malformed image line", index)
+            elif image_id in seen:
+                yield Skip("duplicate image id", example=image_id)
+            elif not captions.get(image_id):
+                seen.add(image_id)
+                yield Skip("image without captions", example=image_id)
+            else:
+                seen.add(image_id)
+                yield ImageJob(
+                    image_id, b64, False, tuple(captions[image_id]), _tags_for(image_id, coco_tags)
+                )
 
     return lines, jobs()
 
 
+def _captions(texts: Path, skips: SkipCounter) -> dict[str, list[tuple[str, str]]]:
+    """Image id -> `(text_id, text)` of its captions in a `{split}_texts.jsonl`; counts bad lines."""
+    captions: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for index, line in read_lines(texts):
+        if line is None:
+            skips.add("not UTF-8 text line", example=f"line {index + 1}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text_id, text, image_ids = (
+                str(row["text_id"]),
+                str(row["text"]).strip(),
+                list(row["image_ids"]),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError):
+            skips.add("malformed text line", example=f"line {index + 1}")
+            continue
+        if not text:
+            skips.add("empty caption", example=f"line {index + 1}")
+            continue
+        for image_id in image_ids:
+            captions[str(image_id)].append((text_id, text))
+    return captions
+
+
 def _image_ids(imgs: Path) -> tuple[set[str], int]:
-    """The image ids of a `{split}_imgs.tsv` and its number of non-blank lines."""
+    """The image ids of a `{split}_imgs.tsv` and its number of non-blank lines (undecodable ones included)."""
     ids: set[str] = set()
     lines = 0
-    with imgs.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                lines += 1
-                ids.add(line.partition("\t")[0].strip())
+    for _, line in read_lines(imgs):
+        if line is None:
+            lines += 1
+        elif line.strip():
+            lines += 1
+            ids.add(line.partition("\t")[0].strip())
     return ids, lines
+
+
+def clip_layout_split(path: Path) -> str | None:
+    """The split of a file of the Chinese-CLIP layout (`{split}_imgs.tsv` or `{split}_texts.jsonl`, with its
+    partner file beside it), or None for any other file."""
+    match = _CLIP_FILE.fullmatch(path.name)
+    if match is None:
+        return None
+    split = match.group(1)
+    partner = f"{split}_texts.jsonl" if match.group(2) == "imgs.tsv" else f"{split}_imgs.tsv"
+    return split if (path.parent / partner).is_file() else None
 
 
 def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
     """A reader of the 3-column TSV rows (for `group_rows`)."""
 
     def read() -> Iterator[Row | Skip]:
-        with tsv.open(encoding="utf-8") as fh:
-            for index, line in enumerate(fh):
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) != 3 or not parts[1].strip():
-                    yield Skip("malformed line")
-                    continue
-                text, image_id, b64 = parts[0].strip(), parts[1].strip(), parts[2]
-                if not text:
-                    yield Skip("empty caption")
-                    continue
-                yield Row(index, image_id, b64, False, text, list(_tags_for(image_id, coco_tags)))
+        for index, line in read_lines(tsv):
+            if line is None:
+                yield line_skip("not UTF-8 line", index)
+                continue
+            parts = line.split("\t")
+            if len(parts) != 3 or not parts[1].strip():
+                yield line_skip("malformed line", index)
+                continue
+            text, image_id, b64 = parts[0].strip(), parts[1].strip(), parts[2]
+            if not text:
+                yield line_skip("empty caption", index)
+                continue
+            yield Row(index, image_id, b64, False, text, list(_tags_for(image_id, coco_tags)))
 
     return read
 
@@ -173,9 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--coco-instances", type=Path, action="append", default=[], help="COCO instances json"
     )
-    parser.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
+    parser.add_argument(
+        "--max-size", type=positive_int, help="re-encode images whose longer side exceeds this"
+    )
     add_writer_args(parser, outputs=True)
     args = parser.parse_args(argv)
+    if not args.input.exists():
+        fail(parser, f"--input not found: {args.input}")
+    split = clip_layout_split(args.input) if args.input.is_file() else None
+    if split is not None:
+        fail(
+            parser,
+            f"--input {args.input} is one file of the Chinese-CLIP layout: pass its folder "
+            f"(--input {args.input.parent} --split {split})",
+        )
     check_writer_args(parser, args)
     skips = SkipCounter()
     try:
@@ -183,15 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.input.is_dir():
             total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips)
             group_by = "text_id"
-        elif args.input.is_file():
+        else:
             total, jobs = group_rows(ernie_rows(args.input, coco_tags), skips)
             group_by = "text"
-        else:
-            raise InputError(f"--input not found: {args.input}")
-    except InputError as err:
-        parser.error(str(err))
-    prepare = partial(prepare_job, max_size=args.max_size)
-    print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by))
+        prepare = partial(prepare_job, max_size=args.max_size)
+        print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by, source=args.input))
+    except RecipeError as err:
+        fail(parser, str(err))
+    except OSError as err:
+        fail(parser, f"{err.filename or args.input}: {short_error(err)}")
     if coco_tags:
         print(f"{args.split}: tags from COCO instances for {len(coco_tags)} annotated images")
     return 0

@@ -1,4 +1,5 @@
-"""Helpers the recipes share: image checking/encoding, base64, tags, and grouping caption rows by image."""
+"""Helpers the recipes share: reading text lines, image checking/encoding, base64, tags, and grouping caption
+rows by image."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 class BadImage(ValueError):
     """An image that cannot be used; the message is the skip reason."""
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """`(0-based line number, line without its line end)` for each line of a UTF-8 text file (a leading BOM
+    is dropped); the line is None when it is not valid UTF-8, so readers can skip and count it."""
+    with path.open("rb") as fh:
+        for index, raw in enumerate(fh):
+            try:
+                line = raw.decode("utf-8-sig" if index == 0 else "utf-8")
+            except UnicodeDecodeError:
+                yield index, None
+                continue
+            yield index, line.rstrip("\r\n")
+
+
+def line_skip(reason: str, index: int) -> Skip:
+    """A skipped input line, with its 1-based line number as the example."""
+    return Skip(reason, example=f"line {index + 1}")
 
 
 def decode_base64(text: str) -> bytes:
@@ -84,13 +103,15 @@ def prepare_job(job: ImageJob, max_size: int | None = None) -> ImageRecord | Ski
         if job.is_path:
             try:
                 data = Path(job.source).read_bytes()
+            except FileNotFoundError:
+                return Skip("missing file", example=job.source)
             except OSError:
-                return Skip("missing file")
+                return Skip("unreadable file", example=job.source)
         else:
             data = decode_base64(job.source)
         ext, data = prepare_image(data, max_size)
     except BadImage as err:
-        return Skip(str(err))
+        return Skip(str(err), example=job.image_id)
     return ImageRecord(job.image_id, ext, data, list(job.captions), list(job.tags))
 
 
@@ -124,7 +145,7 @@ def group_rows(
     groups: dict[str, _Group] = {}
     for row in read_rows():
         if isinstance(row, Skip):
-            skips.add(row.reason, row.count)
+            skips.add(row.reason, row.count, row.example)
             continue
         group = groups.setdefault(row.image_id, _Group(row.index, [], []))
         group.captions.append((str(row.index), row.caption))

@@ -33,12 +33,17 @@ from data_recipes.shards import (
     SkipCounter,
     add_writer_args,
     check_writer_args,
+    fail,
+    int_range,
+    short_error,
     summary,
     write_records,
 )
 
 VERSION = "1"
 DONE_MARKER = "DONE"
+MAX_IMAGES = 100_000
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 SPECIALS_HEAD = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 PUNCTUATION = "，。、："
 
@@ -317,20 +322,27 @@ def main(argv: list[str] | None = None) -> int:
     defaults = DemoParams()
     parser = argparse.ArgumentParser(prog="python -m data_recipes.demo", description=__doc__.split("\n\n")[0])
     add_writer_args(parser, shard_size=500)
-    parser.add_argument("--train-images", type=int, default=defaults.train_images)
-    parser.add_argument("--val-images", type=int, default=defaults.val_images)
-    parser.add_argument("--eval-images", type=int, default=defaults.eval_images)
+    count = int_range(1, MAX_IMAGES)
+    parser.add_argument("--train-images", type=count, default=defaults.train_images)
+    parser.add_argument("--val-images", type=count, default=defaults.val_images)
+    parser.add_argument("--eval-images", type=count, default=defaults.eval_images)
     parser.add_argument(
-        "--image-size", type=int, default=defaults.image_size, help="side of the square images"
+        "--image-size",
+        type=int_range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+        default=defaults.image_size,
+        help=f"side of the square images ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE})",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     check_writer_args(parser, args)
-    if min(args.train_images, args.val_images, args.eval_images) < 1 or args.image_size < 16:
-        parser.error("image counts must be >= 1 and --image-size >= 16")
     params = DemoParams(args.train_images, args.val_images, args.eval_images, args.image_size, args.seed)
     start = time.perf_counter()
-    build(args.out, params, workers=args.workers, shard_size=args.shard_size, shard_bytes=args.shard_bytes)
+    try:
+        build(
+            args.out, params, workers=args.workers, shard_size=args.shard_size, shard_bytes=args.shard_bytes
+        )
+    except OSError as err:
+        fail(parser, f"{err.filename or args.out}: {short_error(err)}")
     print(f"demo built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

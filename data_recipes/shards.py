@@ -11,8 +11,11 @@ pair:
 
 Shards are named `{split}-%06d.tar`; each is written to `*.tar.tmp` and renamed when complete, and the index
 `{split}.json` (shard names, sample counts, skip counts) is rewritten after every finished shard, so a crash
-never loses or corrupts a finished shard. `EvalSetWriter` writes the same records as an eval set in the
-Chinese-CLIP layout; `write_outputs` wires both to a recipe's command-line options.
+never loses or corrupts a finished shard; after a successful run, shards of the split that the new index
+does not list (left by an earlier, larger run) are removed. `EvalSetWriter` writes the same records as an eval
+set in the Chinese-CLIP layout; `write_outputs` wires both to a recipe's command-line options.
+
+User mistakes (bad options, unusable inputs, nothing to write) end in a one-line error and exit status 2.
 """
 
 from __future__ import annotations
@@ -30,13 +33,19 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from tqdm import tqdm
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_SHARD_BYTES = 1_000_000_000
 FIXED_MTIME = 1_600_000_000
+SKIP_EXAMPLES = 3
+_ERROR_LIMIT = 200
+
+
+class RecipeError(ValueError):
+    """A user mistake in a recipe's inputs or options; reported as one line on stderr with exit status 2."""
 
 
 @dataclass
@@ -52,17 +61,50 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Skip:
-    """An input that was not written, with the reason counted in the summary."""
+    """An input that was not written, with the reason counted in the summary and an optional example (the
+    missing path, the line number) shown with it."""
 
     reason: str
     count: int = 1
+    example: str = ""
 
 
 class SkipCounter(Counter):
-    """Counts skipped inputs per reason."""
+    """Counts skipped inputs per reason, and keeps the first few examples of each reason."""
 
-    def add(self, reason: str, count: int = 1) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, count: int = 1, example: str = "") -> None:
         self[reason] += count
+        seen = self.examples.setdefault(reason, [])
+        if example and len(seen) < SKIP_EXAMPLES:
+            seen.append(short_text(example))
+
+    def describe(self, reason: str) -> str:
+        """`reason: count`, with its first examples when there are any."""
+        examples = self.examples.get(reason)
+        return f"{reason}: {self[reason]}" + (f" (first: {', '.join(examples)})" if examples else "")
+
+
+def short_text(text: str, limit: int = _ERROR_LIMIT) -> str:
+    """`text` on one line, cut to `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_error(err: BaseException) -> str:
+    """A short one-line description of an exception that never embeds the data it failed on."""
+    if isinstance(err, UnicodeDecodeError):
+        text = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    elif isinstance(err, KeyError):
+        text = f"missing key {err.args[0]!r}" if err.args else "missing key"
+    elif isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return short_text(text)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -122,6 +164,7 @@ class ShardSink(_Writer):
         self.shards: list[dict[str, Any]] = []
         self.skips = skips if skips is not None else SkipCounter()
         self.images = 0
+        self.removed = 0
         self._writer: tarfile.TarFile | None = None
         self._count = 0
         self._bytes = 0
@@ -215,11 +258,26 @@ class ShardSink(_Writer):
     def close(self) -> None:
         self._finish()
         self.write_index()
+        self.removed = self.remove_stale_shards()
+
+    def remove_stale_shards(self) -> int:
+        """Delete this split's shards (`{split}-%06d.tar`) that the index does not list; returns how many."""
+        pattern = re.compile(re.escape(self.split) + r"-\d{6}\.tar")
+        listed = {s["name"] for s in self.shards}
+        stale = [
+            p
+            for p in self.out_dir.iterdir()
+            if pattern.fullmatch(p.name) and p.name not in listed and p.is_file()
+        ]
+        for path in stale:
+            path.unlink()
+        return len(stale)
 
     def describe(self) -> str:
+        removed = f"; removed {self.removed} stale shards of an earlier run" if self.removed else ""
         return (
             f"{self.split}: wrote {self.samples} samples ({self.images} images) in {len(self.shards)} shards "
-            f"to {self.out_dir}"
+            f"to {self.out_dir}{removed}"
         )
 
 
@@ -315,7 +373,7 @@ def write_records(
     with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
         for result in parallel_map(_PassSkips(prepare), jobs, workers):
             if isinstance(result, Skip):
-                skips.add(result.reason, result.count)
+                skips.add(result.reason, result.count, result.example)
             else:
                 for sink in sinks:
                     sink.write_record(result)
@@ -327,8 +385,19 @@ def summary(sinks: Sequence[ShardSink | EvalSetWriter], skips: SkipCounter, labe
     lines = [sink.describe() for sink in sinks]
     total = sum(skips.values())
     lines.append(f"{label}: skipped {total}" + (":" if total else ""))
-    lines += [f"  {reason}: {n}" for reason, n in sorted(skips.items())]
+    lines += [f"  {skips.describe(reason)}" for reason in sorted(skips)]
     return "\n".join(lines)
+
+
+def nothing_written(source: Path | str, skips: SkipCounter) -> str:
+    """The error for a run that wrote nothing: the input and the main skip reason."""
+    total = sum(skips.values())
+    if not total:
+        return f"nothing written: {source} holds no samples"
+    main = max(skips, key=skips.__getitem__)  # on a tie, the reason counted first
+    others = total - skips[main]
+    rest = f"; {others} more for other reasons" if others else ""
+    return f"nothing written from {source}: every input was skipped, {skips.describe(main)}{rest}"
 
 
 def write_outputs(
@@ -338,11 +407,13 @@ def write_outputs(
     args: argparse.Namespace,
     total: int | None,
     group_by: str = "text_id",
+    source: Path | str = "the input",
 ) -> str:
     """Write `jobs` as shards and/or an eval set per `args` (from `add_writer_args(..., outputs=True)`).
 
     Shards go to `args.out`, the eval set to `args.out / "eval"`; unfinished files are removed on failure.
-    Returns the summary.
+    Returns the summary; raises `RecipeError` (leaving earlier outputs as they were) when every input of
+    `source` was skipped.
     """
     outputs = args.outputs or ("shards" if args.split == "train" else "both")
     sinks: list[ShardSink | EvalSetWriter] = []
@@ -356,9 +427,42 @@ def write_outputs(
         for sink in sinks:
             sink.abort()
         raise
+    if not sinks[0].images:
+        for sink in sinks:
+            sink.abort()
+        raise RecipeError(nothing_written(source, skips))
     for sink in sinks:
         sink.close()
     return summary(sinks, skips, args.split)
+
+
+def int_range(low: int = 1, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in `[low, high]` (no upper bound when `high` is None)."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value!r}")
+        return number
+
+    return parse
+
+
+positive_int = int_range(1)
+
+
+def split_name(value: str) -> str:
+    """An argparse type: a split name, used as a file-name prefix (non-empty, no path separators)."""
+    bad = not value or value != value.strip() or value in (".", "..") or not value.isprintable()
+    if bad or "/" in value or "\\" in value:
+        raise argparse.ArgumentTypeError(
+            f"must be a non-empty name without path separators or surrounding spaces, got {value!r}"
+        )
+    return value
 
 
 def add_writer_args(
@@ -367,7 +471,10 @@ def add_writer_args(
     """The options every recipe shares: output, workers, shard limits (and for importers: split, outputs)."""
     if outputs:
         parser.add_argument(
-            "--split", default="train", help="split name: prefix of the files read and written"
+            "--split",
+            type=split_name,
+            default="train",
+            help="split name: prefix of the files read and written",
         )
         parser.add_argument(
             "--outputs",
@@ -378,23 +485,40 @@ def add_writer_args(
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=max(1, min(8, os.cpu_count() or 1)),
         help="processes for image decoding/encoding (default: CPU count, at most 8)",
     )
     parser.add_argument(
-        "--shard-size", type=int, default=shard_size, help=f"samples per shard (default {shard_size})"
+        "--shard-size",
+        type=positive_int,
+        default=shard_size,
+        help=f"samples per shard (default {shard_size})",
     )
     parser.add_argument(
         "--shard-bytes",
-        type=int,
+        type=positive_int,
         default=DEFAULT_SHARD_BYTES,
         help=f"bytes per shard before rotating (default {DEFAULT_SHARD_BYTES})",
     )
 
 
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit with status 2 after a one-line error on stderr (no usage text)."""
+    print(f"{parser.prog}: error: {short_text(message, limit=1000)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit with a usage error (code 2) for non-positive workers or shard limits."""
-    for name in ("workers", "shard_size", "shard_bytes"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    """Create `--out` (exit with a one-line error, code 2, when it is a file or cannot be written)."""
+    out: Path = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        fail(parser, f"--out {out} is a file, not a folder")
+    except OSError as err:
+        fail(parser, f"--out {out} cannot be created: {short_error(err)}")
+    if not out.is_dir():
+        fail(parser, f"--out {out} is not a folder")
+    if not os.access(out, os.W_OK | os.X_OK):
+        fail(parser, f"--out {out} is not writable")

@@ -6,7 +6,8 @@ JSONL lines: `{"image", "caption", "tags": [...] or "a,b", "image_id"}` (tags an
 `image` is a file path (relative to the input file's folder, or absolute) or the base64-encoded image; a value
 of 64+ characters from the base64 alphabet without a "." is taken as base64. Captions are grouped by image id:
 `image_id` when given, else the path as written, else `b64-` + a hash of the base64 text. An image's tags are
-the union of its rows' tags. Text ids are the 0-based line numbers.
+the union of its rows' tags. Text ids are the 0-based line numbers. Lines that are not UTF-8 or not in this
+layout are skipped and counted; a run that writes nothing is an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-from data_recipes.common import Row, group_rows, prepare_job, split_tags, unique
-from data_recipes.shards import Skip, SkipCounter, add_writer_args, check_writer_args, write_outputs
+from data_recipes.common import Row, group_rows, line_skip, prepare_job, read_lines, split_tags, unique
+from data_recipes.shards import (
+    RecipeError,
+    Skip,
+    SkipCounter,
+    add_writer_args,
+    check_writer_args,
+    fail,
+    positive_int,
+    short_error,
+    write_outputs,
+)
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
 
@@ -34,9 +45,9 @@ def _row(
 ) -> Row | Skip:
     image, caption = image.strip(), caption.strip()
     if not image:
-        return Skip("malformed line")
+        return line_skip("malformed line", index)
     if not caption:
-        return Skip("empty caption")
+        return line_skip("empty caption", index)
     if looks_like_base64(image):
         source, is_path = image, False
         default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()
@@ -47,36 +58,43 @@ def _row(
 
 def tsv_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
     def read() -> Iterator[Row | Skip]:
-        with path.open(encoding="utf-8") as fh:
-            for index, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) not in (2, 3):
-                    yield Skip("malformed line")
-                    continue
-                tags = split_tags(parts[2]) if len(parts) == 3 else []
-                yield _row(index, path.parent, parts[0], parts[1], tags, None)
+        for index, line in read_lines(path):
+            if line is None:
+                yield line_skip("not UTF-8 line", index)
+                continue
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) not in (2, 3):
+                yield line_skip("malformed line", index)
+                continue
+            tags = split_tags(parts[2]) if len(parts) == 3 else []
+            yield _row(index, path.parent, parts[0], parts[1], tags, None)
 
     return read
 
 
+def _json_row(index: int, base: Path, line: str) -> Row | Skip:
+    try:
+        obj = json.loads(line)
+        image, caption = obj["image"], obj.get("caption") or ""
+        tags = obj.get("tags") or []
+        tags = split_tags(tags) if isinstance(tags, str) else unique(str(t).strip() for t in tags)
+        image_id = obj.get("image_id")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return line_skip("malformed line", index)
+    if not isinstance(image, str) or isinstance(caption, (dict, list)):
+        return line_skip("malformed line", index)
+    return _row(index, base, image, str(caption), tags, image_id and str(image_id))
+
+
 def jsonl_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
     def read() -> Iterator[Row | Skip]:
-        with path.open(encoding="utf-8") as fh:
-            for index, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    image, caption = obj["image"], obj.get("caption") or ""
-                    tags = obj.get("tags") or []
-                    tags = split_tags(tags) if isinstance(tags, str) else unique(str(t).strip() for t in tags)
-                    image_id = obj.get("image_id")
-                    row = _row(index, path.parent, str(image), str(caption), tags, image_id and str(image_id))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    row = Skip("malformed line")
-                yield row
+        for index, line in read_lines(path):
+            if line is None:
+                yield line_skip("not UTF-8 line", index)
+            elif line.strip():
+                yield _json_row(index, path.parent, line)
 
     return read
 
@@ -88,17 +106,26 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", type=Path, required=True, help="a .tsv file or a .jsonl file")
-    parser.add_argument("--max-size", type=int, help="re-encode images whose longer side exceeds this")
+    parser.add_argument(
+        "--max-size", type=positive_int, help="re-encode images whose longer side exceeds this"
+    )
     add_writer_args(parser, outputs=True)
     args = parser.parse_args(argv)
-    check_writer_args(parser, args)
+    if not args.input.exists():
+        fail(parser, f"--input not found: {args.input}")
     if not args.input.is_file():
-        parser.error(f"--input not found: {args.input}")
+        fail(parser, f"--input {args.input} is not a file")
+    check_writer_args(parser, args)
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
     skips = SkipCounter()
-    total, jobs = group_rows(reader(args.input), skips)
-    prepare = partial(prepare_job, max_size=args.max_size)
-    print(write_outputs(jobs, prepare, skips, args, total, group_by="text"))
+    try:
+        total, jobs = group_rows(reader(args.input), skips)
+        prepare = partial(prepare_job, max_size=args.max_size)
+        print(write_outputs(jobs, prepare, skips, args, total, group_by="text", source=args.input))
+    except RecipeError as err:
+        fail(parser, str(err))
+    except OSError as err:
+        fail(parser, f"{err.filename or args.input}: {short_error(err)}")
     return 0
 
 

@@ -53,3 +53,13 @@ def run_recipe(name: str, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The error line of a recipe run that failed on user input: exit status 2, no traceback, and the error as
+    the last line of stderr (after any progress bar output)."""
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("python -m data_recipes.") and ": error: " in lines[-1], lines
+    return lines[-1]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_recipes import cococn
 from ernievil2_train.data.evalset import load_evalset
-from tests.data_recipes.helpers import image_bytes, read_shards, run_recipe
+from tests.data_recipes.helpers import error_line, image_bytes, read_shards, run_recipe
 
 RED = image_bytes((250, 0, 0))
 GREEN = image_bytes((0, 250, 0), size=(20, 30))
@@ -199,17 +199,109 @@ def test_train_split_writes_shards_only_and_max_size_reencodes(tmp_path):
     assert resized.format == "JPEG" and resized.size == (40, 20)
 
 
+def _clip_folder(tmp_path, texts: bytes, name: str = "src"):
+    src = tmp_path / name
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n102\t{_b64(GREEN)}\n")
+    (src / "valid_texts.jsonl").write_bytes(texts)
+    return src
+
+
+def _text_line(text_id: int, text: str, image_id: int, encoding: str = "utf-8") -> bytes:
+    row = {"text_id": text_id, "text": text, "image_ids": [image_id]}
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode(encoding)
+
+
+def test_lines_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    src = _clip_folder(tmp_path, _text_line(1, "红色", 101) + _text_line(2, "绿色", 102, "gbk"))
+    ernie = tmp_path / "test.tsv"
+    ernie.write_bytes(f"红色\t101\t{_b64(RED)}\n".encode() + f"绿色\t102\t{_b64(GREEN)}\n".encode("gbk"))
+    for args, reason in (
+        (["--input", str(src), "--split", "valid"], "not UTF-8 text line: 1 (first: line 2)"),
+        (["--input", str(ernie), "--split", "test"], "not UTF-8 line: 1 (first: line 2)"),
+    ):
+        out = tmp_path / args[-1]
+        proc = run_recipe("cococn", *args, "--out", str(out), "--outputs", "shards", "--workers", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert reason in proc.stdout
+        assert [(s["txt"], s["image"]) for s in read_shards(out, args[-1])] == [("红色", RED)]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ("一只猫\t0\n一辆车\t1\n", "malformed line: 2 (first: line 1, line 2)"),
+        ("一只猫\t0\t!!!notbase64@@@\n一辆车\t1\t@@\n", "bad base64: 2 (first: 0, 1)"),
+        ("", "holds no samples"),
+        ("红色的猫\t0\t红\n".encode("gbk") * 2, "not UTF-8 line: 2 (first: line 1, line 2)"),
+    ],
+)
+def test_nothing_written_is_an_error(tmp_path, lines, expected):
+    tsv = tmp_path / "test.tsv"
+    (tsv.write_bytes if isinstance(lines, bytes) else tsv.write_text)(lines)
+    out = tmp_path / "out"
+    proc = run_recipe("cococn", "--input", str(tsv), "--split", "test", "--out", str(out), "--workers", "1")
+    line = error_line(proc)
+    assert line.startswith("python -m data_recipes.cococn: error: nothing written") and str(tsv) in line
+    assert expected in line
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_chinese_clip_folder_with_gbk_texts_is_an_error(tmp_path):
+    texts = b"".join(_text_line(i, "红色", 101 + i % 2, "gbk") for i in range(4))
+    src = _clip_folder(tmp_path, texts)
+    proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(tmp_path / "o"))
+    line = error_line(proc)
+    assert f"nothing written from {src}" in line
+    assert "not UTF-8 text line: 4 (first: line 1, line 2, line 3); 2 more for other reasons" in line
+
+
+@pytest.mark.parametrize("name", ["valid_imgs.tsv", "valid_texts.jsonl"])
+def test_a_chinese_clip_file_instead_of_its_folder_is_an_error(tmp_path, name):
+    src = _clip_folder(tmp_path, _text_line(1, "红色", 101))
+    proc = run_recipe("cococn", "--input", str(src / name), "--split", "valid", "--out", str(tmp_path / "o"))
+    assert error_line(proc) == (
+        f"python -m data_recipes.cococn: error: --input {src / name} is one file of the Chinese-CLIP layout: "
+        f"pass its folder (--input {src} --split valid)"
+    )
+    assert proc.stderr.count("\n") == 1
+
+
+def test_bad_coco_instances_give_a_short_error(tmp_path):
+    src = _clip_folder(tmp_path, _text_line(1, "红色", 101))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(bytes(range(128, 256)) * 2000)
+    a_list = tmp_path / "list.json"
+    a_list.write_text("[1, 2]")
+    cases = [
+        (tmp_path, "is a folder, not a COCO instances json"),
+        (garbage, "is not a COCO instances json (not UTF-8 text"),
+        (a_list, "is not a COCO instances json (AttributeError"),
+    ]
+    for instances, message in cases:
+        proc = run_recipe(
+            "cococn", "--input", str(src), "--split", "valid", "--out", str(tmp_path / "o"),
+            "--coco-instances", str(instances),
+        )  # fmt: skip
+        line = error_line(proc)
+        assert f"--coco-instances: {instances} {message}" in line and len(proc.stderr) < 400
+        assert proc.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--input", "nowhere"], "--input not found: nowhere"),
         (["--input", "."], "input file missing"),
         (["--input", ".", "--coco-instances", "missing.json"], "missing.json"),
+        (["--input", ".", "--max-size", "0"], "--max-size: must be an integer >= 1"),
+        (["--input", ".", "--split", "a/b"], "--split: must be a non-empty name without path separators"),
+        (["--input", ".", "--split", " "], "argument --split: must be"),
     ],
 )
 def test_user_errors_exit_2(tmp_path, extra, message, capsys):
     with pytest.raises(SystemExit) as err:
-        cococn.main([*extra, "--out", str(tmp_path / "o"), "--split", "xyz"])
+        cococn.main(["--split", "xyz", *extra, "--out", str(tmp_path / "o")])
     assert err.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -185,12 +185,36 @@ def test_ensure_demo_concurrent_callers_share_one_build(tmp_path):
     assert len(read_shards(Path(results[0]), "train")) > 0
 
 
-@pytest.mark.parametrize("argv", [["--out", "x", "--train-images", "0"], ["--out", "x", "--image-size", "8"]])
-def test_cli_rejects_bad_arguments(argv, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train-images", "0"], "--train-images: must be an integer from 1 to 100000, got '0'"),
+        (["--val-images", "-2"], "argument --val-images: must be"),
+        (["--eval-images", "1000000"], "argument --eval-images: must be"),
+        (["--image-size", "8"], "--image-size: must be an integer from 16 to 1024, got '8'"),
+        (["--image-size", "100000"], "--image-size: must be an integer from 16 to 1024, got '100000'"),
+        (["--workers", "0"], "argument --workers: must be an integer >= 1"),
+        (["--shard-size", "-1"], "argument --shard-size: must be"),
+    ],
+)
+def test_cli_rejects_bad_arguments(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
-        demo.main(argv)
+        demo.main(["--out", str(tmp_path / "x"), *argv])
     assert err.value.code == 2
-    assert "error" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_rebuild_into_the_same_folder_removes_stale_shards(tmp_path):
+    small = DemoParams(train_images=6, val_images=2, eval_images=2, image_size=32)
+    build(tmp_path, small, shard_size=2, verbose=False)
+    assert len(list(tmp_path.glob("train-*.tar"))) > 3
+    smaller = DemoParams(train_images=2, val_images=2, eval_images=2, image_size=32)
+    build(tmp_path, smaller, shard_size=100, verbose=False)
+    index = json.loads((tmp_path / "train.json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar"]
+    assert [s["name"] for s in index["shards"]] == ["train-000000.tar"]
+    assert len(read_shards(tmp_path, "train")) == index["samples"]
 
 
 def test_vocab_tokenizes_every_demo_text_without_unknowns(tmp_path):

@@ -17,10 +17,11 @@ from data_recipes.shards import (
     ShardSink,
     Skip,
     SkipCounter,
+    nothing_written,
     summary,
     write_records,
 )
-from tests.data_recipes.helpers import image_bytes, read_shards
+from tests.data_recipes.helpers import error_line, image_bytes, read_shards, run_recipe
 
 RED = image_bytes((250, 0, 0))
 
@@ -85,6 +86,56 @@ def test_write_records_counts_skips_in_parallel(tmp_path):
     text = summary([sink], skips, "train")
     assert "skipped 5" in text and "malformed line: 2" in text
     assert json.loads((tmp_path / "train.json").read_text())["skipped"]["bad base64"] == 1
+
+
+def test_skip_examples_are_kept_for_the_summary_and_the_error(tmp_path):
+    jobs = [ImageJob(str(i), str(tmp_path / f"gone{i}.jpg"), True, (("1", "x"),)) for i in range(5)]
+    jobs += [ImageJob("bad", "@@@", False, (("2", "y"),))]
+    skips = SkipCounter()
+    with ShardSink(tmp_path, "train", skips=skips) as sink:
+        write_records(jobs, prepare_job, [sink], skips, workers=2, progress=False)
+    first = ", ".join(str(tmp_path / f"gone{i}.jpg") for i in range(3))
+    assert f"  missing file: 5 (first: {first})" in summary([sink], skips, "train").splitlines()
+    assert nothing_written("in.tsv", skips) == (
+        f"nothing written from in.tsv: every input was skipped, missing file: 5 (first: {first}); "
+        "1 more for other reasons"
+    )
+    assert nothing_written("in.tsv", SkipCounter()) == "nothing written: in.tsv holds no samples"
+    long = SkipCounter()
+    long.add("missing file", example="x" * 10_000)
+    assert len(long.describe("missing file")) < 250
+
+
+def test_close_removes_only_this_splits_unlisted_shards(tmp_path):
+    others = ["train-000009.tar.tmp", "train-12.tar", "val-000003.tar", "train-000001.tar.old", "train.json"]
+    for name in ["train-000001.tar", "train-000002.tar", *others]:
+        (tmp_path / name).write_bytes(b"old")
+    with ShardSink(tmp_path, "train", shard_size=2) as sink:
+        sink.write_record(_record(0))
+    assert sink.removed == 2 and "removed 2 stale shards" in sink.describe()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["train-000000.tar", *others])
+    with pytest.raises(RuntimeError), ShardSink(tmp_path, "val") as sink:
+        raise RuntimeError("interrupted")
+    assert (tmp_path / "val-000003.tar").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("recipe", ["demo", "tsv", "cococn"])
+def test_unusable_out_is_a_one_line_error(tmp_path, recipe):
+    src = tmp_path / "in.tsv"
+    src.write_text(f"imgs/a.jpg\t红色\t{base64.b64encode(RED).decode()}\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    inputs = [] if recipe == "demo" else ["--input", str(src)]
+    cases = [
+        (a_file, "is a file, not a folder"),
+        (a_file / "sub", "cannot be created: Not a directory"),
+        ("/proc/no-such-folder/out", "cannot be created: No such file or directory"),
+    ]
+    for out, message in cases:
+        proc = run_recipe(recipe, *inputs, "--out", str(out), "--workers", "1")
+        assert error_line(proc) == f"python -m data_recipes.{recipe}: error: --out {out} {message}"
+        assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+    assert a_file.read_text() == "keep me"
 
 
 def test_shards_read_by_webdataset(tmp_path):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import tarfile
 
 import pytest
 
 from data_recipes import tsv
 from ernievil2_train.data.evalset import load_evalset
-from tests.data_recipes.helpers import image_bytes, read_shards, run_recipe
+from tests.data_recipes.helpers import error_line, image_bytes, read_shards, run_recipe
 
 RED = image_bytes((250, 0, 0))
 GREEN = image_bytes((0, 250, 0))
@@ -62,7 +63,7 @@ def test_tsv_paths_base64_tags_and_skips(folder):
         "missing file": 1,
         "undecodable image": 1,
     }
-    assert "missing file: 1" in proc.stdout
+    assert f"missing file: 1 (first: {folder / 'data' / 'imgs' / 'missing.jpg'})" in proc.stdout
     samples = read_shards(out, "train")
     assert [s["samples"] for s in index["shards"]] == [3, 2] and len(samples) == 5
     groups = _groups(samples)
@@ -112,17 +113,88 @@ def test_jsonl_tags_are_unioned_in_shards(folder):
     assert [s["json"]["tags"] for s in samples] == [["苹果", "盘子"]] * 2
 
 
+def test_lines_that_are_not_utf8_are_skipped_and_counted(folder):
+    src = folder / "data" / "pairs.tsv"
+    src.write_bytes("imgs/a.jpg\t红色\n".encode() + "imgs/b.png\t蓝色\n".encode("gbk"))
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "not UTF-8 line: 1 (first: line 2)" in proc.stdout
+    assert json.loads((out / "train.json").read_text())["skipped"] == {"not UTF-8 line": 1}
+    assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("红色", RED)]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("imgs/nope.jpg\t一只猫\nimgs/gone.jpg\t一辆车\n", "missing file: 2 (first: {base}/imgs/nope.jpg, "),
+        (bytes(range(128, 256)) * 8 + b"\n\xff\xfe\n", "not UTF-8 line: 2 (first: line 1, line 2)"),
+        ("", "holds no samples"),
+    ],
+)
+def test_nothing_written_is_an_error_and_keeps_earlier_output(folder, content, expected):
+    out = folder / "out"
+    good = folder / "data" / "good.tsv"
+    good.write_text("imgs/a.jpg\t红色\n")
+    assert run_recipe("tsv", "--input", str(good), "--out", str(out), "--workers", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    src = folder / "data" / "bad.tsv"
+    (src.write_bytes if isinstance(content, bytes) else src.write_text)(content)
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
+    line = error_line(proc)
+    assert "nothing written" in line and str(src) in line
+    assert expected.format(base=src.parent) in line
+    assert "wrote" not in proc.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_rerun_removes_stale_shards_of_the_split_only(folder):
+    out = folder / "out"
+    src = folder / "data" / "pairs.tsv"
+    src.write_text("imgs/a.jpg\t红色\nimgs/b.png\t蓝色\n../elsewhere/c.jpg\t绿色\n")
+    args = ["--input", str(src), "--out", str(out), "--workers", "1", "--shard-size", "1"]
+    assert run_recipe("tsv", *args).returncode == 0
+    assert sorted(p.name for p in out.glob("train-*.tar")) == [f"train-00000{i}.tar" for i in range(3)]
+    keep = ["train-000007.tar.tmp", "train-7.tar", "valid-000005.tar", "train-000003.tar.bak"]
+    for name in keep:
+        (out / name).write_bytes(b"x")
+    src.write_text("imgs/a.jpg\t红色\n")
+    proc = run_recipe("tsv", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 2 stale shards" in proc.stdout
+    index = json.loads((out / "train.json").read_text())
+    assert [s["name"] for s in index["shards"]] == ["train-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["train-000000.tar", "train.json", *keep])
+    with tarfile.open(out / "train-000000.tar") as tar:
+        assert tar.extractfile("000000000_imgs-a-jpg_0.txt").read().decode() == "红色"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--input", "nowhere.tsv"], "--input not found"),
-        (["--input", "x.tsv", "--workers", "0"], "--workers"),
+        (["--input", "x.tsv", "--workers", "0"], "argument --workers: must be an integer >= 1"),
+        (["--input", "x.tsv", "--max-size", "0"], "--max-size: must be an integer >= 1, got '0'"),
+        (["--input", "x.tsv", "--max-size", "-5"], "argument --max-size: must be an integer >= 1"),
+        (["--input", "x.tsv", "--shard-size", "0"], "argument --shard-size: must be"),
+        (["--input", "x.tsv", "--shard-bytes", "-1"], "argument --shard-bytes: must be"),
+        (["--input", "x.tsv", "--split", "a/b"], "--split: must be a non-empty name without path separators"),
+        (["--input", "x.tsv", "--split", ""], "argument --split: must be"),
+        (["--input", "x.tsv", "--split", ".."], "argument --split: must be"),
+        (["--input", "x.tsv", "--split", "a\\b"], "argument --split: must be"),
     ],
 )
 def test_user_errors_exit_2(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         tsv.main([*argv, "--out", str(tmp_path)])
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_input_folder_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        tsv.main(["--input", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert err.value.code == 2
+    assert capsys.readouterr().err == f"python -m data_recipes.tsv: error: --input {tmp_path} is not a file\n"
 
 
 def test_base64_detection():
