@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ernievil2_train.checkpoints.paddle import ZIP_MAGIC, CheckpointError, short_reason
+from ernievil2_train.checkpoints.paddle import ZIP_MAGIC, CheckpointError, file_head, short_reason
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
 from ernievil2_train.text.vocab import check_vocab_fits
 
@@ -142,11 +142,7 @@ def _folder_message(path: Path) -> str:
 
 def _torch_load(path: Path) -> Any:
     """`torch.load(path, weights_only=True)` on CPU, without warnings; failures are one-line errors."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(ZIP_MAGIC))
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read file ({err.strerror or err})") from None
+    head = file_head(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

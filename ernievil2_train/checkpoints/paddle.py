@@ -77,13 +77,18 @@ class _ArrayUnpickler(pickle.Unpickler):
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _unpickle(path: Path) -> Any:
+def file_head(path: Path) -> bytes:
+    """The file's first bytes (as many as `ZIP_MAGIC`, what `torch.save` files start with); an unreadable
+    file is a `CheckpointError`."""
     try:
         with path.open("rb") as f:
-            head = f.read(len(ZIP_MAGIC))
+            return f.read(len(ZIP_MAGIC))
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read file ({err.strerror or err})") from None
-    if head == ZIP_MAGIC:
+
+
+def _unpickle(path: Path) -> Any:
+    if file_head(path) == ZIP_MAGIC:
         raise CheckpointError(f"{path}: a torch/zip file, not a Paddle .pdparams pickle")
     try:
         with path.open("rb") as f:
