@@ -39,6 +39,7 @@ from data_recipes.shards import (
     check_writer_args,
     fail,
     positive_int,
+    reported,
     short_error,
     write_outputs,
 )
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     check_writer_args(parser, args)
     skips = SkipCounter()
-    try:
+    with reported(parser, args.input):
         coco_tags = load_coco_tags(args.coco_instances)
         if args.input.is_dir():
             total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips)
@@ -258,10 +259,6 @@ def main(argv: list[str] | None = None) -> int:
             group_by = "text"
         prepare = partial(prepare_job, max_size=args.max_size)
         print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by, source=args.input))
-    except RecipeError as err:
-        fail(parser, str(err))
-    except OSError as err:
-        fail(parser, f"{err.filename or args.input}: {short_error(err)}")
     if coco_tags:
         print(f"{args.split}: tags from COCO instances for {len(coco_tags)} annotated images")
     return 0

@@ -33,9 +33,8 @@ from data_recipes.shards import (
     SkipCounter,
     add_writer_args,
     check_writer_args,
-    fail,
     int_range,
-    short_error,
+    reported,
     summary,
     write_records,
 )
@@ -337,12 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     check_writer_args(parser, args)
     params = DemoParams(args.train_images, args.val_images, args.eval_images, args.image_size, args.seed)
     start = time.perf_counter()
-    try:
+    with reported(parser, args.out):
         build(
             args.out, params, workers=args.workers, shard_size=args.shard_size, shard_bytes=args.shard_bytes
         )
-    except OSError as err:
-        fail(parser, f"{err.filename or args.out}: {short_error(err)}")
     print(f"demo built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import multiprocessing
@@ -507,6 +508,18 @@ def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with status 2 after a one-line error on stderr (no usage text)."""
     print(f"{parser.prog}: error: {short_text(message, limit=1000)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def reported(parser: argparse.ArgumentParser, source: Path | str) -> Iterator[None]:
+    """Run the block; a `RecipeError` or an `OSError` in it ends the run through `fail` (one line, status 2),
+    an `OSError` naming its file, else `source`."""
+    try:
+        yield
+    except RecipeError as err:
+        fail(parser, str(err))
+    except OSError as err:
+        fail(parser, f"{err.filename or source}: {short_error(err)}")
 
 
 def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

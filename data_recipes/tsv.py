@@ -22,14 +22,13 @@ from pathlib import Path
 
 from data_recipes.common import Row, group_rows, line_skip, prepare_job, read_lines, split_tags, unique
 from data_recipes.shards import (
-    RecipeError,
     Skip,
     SkipCounter,
     add_writer_args,
     check_writer_args,
     fail,
     positive_int,
-    short_error,
+    reported,
     write_outputs,
 )
 
@@ -118,14 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     check_writer_args(parser, args)
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
     skips = SkipCounter()
-    try:
+    with reported(parser, args.input):
         total, jobs = group_rows(reader(args.input), skips)
         prepare = partial(prepare_job, max_size=args.max_size)
         print(write_outputs(jobs, prepare, skips, args, total, group_by="text", source=args.input))
-    except RecipeError as err:
-        fail(parser, str(err))
-    except OSError as err:
-        fail(parser, f"{err.filename or args.input}: {short_error(err)}")
     return 0
 
 
