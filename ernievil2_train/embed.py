@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
+from ernievil2_train.devices import resolve_device
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.vocab import check_vocab_fits
@@ -178,15 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decode threads"
     )
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu` or `cuda` as a device; ValueError when CUDA is asked for but missing."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ernievil2_train.devices import resolve_device
 from ernievil2_train.metrics.files import (
     EvalInputError,
     read_embeddings_file,
@@ -193,27 +194,6 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     return modes[0]
 
 
-def _device(name: str | None) -> torch.device:
-    """--device as a torch device that exists here (default: cuda if available, else cpu)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvalInputError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise EvalInputError(f"--device {name!r}: not a compute device (use cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalInputError(f"--device {name} requested but no CUDA device is available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise EvalInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):
-        raise EvalInputError(f"--device {name}: not available on this machine") from None
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args.protocol = args.protocol or ("ernie" if mode == "embeddings" else "any_positive")
     run = {"embeddings": _from_embeddings, "features": _from_features, "checkpoint": _from_checkpoint}[mode]
     try:
-        args.device = _device(args.device)
+        args.device = resolve_device(args.device)
         metrics, num_texts, num_images = run(args)
     except (ValueError, OSError) as err:  # EvalInputError, or bad values found by the metric functions
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ernievil2_train.checkpoints import CheckpointError
+from ernievil2_train.devices import resolve_device
 from ernievil2_train.embed import (
     load_checkpoint,
     load_tokenizer,
-    resolve_device,
     resolve_vocab,
 )
 from ernievil2_train.models import DualEncoder, trim_padding
