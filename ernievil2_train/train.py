@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.text.vocab import check_vocab_fits
 
@@ -30,7 +34,7 @@ def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
         cause = error.__cause__ or error.__context__
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, (FileNotFoundError, ValueError, TypeError)):
+        if isinstance(cause, (FileNotFoundError, ValueError, TypeError, MisconfigurationException)):
             raise ConfigError(f"config key '{key}': {cause}") from None
         raise
 
@@ -71,6 +75,49 @@ def _readable(path: str | None, what: str) -> str | None:
     return path
 
 
+def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, what: str) -> None:
+    """Refuse a training checkpoint whose weights this run's module cannot load (another model size or
+    preset), naming the model settings that differ. Reads the file memory-mapped: no tensor data is read.
+    Folders (sharded FSDP checkpoints) are left to Lightning."""
+    if Path(ckpt_path).is_dir():
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(f"{what}: not a readable checkpoint ({reason})") from None
+    saved = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{what}: not a Lightning training checkpoint (no state_dict)")
+    wanted = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    found = {name: tuple(getattr(value, "shape", ())) for name, value in saved.items()}
+    if wanted == found:
+        return
+    config = getattr(getattr(module, "model", None), "config", None)
+    differing = _differing_settings(checkpoint.get(MODEL_CONFIG_KEY), config.to_dict() if config else None)
+    if differing:
+        raise ConfigError(f"{what}: holds another model than this run's ({differing})")
+    name = sorted(set(wanted) ^ set(found) or {n for n in wanted if wanted[n] != found[n]})[0]
+    there, here = found.get(name, "missing"), wanted.get(name, "missing")
+    raise ConfigError(f"{what}: holds another model than this run's ({name}: {there} there, {here} here)")
+
+
+def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
+    """`'vision.width 64 there, 32 here; ...'` for the model settings two config dicts disagree on."""
+    if not isinstance(saved, dict) or current is None:
+        return ""
+    changes = []
+    for tower, settings in current.items():
+        old = saved.get(tower)
+        if not isinstance(settings, dict) or not isinstance(old, dict):
+            continue
+        changes += [f"{tower}.{k} {old.get(k)} there, {v} here"
+                    for k, v in settings.items() if old.get(k) != v]
+    return "; ".join(changes)
+
+
 def check_data_fits_model(datamodule: Any, model: Any) -> None:
     """Refuse data the model cannot take: another image size, or token ids beyond its embedding table (a
     pretrained model keeps the sizes of its checkpoint)."""
@@ -100,6 +147,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build("model", cfg.model)
     check_data_fits_model(datamodule, model)
     module = build("module", cfg.module, model=model)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path:
+        what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"
+        check_checkpoint_fits(ckpt_path, module, f"{what}: {ckpt_path}")
+        log.info("resuming from %s", ckpt_path)
     callbacks = _build_group("callbacks", cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -110,8 +162,5 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {key: float(value) for key, value in trainer.callback_metrics.items()}

@@ -13,8 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.models import create_model
+from ernievil2_train.module import ErnieVil2Module
 from ernievil2_train.resolvers import register_resolvers
-from ernievil2_train.train import build, check_data_fits_model, resume_checkpoint
+from ernievil2_train.train import build, check_checkpoint_fits, check_data_fits_model, resume_checkpoint
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.models.tiny import TINY, tiny_model
 
@@ -117,3 +119,42 @@ def test_an_unreadable_checkpoint_is_refused_before_training(tmp_path: Path) -> 
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()
     assert resume_checkpoint(str(sharded), tmp_path) == str(sharded)
+
+
+def _saved_module(path: Path, model: torch.nn.Module) -> Path:
+    """A training checkpoint of `model` as `ErnieVil2Module` saves it (weights and model config)."""
+    module = ErnieVil2Module(model)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_before_training(tmp_path: Path) -> None:
+    larger = {**TINY, "text": {**TINY["text"], "layers": 3, "intermediate_size": 96}}
+    saved = _saved_module(tmp_path / "large.ckpt", create_model(larger))
+    module = ErnieVil2Module(tiny_model())
+    what = f"config key 'ckpt_path': {saved}"
+    differing = "text.layers 3 there, 2 here; text.intermediate_size 96 there, 64 here)"
+    message = f"{what}: holds another model than this run's ({differing}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_checkpoint_fits(str(saved), module, what)
+    check_checkpoint_fits(str(_saved_module(tmp_path / "same.ckpt", tiny_model())), module, what)
+
+
+def test_a_checkpoint_without_model_config_names_the_first_mismatch(tmp_path: Path) -> None:
+    deeper = {**TINY, "vision": {**TINY["vision"], "layers": 3}}
+    path = tmp_path / "deep.ckpt"
+    torch.save({"state_dict": ErnieVil2Module(create_model(deeper)).state_dict()}, path)
+    first = r"deep\.ckpt: holds another model than this run's \(model\.vision\.blocks\.2\."
+    with pytest.raises(ConfigError, match=first):
+        check_checkpoint_fits(str(path), ErnieVil2Module(tiny_model()), str(path))
+    torch.save({"weights": {}}, path)
+    with pytest.raises(ConfigError, match="not a Lightning training checkpoint"):
+        check_checkpoint_fits(str(path), ErnieVil2Module(tiny_model()), str(path))
+
+
+def test_a_trainer_the_machine_cannot_run_is_a_config_error() -> None:
+    node = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 0})
+    with pytest.raises(ConfigError, match=re.escape("config key 'trainer': `Trainer(devices=0)`")):
+        build("trainer", node)
