@@ -37,7 +37,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
+        # a copy: autograd may hand the same gradient tensor to another branch of the graph, which must not
+        # see the summed values
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local]
 

@@ -131,9 +131,16 @@ class ErnieVil2Module(pl.LightningModule):
         k = self.accumulate_microbatches
         if k < 1:
             raise TrainingConfigError(f"module.accumulate_microbatches must be >= 1, got {k}")
-        if self.gradient_clip_val is not None and k == 1:
+        clip = self.gradient_clip_val
+        if clip is not None and k == 1:
             raise TrainingConfigError(
                 "module.gradient_clip_val is for accumulate_microbatches > 1; use trainer.gradient_clip_val"
+            )
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
+        ):
+            raise TrainingConfigError(
+                f"module.gradient_clip_val must be positive and finite (null: no clipping), got {clip!r}"
             )
         if not 0.0 < self.layer_decay <= 1.0:
             raise TrainingConfigError(f"module.layer_decay must be in (0, 1], got {self.layer_decay}")
@@ -236,18 +243,49 @@ class ErnieVil2Module(pl.LightningModule):
         # DDP's no_sync (ParallelStrategy.block_backward_sync); nothing to block on a single device
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
         out = self.feature_cache_losses(batch, self.manual_backward, no_sync)
-        if self.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")
-        optimizer.step()
+        optimizer.step()  # clips in `on_before_optimizer_step`
         scheduler.step()
         return out
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip with `gradient_clip_val` (feature-cache accumulation). Lightning calls this hook after the
+        mixed-precision grad scaler has unscaled the gradients, so the norm is that of the true gradient."""
+        if not self.automatic_optimization and self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")
+
+    def global_metrics(self, out: Batch, batch: Batch) -> Batch:
+        """The global batch's loss, loss terms and top-1 accuracies from this rank's `out` (detached).
+
+        Each rank's loss terms are shares whose mean over ranks is the global loss; each accuracy is over the
+        rows of this rank that take part (for image↔tags, the tagged ones; a rank may have none), so the
+        global accuracy weights them by those counts. One all-reduce; none on a single process.
+        """
+        pairs = self.loss_fn.config.active_pairs()
+        names = ["loss", *(f"loss_{pair}" for pair in pairs)]
+        _, world_size = world()
+        if world_size == 1:
+            return {name: out[name].detach() for name in names + [f"acc_{pair}" for pair in pairs]}
+        loss = out["loss"].detach()
+        everyone = torch.full((), float(_batch_size(batch)), dtype=loss.dtype, device=loss.device)
+        tag_masked = [self.loss_fn.config.spec(pair).tag_masked for pair in pairs]
+        rows = [batch["has_tags"].sum().to(loss) if masked else everyone for masked in tag_masked]
+        # accuracy = hits of both directions / (2 * max(rows, 1)): accuracy * rows = hits / 2 (0 if no rows)
+        hits = [out[f"acc_{pair}"].detach().to(loss) * r for pair, r in zip(pairs, rows, strict=True)]
+        stats = torch.stack([*(out[name].detach() for name in names), *hits, *rows])
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+        losses, hits_sum, rows_sum = stats.split([len(names), len(pairs), len(pairs)])
+        metrics = {name: value / world_size for name, value in zip(names, losses, strict=True)}
+        for pair, hit, row in zip(pairs, hits_sum, rows_sum, strict=True):
+            metrics[f"acc_{pair}"] = hit / row.clamp(min=1)
+        return metrics
+
     def _log_train(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         size = _batch_size(batch)
-        self.log("train/loss", out["loss"], batch_size=size)  # shown by LossProgressBar
+        metrics = self.global_metrics(out, batch)
+        self.log("train/loss", metrics["loss"], batch_size=size)  # shown by LossProgressBar
         for pair in self.loss_fn.config.active_pairs():
-            self.log(f"train/loss_{pair}", out[f"loss_{pair}"], batch_size=size)
-            self.log(f"train/acc_{pair}", out[f"acc_{pair}"], batch_size=size)
+            self.log(f"train/loss_{pair}", metrics[f"loss_{pair}"], batch_size=size)
+            self.log(f"train/acc_{pair}", metrics[f"acc_{pair}"], batch_size=size)
             scale = self.loss_fn.log_scale(pair, self.model.logit_scale).detach().exp()
             self.log(f"train/scale_{pair}", scale, batch_size=size)
         skipped = batch.get("skipped")
@@ -298,10 +336,12 @@ class ErnieVil2Module(pl.LightningModule):
 
     # ---- validation ------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Image↔caption loss and top-1 within the local validation batch."""
+        """Image↔caption loss and top-1 within the local validation batch; with `loss.multi_positive`, the
+        captions of the same image are positives, as in training."""
         feats = encode_views(self.model, batch, ["image", "caption"])
         img, txt = (nn.functional.normalize(feats[k].float(), dim=-1) for k in ("image", "caption"))
-        loss, acc = symmetric_infonce(img, txt, txt, img, self.model.logit_scale.exp(), 0)
+        keys = batch.get("image_key") if self.loss_fn.config.multi_positive else None
+        loss, acc = symmetric_infonce(img, txt, txt, img, self.model.logit_scale.exp(), 0, keys=keys)
         size = batch["image"].shape[0]
         self.log("val/loss_image_caption", loss, sync_dist=True, batch_size=size)
         self.log("val/acc_image_caption", acc, sync_dist=True, batch_size=size)

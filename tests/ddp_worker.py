@@ -16,16 +16,18 @@ from ernievil2_train import distributed
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 
+Batch = dict[str, torch.Tensor]
 GLOBAL_BATCH = 8
 LOG_SCALE = 4.0  # sharp softmax: gradients well above the comparison tolerance
 CASES = {
     **{pair: {pair: 1.0} for pair in ALL_PAIRS},
     "weighted_sum": ALL_PAIRS,
+    "uneven_tags": ALL_PAIRS,  # on `global_batch("uneven_tags")`: rank 0 holds no tagged sample
 }
 # variant -> the cases it runs (kept small: every spawned process pays the imports and each case a DDP set-up)
 VARIANTS = {
     "autograd_gather": list(CASES),
-    "feature_cache": ["weighted_sum"],
+    "feature_cache": ["weighted_sum", "uneven_tags"],
     "no_grad_gather": ["image_caption", "text_text", "weighted_sum"],
 }
 
@@ -40,8 +42,17 @@ def build_module(weights: dict[str, float], microbatches: int = 1) -> ErnieVil2M
     return ErnieVil2Module(model, loss=loss, accumulate_microbatches=microbatches).double()
 
 
-def global_batch() -> dict[str, torch.Tensor]:
-    return make_batch(GLOBAL_BATCH, seed=1, dtype=torch.float64)
+def global_batch(case: str = "") -> dict[str, torch.Tensor]:
+    """The global batch of a case. For "uneven_tags", rank 0's half has no tags and rank 1's has three (the
+    duplicated image and caption keys of `make_batch` still span both halves)."""
+    batch = make_batch(GLOBAL_BATCH, seed=1, dtype=torch.float64)
+    if case == "uneven_tags":
+        has_tags = torch.zeros(GLOBAL_BATCH, dtype=torch.bool)
+        has_tags[GLOBAL_BATCH // 2 :] = True
+        has_tags[-2] = False
+        batch["has_tags"] = has_tags
+        batch["tag_ids"] = torch.where(has_tags[:, None], batch["tag_ids"], 0)
+    return batch
 
 
 def grads(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,17 +84,41 @@ class _FeatureCacheStep(nn.Module):
         return self.module.feature_cache_losses(batch, self._backward, self.ddp.no_sync)
 
 
+def logged_metrics(module: ErnieVil2Module, out: Batch, batch: Batch) -> dict[str, torch.Tensor]:
+    """What the training step logs for `out`: {name: value}."""
+    logged: dict[str, torch.Tensor] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value.detach().clone())
+    module._log_train(out, batch)
+    return logged
+
+
 def run_case(weights: dict[str, float], local: dict[str, torch.Tensor], variant: str) -> dict:
+    """{"grads": DDP-averaged parameter gradients, "out": this rank's loss dict, "logged": logged metrics}."""
     if variant == "feature_cache":
         module = build_module(weights, microbatches=2)
         step = _FeatureCacheStep(module)
         step.ddp = DistributedDataParallel(step)
-        step.ddp(local)
-        return grads(module)
-    module = build_module(weights)
-    ddp = DistributedDataParallel(module)
-    ddp(local)["loss"].backward()
-    return grads(module)
+        out = step.ddp(local)
+    else:
+        module = build_module(weights)
+        ddp = DistributedDataParallel(module)
+        out = ddp(local)
+        out["loss"].backward()
+    out = {k: v.detach() for k, v in out.items()}
+    return {"grads": grads(module), "out": out, "logged": logged_metrics(module, out, local)}
+
+
+def gather_backward_keeps_shared_gradient() -> torch.Tensor:
+    """The gradient of a tensor used beside a gathered one in a sum: autograd hands both the same gradient
+    tensor, which the gather's backward must not change (the sum term is created first, so its backward
+    runs after the gather's)."""
+    _, world_size = distributed.world()
+    x = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(2 * world_size, 3, dtype=torch.float64, requires_grad=True)
+    beside = w * 1.0
+    weights = torch.arange(6.0 * world_size, dtype=torch.float64).reshape(-1, 3)
+    ((distributed.all_gather_with_grad(x) + beside) * weights).sum().backward()
+    return w.grad
 
 
 def batch_size_checks(local: dict[str, torch.Tensor]) -> dict:
@@ -115,7 +150,7 @@ def batch_size_checks(local: dict[str, torch.Tensor]) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """Every variant x case; saves {variant: {case: {param name: DDP-averaged grad}}} to rank{rank}.pt."""
+    """Every variant x case; saves {variant: {case: run_case(...)}} and the other checks to rank{rank}.pt."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -123,14 +158,16 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     correct_gather = distributed.all_gather_with_grad
     try:
         size = GLOBAL_BATCH // world_size
-        local = {k: v[rank * size : (rank + 1) * size] for k, v in global_batch().items()}
-        results = {}
+        rows = slice(rank * size, (rank + 1) * size)
+        local_batches = {case: {k: v[rows] for k, v in global_batch(case).items()} for case in CASES}
+        results: dict = {}
         for variant, cases in VARIANTS.items():
             buggy = variant == "no_grad_gather"
             distributed.all_gather_with_grad = _no_grad_gather if buggy else correct_gather
-            results[variant] = {case: run_case(CASES[case], local, variant) for case in cases}
+            results[variant] = {case: run_case(CASES[case], local_batches[case], variant) for case in cases}
         distributed.all_gather_with_grad = correct_gather
-        results["batch_size_checks"] = batch_size_checks(local)
+        results["batch_size_checks"] = batch_size_checks(local_batches["weighted_sum"])
+        results["shared_gradient"] = gather_backward_keeps_shared_gradient()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         distributed.all_gather_with_grad = correct_gather

@@ -14,8 +14,8 @@ from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 LOSS = {"weights": ALL_PAIRS, "multi_positive": True, "temperature": "per_pair", "temperature_init": 3.0}
 
 
-def _module(k: int, dropout: float = 0.0) -> ErnieVil2Module:
-    return ErnieVil2Module(tiny_model(seed=0, dropout=dropout, dtype=torch.float64), loss=LOSS,
+def _module(k: int, dropout: float = 0.0, **loss) -> ErnieVil2Module:
+    return ErnieVil2Module(tiny_model(seed=0, dropout=dropout, dtype=torch.float64), loss={**LOSS, **loss},
                            accumulate_microbatches=k).double()
 
 
@@ -46,6 +46,25 @@ def test_microbatches_match_full_batch(k):
     print(f"k={k}: max |grad diff| = {diff:.2e}")
     assert diff < 1e-10
     assert len(_grads(full)) == sum(p.requires_grad for p in full.parameters())
+
+
+@pytest.mark.parametrize("temperature", ["shared", "fixed"])
+def test_microbatch_without_tags_matches_full_batch(temperature):
+    """Micro-batches with 0, 1, 2 and 1 tagged samples, and the other temperature modes: the loss terms,
+    accuracies and every gradient, temperatures included, equal one pass."""
+    batch = make_batch(8, seed=5, dtype=torch.float64)
+    batch["has_tags"] = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    batch["tag_ids"] = torch.where(batch["has_tags"][:, None], batch["tag_ids"], 0)
+    full = _module(1, temperature=temperature)
+    expected = full(batch)
+    expected["loss"].backward()
+    cached = _module(4, temperature=temperature)
+    out = _cached(cached, batch)
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key].detach(), atol=1e-12, rtol=0)
+    expected_grads = _grads(full)
+    assert ("model.logit_scale" in expected_grads) == (temperature == "shared")
+    assert _max_diff(_grads(cached), expected_grads) < 1e-10
 
 
 def _direct_microbatch_grads(module: ErnieVil2Module, batch, k: int) -> tuple[dict, torch.Tensor]:

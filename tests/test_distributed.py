@@ -42,32 +42,61 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, dict[str, torch.Tensor]]:
-    """Single process, whole global batch, same model and loss."""
+def reference() -> dict[str, dict]:
+    """Single process, whole global batch, same model and loss: {case: {"grads", "out"}}."""
     out = {}
     for case, weights in CASES.items():
         module = build_module(weights)
-        module(global_batch())["loss"].backward()
-        out[case] = grads(module)
+        losses = module(global_batch(case))
+        losses["loss"].backward()
+        out[case] = {"grads": grads(module), "out": {k: v.detach() for k, v in losses.items()}}
     return out
 
 
 @pytest.mark.parametrize("variant", ["autograd_gather", "feature_cache"])
 def test_ddp_gradients_equal_single_process(variant, ranks, reference):
     for case in VARIANTS[variant]:
-        scale = max(g.abs().max().item() for g in reference[case].values())
+        expected = reference[case]["grads"]
+        scale = max(g.abs().max().item() for g in expected.values())
         assert scale > 1e-3, case  # the comparison is not trivially satisfied by tiny gradients
         for rank in ranks:
-            diff = _max_diff(rank[variant][case], reference[case])
+            diff = _max_diff(rank[variant][case]["grads"], expected)
             print(f"{variant} {case}: max |grad diff| = {diff:.2e} (max |grad| {scale:.2e})")
             assert diff < 1e-6, (variant, case, diff)
+
+
+@pytest.mark.parametrize("variant", ["autograd_gather", "feature_cache"])
+def test_ddp_losses_and_logged_metrics_equal_single_process(variant, ranks, reference):
+    """The mean of the rank losses is the global-batch loss, term by term; every rank logs the global loss
+    terms and the global accuracies (with uneven tagged counts, and a rank without any tagged sample)."""
+    for case in VARIANTS[variant]:
+        expected = reference[case]["out"]
+        for name in (k for k in expected if k.startswith("loss")):
+            mean = sum(rank[variant][case]["out"][name] for rank in ranks) / len(ranks)
+            what = f"{variant} {case} {name}"
+            torch.testing.assert_close(mean, expected[name], atol=1e-12, rtol=0, msg=what)
+        for rank in ranks:
+            logged = rank[variant][case]["logged"]
+            for name, value in expected.items():
+                got, what = logged[f"train/{name}"].double(), f"{variant} {case} logged {name}"
+                torch.testing.assert_close(got, value.double(), atol=1e-6, rtol=0, msg=what)
+    if variant == "autograd_gather":
+        rank0_tags = ranks[0][variant]["uneven_tags"]["out"]
+        assert rank0_tags["loss_image_tags"].item() == 0.0 and rank0_tags["acc_image_tags"].item() == 0.0
+        assert reference["uneven_tags"]["out"]["loss_image_tags"].item() > 0.1
+
+
+def test_gather_backward_leaves_a_shared_gradient_alone(ranks):
+    for rank in ranks:
+        expected = torch.arange(12.0, dtype=torch.float64).reshape(-1, 3)
+        torch.testing.assert_close(rank["shared_gradient"], expected, atol=0, rtol=0)
 
 
 def test_no_grad_gather_would_fail(ranks, reference):
     """Negative control: gathering the other ranks' features without gradient drops terms."""
     for case in VARIANTS["no_grad_gather"]:
-        scale = max(g.abs().max().item() for g in reference[case].values())
-        diff = _max_diff(ranks[0]["no_grad_gather"][case], reference[case])
+        scale = max(g.abs().max().item() for g in reference[case]["grads"].values())
+        diff = _max_diff(ranks[0]["no_grad_gather"][case]["grads"], reference[case]["grads"])
         print(f"no-grad gather {case}: max |grad diff| = {diff:.2e} (max |grad| {scale:.2e})")
         assert diff > 0.1 * scale, (case, diff, scale)
 

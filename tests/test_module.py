@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ernievil2_train.data.datamodule import SKIP_REASONS
-from ernievil2_train.losses import MAX_LOG_SCALE
+from ernievil2_train.losses import MAX_LOG_SCALE, symmetric_infonce
 from ernievil2_train.module import ErnieVil2Module, TrainingConfigError
 from ernievil2_train.perf import HostSyncCounter
 from tests.training_helpers import ALL_PAIRS, SyncWatch, make_batch, tiny_model
@@ -195,6 +195,8 @@ def test_lightning_gradient_accumulation_is_refused():
     ({"freeze_text": True}, "module.freeze_text with module.loss.weights.text_text"),
     ({"freeze_vision": True}, "module.freeze_vision with module.loss.weights.image_image"),
     ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val"),
+    ({"gradient_clip_val": float("nan"), "accumulate_microbatches": 2}, "gradient_clip_val must be positive"),
+    ({"gradient_clip_val": -1.0, "accumulate_microbatches": 2}, "gradient_clip_val must be positive"),
     ({"accumulate_microbatches": 0}, "accumulate_microbatches must be >= 1"),
     ({"layer_decay": 1.5}, "layer_decay"),
     ({"compile": "fastest"}, "module.compile must be true, false or one of default, reduce-overhead"),
@@ -249,3 +251,46 @@ def test_schedule_reaches_min_ratio():
     _trainer(max_steps=4).fit(module, train_dataloaders=_loader())
     lrs = [g["lr"] for g in module.optimizers().param_groups]
     assert all(math.isclose(lr, 0.05) for lr in lrs), lrs
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_feature_cache_clips_the_unscaled_gradient(fp16):
+    """`gradient_clip_val` with accumulate_microbatches > 1 bounds the true gradient norm, also under fp16 AMP
+    (whose grad scaler multiplies the gradients by 2**16 until it unscales them before the step)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    clip = 0.01
+    module = _module(loss={"weights": {"image_caption": 1.0}}, accumulate_microbatches=2,
+                     gradient_clip_val=clip, optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    plugins = [MixedPrecision("16-mixed", "cpu")] if fp16 else []
+    _trainer(max_steps=1, plugins=plugins).fit(module, train_dataloaders=_loader())
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainable, before, strict=True)]).norm()
+    assert step.item() == pytest.approx(clip, rel=1e-3)  # SGD, lr 1: the step is the clipped gradient
+
+
+def test_validation_treats_captions_of_one_image_as_positives():
+    """With `loss.multi_positive`, validation scores the captions of the same image as training does."""
+    batch = make_batch(8, seed=6)  # image 0 has three captions in the batch
+    text_proj = torch.randn(batch["caption_ids"].shape[1], 32, generator=torch.Generator().manual_seed(0))
+    logged: dict[str, float] = {}
+    results = {}
+    for multi in (True, False):
+        module = _module(loss={"weights": {"image_caption": 1.0}, "multi_positive": multi}).eval()
+        # spread-out stand-in features (the untrained towers map every input to nearly the same direction)
+        module.model.encode_image = lambda pixels: pixels.flatten(1)[:, :32]
+        module.model.encode_text = lambda ids: ids.float() @ text_proj
+        module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+        with torch.no_grad():
+            module.validation_step(batch, 0)
+            feats = {k: torch.nn.functional.normalize(v, dim=-1)
+                     for k, v in module._encode(batch).items()}
+        results[multi] = dict(logged)
+        keys = batch["image_key"] if multi else None
+        expected = symmetric_infonce(feats["image"], feats["caption"], feats["caption"], feats["image"],
+                                     module.model.logit_scale.exp(), 0, keys=keys)
+        assert logged["val/loss_image_caption"] == pytest.approx(expected[0].item(), rel=1e-5)
+        assert logged["val/acc_image_caption"] == pytest.approx(expected[1].item())
+    soft, hard = (results[m]["val/loss_image_caption"] for m in (True, False))
+    assert abs(soft - hard) > 1e-3 * hard

@@ -15,6 +15,7 @@ per-rank losses equals the global-batch loss (see `ernievil2_train.distributed`)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +54,16 @@ class LossConfig:
     tags_image_view: int = 1
 
     def __post_init__(self) -> None:
-        self.weights = {str(k): float(v) for k, v in dict(self.weights).items()}
-        unknown = sorted(set(self.weights) - set(PAIRS))
+        if not isinstance(self.weights, Mapping):
+            raise ValueError(f"module.loss.weights must map pair names to weights, got {self.weights!r}")
+        weights = {str(k): v for k, v in self.weights.items()}
+        unknown = sorted(set(weights) - set(PAIRS))
         if unknown:
             raise ValueError(f"unknown module.loss.weights key(s) {unknown}; choose from {list(PAIRS)}")
+        for pair, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ValueError(f"module.loss.weights.{pair} must be a finite number, got {weight!r}")
+        self.weights = {pair: float(weight) for pair, weight in weights.items()}
         if any(w < 0 for w in self.weights.values()):
             raise ValueError(f"module.loss.weights must be >= 0, got {self.weights}")
         if not self.active_pairs():
@@ -66,8 +73,18 @@ class LossConfig:
                 f"module.loss.temperature must be one of {TEMPERATURE_MODES}, got {self.temperature!r}"
             )
         for name in ("caption_image_view", "tags_image_view"):
-            if getattr(self, name) not in IMAGE_VIEWS:
-                raise ValueError(f"module.loss.{name} must be 1 or 2, got {getattr(self, name)!r}")
+            view = getattr(self, name)
+            if isinstance(view, bool) or view not in IMAGE_VIEWS:
+                raise ValueError(f"module.loss.{name} must be 1 or 2, got {view!r}")
+        if not isinstance(self.multi_positive, bool):
+            raise ValueError(f"module.loss.multi_positive must be true or false, got {self.multi_positive!r}")
+        init = self.temperature_init
+        if isinstance(init, bool) or not isinstance(init, int | float) or not 0.0 <= init <= MAX_LOG_SCALE:
+            raise ValueError(
+                f"module.loss.temperature_init (a log logit scale) must be a number in [0, ln 100 = "
+                f"{MAX_LOG_SCALE:.4f}], the range the training clamps it to; got {init!r}"
+            )
+        self.temperature_init = float(init)
 
     @classmethod
     def from_any(cls, value: LossConfig | dict[str, Any] | None) -> LossConfig:

@@ -223,6 +223,16 @@ def test_weight_zero_pairs_are_not_computed_or_encoded():
     ({"weights": {"image_caption": -1.0}}, ">= 0"),
     ({"temperature": "learned"}, "loss.temperature"),
     ({"caption_image_view": 3}, "caption_image_view"),
+    ({"tags_image_view": True}, "tags_image_view must be 1 or 2"),
+    ({"weights": {"image_caption": float("nan")}}, "weights.image_caption must be a finite number"),
+    ({"weights": {"image_caption": 1.0, "text_text": float("inf")}}, "weights.text_text must be a finite"),
+    ({"weights": {"image_caption": "0.5"}}, "weights.image_caption must be a finite number"),
+    ({"weights": ["image_caption"]}, "weights must map pair names"),
+    ({"multi_positive": "false"}, "multi_positive must be true or false"),
+    ({"temperature_init": float("nan")}, "temperature_init"),
+    ({"temperature_init": 5.0}, r"temperature_init .* \[0, ln 100"),
+    ({"temperature_init": -0.5}, "temperature_init"),
+    ({"temperature_init": "2.6"}, "temperature_init"),
 ])
 def test_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -232,3 +242,13 @@ def test_config_errors(cfg, match):
 def test_from_any_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown loss config field"):
         LossConfig.from_any({"weights": {"image_caption": 1.0}, "temprature": "fixed"})
+
+
+def test_composed_config_values_are_accepted():
+    """A Hydra-composed loss config (DictConfig weights, int weights, range ends) passes the checks."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"weights": {"image_caption": 1, "text_text": 0.5}, "temperature_init": 0})
+    cfg = LossConfig.from_any(node)
+    assert cfg.weights == {"image_caption": 1.0, "text_text": 0.5} and cfg.temperature_init == 0.0
+    assert LossConfig(temperature_init=MAX_LOG_SCALE).temperature_init == MAX_LOG_SCALE
