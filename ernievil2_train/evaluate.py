@@ -71,23 +71,33 @@ def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> dict[str,
     return any_positive(texts, images, [sorted(p) for p in positives], **kw)
 
 
-def _first_non_finite(vectors: np.ndarray, chunk: int = 1 << 14) -> int | None:
-    """Index of the first row with a NaN or infinite value (None if there is none)."""
+NON_FINITE = "has NaN or infinite values"
+ALL_ZEROS = "is all zeros (not an embedding)"
+
+
+def _first_invalid(vectors: np.ndarray, chunk: int = 1 << 14) -> tuple[int, str] | None:
+    """(index, reason) of the first row that has a NaN or infinite value or is all zeros (None if none).
+
+    A zero vector scores 0 against everything, so under the strict-greater rank rule it ties with every
+    candidate and would count as a hit: it is refused like a non-finite one.
+    """
     for start in range(0, len(vectors), chunk):
-        bad = np.flatnonzero(~np.isfinite(vectors[start : start + chunk]).all(axis=1))
-        if bad.size:
-            return start + int(bad[0])
+        block = vectors[start : start + chunk]
+        bad = ~np.isfinite(block).all(axis=1) | ~block.any(axis=1)
+        rows = np.flatnonzero(bad)
+        if rows.size:
+            row = int(rows[0])
+            return start + row, NON_FINITE if not np.isfinite(block[row]).all() else ALL_ZEROS
     return None
 
 
 def _from_embeddings(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     text, image = read_embeddings_file(args.embeddings)
     for column, what, vectors in ((1, "text", text), (2, "image", image)):
-        row = _first_non_finite(vectors)
-        if row is not None:
-            raise EvalInputError(
-                f"{args.embeddings}:{row + 1}: {what} vector (column {column}) has NaN or infinite values"
-            )
+        invalid = _first_invalid(vectors)
+        if invalid is not None:
+            row, reason = invalid
+            raise EvalInputError(f"{args.embeddings}:{row + 1}: {what} vector (column {column}) {reason}")
     kw = {"chunk_size": args.chunk_size, "device": args.device}
     if args.protocol == "any_positive":
         return _pooled_any_positive(text, image, **kw), len(text), len(image)
@@ -103,11 +113,10 @@ def _from_features(args: argparse.Namespace) -> tuple[dict[str, float], int, int
             f"{args.image_feats} has {images.vectors.shape[1]}-d image features"
         )
     for features, key in ((images, "image_id"), (texts, "text_id")):
-        row = _first_non_finite(features.vectors)
-        if row is not None:
-            raise EvalInputError(
-                f"{features.path}: the feature of {key} {features.ids[row]!r} has NaN or infinite values"
-            )
+        invalid = _first_invalid(features.vectors)
+        if invalid is not None:
+            row, reason = invalid
+            raise EvalInputError(f"{features.path}: the feature of {key} {features.ids[row]!r} {reason}")
     text_rows, positives = read_ground_truth(args.texts, images, texts)
     metrics = any_positive(texts.vectors[text_rows], images.vectors, positives,
                            chunk_size=args.chunk_size, device=args.device)
@@ -146,6 +155,8 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
     for what, emb in (("text", text), ("image", image)):
         if not bool(torch.isfinite(emb).all()):
             raise EvalInputError(f"{checkpoint}: the model gives NaN or infinite {what} embeddings")
+        if not bool(emb.any(dim=1).all()):
+            raise EvalInputError(f"{checkpoint}: the model gives all-zero {what} embeddings")
     metrics = any_positive(text[kept], image, positives,
                            chunk_size=args.chunk_size, device=device)
     return metrics, len(kept), int(valid.sum())

@@ -14,7 +14,7 @@ import torch
 
 from ernievil2_train import convert
 from ernievil2_train.checkpoints import find_vocab, load_pretrained
-from tests.checkpoints.reference import ATOL, RTOL, load_npz, reference_heads
+from tests.checkpoints.reference import ATOL, PDPARAMS_FILES, RTOL, load_npz, reference_heads
 
 
 def _convert(*args: str | Path) -> subprocess.CompletedProcess:
@@ -22,11 +22,12 @@ def _convert(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def test_converts_the_reference_checkpoint(paddle_ref: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", PDPARAMS_FILES)
+def test_converts_the_reference_checkpoint(paddle_ref: Path, tmp_path: Path, name: str) -> None:
     vision_heads, text_heads = reference_heads(paddle_ref)
     out = tmp_path / "ckpt"
     run = _convert(
-        paddle_ref / "model.pdparams",
+        paddle_ref / name,
         out,
         "--vision-heads",
         vision_heads,
@@ -40,11 +41,13 @@ def test_converts_the_reference_checkpoint(paddle_ref: Path, tmp_path: Path) -> 
     assert find_vocab(out).read_bytes() == (paddle_ref / "vocab.txt").read_bytes()
     model = load_pretrained(out)
     assert (model.config.vision.heads, model.config.text.heads) == (vision_heads, text_heads)
-    ids = torch.from_numpy(load_npz(paddle_ref / "inputs.npz")["input_ids"])
+    inputs, outputs = load_npz(paddle_ref / "inputs.npz"), load_npz(paddle_ref / "outputs.npz")
     with torch.no_grad():
-        pooled = model.encode_text(ids)
-    want = torch.from_numpy(load_npz(paddle_ref / "outputs.npz")["text_pooled"])
-    torch.testing.assert_close(pooled, want, atol=ATOL, rtol=RTOL)
+        pooled = model.encode_text(torch.from_numpy(inputs["input_ids"]))
+        image = model.encode_image(torch.from_numpy(inputs["pixel_values"]))
+    torch.testing.assert_close(pooled, torch.from_numpy(outputs["text_pooled"]), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(image, torch.from_numpy(outputs["image_embeds"]), atol=ATOL, rtol=RTOL)
+    assert model.logit_scale.item() == float(outputs["temperature_b"])
 
 
 def test_user_error_exits_2_with_one_line(paddle_ref: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,18 @@ import torch
 
 from ernievil2_train import embed
 from ernievil2_train.checkpoints import save_pretrained
+from ernievil2_train.evaluate import format_table
+from ernievil2_train.metrics.retrieval import ernie_protocol
 from ernievil2_train.text import ErnieTokenizer
-from tests.checkpoints.reference import convert_reference, load_npz
+from tests.checkpoints.reference import (
+    ATOL,
+    RTOL,
+    load_npz,
+    preprocessed_rows,
+    reference_heads,
+    tokenizer_config,
+)
 from tests.models.tiny import tiny_model
-
-ATOL = 1e-5
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess:
@@ -39,42 +47,50 @@ def _write_tsv(path: Path, rows: list[str]) -> Path:
     return path
 
 
-def test_embeds_match_the_reference_and_evaluate(paddle_ref: Path, tmp_path: Path) -> None:
-    ckpt = save_pretrained(
-        convert_reference(paddle_ref), tmp_path / "ckpt", vocab_file=paddle_ref / "vocab.txt"
-    )
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def any_image(paddle_ref: Path) -> Path:
+    """One of the reference image files (any decodable image will do)."""
+    cases = json.loads((paddle_ref / "preprocess_cases.json").read_text())
+    return paddle_ref / cases[0]["file"]
+
+
+def test_convert_embed_evaluate_match_the_reference(paddle_ref: Path, tmp_path: Path) -> None:
+    """The three CLIs chained: official checkpoint -> embeddings file -> retrieval table."""
+    vision_heads, text_heads = reference_heads(paddle_ref)
+    ckpt = tmp_path / "ckpt"
+    converted = _run("ernievil2_train.convert", paddle_ref / "model.pdparams", ckpt, "--vision-heads",
+                     vision_heads, "--text-heads", text_heads, "--vocab", paddle_ref / "vocab.txt")
+    assert converted.returncode == 0, converted.stderr
     texts = [str(t) for t in load_npz(paddle_ref / "inputs.npz")["texts"]]
-    image = base64.b64encode((paddle_ref / "landscape_640x427.jpg").read_bytes()).decode()
-    good = [f"{text}\t{i}\t{image}" for i, text in enumerate(texts)]
+    image_rows = sorted(preprocessed_rows(paddle_ref).items())
+    assert image_rows
+    pairs = [(i, *image_rows[i % len(image_rows)]) for i in range(len(texts))]
+    good = [f"{texts[i]}\t{i}\t{_b64(paddle_ref / name)}" for i, _, name in pairs]
+    image = _b64(paddle_ref / image_rows[0][1])
     bad = ["only one column", f"two\t{image}", "bad image\t7\taGVsbG8=", "bad base64\t8\tabc"]
     tsv = _write_tsv(tmp_path / "pairs.tsv", [*good[:2], *bad, *good[2:]])
     out = tmp_path / "emb.txt"
-    run = _run(
-        "ernievil2_train.embed",
-        "--checkpoint",
-        ckpt,
-        "--input",
-        tsv,
-        "--output",
-        out,
-        "--batch-size",
-        "3",
-        "--device",
-        "cpu",
-    )
+    max_len = tokenizer_config(paddle_ref)["max_text_seqlen"]
+    run = _run("ernievil2_train.embed", "--checkpoint", ckpt, "--input", tsv, "--output", out,
+               "--batch-size", "3", "--device", "cpu", "--max-len", max_len)
     assert run.returncode == 0, run.stderr
-    assert "wrote 4 row(s)" in run.stderr and "skipped 4 row(s)" in run.stderr
+    assert f"wrote {len(texts)} row(s)" in run.stderr and "skipped 4 row(s)" in run.stderr
     assert "wrong column count: 2" in run.stderr and "undecodable image: 1" in run.stderr
     expected = load_npz(paddle_ref / "outputs.npz")
     rows = _parse(out)
     assert len(rows) == len(texts)
-    for i, (text_vec, image_vec, idx) in enumerate(rows):
+    for (text_vec, image_vec, idx), (i, row, _) in zip(rows, pairs, strict=True):
         assert idx == "1"
-        np.testing.assert_allclose(text_vec, expected["text_pooled_norm"][i], atol=ATOL, rtol=0)
-        np.testing.assert_allclose(image_vec, expected["image_embeds_norm"][2], atol=ATOL, rtol=0)
-    evaluated = _run("ernievil2_train.evaluate", out)
+        np.testing.assert_allclose(text_vec, expected["text_pooled_norm"][i], atol=ATOL, rtol=RTOL)
+        np.testing.assert_allclose(image_vec, expected["image_embeds_norm"][row], atol=ATOL, rtol=RTOL)
+    evaluated = _run("ernievil2_train.evaluate", out, "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "MeanRecall" in evaluated.stdout
+    text_vecs, image_vecs = (np.stack([r[k] for r in rows]) for k in (0, 1))
+    assert evaluated.stdout == format_table(ernie_protocol(text_vecs, image_vecs, device="cpu"))
 
 
 def test_vectors_are_printed_like_numpy_float32() -> None:
@@ -92,7 +108,8 @@ def tiny_ckpt(tmp_path_factory, paddle_ref: Path) -> Path:
 
 
 def test_any_row_count_and_batch_size_independent(tiny_ckpt: Path, paddle_ref: Path, tmp_path: Path) -> None:
-    images = [base64.b64encode(p.read_bytes()).decode() for p in sorted(paddle_ref.glob("*.jpg"))]
+    cases = json.loads((paddle_ref / "preprocess_cases.json").read_text())
+    images = [_b64(paddle_ref / case["file"]) for case in cases]
     tsv = _write_tsv(
         tmp_path / "p.tsv", [f"caption {i} 一张图片\t{i}\t{img}" for i, img in enumerate(images)]
     )
@@ -164,9 +181,9 @@ def _last_error(run: subprocess.CompletedProcess) -> str:
 
 
 def test_output_may_not_be_the_input(
-    tiny_ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image = base64.b64encode((paddle_ref / "tiny_100x80.jpg").read_bytes()).decode()
+    image = _b64(any_image)
     tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{image}"])
     before = tsv.read_bytes()
     (tmp_path / "sub").mkdir()
@@ -207,9 +224,9 @@ def test_nothing_embedded_is_an_error_and_keeps_the_old_output(
 
 
 def test_undecodable_images_are_reported_without_object_reprs(
-    tiny_ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image = base64.b64encode((paddle_ref / "tiny_100x80.jpg").read_bytes()).decode()
+    image = _b64(any_image)
     tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{image}", "empty image\t1\t", "garbage\t2\taGVsbG8="])
     out = tmp_path / "emb.txt"
     argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--max-len", "16"]

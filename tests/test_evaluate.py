@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from ernievil2_train.checkpoints import save_pretrained
 from ernievil2_train.data.evalset import load_evalset
 from ernievil2_train.evaluate import format_table, main
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
-from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text import ErnieTokenizer, load_vocab
 from ernievil2_train.vision import eval_transform
 from tests.metrics.evalset_helpers import MAX_LEN, TINY, tiny_checkpoint, write_evalset
 
@@ -46,7 +47,9 @@ def test_json_has_official_numbers(paddle_ref, capsys):
     for case in load_cases(paddle_ref):
         assert main([str(paddle_ref / case["file"]), "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert out["protocol"] == "ernie" and out["num_texts"] == out["num_images"] == case["n"]
+        rows = len((paddle_ref / case["file"]).read_text().splitlines())
+        assert out["protocol"] == "ernie" and out["num_texts"] == out["num_images"] == rows
+        assert case.get("n", rows) == rows
         for direction in ("t2i", "i2t"):
             keys = ["r@1", "r@5", "r@10", "mean_recall", "mrr"]
             assert [out[f"{direction}/{k}"] for k in keys] == case[direction]
@@ -137,6 +140,10 @@ def run_error(capsys, argv: list[str]) -> str:
         ("1 2\t3 4 5\t1\n", "text vectors have 2 values, image vectors 3"),
         ("1 2\t3 4\t1\n1 nan\t3 4\t1\n", ":2: text vector (column 1) has NaN or infinite values"),
         ("1 2\t3 inf\t1\n1 2\t3 4\t1\n", ":1: image vector (column 2) has NaN or infinite values"),
+        ("1 2\t3 4\t1\n0 0\t3 4\t1\n", ":2: text vector (column 1) is all zeros (not an embedding)"),
+        ("1 2\t0.0 -0.0\t1\n", ":1: image vector (column 2) is all zeros (not an embedding)"),
+        ("1 2\t3 4\t1\n0 0\t3 4\t1\n1 nan\t3 4\t1\n", ":2: text vector (column 1) is all zeros"),
+        ("1 2\t3 4\t1\n1 inf\t3 4\t1\n0 0\t3 4\t1\n", ":2: text vector (column 1) has NaN or infinite"),
     ],
 )
 def test_embeddings_file_errors(tmp_path, capsys, content, match):
@@ -195,7 +202,7 @@ def test_feature_file_with_nan_names_the_file_and_id(tmp_path, capsys):
 
 
 def test_device_errors(paddle_ref, capsys):
-    embeddings = str(paddle_ref / "eval_n50_d16.txt")
+    embeddings = str(paddle_ref / load_cases(paddle_ref)[0]["file"])
     err = run_error(capsys, [embeddings, "--device", "foo"])
     assert err.endswith("error: --device 'foo': not a device (use cpu, cuda or cuda:N)")
     assert "not a compute device" in run_error(capsys, [embeddings, "--device", "meta"])
@@ -208,6 +215,7 @@ def test_device_errors(paddle_ref, capsys):
 
 def test_checkpoint_mode_input_errors(tmp_path, paddle_ref, capsys):
     ckpt, _ = tiny_checkpoint(tmp_path / "ckpt")
+    max_id = max(load_vocab(paddle_ref / "vocab.txt").values())
     evalset = tmp_path / "evalset"
     write_evalset(evalset)
     base = ["--eval-set", str(evalset), "--max-len", str(MAX_LEN), "--device", "cpu", "--no-progress"]
@@ -216,7 +224,7 @@ def test_checkpoint_mode_input_errors(tmp_path, paddle_ref, capsys):
         (["--checkpoint", str(missing)], f"{missing}: checkpoint folder not found"),
         (["--checkpoint", str(ckpt), "--vocab", str(missing)], f"--vocab {missing}: file not found"),
         (["--checkpoint", str(ckpt), "--vocab", str(paddle_ref / "vocab.txt")],
-         "ids go up to 39979 but the model's text vocab_size is"),
+         f"ids go up to {max_id} but the model's text vocab_size is"),
         (["--checkpoint", str(ckpt), "--max-len", str(MAX_LEN + 1)],
          f"--max-len {MAX_LEN + 1}: must be between 2 and the checkpoint's {MAX_LEN} text positions"),
     ]:
@@ -293,3 +301,57 @@ def test_irregular_but_valid_files_take_the_line_reader(tmp_path, capsys):
         assert main([str(path), "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert {k: out[k] for k in expected} == expected, name
+
+
+def read_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Text and image vectors of an embeddings file, parsed with `float()` as the official script does."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    text = np.array([[float(x) for x in r[0].split(" ")] for r in rows], dtype=np.float32)
+    image = np.array([[float(x) for x in r[1].split(" ")] for r in rows], dtype=np.float32)
+    return text, image
+
+
+@pytest.mark.parametrize(("zeroed", "message"), [
+    ("both", "{path}:1: text vector (column 1) is all zeros (not an embedding)"),
+    ("image", "{path}:1: image vector (column 2) is all zeros (not an embedding)"),
+    ("last text", "{path}:{n}: text vector (column 1) is all zeros (not an embedding)"),
+])
+def test_all_zero_vectors_are_refused_by_the_cli(paddle_ref, tmp_path, zeroed, message):
+    case = load_cases(paddle_ref)[0]
+    text, image = read_vectors(paddle_ref / case["file"])
+    if zeroed == "both":
+        text, image = np.zeros_like(text), np.zeros_like(image)
+    elif zeroed == "image":
+        image = np.zeros_like(image)
+    else:
+        text[-1] = 0.0
+    if zeroed != "last text":  # every score ties: the strict-greater rule alone would report full recall
+        assert ernie_protocol(text, image, device="cpu")["t2i/r@1"] == 1.0
+    path = write_embeddings(tmp_path / "zeros.txt", text, image)
+    result = cli(path)
+    assert result.returncode == 2 and result.stdout == ""
+    expected = message.format(path=path, n=len(text))
+    assert result.stderr.splitlines() == [f"python -m ernievil2_train.evaluate: error: {expected}"]
+    assert cli(path, "--protocol", "any_positive", "--json").stderr == result.stderr
+
+
+def test_all_zero_feature_names_the_file_and_id(tmp_path, capsys):
+    imgs, txts, gt_file, _ = feature_files(tmp_path)
+    rows = [json.loads(line) for line in txts.read_text().splitlines()]
+    rows[2]["feature"] = [0.0] * len(rows[2]["feature"])
+    write_jsonl(txts, rows)
+    err = run_error(capsys, ["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file)])
+    text_id = rows[2]["text_id"]
+    assert err.endswith(f"{txts}: the feature of text_id '{text_id}' is all zeros (not an embedding)")
+
+
+def test_checkpoint_giving_all_zero_embeddings_is_refused(tmp_path, capsys):
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        model.vision.norm.weight.zero_()
+        model.vision.norm.bias.zero_()
+    save_pretrained(model, ckpt)
+    write_evalset(tmp_path / "evalset")
+    argv = ["--checkpoint", str(ckpt), "--eval-set", str(tmp_path / "evalset"), "--max-len", str(MAX_LEN),
+            "--device", "cpu", "--no-progress"]
+    assert run_error(capsys, argv).endswith(f"{ckpt}: the model gives all-zero image embeddings")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from ernievil2_train import similarity
 from ernievil2_train.checkpoints import load_pretrained, save_pretrained
 from ernievil2_train.text import ErnieTokenizer
-from tests.checkpoints.reference import ATOL, RTOL, convert_reference, load_npz
+from ernievil2_train.text.vocab import load_vocab
+from tests.checkpoints.reference import ATOL, RTOL, convert_reference, load_npz, preprocessed_rows
 from tests.models.tiny import tiny_model
 
 
@@ -22,14 +24,20 @@ def ckpt(paddle_ref: Path, tmp_path_factory) -> Path:
     return save_pretrained(convert_reference(paddle_ref), out, vocab_file=paddle_ref / "vocab.txt")
 
 
+def reference_images(ref: Path) -> list[Path]:
+    """The reference image files, in the order of the preprocessing cases."""
+    return [ref / case["file"] for case in json.loads((ref / "preprocess_cases.json").read_text())]
+
+
 def test_matrix_matches_the_reference_embeddings(paddle_ref: Path, ckpt: Path) -> None:
     texts = [str(t) for t in load_npz(paddle_ref / "inputs.npz")["texts"]]
-    image = paddle_ref / "landscape_640x427.jpg"
+    row, name = next(iter(preprocessed_rows(paddle_ref).items()))
+    image = paddle_ref / name
     probs, cosine = similarity.similarity(
         load_pretrained(ckpt), ErnieTokenizer(paddle_ref / "vocab.txt"), [image, image], texts
     )
     out = {k: torch.from_numpy(v) for k, v in load_npz(paddle_ref / "outputs.npz").items()}
-    want = out["image_embeds_norm"][2] @ out["text_pooled_norm"].T
+    want = out["image_embeds_norm"][row] @ out["text_pooled_norm"].T
     torch.testing.assert_close(cosine, torch.stack([want, want]), atol=ATOL, rtol=RTOL)
     want_probs = torch.softmax(out["logit_scale"].float() * want, dim=-1)
     torch.testing.assert_close(probs[0], want_probs, atol=ATOL, rtol=RTOL)
@@ -37,7 +45,7 @@ def test_matrix_matches_the_reference_embeddings(paddle_ref: Path, ckpt: Path) -
 
 
 def test_cli_prints_tables(paddle_ref: Path, ckpt: Path) -> None:
-    images = [paddle_ref / "landscape_640x427.jpg", paddle_ref / "gray_333x256.jpg"]
+    images = reference_images(paddle_ref)[:2]
     cmd = [
         sys.executable,
         "-m",
@@ -64,7 +72,7 @@ def test_user_errors(
     broken.write_bytes(b"not an image")
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    good = paddle_ref / "tiny_100x80.jpg"
+    good = reference_images(paddle_ref)[0]
     cases = [
         ([tmp_path / "missing.jpg"], "image file(s) not found"),
         ([tmp_path], f"--images: {tmp_path}: folder(s), not image files"),
@@ -82,7 +90,8 @@ def test_user_errors(
 def test_checkpoint_vocab_and_device_errors(
     ckpt: Path, paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image = paddle_ref / "tiny_100x80.jpg"
+    image = reference_images(paddle_ref)[0]
+    max_id = max(load_vocab(paddle_ref / "vocab.txt").values())
     small_vocab = save_pretrained(tiny_model(text={"vocab_size": 50}), tmp_path / "small")
     gbk_vocab = tmp_path / "gbk.txt"
     gbk_vocab.write_bytes("[PAD]\n[CLS]\n[SEP]\n[UNK]\n猫狗\n".encode("gbk"))
@@ -95,7 +104,7 @@ def test_checkpoint_vocab_and_device_errors(
         (["--checkpoint", ckpt, "--vocab", missing], f"--vocab {missing}: file not found"),
         (["--checkpoint", ckpt, "--vocab", gbk_vocab], str(gbk_vocab)),
         (["--checkpoint", small_vocab, "--vocab", paddle_ref / "vocab.txt"],
-         "ids go up to 39979 but the model's text vocab_size is 50"),
+         f"ids go up to {max_id} but the model's text vocab_size is 50"),
         (["--checkpoint", small_vocab], f"no vocabulary: pass --vocab or put vocab.txt into {small_vocab}"),
     ]
     for args, message in cases:
@@ -108,7 +117,7 @@ def test_checkpoint_vocab_and_device_errors(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line(ckpt: Path, paddle_ref: Path) -> None:
     cmd = [sys.executable, "-m", "ernievil2_train.similarity", "--checkpoint", str(ckpt), "--device", "cuda",
-           "--images", str(paddle_ref / "tiny_100x80.jpg"), "--texts", "x"]
+           "--images", str(reference_images(paddle_ref)[0]), "--texts", "x"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip() == "error: --device cuda requested but no CUDA device is available"

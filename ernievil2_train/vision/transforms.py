@@ -108,20 +108,30 @@ def normalize(rgb: np.ndarray) -> torch.Tensor:
 class EvalTransform:
     """Image bytes / PIL image / path -> float32 Tensor[3, S, S] (official test-mode preprocessing).
 
-    `keep_aspect=False` is the official `data_augument=False` variant: a plain resize to S x S.
+    The short side is scaled to `short_size` (default: S, as the official eval does), then an S x S center
+    crop is taken. `keep_aspect=False` is the official `data_augument=False` variant: a plain resize to S x S.
     """
 
-    def __init__(self, image_size: int = 224, keep_aspect: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        image_size: int = 224,
+        keep_aspect: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        short_size: int | None = None,
+    ) -> None:
         self.image_size = image_size
         self.keep_aspect = keep_aspect
         self.max_pixels = max_pixels
+        self.short_size = image_size if short_size is None else short_size
+        if self.short_size < image_size:
+            raise ValueError(f"short_size {self.short_size} is smaller than the crop size {image_size}")
 
     def resize_crop(self, rgb: np.ndarray) -> np.ndarray:
         size = self.image_size
         height, width = rgb.shape[:2]
         if not self.keep_aspect:
             return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
-        new_w, new_h = scaled_size(width, height, size)
+        new_w, new_h = scaled_size(width, height, self.short_size)
         if (new_w, new_h) != (width, height):
             rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         x1, y1 = crop_offsets(new_w, new_h, size)
@@ -131,11 +141,17 @@ class EvalTransform:
         return normalize(self.resize_crop(load_rgb(image, self.max_pixels)))
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size}, keep_aspect={self.keep_aspect})"
+        return (
+            f"EvalTransform(image_size={self.image_size}, short_size={self.short_size}, "
+            f"keep_aspect={self.keep_aspect})"
+        )
 
 
 def eval_transform(
-    image_size: int = 224, keep_aspect: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+    image_size: int = 224,
+    keep_aspect: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    short_size: int | None = None,
 ) -> EvalTransform:
     """The official test-mode transform; see `EvalTransform`."""
-    return EvalTransform(image_size, keep_aspect, max_pixels)
+    return EvalTransform(image_size, keep_aspect, max_pixels, short_size)

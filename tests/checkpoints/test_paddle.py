@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from ernievil2_train.checkpoints import CheckpointError, load_pdparams, read_pdparams
-from ernievil2_train.checkpoints.paddle import BIG_PARAM_KEY, infer_config, map_name, paddle_names
+from ernievil2_train.checkpoints.paddle import (
+    BIG_PARAM_KEY,
+    NAME_TABLE_KEY,
+    infer_config,
+    map_name,
+    paddle_names,
+)
 from ernievil2_train.models import DualEncoder
 from tests.checkpoints.reference import PDPARAMS_FILES, convert_reference, reference_heads
 
@@ -26,15 +32,54 @@ def _write(path: Path, obj: object, protocol: int = 4) -> Path:
     return path
 
 
+def _raw(path: Path) -> dict:
+    with path.open("rb") as f:
+        return pickle.load(f)
+
+
 @pytest.mark.parametrize("name", PDPARAMS_FILES)
-def test_reads_both_numpy_module_paths(paddle_ref: Path, name: str) -> None:
-    with (paddle_ref / name).open("rb") as f:
-        raw = pickle.load(f)
+def test_reads_every_reference_file(paddle_ref: Path, name: str) -> None:
+    raw = _raw(paddle_ref / name)
+    extra = json.loads((paddle_ref / "config.json").read_text()).get("extra_state_dict_keys", {})
+    for key, shape in extra.items():
+        assert list(raw[key].shape) == shape
     arrays = read_pdparams(paddle_ref / name)
-    expected = {k for k in raw if k != "StructuredToParameterName@@" and not k.startswith("visual.classfy.")}
-    assert set(arrays) == expected
+    expected = {k for k in raw if k != NAME_TABLE_KEY and k not in extra}
+    assert set(arrays) == expected and not set(arrays) & set(extra)
     for key in expected:
         np.testing.assert_array_equal(arrays[key], raw[key])
+        assert arrays[key].dtype == np.float32
+
+
+def test_paddle3_file_holds_the_same_state(paddle_ref: Path) -> None:
+    """The files differ only in numpy's module path: same keys in the same order, arrays and name table."""
+    raws = [_raw(paddle_ref / name) for name in PDPARAMS_FILES]
+    assert raws and all(list(raw) == list(raws[0]) for raw in raws)
+    for raw in raws[1:]:
+        assert raw[NAME_TABLE_KEY] == raws[0][NAME_TABLE_KEY]
+        for key, value in raw.items():
+            if key != NAME_TABLE_KEY:
+                np.testing.assert_array_equal(value, raws[0][key])
+
+
+@pytest.mark.parametrize("module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_either_numpy_module_path_is_accepted(
+    tmp_path: Path, arrays: dict[str, np.ndarray], module: str
+) -> None:
+    """Protocol-2 pickles name the reconstructor as text, so either numpy generation can be written."""
+    data = pickle.dumps({NAME_TABLE_KEY: {}, **arrays}, protocol=2)
+    written = f"c{np.ndarray.__reduce__(np.zeros(1))[0].__module__}\n_reconstruct\n".encode()
+    assert written in data
+    path = tmp_path / "module.pdparams"
+    path.write_bytes(data.replace(written, f"c{module}\n_reconstruct\n".encode()))
+    loaded = read_pdparams(path)
+    assert list(loaded) == list(arrays)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    path.write_bytes(data.replace(written, b"cnumpy.lib.format\n_reconstruct\n"))
+    refused = re.escape("refused to load global numpy.lib.format._reconstruct")
+    with pytest.raises(CheckpointError, match=refused):
+        read_pdparams(path)
 
 
 def test_infers_architecture_from_shapes(paddle_ref: Path, arrays: dict[str, np.ndarray]) -> None:

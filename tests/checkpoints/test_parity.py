@@ -14,6 +14,7 @@ from tests.checkpoints.reference import ATOL, PDPARAMS_FILES, RTOL, convert_refe
 
 
 def _run(model, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Every compared output of `model` on the reference inputs (intermediates captured by hooks)."""
     pixels = torch.from_numpy(inputs["pixel_values"])
     ids = torch.from_numpy(inputs["input_ids"])
     vit = model.vision
@@ -27,6 +28,8 @@ def _run(model, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         image = model.encode_image(pixels)
         text = model.text(ids, output_hidden_states=True)
         pooled = model.encode_text(ids)
+        k = min(len(pixels), len(ids))
+        head = model(pixels[:k], ids[:k])
     for hook in hooks:
         hook.remove()
     return {
@@ -39,6 +42,7 @@ def _run(model, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         "text_pooled_norm": F.normalize(pooled, dim=-1),
         "text_sequence": text.last_hidden_state,
         "text_hidden_states": torch.stack(text.hidden_states),
+        "head": head,
     }
 
 
@@ -84,14 +88,28 @@ def test_text_token_outputs_match_at_real_tokens(converted, expected, key: str) 
     torch.testing.assert_close(got[..., real, :], want[..., real, :], atol=ATOL, rtol=0)
 
 
+def test_embedding_layer_output_matches_at_every_position(converted, expected) -> None:
+    """The embedding LayerNorm output does not depend on the attention mask, so pads are compared too."""
+    got, want = converted["text_hidden_states"][0], expected["text_hidden_states"][0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_inputs_use_the_default_positions(paddle_ref: Path) -> None:
+    """The text tower takes no position ids: the reference must use 0..L-1 on every row."""
+    inputs = load_npz(paddle_ref / "inputs.npz")
+    ids, pos = inputs["input_ids"], inputs["pos_ids"]
+    assert pos.shape == ids.shape
+    np.testing.assert_array_equal(pos, np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+
+
 def test_contrastive_head_matches(converted, expected) -> None:
     k = int(expected["contrastive_k"])
     assert k == min(len(converted["image_embeds"]), len(converted["text_pooled"]))
     torch.testing.assert_close(converted["logit_scale"], expected["temperature_b"].float(), atol=0, rtol=0)
-    scale = converted["logit_scale"].exp()
+    image, text, scale = converted["head"]
     torch.testing.assert_close(scale, expected["logit_scale"].float(), atol=ATOL, rtol=RTOL)
-    image = F.normalize(converted["image_embeds"][:k], dim=-1)
-    text = F.normalize(converted["text_pooled"][:k], dim=-1)
+    torch.testing.assert_close(image, expected["image_embeds_norm"][:k], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(text, expected["text_pooled_norm"][:k], atol=ATOL, rtol=RTOL)
     logits = scale * image @ text.T
     torch.testing.assert_close(logits, expected["logits_per_image"], atol=ATOL, rtol=RTOL)
     labels = torch.arange(k)

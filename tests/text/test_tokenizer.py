@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import pickle
+import unicodedata
 from pathlib import Path
 
 import pytest
 import torch
 
 from ernievil2_train.text import ErnieTokenizer, load_vocab, reference
+from ernievil2_train.text.fast import fast_path_exact
+from tests.checkpoints.reference import load_npz
 
 
 def _cases(paddle_ref: Path) -> list[dict]:
@@ -39,6 +42,49 @@ def test_reference_basic_tokens(paddle_ref: Path) -> None:
         assert reference.basic_tokenize(case["text"]) == case["basic_tokens"], case["text"]
 
 
+CJK_RANGE_STARTS = (0x4E00, 0x3400, 0x20000, 0x2A700, 0x2B740, 0x2B820, 0xF900, 0x2F800)
+CJK_RANGE_ENDS = (0x9FFF, 0x4DBF, 0x2A6DF, 0x2B73F, 0x2B81F, 0x2CEAF, 0xFAFF, 0x2FA1F)
+
+
+def _each_glued_to(code_points: tuple[int, ...], word: str) -> tuple[str, list[str]]:
+    """A text where every character is followed by `word`, and its basic tokens if each one is split off.
+    Code points unassigned in this Python's Unicode tables (category Cn, deleted) are left out."""
+    chars = [chr(cp) for cp in code_points if unicodedata.category(chr(cp)) != "Cn"]
+    return "".join(char + word for char in chars), [t for char in chars for t in (char, word)]
+
+
+@pytest.mark.parametrize(
+    ("text", "basic"),
+    [
+        ("İstanbul Ångström", ["istanbul", "angstrom"]),
+        ("soft\u00adhyphen bell\x07x zero\u200bwidth \ufffdok", ["softhyphen", "bellx", "zerowidth", "ok"]),
+        ("a\u2028b\u2029c\u3000d\u00a0e", ["a", "b", "c", "d", "e"]),
+        ("ﬁ ＦＵＬＬ １２３", ["ﬁ", "ｆｕｌｌ", "１２３"]),
+        ("〇〇 カタカナ 한국", ["〇〇", "カタカナ", "한국"]),
+        ("\u0915\u094d \u0628\u064e", ["\u0915", "\u0628"]),
+        ("￥199 a,b", ["￥199", "a", ",", "b"]),
+        _each_glued_to(CJK_RANGE_STARTS, "x"),
+        _each_glued_to(CJK_RANGE_ENDS, "y"),
+        ("\U0002ceb0x \u3007y", ["\U0002ceb0x", "\u3007y"]),
+        ("un\u0378assigned", ["unassigned"]),
+    ],
+)
+def test_basic_tokenizer_conventions(text: str, basic: list[str]) -> None:
+    """The documented BasicTokenizer rules: cleaning, whitespace, CJK split, accents, no NFKC. Accent
+    stripping is NFD, so Hangul syllables and CJK compatibility ideographs come out decomposed."""
+    assert reference.basic_tokenize(text) == [unicodedata.normalize("NFD", t) for t in basic]
+
+
+def test_word_piece_conventions(tok: ErnieTokenizer) -> None:
+    """README rules: words over 100 characters and words that cannot be covered are one [UNK]."""
+    assert tok.tokenize("a" * 100) != ["[UNK]"] and "[UNK]" not in tok.tokenize("a" * 100)
+    assert tok.tokenize("a" * 101) == ["[UNK]"]
+    assert tok.tokenize("😀😀😀") == ["[UNK]"]
+    assert tok.tokenize("ﬁ") == ["[UNK]"]
+    assert tok.tokenize("￥199") == ["￥", "##199"]
+    assert tok(["", "   "])["input_ids"][:, :3].tolist() == [[tok.cls_id, tok.sep_id, tok.pad_id]] * 2
+
+
 def test_tokens_and_ids(tok: ErnieTokenizer, paddle_ref: Path) -> None:
     for case in _cases(paddle_ref):
         assert tok.tokenize(case["text"]) == case["tokens"], case["text"]
@@ -46,20 +92,34 @@ def test_tokens_and_ids(tok: ErnieTokenizer, paddle_ref: Path) -> None:
         assert len(case["ids"]) == case["num_ids"]
 
 
-def test_input_ids(tok: ErnieTokenizer, paddle_ref: Path) -> None:
+def test_input_ids(tok: ErnieTokenizer, paddle_ref: Path, tok_config: dict) -> None:
     cases = _cases(paddle_ref)
     out = tok([case["text"] for case in cases])
     assert set(out) == {"input_ids"}
     ids = out["input_ids"]
     assert ids.dtype == torch.long
-    assert ids.shape == (len(cases), len(cases[0]["input_ids"]))
+    assert ids.shape == (len(cases), tok_config["max_text_seqlen"])
     assert ids.tolist() == [case["input_ids"] for case in cases]
+    body = tok_config["max_text_seqlen"] - 2
+    assert [case["truncated"] for case in cases] == [case["num_ids"] > body for case in cases]
 
 
-def test_fast_path_covers_the_cases(vocab_file: Path, paddle_ref: Path) -> None:
+def test_model_inputs_are_the_tokenized_texts(tok: ErnieTokenizer, paddle_ref: Path) -> None:
+    inputs = load_npz(paddle_ref / "inputs.npz")
+    texts = [str(text) for text in inputs["texts"]]
+    assert tok(texts)["input_ids"].tolist() == inputs["input_ids"].tolist()
+
+
+def test_fast_path_takes_the_cases_it_is_exact_for(vocab_file: Path, paddle_ref: Path) -> None:
+    """Cases made of safe characters go through the Rust backend and it alone gives the official ids."""
     tok = ErnieTokenizer(vocab_file)
     cases = _cases(paddle_ref)
-    assert sum(tok._uses_backend(case["text"]) for case in cases) == len(cases)
+    fast = [case for case in cases if fast_path_exact(case["text"])]
+    assert fast
+    assert [tok._uses_backend(case["text"]) for case in cases] == [fast_path_exact(c["text"]) for c in cases]
+    for case in fast:
+        encoding = tok._backend.encode(case["text"], add_special_tokens=False)
+        assert (encoding.tokens, encoding.ids) == (case["tokens"], case["ids"]), case["text"]
 
 
 def test_special_ids_and_vocab_size(tok: ErnieTokenizer, vocab_file: Path, tok_config: dict) -> None:
@@ -68,20 +128,25 @@ def test_special_ids_and_vocab_size(tok: ErnieTokenizer, vocab_file: Path, tok_c
     assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id) == expected
     assert tok.vocab_size == tok_config["max_id"] + 1
     assert len(vocab) == tok_config["unique_tokens"]
+    lines = vocab_file.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == tok_config["vocab_file_lines"]
     assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.unk_id) == tuple(
         vocab[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
     )
     assert tok.vocab_size == max(vocab.values()) + 1
-    assert tok.encode("$") == [vocab["$"]]
 
 
-def test_duplicate_token_keeps_last_id(vocab_file: Path, tok_config: dict) -> None:
+def test_duplicate_token_keeps_last_id(tok: ErnieTokenizer, vocab_file: Path, tok_config: dict) -> None:
     lines = vocab_file.read_text(encoding="utf-8").splitlines()
     vocab = load_vocab(vocab_file)
-    for token, ids in tok_config["duplicate_tokens"].items():
-        if isinstance(ids, list):
-            assert [int(ln.split("\t")[1]) for ln in lines if ln.split("\t")[0] == token] == ids
-            assert vocab[token] == ids[-1]
+    duplicates = {k: v for k, v in tok_config["duplicate_tokens"].items() if isinstance(v, list)}
+    assert duplicates
+    for token, ids in duplicates.items():
+        assert [int(ln.split("\t")[1]) for ln in lines if ln.split("\t")[0] == token] == ids
+        assert vocab[token] == ids[-1]
+        assert tok.encode(token) == [ids[-1]]
+    if "resolved_to" in tok_config["duplicate_tokens"]:
+        assert tok_config["duplicate_tokens"]["resolved_to"] in [ids[-1] for ids in duplicates.values()]
 
 
 def test_truncation_and_max_len(vocab_file: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -16,16 +17,25 @@ import torch
 from PIL import Image
 
 from ernievil2_train.vision import ImageDecodeError, eval_transform
-from ernievil2_train.vision.transforms import crop_offsets, decode_bytes, normalize, scaled_size
+from ernievil2_train.vision.transforms import MEAN, STD, crop_offsets, decode_bytes, normalize, scaled_size
+from tests.checkpoints.reference import load_npz, preprocessed_rows
 
 NOAUG = "__noaug"
 
 
 @pytest.fixture(scope="module")
-def size(paddle_ref: Path) -> int:
-    pre = json.loads((paddle_ref / "config.json").read_text())["preprocessing"]
-    assert pre["short_size"] == pre["crop_size"]
-    return pre["crop_size"]
+def preprocessing(paddle_ref: Path) -> dict:
+    return json.loads((paddle_ref / "config.json").read_text())["preprocessing"]
+
+
+@pytest.fixture(scope="module")
+def size(preprocessing: dict) -> int:
+    return preprocessing["crop_size"]
+
+
+@pytest.fixture(scope="module")
+def short(preprocessing: dict) -> int:
+    return preprocessing["short_size"]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +54,13 @@ def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def test_matches_official_outputs(paddle_ref: Path, size: int) -> None:
+def test_matches_official_outputs(paddle_ref: Path, size: int, short: int) -> None:
     ref = np.load(paddle_ref / "preprocess.npz")
     assert ref.files
-    transforms = {True: eval_transform(size), False: eval_transform(size, keep_aspect=False)}
+    transforms = {
+        True: eval_transform(size, short_size=short),
+        False: eval_transform(size, keep_aspect=False, short_size=short),
+    }
     for key in ref.files:
         name = key.removesuffix(NOAUG)
         data = (paddle_ref / name).read_bytes()
@@ -55,6 +68,32 @@ def test_matches_official_outputs(paddle_ref: Path, size: int) -> None:
         assert out.dtype == torch.float32
         assert out.shape == ref[key].shape[1:]
         np.testing.assert_array_equal(out.numpy(), ref[key][0], err_msg=key)
+
+
+def test_every_case_has_its_official_outputs(paddle_ref: Path, cases: list[dict]) -> None:
+    keys = set(np.load(paddle_ref / "preprocess.npz").files)
+    assert cases
+    named = {case["file"] for case in cases} | {case["noaug_key"] for case in cases if "noaug_key" in case}
+    assert keys == named
+    for case in cases:
+        assert hashlib.sha256((paddle_ref / case["file"]).read_bytes()).hexdigest() == case["sha256"]
+
+
+def test_model_inputs_are_the_official_preprocessing(paddle_ref: Path, size: int, short: int) -> None:
+    """The pixel_values rows made from image files, bit for bit (the other rows are random)."""
+    rows = preprocessed_rows(paddle_ref)
+    assert rows
+    pixels = load_npz(paddle_ref / "inputs.npz")["pixel_values"]
+    transform = eval_transform(size, short_size=short)
+    for row, name in rows.items():
+        np.testing.assert_array_equal(transform(paddle_ref / name).numpy(), pixels[row], err_msg=name)
+
+
+def test_constants_match_the_reference(preprocessing: dict) -> None:
+    np.testing.assert_array_equal(MEAN, np.array(preprocessing["mean"], dtype=np.float64))
+    np.testing.assert_array_equal(STD, np.array(preprocessing["std"], dtype=np.float64))
+    assert preprocessing["channel_order"] == "RGB"
+    assert preprocessing["interpolation"] == "cv2.INTER_LINEAR"
 
 
 def test_pil_and_path_inputs_match_bytes(paddle_ref: Path, cases: list[dict], size: int) -> None:
@@ -68,13 +107,17 @@ def test_pil_and_path_inputs_match_bytes(paddle_ref: Path, cases: list[dict], si
         assert torch.equal(transform(str(path)), expected)
 
 
-def test_sizes_and_crop_offsets(paddle_ref: Path, cases: list[dict], size: int) -> None:
+def test_sizes_and_crop_offsets(paddle_ref: Path, cases: list[dict], size: int, short: int) -> None:
     assert cases
     for case in cases:
+        with Image.open(paddle_ref / case["file"]) as image:
+            assert list(image.size) == case["file_size"], case["file"]
         rgb = decode_bytes((paddle_ref / case["file"]).read_bytes())
         assert list(rgb.shape) == [*case["decoded_hw"], 3]
+        if case.get("kind") == "gray":
+            assert (rgb == rgb[..., :1]).all(), case["file"]
         height, width = case["decoded_hw"]
-        new_w, new_h = scaled_size(width, height, size)
+        new_w, new_h = scaled_size(width, height, short)
         assert [new_h, new_w] == case["scaled_hw"], case["file"]
         assert crop_offsets(new_w, new_h, size) == (case["crop_x1"], case["crop_y1"]), case["file"]
 
@@ -94,6 +137,19 @@ def test_sizes_and_crop_offsets(paddle_ref: Path, cases: list[dict], size: int) 
 )
 def test_scale_rule_table(source: tuple[int, int], scaled: tuple[int, int]) -> None:
     assert scaled_size(*source, 224) == scaled
+
+
+def test_short_size_larger_than_the_crop() -> None:
+    rng = np.random.default_rng(8)
+    rgb = _smooth_image(rng, 40, 60)
+    new_w, new_h = scaled_size(60, 40, 36)
+    x1, y1 = crop_offsets(new_w, new_h, 32)
+    scaled = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    expected = normalize(np.ascontiguousarray(scaled[y1 : y1 + 32, x1 : x1 + 32]))
+    assert torch.equal(eval_transform(32, short_size=36)(_encode(rgb)), expected)
+    assert not torch.equal(eval_transform(32)(_encode(rgb)), expected)
+    with pytest.raises(ValueError, match="smaller than the crop size"):
+        eval_transform(32, short_size=31)
 
 
 def test_short_side_already_target_is_only_cropped() -> None:
