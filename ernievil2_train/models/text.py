@@ -99,6 +99,16 @@ def ernie_config(cfg: TextConfig) -> ErnieConfig:
     )
 
 
+def key_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """Bool[B, L]: the keys attention may use, the non-pad tokens (`input_ids != 0`). The first key of every
+    row is kept too: it is [CLS] in a real row, so nothing changes there, and an all-pad row (a sample
+    without tags, left out of its loss) then stays finite on every attention kernel instead of depending on
+    how a kernel treats a row with no key at all."""
+    keep = input_ids != PAD_ID
+    keep[:, 0] = True
+    return keep
+
+
 class TextTower(nn.Module):
     """ERNIE encoder + tanh pooler; keys at pad positions (`input_ids == 0`) are masked."""
 
@@ -113,7 +123,7 @@ class TextTower(nn.Module):
         With SDPA the key mask goes in as a ready 4-D boolean mask: given the 2-D one, transformers would
         test whether it has any pad (`mask.all()`), a host sync in every step.
         """
-        keep = input_ids != PAD_ID
+        keep = key_mask(input_ids)
         sdpa = self.ernie.config._attn_implementation == "sdpa"
         mask = keep[:, None, None, :] if sdpa else keep.long()
         return self.ernie(input_ids=input_ids, attention_mask=mask, output_hidden_states=output_hidden_states)

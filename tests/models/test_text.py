@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ernievil2_train.models import TextConfig, TextTower, trim_padding
-from ernievil2_train.models.text import padded_length
+from ernievil2_train.models.text import key_mask, padded_length
 
 CFG = TextConfig(vocab_size=50, width=32, layers=2, heads=2, intermediate_size=64, max_position_embeddings=16)
 
@@ -77,6 +77,21 @@ def test_sdpa_key_mask_matches_eager_attention() -> None:
         eager = tower(ids).last_hidden_state
     real = ids != 0
     torch.testing.assert_close(sdpa[real], eager[real], atol=1e-6, rtol=1e-5)
+
+
+def test_an_all_pad_row_attends_its_first_key_on_every_kernel() -> None:
+    ids = torch.tensor([[1, 7, 2, 0], [0, 0, 0, 0]])  # the second: a sample without tags
+    assert key_mask(ids).tolist() == [[True, True, True, False], [True, False, False, False]]
+    tower = _tower().train()
+    sdpa = tower(ids)
+    sdpa.pooler_output.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in tower.parameters() if p.grad is not None)
+    tower.eval()
+    with torch.no_grad():
+        sdpa = tower(ids).last_hidden_state
+        tower.ernie.config._attn_implementation = "eager"
+        eager = tower(ids).last_hidden_state
+    torch.testing.assert_close(sdpa, eager, atol=1e-6, rtol=1e-5)
 
 
 def test_padded_length_rounds_up_and_caps() -> None:
