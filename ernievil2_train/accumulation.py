@@ -4,7 +4,8 @@
 2. Compute the loss over ALL cached features (they are leaves that require grad): feature gradients and
    the gradients of the loss-level parameters (temperatures), without touching `.grad`.
 3. Re-encode each micro-batch with grad, replaying its RNG state so dropout / drop-path draw the same masks,
-   and backpropagate `sum(features * feature_grad)`; the last micro-batch also carries
+   and backpropagate `sum(features * feature_grad)` (features of a frozen tower are not re-encoded: no
+   parameter would get a gradient from them); the last micro-batch also carries
    `sum(param * param_grad)` for the temperatures, so everything lands in ONE synchronised backward.
    Every backward but the last runs under `no_sync` (no DDP all-reduce).
 The parameter gradients equal those of the loss on the whole batch computed in one pass.
@@ -64,36 +65,40 @@ def split_batch(batch: Batch, k: int, per_sample: set[str]) -> list[Batch]:
 
 def feature_cache_step(
     micro_batches: list[dict[str, torch.Tensor]],
-    encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    encode: Callable[[dict[str, torch.Tensor], list[str] | None], dict[str, torch.Tensor]],
     compute_loss: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     loss_params: list[torch.nn.Parameter],
     backward: Callable[[torch.Tensor], None],
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
     device: torch.device | None = None,
+    frozen_features: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Accumulate the gradient of `compute_loss(cat(encode(mb) for mb))` into `.grad`; returns the loss dict.
 
-    encode: micro-batch -> raw features; compute_loss: concatenated raw features -> {"loss", ...};
-    loss_params: parameters used by compute_loss directly (temperatures); backward: e.g. `manual_backward`.
+    encode: (micro-batch, feature names or None for all) -> raw features; compute_loss: concatenated raw
+    features -> {"loss", ...}; loss_params: parameters used by compute_loss directly (temperatures);
+    backward: e.g. `manual_backward`; frozen_features: features whose encoder has no trainable parameter.
     """
     device = device or next(iter(micro_batches[0].values())).device
     states, cached = [], []
     for mb in micro_batches:
         states.append(RngState.capture(device))
         with torch.no_grad():
-            cached.append(encode(mb))
+            cached.append(encode(mb, None))
     names = list(cached[0])
+    replayed = [n for n in names if n not in frozen_features]
     leaves = {n: _wide(torch.cat([c[n] for c in cached])).requires_grad_(True) for n in names}
     out = compute_loss(leaves)
     params = [p for p in loss_params if p.requires_grad]
     grads = torch.autograd.grad(out["loss"], [leaves[n] for n in names] + params, allow_unused=True)
-    feature_grads = {n: g.chunk(len(micro_batches)) for n, g in zip(names, grads[: len(names)], strict=True)}
+    by_name = dict(zip(names, grads[: len(names)], strict=True))
+    feature_grads = {n: by_name[n].chunk(len(micro_batches)) for n in replayed}
     param_terms = [(p, g) for p, g in zip(params, grads[len(names) :], strict=True) if g is not None]
     for i, (mb, state) in enumerate(zip(micro_batches, states, strict=True)):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else no_sync():
             with state.replay():
-                feats = encode(mb)
+                feats = encode(mb, replayed)
             surrogate = sum((feats[n].to(g[i].dtype) * g[i]).sum() for n, g in feature_grads.items())
             if last:
                 surrogate = surrogate + sum((p * g).sum() for p, g in param_terms)

@@ -21,6 +21,8 @@ from ernievil2_train.distributed import LocalBatchSize, world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
 from ernievil2_train.losses.multiview import (
     BATCH_KEYS,
+    IMAGE_FEATURES,
+    TEXT_FEATURES,
     Batch,
     batch_metadata,
     encode_views,
@@ -30,6 +32,7 @@ from ernievil2_train.losses.multiview import (
 from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cosine
 
 PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
+TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
     "image_view2": "the second augmented image view",
     "text_view_ids": "the text-text view",
@@ -202,8 +205,10 @@ class ErnieVil2Module(pl.LightningModule):
         checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
 
     # ---- training --------------------------------------------------------------------------------------
-    def _encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return encode_views(self.model, batch, self.loss_fn.config.required_features())
+    def _encode(self, batch: Batch, names: list[str] | None = None) -> Batch:
+        """Raw features of the views the active losses need (or of `names`)."""
+        names = self.loss_fn.config.required_features() if names is None else names
+        return encode_views(self.model, batch, names)
 
     def _losses(self, features: Batch, batch: Batch) -> Batch:
         size = next(iter(features.values())).shape[0]
@@ -227,6 +232,7 @@ class ErnieVil2Module(pl.LightningModule):
             backward,
             no_sync,
             self.device,
+            frozenset(name for tower in self.frozen for name in TOWER_FEATURES[tower]),
         )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:

@@ -14,9 +14,10 @@ from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 LOSS = {"weights": ALL_PAIRS, "multi_positive": True, "temperature": "per_pair", "temperature_init": 3.0}
 
 
-def _module(k: int, dropout: float = 0.0, **loss) -> ErnieVil2Module:
+def _module(k: int, dropout: float = 0.0, freeze: str | None = None, **loss) -> ErnieVil2Module:
+    frozen = {f"freeze_{freeze}": True} if freeze else {}
     return ErnieVil2Module(tiny_model(seed=0, dropout=dropout, dtype=torch.float64), loss={**LOSS, **loss},
-                           accumulate_microbatches=k).double()
+                           accumulate_microbatches=k, **frozen).double()
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,6 +47,29 @@ def test_microbatches_match_full_batch(k):
     print(f"k={k}: max |grad diff| = {diff:.2e}")
     assert diff < 1e-10
     assert len(_grads(full)) == sum(p.requires_grad for p in full.parameters())
+
+
+@pytest.mark.parametrize(("tower", "weights"), [
+    ("vision", {"image_caption": 1.0, "image_tags": 0.5, "text_text": 0.75}),
+    ("text", {"image_caption": 1.0, "image_tags": 0.5, "image_image": 0.25}),
+])
+def test_a_frozen_tower_is_encoded_once_and_gradients_match(tower: str, weights: dict[str, float]) -> None:
+    """LiT-style: the frozen tower's features come from the cache; only the trained tower is re-encoded."""
+    batch = make_batch(8, seed=4, dtype=torch.float64)
+    full = _module(1, freeze=tower, weights=weights)
+    full(batch)["loss"].backward()
+    cached = _module(4, freeze=tower, weights=weights)
+    calls = {"vision": 0, "text": 0}
+
+    def count(name: str) -> None:
+        calls[name] += 1
+
+    for name in calls:
+        getattr(cached.model, name).register_forward_hook(lambda *_, name=name: count(name))
+    _cached(cached, batch)
+    trained = "text" if tower == "vision" else "vision"
+    assert calls == {tower: 4, trained: 8}
+    assert _max_diff(_grads(cached), _grads(full)) < 1e-10
 
 
 @pytest.mark.parametrize("temperature", ["shared", "fixed"])
