@@ -306,6 +306,10 @@ class ErnieVil2Module(pl.LightningModule):
             self.model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
         self.loss_fn.clamp_()
 
+    def on_train_start(self) -> None:
+        """Clamp once before the first step too: a loaded checkpoint may hold a log-scale beyond ln 100."""
+        self.clamp_temperatures()
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.clamp_temperatures()
         self._log_throughput(_batch_size(batch))

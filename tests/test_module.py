@@ -65,10 +65,21 @@ def test_fit_logs_every_term_and_clamps_temperatures(tmp_path):
         assert float(row["train/samples_per_s"]) == float(row["train/samples_per_s_per_device"]) > 0
     assert module.model.logit_scale.item() <= MAX_LOG_SCALE + 1e-6
     assert all(0.0 <= p.item() <= MAX_LOG_SCALE for p in module.loss_fn.log_scales.values())
-    assert 99.0 < metrics["train/scale_image_caption"].item() <= 100.0 + 1e-3  # clamped from e^7 after step 1
+    assert 99.0 < metrics["train/scale_image_caption"].item() <= 100.0 + 1e-3  # clamped from e^7 at the start
     changed = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
     assert any(n.startswith("model.vision.") for n in changed)
     assert any(n.startswith("model.text.") for n in changed)
+
+
+def test_temperatures_are_clamped_before_the_first_step() -> None:
+    module = _module(loss={**LOSS, "temperature": "per_pair"})
+    with torch.no_grad():
+        module.model.logit_scale.fill_(7.0)  # above ln 100, as a loaded checkpoint may hold
+        for scale in module.loss_fn.log_scales.values():
+            scale.fill_(-1.0)
+    module.on_train_start()
+    assert module.model.logit_scale.item() == pytest.approx(MAX_LOG_SCALE)
+    assert all(p.item() == 0.0 for p in module.loss_fn.log_scales.values())
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
