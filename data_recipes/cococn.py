@@ -7,14 +7,19 @@ Inputs (`--input`):
 * a file in ERNIE-ViL 2.0's 3-column test layout: `text<TAB>image_id<TAB>base64 image` (text ids are the
   0-based row numbers).
 
-All captions of an image are grouped (`captions` in each sample's json). With `--coco-instances` (one or more
-COCO `instances_*.json`), each image's tags are the Chinese names (coco_categories_zh.json) of the object
-categories annotated in it, deduplicated and ordered by the total area of their instances, largest first
-(ties: by category id). Image ids are matched to COCO ids by their trailing digits (`139`,
-`COCO_val2014_000000000139`).
+All captions of an image are grouped (`captions` in each sample's json). A text line needs a string or integer
+`text_id` that no earlier line used, a string `text` and a non-empty list of image ids; a 3-column row whose
+image id was first seen with other image data is skipped ("conflicting image for id").
+
+With `--coco-instances` (one or more COCO `instances_*.json`), each image's tags are the Chinese names
+(coco_categories_zh.json) of the object categories annotated in it, deduplicated and ordered by the total area
+of their instances, largest first (ties: by category id). Image ids are matched to COCO ids by their trailing
+digits (`139`, `COCO_val2014_000000000139`).
 
 Outputs in `--out`: shards `{split}-%06d.tar` + `{split}.json`, and/or the eval set
 `eval/{split}_imgs.tsv` + `eval/{split}_texts.jsonl` (`--outputs`, default: shards for train, both otherwise).
+The eval set keeps every image of `{split}_imgs.tsv` that decodes, those no text names included (distractors,
+as in MUGE), so it is scored on the same gallery as the input; the shards hold only images with captions.
 Lines that are not UTF-8 or not in the layout are skipped and counted; a run that writes nothing is an error
 (exit status 2).
 """
@@ -24,19 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from data_recipes.common import ImageJob, Row, group_rows, line_skip, prepare_job, read_lines
+from data_recipes.common import ImageJob, Row, group_rows, line_skip, prepare_job, read_lines, unique
 from data_recipes.shards import (
+    SKIP_EXAMPLES,
     RecipeError,
     Skip,
     SkipCounter,
     add_writer_args,
     check_writer_args,
+    chosen_outputs,
     fail,
     positive_int,
     reported,
@@ -65,17 +72,25 @@ def coco_id(image_id: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_coco_tags(files: list[Path]) -> dict[int, list[str]]:
-    """COCO image id -> Chinese category names of its objects, largest total area first."""
+def load_coco_tags(files: list[Path], unnamed: Counter[int] | None = None) -> dict[int, list[str]]:
+    """COCO image id -> Chinese category names of its objects, largest total area first.
+
+    The areas of an image are summed over all `files`. A category that is neither in the shipped table nor
+    in any file's `categories` has no name: its annotations give no tag (never a made-up one) and are
+    counted per category in `unnamed`.
+    """
     names = chinese_category_names()
     areas: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[int, Counter[int]] = defaultdict(Counter)
     for file in files:
         data = _read_json(Path(file))
         try:
             for cat in data.get("categories", []):
                 names.setdefault(int(cat["id"]), str(cat["name"]))
             for ann in data["annotations"]:
-                areas[int(ann["image_id"])][int(ann["category_id"])] += float(ann.get("area", 0.0))
+                image, cat = int(ann["image_id"]), int(ann["category_id"])
+                areas[image][cat] += float(ann.get("area", 0.0))
+                counts[image][cat] += 1
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise InputError(
                 f"--coco-instances: {file} is not a COCO instances json ({short_error(err)})"
@@ -83,7 +98,11 @@ def load_coco_tags(files: list[Path]) -> dict[int, list[str]]:
     tags = {}
     for image, per_cat in areas.items():
         ordered = sorted(per_cat.items(), key=lambda kv: (-kv[1], kv[0]))
-        tags[image] = [names.get(cat, str(cat)) for cat, _ in ordered]
+        if unnamed is not None:
+            unnamed.update({cat: counts[image][cat] for cat, _ in ordered if cat not in names})
+        image_tags = unique(names[cat] for cat, _ in ordered if cat in names)
+        if image_tags:
+            tags[image] = image_tags
     return tags
 
 
@@ -113,8 +132,18 @@ def _tags_for(image_id: str, coco_tags: dict[int, list[str]]) -> tuple[str, ...]
     return tuple(coco_tags.get(cid, [])) if cid is not None else ()
 
 
-def chinese_clip_jobs(folder: Path, split: str, coco_tags: dict[int, list[str]], skips: SkipCounter):
-    """(image lines, jobs) for the Chinese-CLIP layout; counts bad text rows and unknown image ids."""
+def chinese_clip_jobs(
+    folder: Path,
+    split: str,
+    coco_tags: dict[int, list[str]],
+    skips: SkipCounter,
+    keep_uncaptioned: bool = False,
+) -> tuple[int, Iterator[ImageJob | Skip]]:
+    """(image lines, jobs) for the Chinese-CLIP layout; counts bad text rows and unknown image ids.
+
+    Images that no text names are skipped, or with `keep_uncaptioned` (for an eval set, whose gallery keeps
+    them as distractors) passed on without captions.
+    """
     imgs, texts = folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
     for f in (imgs, texts):
         if not f.is_file():
@@ -139,21 +168,27 @@ def chinese_clip_jobs(folder: Path, split: str, coco_tags: dict[int, list[str]],
                 yield line_skip("malformed image line", index)
             elif image_id in seen:
                 yield Skip("duplicate image id", example=image_id)
-            elif not captions.get(image_id):
+            elif not captions.get(image_id) and not keep_uncaptioned:
                 seen.add(image_id)
                 yield Skip("image without captions", example=image_id)
             else:
                 seen.add(image_id)
                 yield ImageJob(
-                    image_id, b64, False, tuple(captions[image_id]), _tags_for(image_id, coco_tags)
+                    image_id, b64, False, tuple(captions.get(image_id, ())), _tags_for(image_id, coco_tags)
                 )
 
     return lines, jobs()
 
 
 def _captions(texts: Path, skips: SkipCounter) -> dict[str, list[tuple[str, str]]]:
-    """Image id -> `(text_id, text)` of its captions in a `{split}_texts.jsonl`; counts bad lines."""
+    """Image id -> `(text_id, text)` of its captions in a `{split}_texts.jsonl`; counts bad lines.
+
+    A line needs a string or integer `text_id`, a string `text` and a non-empty list of string or integer
+    `image_ids` (an id listed twice counts once); a line whose `text_id` an earlier line already used is
+    skipped, so one id never stands for two texts.
+    """
     captions: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    text_ids: set[str] = set()
     for index, line in read_lines(texts):
         if line is None:
             skips.add("not UTF-8 text line", example=f"line {index + 1}")
@@ -162,20 +197,35 @@ def _captions(texts: Path, skips: SkipCounter) -> dict[str, list[tuple[str, str]
             continue
         try:
             row = json.loads(line)
-            text_id, text, image_ids = (
-                str(row["text_id"]),
-                str(row["text"]).strip(),
-                list(row["image_ids"]),
-            )
+            text_id, text, image_ids = row["text_id"], row["text"], row["image_ids"]
         except (json.JSONDecodeError, KeyError, TypeError):
             skips.add("malformed text line", example=f"line {index + 1}")
             continue
+        if not (_is_id(text_id) and isinstance(text, str) and isinstance(image_ids, list)):
+            skips.add("malformed text line", example=f"line {index + 1}")
+            continue
+        if not all(_is_id(i) for i in image_ids):
+            skips.add("malformed text line", example=f"line {index + 1}")
+            continue
+        text, text_id = text.strip(), str(text_id)
         if not text:
             skips.add("empty caption", example=f"line {index + 1}")
-            continue
-        for image_id in image_ids:
-            captions[str(image_id)].append((text_id, text))
+        elif not image_ids:
+            skips.add("text without image ids", example=f"line {index + 1}")
+        elif text_id in text_ids:
+            skips.add("duplicate text id", example=f"line {index + 1} ({text_id})")
+        else:
+            text_ids.add(text_id)
+            for image_id in dict.fromkeys(str(i).strip() for i in image_ids):
+                captions[image_id].append((text_id, text))
     return captions
+
+
+def _is_id(value: Any) -> bool:
+    """Whether a json value can be an id: a non-blank string or an integer (not a bool)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _image_ids(imgs: Path) -> tuple[set[str], int]:
@@ -209,6 +259,8 @@ def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
         for index, line in read_lines(tsv):
             if line is None:
                 yield line_skip("not UTF-8 line", index)
+                continue
+            if not line.strip():
                 continue
             parts = line.split("\t")
             if len(parts) != 3 or not parts[1].strip():
@@ -250,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     check_writer_args(parser, args)
     skips = SkipCounter()
     with reported(parser, args.input):
-        coco_tags = load_coco_tags(args.coco_instances)
+        unnamed: Counter[int] = Counter()
+        coco_tags = load_coco_tags(args.coco_instances, unnamed)
         if args.input.is_dir():
-            total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips)
+            keep = chosen_outputs(args) != "shards"
+            total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips, keep_uncaptioned=keep)
             group_by = "text_id"
         else:
             total, jobs = group_rows(ernie_rows(args.input, coco_tags), skips)
@@ -261,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by, source=args.input))
     if coco_tags:
         print(f"{args.split}: tags from COCO instances for {len(coco_tags)} annotated images")
+    if unnamed:
+        cats = ", ".join(str(c) for c in sorted(unnamed)[:SKIP_EXAMPLES])
+        print(
+            f"{args.split}: ignored {sum(unnamed.values())} annotations of {len(unnamed)} categories "
+            f"without a name in the table or the instances files (first: {cats})"
+        )
     return 0
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_recipes.shards import ImageRecord, Skip, SkipCounter
 
-_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# MPO (the multi-picture JPEG of many cameras and phones) starts with a plain baseline JPEG that every JPEG
+# decoder reads, so its bytes are kept as a `jpg` like any other JPEG.
+_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 class BadImage(ValueError):
@@ -55,8 +59,9 @@ def encode_base64(data: bytes) -> str:
 def prepare_image(data: bytes, max_size: int | None = None, quality: int = 95) -> tuple[str, bytes]:
     """Check that `data` decodes; return `(ext, bytes)`.
 
-    JPEG/PNG/WebP within `max_size` keep their original bytes; anything else (other formats, or images whose
-    longer side exceeds `max_size`) is re-encoded as RGB JPEG, resized so the longer side is `max_size`.
+    JPEG (MPO included)/PNG/WebP within `max_size` keep their original bytes; anything else (other formats, or
+    images whose longer side exceeds `max_size`) is re-encoded as RGB JPEG, resized so the longer side is
+    `max_size`. Re-encoding applies the EXIF orientation to the pixels, since the new file carries no EXIF.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -65,7 +70,7 @@ def prepare_image(data: bytes, max_size: int | None = None, quality: int = 95) -
             too_big = max_size is not None and max(img.size) > max_size
             if fmt in _FORMAT_EXT and not too_big:
                 return _FORMAT_EXT[fmt], data
-            rgb = img.convert("RGB")
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage("undecodable image") from err
     if too_big:
@@ -130,8 +135,18 @@ class Row:
 @dataclass
 class _Group:
     first: int
+    source: bytes
     captions: list[tuple[str, str]]
     tags: list[str]
+
+
+def _source_digest(row: Row) -> bytes:
+    """A short digest of where a row's image is: its normalised path, or its base64 text in one alphabet."""
+    if row.is_path:
+        text = os.path.normpath(row.source)
+    else:
+        text = "".join(row.source.split()).replace("-", "+").replace("_", "/")
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def group_rows(
@@ -140,14 +155,20 @@ def group_rows(
     """Group caption rows by image in two passes over the input, so image data is never held in memory.
 
     The first pass counts skips and collects, per image id, all captions (`text_id` = row index) and the union
-    of the tags; the second yields one `ImageJob` per image, at its first row. Returns (images, jobs).
+    of the tags; the second yields one `ImageJob` per image, at its first row. A row whose image id was first
+    seen with another image (other base64 data or another path) is skipped as "conflicting image for id", so
+    its caption is never paired with the wrong picture. Returns (images, jobs).
     """
     groups: dict[str, _Group] = {}
     for row in read_rows():
         if isinstance(row, Skip):
             skips.add(row.reason, row.count, row.example)
             continue
-        group = groups.setdefault(row.image_id, _Group(row.index, [], []))
+        digest = _source_digest(row)
+        group = groups.setdefault(row.image_id, _Group(row.index, digest, [], []))
+        if group.source != digest:
+            skips.add("conflicting image for id", example=f"line {row.index + 1} ({row.image_id})")
+            continue
         group.captions.append((str(row.index), row.caption))
         group.tags = unique([*group.tags, *row.tags])
 

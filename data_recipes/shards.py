@@ -24,13 +24,14 @@ import argparse
 import base64
 import contextlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
 import re
 import sys
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +214,16 @@ class ShardSink(_Writer):
         if self._count >= self.shard_size or self._bytes >= self.shard_bytes:
             self._finish()
 
+    @property
+    def empty(self) -> bool:
+        return self.samples == 0
+
     def write_record(self, record: ImageRecord) -> int:
-        """Write one sample per caption of `record`; returns the number of samples written."""
+        """Write one sample per caption of `record`; returns the number of samples written. An image without
+        captions has no sample: it is counted as skipped ("image without captions")."""
+        if not record.captions:
+            self.skips.add("image without captions", example=record.image_id)
+            return 0
         captions = [text for _, text in record.captions]
         for text_id, text in record.captions:
             meta = {
@@ -282,23 +291,52 @@ class ShardSink(_Writer):
         )
 
 
+def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
+    return [fn(item) for item in chunk]
+
+
 def parallel_map(
-    fn: Callable[[Any], Any], items: Iterable[Any], workers: int, chunksize: int = 8
+    fn: Callable[[Any], Any], items: Iterable[Any], workers: int, chunksize: int = 8, ahead: int = 4
 ) -> Iterator[Any]:
-    """`map(fn, items)` in order, over a process pool when `workers > 1` (fn must be picklable)."""
+    """`map(fn, items)` in order, over a process pool when `workers > 1` (fn must be picklable).
+
+    At most `ahead` chunks of `chunksize` items per worker are in flight, so `items` is read only a little
+    ahead of the results taken (a large input is never pulled into memory at once).
+    """
     if workers <= 1:
         yield from map(fn, items)
         return
+    items = iter(items)
+    pending: deque[Any] = deque()
     with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
-        yield from pool.imap(fn, items, chunksize=chunksize)
+        while True:
+            chunk = list(itertools.islice(items, chunksize))
+            if chunk:
+                pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
+            if pending and (not chunk or len(pending) >= workers * ahead):
+                yield from pending.popleft().get()
+            if not chunk and not pending:
+                return
+
+
+_DECIMAL = re.compile(r"0|-?[1-9][0-9]{0,17}")
+
+
+def json_id(value: str) -> str | int:
+    """An id as it goes into a json file: an int when it is a plain decimal integer of at most 18 digits (so
+    it fits a 64-bit integer), else the string as it is."""
+    return int(value) if _DECIMAL.fullmatch(value) else value
 
 
 class EvalSetWriter(_Writer):
     """Writes records as an eval set in the Chinese-CLIP layout: `{split}_imgs.tsv` + `{split}_texts.jsonl`.
 
-    Images are streamed to the tsv; texts are grouped by `text_id` (or, with `group_by="text"`, by the text
-    itself, so identical captions of different images become one query with several positives) and written at
-    `close()`. Both files appear under their final names only when complete.
+    Images are streamed to the tsv (those without captions too: they stay in the gallery as distractors, as in
+    MUGE's eval sets); texts are grouped by `text_id` (or, with `group_by="text"`, by the text itself, so
+    identical captions of different images become one query with several positives) and written at `close()`.
+    Both files appear under their final names only when complete. Ids written as decimal integers (`139`, not
+    `0139`) are json numbers in `{split}_texts.jsonl`, as in Chinese-CLIP's own files, whose tools compare
+    them with the integer image ids they read from `{split}_imgs.tsv`.
     """
 
     def __init__(self, out_dir: Path, split: str, group_by: str = "text_id") -> None:
@@ -314,22 +352,29 @@ class EvalSetWriter(_Writer):
         self._file = self._images_tmp.open("w", encoding="utf-8")
         self._texts: dict[str, dict[str, Any]] = {}
         self.images = 0
+        self.uncaptioned = 0
 
     def write_record(self, record: ImageRecord) -> int:
         self._file.write(f"{record.image_id}\t{base64.b64encode(record.data).decode('ascii')}\n")
         self.images += 1
+        self.uncaptioned += not record.captions
         for text_id, text in record.captions:
             entry = self._texts.setdefault(
                 text if self.group_by == "text" else text_id,
-                {"text_id": text_id, "text": text, "image_ids": []},
+                {"text_id": json_id(text_id), "text": text, "image_ids": []},
             )
-            if record.image_id not in entry["image_ids"]:
-                entry["image_ids"].append(record.image_id)
+            image_id = json_id(record.image_id)
+            if image_id not in entry["image_ids"]:
+                entry["image_ids"].append(image_id)
         return len(record.captions)
 
     @property
     def texts(self) -> int:
         return len(self._texts)
+
+    @property
+    def empty(self) -> bool:
+        return not self._texts
 
     def close(self) -> None:
         self._file.close()
@@ -342,8 +387,10 @@ class EvalSetWriter(_Writer):
         self._images_tmp.unlink(missing_ok=True)
 
     def describe(self) -> str:
+        distractors = f" ({self.uncaptioned} of them without texts)" if self.uncaptioned else ""
         return (
-            f"{self.split}: wrote eval set of {self.images} images and {self.texts} texts to {self.out_dir}"
+            f"{self.split}: wrote eval set of {self.images} images{distractors} and {self.texts} texts "
+            f"to {self.out_dir}"
         )
 
 
@@ -416,7 +463,7 @@ def write_outputs(
     Returns the summary; raises `RecipeError` (leaving earlier outputs as they were) when every input of
     `source` was skipped.
     """
-    outputs = args.outputs or ("shards" if args.split == "train" else "both")
+    outputs = chosen_outputs(args)
     sinks: list[ShardSink | EvalSetWriter] = []
     if outputs in ("shards", "both"):
         sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
@@ -428,13 +475,18 @@ def write_outputs(
         for sink in sinks:
             sink.abort()
         raise
-    if not sinks[0].images:
+    if all(sink.empty for sink in sinks):
         for sink in sinks:
             sink.abort()
         raise RecipeError(nothing_written(source, skips))
     for sink in sinks:
         sink.close()
     return summary(sinks, skips, args.split)
+
+
+def chosen_outputs(args: argparse.Namespace) -> str:
+    """What to write ("shards", "evalset" or "both"): `--outputs`, else shards for "train", both otherwise."""
+    return args.outputs or ("shards" if args.split == "train" else "both")
 
 
 def int_range(low: int = 1, high: int | None = None) -> Callable[[str], int]:

@@ -5,9 +5,11 @@ JSONL lines: `{"image", "caption", "tags": [...] or "a,b", "image_id"}` (tags an
 
 `image` is a file path (relative to the input file's folder, or absolute) or the base64-encoded image; a value
 of 64+ characters from the base64 alphabet without a "." is taken as base64. Captions are grouped by image id:
-`image_id` when given, else the path as written, else `b64-` + a hash of the base64 text. An image's tags are
-the union of its rows' tags. Text ids are the 0-based line numbers. Lines that are not UTF-8 or not in this
-layout are skipped and counted; a run that writes nothing is an error (exit status 2).
+`image_id` when given (any JSON number or string, `0` included), else the path as written, else `b64-` + a
+hash of the base64 text. An image's tags are the union of its rows' tags; a row whose image id was first seen
+with another image is skipped ("conflicting image for id"). Text ids are the 0-based line numbers. Lines that
+are not UTF-8 or not in this layout (an image id with a tab or a line break included) are skipped and counted;
+a run that writes nothing is an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ def _row(
         default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()
     else:
         source, is_path, default_id = str(base / image), True, image
-    return Row(index, image_id or default_id, source, is_path, caption, tags)
+    image_id = default_id if image_id is None else image_id
+    if not _usable_id(image_id):
+        return line_skip("malformed line", index)
+    return Row(index, image_id, source, is_path, caption, tags)
+
+
+def _usable_id(image_id: str) -> bool:
+    """Whether an image id can be written: not blank and without tabs or line breaks (the eval set's
+    `image_id<TAB>base64` lines could not hold them)."""
+    return bool(image_id.strip()) and not any(c in image_id for c in "\t\n\r")
 
 
 def tsv_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
@@ -74,17 +85,26 @@ def tsv_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
 
 
 def _json_row(index: int, base: Path, line: str) -> Row | Skip:
+    """A JSONL line as a row: `image` a string, `caption` a string (or null: empty), `tags` a string or a list
+    of strings, `image_id` a string or a number; anything else is a malformed line."""
     try:
         obj = json.loads(line)
-        image, caption = obj["image"], obj.get("caption") or ""
-        tags = obj.get("tags") or []
-        tags = split_tags(tags) if isinstance(tags, str) else unique(str(t).strip() for t in tags)
-        image_id = obj.get("image_id")
+        image, caption = obj["image"], obj.get("caption")
+        tags, image_id = obj.get("tags"), obj.get("image_id")
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return line_skip("malformed line", index)
-    if not isinstance(image, str) or isinstance(caption, (dict, list)):
+    tags = [] if tags is None else tags
+    good_tags = isinstance(tags, str) or (isinstance(tags, list) and all(isinstance(t, str) for t in tags))
+    good_id = image_id is None or isinstance(image_id, str) or _is_number(image_id)
+    if not (isinstance(image, str) and isinstance(caption, (str, type(None))) and good_tags and good_id):
         return line_skip("malformed line", index)
-    return _row(index, base, image, str(caption), tags, image_id and str(image_id))
+    tags = split_tags(tags) if isinstance(tags, str) else unique(t.strip() for t in tags)
+    image_id = None if image_id is None else str(image_id).strip() or None
+    return _row(index, base, image, caption or "", tags, image_id)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def jsonl_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:

@@ -51,7 +51,7 @@ Box = tuple[float, float, float, float]
 
 
 def _orientation(image: Image.Image) -> int:
-    return image.getexif().get(0x0112, 1) if image.format in ("JPEG", "WEBP", "PNG", "TIFF") else 1
+    return image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "WEBP", "PNG", "TIFF") else 1
 
 
 def oriented_size(image: Image.Image) -> tuple[int, int]:
@@ -71,7 +71,7 @@ def draft_factor(short_side: float, out_size: int) -> int:
 def decode_rgb(image: Image.Image, factor: int = 1) -> np.ndarray:
     """Decode a lazy PIL image once, reduced by `factor` where the format allows it; EXIF-oriented RGB HWC."""
     orientation = _orientation(image)
-    if factor > 1 and image.format == "JPEG":
+    if factor > 1 and image.format in ("JPEG", "MPO"):
         w, h = image.size
         image.draft("RGB", (w // factor, h // factor))
     image.load()

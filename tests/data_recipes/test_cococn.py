@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -123,8 +124,8 @@ def test_chinese_clip_layout_to_shards_and_evalset(tmp_path, instances):
     assert len({s["key"] for s in samples}) == 5
 
     es = load_evalset(out / "eval", split="valid")
-    assert es.image_ids == ["101", "COCO_val2014_000000000102", "103"]
-    assert es.images == [RED, GREEN, BLUE_PNG]
+    assert es.image_ids == ["101", "COCO_val2014_000000000102", "103", "106"]
+    assert es.images == [RED, GREEN, BLUE_PNG, RED]
     assert es.text_ids == ["1", "3", "2", "6"]
     assert es.texts == ["红色的图片", "两张图", "绿色", "蓝色"]
     assert es.text_to_images == [[0], [0, 1], [1], [2]]
@@ -313,3 +314,126 @@ def test_category_table_and_coco_ids():
     assert cococn.coco_id("COCO_train2014_000000581929") == 581929
     assert cococn.coco_id("139") == 139 and cococn.coco_id("139.jpg") == 139
     assert cococn.coco_id("abc") is None
+
+
+def test_text_lines_outside_the_layout_are_counted_never_guessed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n102\t{_b64(GREEN)}\n")
+    texts = [
+        {"text_id": 1, "text": "红色", "image_ids": [101]},
+        {"text_id": 1, "text": "同一个编号", "image_ids": [102]},
+        {"text_id": 2, "text": "列了两次", "image_ids": [101, "101"]},
+        {"text_id": 3, "text": "没有图片", "image_ids": []},
+        {"text_id": 4, "text": "字符串", "image_ids": "102"},
+        {"text_id": 5, "text": None, "image_ids": [102]},
+        {"text_id": None, "text": "没有编号", "image_ids": [102]},
+        {"text_id": 6, "text": "绿色", "image_ids": [102]},
+    ]
+    (src / "valid_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+    out = tmp_path / "out"
+    proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "valid.json").read_text())["skipped"] == {
+        "duplicate text id": 1,
+        "malformed text line": 3,
+        "text without image ids": 1,
+    }
+    assert "duplicate text id: 1 (first: line 2 (1))" in proc.stdout
+    pairs = [(s["json"]["image_id"], s["json"]["text_id"], s["txt"]) for s in read_shards(out, "valid")]
+    assert pairs == [("101", "1", "红色"), ("101", "2", "列了两次"), ("102", "6", "绿色")]
+    es = load_evalset(out / "eval", split="valid")
+    assert list(zip(es.text_ids, es.texts, es.text_to_images, strict=True)) == [
+        ("1", "红色", [0]),
+        ("2", "列了两次", [0]),
+        ("6", "绿色", [1]),
+    ]
+
+
+def test_eval_set_keeps_images_that_no_text_names(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n102\t{_b64(GREEN)}\n103\t{_b64(BLUE_PNG)}\n")
+    (src / "valid_texts.jsonl").write_bytes(_text_line(1, "绿色", 102))
+    for outputs in ("both", "evalset", "shards"):
+        out = tmp_path / outputs
+        args = ["--input", str(src), "--split", "valid", "--out", str(out), "--outputs", outputs]
+        proc = run_recipe("cococn", *args, "--workers", "2")
+        assert proc.returncode == 0, proc.stderr
+        if outputs != "evalset":
+            assert [s["json"]["image_id"] for s in read_shards(out, "valid")] == ["102"]
+            assert "image without captions: 2 (first: 101, 103)" in proc.stdout
+            index = json.loads((out / "valid.json").read_text())
+            assert index["images"] == 1 and index["skipped"] == {"image without captions": 2}
+        if outputs != "shards":
+            es = load_evalset(out / "eval", split="valid")
+            assert es.image_ids == ["101", "102", "103"] and es.images == [RED, GREEN, BLUE_PNG]
+            assert es.texts == ["绿色"] and es.text_to_images == [[1]]
+            assert "eval set of 3 images (2 of them without texts) and 1 texts" in proc.stdout
+
+
+def test_eval_set_ids_are_json_integers_as_in_chinese_clip(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n0102\t{_b64(GREEN)}\n")
+    texts = [
+        {"text_id": 7, "text": "红色", "image_ids": [101]},
+        {"text_id": "t8", "text": "两张", "image_ids": ["101", "0102"]},
+    ]
+    (src / "valid_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+    out = tmp_path / "out"
+    proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "eval" / "valid_texts.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"text_id": 7, "text": "红色", "image_ids": [101]},
+        {"text_id": "t8", "text": "两张", "image_ids": [101, "0102"]},
+    ]
+    assert [line.split("\t")[0] for line in (out / "eval" / "valid_imgs.tsv").read_text().splitlines()] == [
+        "101",
+        "0102",
+    ]
+    assert {s["json"]["text_id"] for s in read_shards(out, "valid")} == {"7", "t8"}
+
+
+def test_ernie_rows_of_one_id_with_other_image_data_are_skipped(tmp_path):
+    rows = [
+        f"红色\t5\t{_b64(RED)}",
+        "",
+        f"又是红色\t5\t{_b64(RED, urlsafe=True)}",
+        f"其实是绿色\t5\t{_b64(GREEN)}",
+        f"绿色\t6\t{_b64(GREEN)}",
+        "",
+    ]
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = run_recipe("cococn", "--input", str(tsv), "--split", "test", "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "test.json").read_text())["skipped"] == {"conflicting image for id": 1}
+    assert "conflicting image for id: 1 (first: line 4 (5))" in proc.stdout
+    samples = read_shards(out, "test")
+    assert [(s["json"]["image_id"], s["txt"], s["image"]) for s in samples] == [
+        ("5", "红色", RED),
+        ("5", "又是红色", RED),
+        ("6", "绿色", GREEN),
+    ]
+    assert samples[0]["json"]["captions"] == ["红色", "又是红色"]
+
+
+def test_coco_tags_merge_files_and_never_name_a_category_by_its_number(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"annotations": [
+        {"image_id": 7, "category_id": 18, "area": 60.0},
+        {"image_id": 7, "category_id": 1, "area": 100.0},
+        {"image_id": 8, "category_id": 999, "area": 5.0},
+    ]}))  # fmt: skip
+    second.write_text(json.dumps({"annotations": [
+        {"image_id": 7, "category_id": 18, "area": 60.0},
+        {"image_id": 7, "category_id": 999, "area": 500.0},
+        {"image_id": 9, "category_id": 17, "area": 1.0},
+    ]}))  # fmt: skip
+    assert cococn.load_coco_tags([first, second]) == {7: ["狗", "人"], 9: ["猫"]}
+    unnamed: Counter[int] = Counter()
+    cococn.load_coco_tags([first, second], unnamed)
+    assert unnamed == {999: 2}

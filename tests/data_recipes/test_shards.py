@@ -17,7 +17,9 @@ from data_recipes.shards import (
     ShardSink,
     Skip,
     SkipCounter,
+    json_id,
     nothing_written,
+    parallel_map,
     summary,
     write_records,
 )
@@ -183,3 +185,47 @@ def test_decode_base64_accepts_both_alphabets():
     assert decode_base64(base64.urlsafe_b64encode(data).decode() + "\n") == data
     with pytest.raises(BadImage, match="bad base64"):
         decode_base64("not base64!")
+
+
+def test_mpo_jpeg_bytes_are_kept():
+    out = io.BytesIO()
+    frames = [Image.new("RGB", (20, 10), (200, 10, 10)), Image.new("RGB", (20, 10), (10, 10, 200))]
+    frames[0].save(out, format="MPO", save_all=True, append_images=frames[1:])
+    mpo = out.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert prepare_image(mpo) == ("jpg", mpo)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "TIFF"])  # Pillow turns a TIFF on load: never turn it twice
+def test_reencoding_applies_the_exif_orientation(fmt):
+    pixels = Image.new("RGB", (40, 20), (250, 0, 0))
+    pixels.paste((0, 0, 250), (0, 0, 10, 20))  # blue on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the stored left edge becomes the top
+    out = io.BytesIO()
+    pixels.save(out, format=fmt, exif=exif)
+    ext, data = prepare_image(out.getvalue(), max_size=20)
+    img = Image.open(io.BytesIO(data))
+    assert ext == "jpg" and img.size == (10, 20) and img.getexif().get(0x0112, 1) == 1
+    top, bottom = img.getpixel((5, 1)), img.getpixel((5, 18))
+    assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
+
+
+def test_parallel_map_reads_its_input_only_a_little_ahead():
+    taken = []
+
+    def items():
+        for i in range(5000):
+            taken.append(i)
+            yield -i
+
+    results = parallel_map(abs, items(), workers=2, chunksize=4)
+    assert [next(results) for _ in range(10)] == list(range(10))
+    assert len(taken) <= 2 * 4 * 4 + 12  # the chunks in flight and those taken
+    assert list(results) == list(range(10, 5000))
+
+
+def test_json_id():
+    assert [json_id(v) for v in ("0", "139", "-2", "0139", "-0", "1e3", "１２", "x1", "1" * 19)] == [
+        0, 139, -2, "0139", "-0", "1e3", "１２", "x1", "1" * 19,
+    ]  # fmt: skip

@@ -201,3 +201,32 @@ def test_base64_detection():
     assert tsv.looks_like_base64(base64.b64encode(RED).decode())
     assert not tsv.looks_like_base64("images/some_long_folder_name/another_long_folder_name/photo0001.jpg")
     assert not tsv.looks_like_base64("short")
+
+
+def test_jsonl_image_ids_are_kept_as_given_and_bad_fields_counted(folder):
+    rows = [
+        {"image": "imgs/a.jpg", "caption": "零号", "image_id": 0},
+        {"image": "imgs/a.jpg", "caption": "还是零号", "image_id": "0"},
+        {"image": "imgs/b.png", "caption": "换了图片", "image_id": 0},
+        {"image": "imgs/b.png", "caption": "空编号", "image_id": " "},
+        {"image": "imgs/b.png", "caption": "空标签", "tags": [None]},
+        {"image": "imgs/b.png", "caption": 12},
+        {"image": "imgs/b.png", "caption": "带制表符", "image_id": "a\tb"},
+        {"image": "imgs/b.png", "caption": "对象", "image_id": {"id": 1}},
+    ]
+    src = folder / "data" / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--split", "valid", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "valid.json").read_text())
+    assert index["skipped"] == {"conflicting image for id": 1, "malformed line": 4}
+    samples = read_shards(out, "valid")
+    assert [(s["json"]["image_id"], s["txt"], s["json"]["tags"]) for s in samples] == [
+        ("0", "零号", []),
+        ("0", "还是零号", []),
+        ("imgs/b.png", "空编号", []),
+    ]
+    assert samples[0]["image"] == RED and samples[2]["image"] == BLUE_PNG
+    es = load_evalset(out / "eval", split="valid")
+    assert es.image_ids == ["0", "imgs/b.png"] and es.text_ids == ["0", "1", "3"]

@@ -146,12 +146,15 @@ def test_grayscale_gives_equal_channels_and_blur_smooths():
     assert blurred.std() < 0.6 * plain.std()
 
 
-def test_exif_orientation_is_applied():
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO"])  # many phone JPEGs open as MPO
+def test_exif_orientation_is_applied(fmt: str):
     upright = smooth_image(90, 60, 8)
     stored = upright.transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = lazy(stored, exif=exif.tobytes())
+    frames = {"save_all": True, "append_images": [stored]} if fmt == "MPO" else {}
+    rotated = lazy(stored, fmt, exif=exif.tobytes(), **frames)
+    assert rotated.format == fmt
     assert oriented_size(rotated) == (90, 60)
     a = CenterView(32)(rotated)
     b = CenterView(32)(lazy(upright))
