@@ -1,11 +1,18 @@
 """WebDataset LightningDataModule producing multi-view batches (the batch format is in the README).
 
-Training stream per rank: shards (split by node, then by worker) -> sample shuffle buffer -> decode +
-views (`SampleTransform`) -> batches of `batch_size` collated inside the worker ->
-`DataLoader(batch_size=None)`.
+Training stream per rank: shards (split by the trainer's rank, then by worker; or drawn with replacement)
+-> sample shuffle buffer -> decode + views (`SampleTransform`) -> batches of `batch_size` collated inside the
+worker -> `DataLoader(batch_size=None)`.
 Epochs are virtual: each worker yields `ceil(batches_per_rank / num_workers)` batches (the shard stream
 repeats as needed), so every rank sees exactly `len(train_dataloader())` batches and DDP never waits on a
-rank that ran out of data.
+rank that ran out of data. Shards that give no usable sample at all stop the stream with `NoUsableSample`
+instead of repeating forever: a pass over a worker's shards that gives none, or, resampling, more shard draws
+in a row without one than `barren_draw_limit` allows.
+
+Validation is one pass over the validation shards, split the same way: each rank reads every `world`-th
+shard from its rank, and its loader workers share those. Fewer validation shards than ranks is refused
+(`ConfigError` naming `data.val_shards`): a rank without a validation batch would never join the others'
+metric reduction (`sync_dist`) and they would wait for it forever.
 
 Every pass is a function of (seed, epoch, rank, worker): the shard order, the sample shuffle and the
 augmentations are seeded from them (each sample's augmentations by its own seed). A resumed run reads what the
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import json
 import logging
 import math
@@ -52,12 +60,37 @@ SKIPPED_KEY = "skipped"
 IMAGE_KEYS = ("image", "image_view2")
 TEXT_ID_KEYS = ("caption_ids", "text_view_ids", "tag_ids")
 _LOGGED_PER_REASON = 5
+BARREN_DRAWS_MIN = 256  # above the shuffle buffer's first fill (at most 100 samples, so 100 draws)
+BARREN_DRAWS_PER_SHARD = 4
 SAMPLE_SEED_KEY = "__seed__"
 INDEX_TIMEOUT_S = 30  # reading a remote shard index
 
 
 class NoUsableSample(ConfigError):
     """The training shards give no sample that decodes: every one is corrupt or lacks a field."""
+
+
+def barren_draw_limit(shards: int) -> int:
+    """Resampled shard draws in a row that may give no usable sample before the stream stops.
+
+    Any usable sample starts the count again, so a stream with samples flowing never stops. The limit grows
+    with the number of shards: where a fraction `g` of the shards gives samples, `limit` bad draws in a row
+    happen with probability `(1 - g) ** limit` (below 1e-30 for g = 1/4, whatever the number of shards),
+    and with no usable shard the error comes after a few draws of each shard.
+    """
+    return max(BARREN_DRAWS_MIN, BARREN_DRAWS_PER_SHARD * shards)
+
+
+def _share(src: Iterable[Any], rank: int, world: int, index: int, count: int) -> Iterator[Any]:
+    """Every `world`-th item from `rank` (a rank's shards), then every `count`-th of those from `index`."""
+    ours = itertools.islice(src, rank, None, world)
+    yield from itertools.islice(ours, index, None, count)
+
+
+def _rank_and_worker_shards(src: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
+    """The shards of `rank` among `world`, then of this loader worker among the loader's workers."""
+    worker, workers = _worker()
+    yield from _share(src, rank, world, worker, workers)
 
 
 class SkipCounter:
@@ -309,27 +342,42 @@ class _EpochStream(IterableDataset):
     `samples` runs the decoded-sample `pipeline` (built with `start` after the shard source and `positions`
     after the sample shuffle) as often as needed; the chained passes are cut into the worker's `per_worker`
     batches of `batch_size`, put together by `collate`. `start` seeds the shard and sample shuffles from
-    (seed, epoch, repetition, rank, worker). `positions` drops the samples of the batches this worker already
-    gave in the epoch (round robin over workers: a resumed run), before they are decoded, and tags each sample
-    with its own seed, which `_Seeded` puts into `random` (augmentations, text views) before its transform.
+    (seed, epoch, repetition, rank, stream). `positions` drops the samples of the batches this worker already
+    gave in the epoch, before they are decoded, and tags each sample with its own seed, which `_Seeded` puts
+    into `random` (augmentations, text views) before its transform.
+
+    The loader asks its workers for batches round robin, starting with worker 0, so batch `i` of an epoch is
+    batch `i // workers` of the stream `i % workers`. A pass that starts after `done` batches hands the
+    stream `(w + done) % workers` to the loader's worker `w`: its batches then continue the epoch in the
+    uninterrupted order, which stays true however often the epoch is resumed. `split` gives each stream its
+    shards by the trainer's rank and world size (webdataset cannot see them inside loader workers).
+
+    A resampled shard source never ends, so a pass over it never shows that no shard gives a sample:
+    `drawn` counts the shard draws since a sample last came through (`barren`) and stops the stream with
+    `NoUsableSample` when they pass `draw_limit` (see `barren_draw_limit`).
     """
 
-    def __init__(self, seed: int, rank: int, batch_size: int, per_worker: int, workers: int) -> None:
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+    def __init__(
+        self, seed: int, rank: int, world: int, batch_size: int, per_worker: int, workers: int
+    ) -> None:
+        self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch_size
         self.per_worker, self.workers = per_worker, workers
         self.position = _DataEpoch()
         self.rngs = {"shards": random.Random(), "samples": random.Random()}
         self.pipeline: wds.DataPipeline | None = None
         self.collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
-        self.name, self.repetition, self.index, self.skip = "", 0, 0, 0
+        self.name, self.stream_id, self.repetition, self.index, self.skip = "", 0, 0, 0, 0
+        self.draw_limit: int | None = None
+        self.barren = 0
 
     def __len__(self) -> int:
         return self.per_worker * self.workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = _worker()
-        done = len(range(worker, self.position.done, workers))
-        self.skip, self.index, self.repetition = done * self.batch_size, 0, 0
+        self.stream_id = (worker + self.position.done) % workers
+        done = len(range(self.stream_id, self.position.done, workers))
+        self.skip, self.index, self.repetition, self.barren = done * self.batch_size, 0, 0, 0
         samples = self.samples()
         for _ in range(self.per_worker - done):
             yield self.collate([next(samples) for _ in range(self.batch_size)])
@@ -339,22 +387,39 @@ class _EpochStream(IterableDataset):
         while True:
             given, before = 0, self.index
             for sample in self.pipeline:
-                given += 1
+                given, self.barren = given + 1, 0
                 yield sample
             if given == 0 and (self.index == before or before >= self.skip):  # it would never end
                 raise NoUsableSample("train_shards: a pass over this worker's shards gave no usable sample")
             self.repetition += 1
 
     def start(self, src: Iterable[Any]) -> Iterator[Any]:
-        self.name = f"{self.seed}:{self.position.epoch}:{self.repetition}:{self.rank}:{_worker()[0]}"
+        self.name = f"{self.seed}:{self.position.epoch}:{self.repetition}:{self.rank}:{self.stream_id}"
         for kind, rng in self.rngs.items():
             rng.seed(f"{kind}:{self.name}")
         yield from src
 
+    def split(self, src: Iterable[dict[str, str]]) -> Iterator[dict[str, str]]:
+        """The shards of this rank (every `world`-th from `rank`), then of this stream among its workers."""
+        yield from _share(src, self.rank, self.world, self.stream_id, self.workers)
+
+    def drawn(self, src: Iterable[dict[str, str]]) -> Iterator[dict[str, str]]:
+        """The shard draws, stopped with `NoUsableSample` after `draw_limit` in a row gave no sample."""
+        for shard in src:
+            self.barren += 1
+            if self.draw_limit is not None and self.barren > self.draw_limit:
+                raise NoUsableSample(
+                    f"train_shards: {self.draw_limit} shards drawn in a row gave no usable sample (every "
+                    "shard corrupt, or no sample with an image and a caption)"
+                )
+            yield shard
+
     def positions(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
             self.index += 1
-            if self.index > self.skip:
+            if self.index <= self.skip:
+                self.barren = 0  # trained before the resume: usable, not decoded again
+            else:
                 sample[SAMPLE_SEED_KEY] = f"sample:{self.name}:{self.index}"
                 yield sample
 
@@ -534,16 +599,21 @@ class MultiViewDataModule(L.LightningDataModule):
         return DataLoader(dataset, **settings)
 
     def _pipeline(
-        self, urls: list[str], counter: SkipCounter, stream: _EpochStream | None = None
+        self, urls: list[str], counter: SkipCounter, stream: _EpochStream | None = None, rank: int = 0,
+        world: int = 1,
     ) -> list[Callable]:
-        """Shards -> tar members -> samples; `stream` (training) seeds the shard order at each pass."""
-        start = [stream.start] if stream else []
+        """Shards -> tar members -> samples; `stream` (training) seeds the shard order at each pass and
+        splits the shards; without one (validation) they are split by `rank` of `world`, then by worker."""
         if stream and self.resampled:
-            source = [functools.partial(_resampled_shards, urls, stream.rngs["shards"]), *start]
-        else:
-            source = [wds.SimpleShardList(urls), *start, wds.split_by_node, wds.split_by_worker]
-            if stream and self.shard_shuffle:
+            draws = functools.partial(_resampled_shards, urls, stream.rngs["shards"])
+            source = [draws, stream.start, stream.drawn]
+        elif stream:
+            source = [wds.SimpleShardList(urls), stream.start, stream.split]
+            if self.shard_shuffle:
                 source.append(wds.shuffle(self.shard_shuffle, self.shard_shuffle, rng=stream.rngs["shards"]))
+        else:
+            ours = functools.partial(_rank_and_worker_shards, rank=rank, world=world)
+            source = [wds.SimpleShardList(urls), ours]
         return [
             *source,
             functools.partial(read_shards, counter=counter, expected=self.shard_sizes),
@@ -554,13 +624,16 @@ class MultiViewDataModule(L.LightningDataModule):
         rank, world_size = _rank_and_world(self.trainer)
         streams = world_size * max(1, self.num_workers)
         if not self.resampled and len(self.train_urls) < streams:
-            raise ValueError(
+            raise ConfigError(
                 f"train_shards: {len(self.train_urls)} shards for {world_size} ranks x {self.num_workers} "
                 "workers; every worker needs a shard (set resampled=true or use fewer workers)"
             )
         counter = SkipCounter()
         per_worker = self.batches_per_worker(world_size)
-        stream = _EpochStream(self.seed, rank, self.batch_size, per_worker, max(1, self.num_workers))
+        workers = max(1, self.num_workers)
+        stream = _EpochStream(self.seed, rank, world_size, self.batch_size, per_worker, workers)
+        if self.resampled:
+            stream.draw_limit = barren_draw_limit(len(self.train_urls))
         samples = stream.rngs["samples"]
         shuffle = [wds.shuffle(self.shuffle_buffer, rng=samples)] if self.shuffle_buffer > 0 else []
         stream.pipeline = wds.DataPipeline(
@@ -573,11 +646,19 @@ class MultiViewDataModule(L.LightningDataModule):
         return self._loader(stream)
 
     def val_dataloader(self) -> DataLoader | list:
+        """One pass over this rank's share of the validation shards (see the module docstring)."""
         if not self.val_urls:
             return []
+        rank, world_size = _rank_and_world(self.trainer)
+        if len(self.val_urls) < world_size:
+            raise ConfigError(
+                f"data.val_shards: {len(self.val_urls)} validation shards for {world_size} ranks; each rank "
+                f"validates its own shards and needs one (use at least {world_size} shards, or "
+                "data.val_shards=null)"
+            )
         counter = SkipCounter()
         dataset = wds.DataPipeline(
-            *self._pipeline(self.val_urls, counter),
+            *self._pipeline(self.val_urls, counter, rank=rank, world=world_size),
             wds.map(self._transform(train=False), handler=counter.sample_handler),
             wds.batched(self.val_batch_size, collation_fn=Collate(counter), partial=True),
         )

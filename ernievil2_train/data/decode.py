@@ -1,5 +1,15 @@
 """Raw WebDataset sample -> checked fields (lazy image, caption, metadata), with typed skip reasons.
 
+Two sample layouts are read. This project's (written by `data_recipes`): `__key__`, an image, `txt` (the
+caption) and `json` = `{"image_id", "text_id", "captions", "tags"}`; the samples of one image share its
+`image_id`.
+Plain caption sets (img2dataset's output for LAION, Wukong, Zero..., or any `jpg` + `txt` WebDataset): a
+`json` without `image_id` (img2dataset's `url`, `key`, `status`, `caption`, `width`... fields, which are not
+read), or no `json` at all. Such a sample is its own image: its image id is its shard's url and its
+`__key__` (img2dataset's keys repeat across data sets, so the key alone could make two images of a mixed set
+one), its captions are its caption alone, and it has no tags (it is left out of the tag loss, never given fake
+tags).
+
 Every way a sample can be unusable maps to one entry of `SKIP_REASONS`; the pipeline counts skips per
 reason (see `ernievil2_train.data.datamodule`).
 """
@@ -15,9 +25,9 @@ from PIL import Image
 SKIP_REASONS: tuple[str, ...] = (
     "bad_tar",  # unreadable or truncated tar, unopenable shard
     "short_shard",  # samples a shard's `{split}.json` index lists that its tar does not hold
-    "missing_field",  # no image, `txt` or `json` in the sample
-    "bad_text",  # caption empty or not UTF-8
-    "bad_json",  # metadata not JSON, not an object, no `image_id`, wrong field types
+    "missing_field",  # no image or no `txt` in the sample
+    "bad_text",  # caption empty, not UTF-8, or with no token
+    "bad_json",  # `json` present but not JSON, not an object, or with a field of the wrong type
     "bad_image",  # image undecodable or truncated
     "image_too_large",  # header says more pixels than `max_image_pixels` (decompression bomb guard)
     "other",  # anything unexpected (logged with its message)
@@ -79,32 +89,52 @@ def _strings(meta: dict, name: str, key: str) -> list[str]:
     return [v.strip() for v in values if v.strip()]
 
 
-def _meta(data: bytes, key: str) -> dict:
+def _meta(data: bytes | None, key: str) -> dict:
+    """The sample's metadata as an object; `{}` without a `json`."""
+    if data is None:
+        return {}
     try:
         meta = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exn:
         raise SkipSample("bad_json", f"{key}: json is not valid: {exn}") from exn
-    if not isinstance(meta, dict) or not isinstance(meta.get("image_id"), str | int):
-        raise SkipSample("bad_json", f"{key}: json needs an object with an 'image_id'")
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"{key}: json must be an object, got {type(meta).__name__}")
     return meta
 
 
+def _image_id(meta: dict, key: str) -> str | None:
+    """The json's `image_id` (a string or an integer); None when the json has none (a plain caption set)."""
+    if "image_id" not in meta:
+        return None
+    image_id = meta["image_id"]
+    if isinstance(image_id, bool) or not isinstance(image_id, str | int):
+        raise SkipSample("bad_json", f"{key}: json field 'image_id' must be a string or an integer")
+    return str(image_id)
+
+
 def parse_sample(sample: dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> RawSample:
-    """Check a raw sample (`__key__`, image, `txt`, `json`) and open its image header."""
+    """Check a raw sample (`__key__`, image, `txt`, optional `json`) and open its image header.
+
+    With an `image_id` in its json, the sample is one caption of that image (`captions`, `tags` from the
+    json); without one, or without a json, it is its own image (`own_image_id`, its caption, no tags).
+    """
     key = str(sample.get("__key__", "?"))
     image_data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    missing = [name for name, value in (("image", image_data), ("txt", sample.get("txt")),
-                                         ("json", sample.get("json"))) if value is None]
+    missing = [name for name, value in (("image", image_data), ("txt", sample.get("txt"))) if value is None]
     if missing:
         raise SkipSample("missing_field", f"{key}: no {', '.join(missing)}")
     caption = _text(sample["txt"], key)
-    meta = _meta(sample["json"], key)
+    meta = _meta(sample.get("json"), key)
+    image_id = _image_id(meta, key)
+    if image_id is None:
+        image_id = own_image_id(str(sample.get("__url__", "")), key)
+        captions, tags = [caption], []
+    else:
+        captions, tags = _strings(meta, "captions", key), _strings(meta, "tags", key)
     image = open_image(image_data, max_pixels, key)
-    return RawSample(
-        key=key,
-        image=image,
-        caption=caption,
-        image_id=str(meta["image_id"]),
-        captions=_strings(meta, "captions", key),
-        tags=_strings(meta, "tags", key),
-    )
+    return RawSample(key=key, image=image, caption=caption, image_id=image_id, captions=captions, tags=tags)
+
+
+def own_image_id(url: str, key: str) -> str:
+    """The image id of a sample that is its own image: its shard's url and its key."""
+    return f"{url}#{key}" if url else key

@@ -7,12 +7,22 @@ Keys (per sample; the collate stacks them into the batch format documented in th
 
 Text view modes: `dropout` (the caption ids again; the model's dropout makes the second view),
 `second_caption` (another caption of the same image, random, different from this one when the image has
-several, else the same caption), `token_drop` (the caption with each word piece deleted with probability
-`token_drop_p`, at least one kept), `none`.
+several, else the same caption: always so for plain caption sets such as img2dataset's, whose samples are
+each their own image with one caption and no tags, see `decode`), `token_drop` (the caption with each word
+piece deleted with probability `token_drop_p`, at least one kept), `none`.
+
+`caption_key` marks the text↔text positives (caption rows against text-view columns): equal keys, positive
+pair. It is the hash of the caption, except with `second_caption` training views, where any caption of the
+image is a text view of every other: there it is the hash of the image's caption set, so two samples of one
+image (whose text views may be each other's captions) are positives, not false negatives.
+
+A caption or a tag the tokenizer reduces to nothing (control or format characters only) is not text: such a
+caption is skipped as `bad_text`, such a tag left out (a sample left with none has `has_tags` false).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,7 +30,7 @@ from typing import Any
 import torch
 
 from ernievil2_train.config_checks import check_fields
-from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SkipSample, parse_sample
+from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, RawSample, SkipSample, parse_sample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision.augment import CenterView, TrainViews
@@ -97,28 +107,38 @@ class SampleTransform:
             return self.row(kept or [random.choice(pieces)])
         return self.row(pieces)
 
+    def caption_key(self, raw: RawSample) -> int:
+        """The text↔text positive key: the caption's hash, the caption set's with `second_caption` views."""
+        if self.train and self.views.text_view == "second_caption":
+            group = sorted({raw.caption, *raw.captions})
+            return stable_key(json.dumps(group, ensure_ascii=False))
+        return stable_key(raw.caption)
+
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
         raw = parse_sample(sample, self.max_image_pixels)
+        pieces = self.tokenizer.encode(raw.caption)
+        if not pieces:
+            raise SkipSample("bad_text", f"{raw.key}: the caption has no token")
         try:
             images = self.images(raw.image)
         except Exception as exn:
             raise SkipSample("bad_image", f"{raw.key}: {exn}") from exn
         if not self.train:
             images = (images,)
-        pieces = self.tokenizer.encode(raw.caption)
         out = {
             "image": images[0],
             "caption_ids": self.row(pieces),
             "image_key": torch.tensor(stable_key(raw.image_id), dtype=torch.long),
-            "caption_key": torch.tensor(stable_key(raw.caption), dtype=torch.long),
+            "caption_key": torch.tensor(self.caption_key(raw), dtype=torch.long),
         }
         if self.train and self.views.image_view2:
             out["image_view2"] = images[1]
         if self.train and self.views.text_view != "none":
             out["text_view_ids"] = self.text_view(raw.caption, pieces, raw.captions)
         if self.views.tags:
-            has_tags = bool(raw.tags)
-            tag_pieces = self.tokenizer.encode(TAG_SEPARATOR.join(raw.tags)) if has_tags else []
+            tags = [tag for tag in raw.tags if self.tokenizer.encode(tag)]
+            has_tags = bool(tags)
+            tag_pieces = self.tokenizer.encode(TAG_SEPARATOR.join(tags)) if has_tags else []
             row = self.row(tag_pieces) if has_tags else torch.zeros(self.tokenizer.max_len, dtype=torch.long)
             out["tag_ids"] = row
             out["has_tags"] = torch.tensor(has_tags)

@@ -209,3 +209,21 @@ def test_slurm_requeue_signal_saves_requeues_and_restart_resumes(demo_cache: Pat
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == target
     assert _adam_steps(run_dir / "checkpoints" / "last.ckpt") == {target}
+
+
+def test_resampled_shards_with_no_usable_sample_stop_with_one_line(demo_cache: Path, tmp_path: Path) -> None:
+    """Resampling draws shards forever: a corrupt tar as the only shard must still end the run, with one
+    error line and exit code 2, not a hang at 0 batches."""
+    garbage = tmp_path / "train-000000.tar"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    vocab = next((demo_cache / "demo").glob("v*")) / "vocab.txt"
+    cmd = _cli(tmp_path / "run", "data=shards", f"data.train_shards={garbage}", f"data.vocab_file={vocab}",
+               "data.eval_set=null", "callbacks.retrieval=null", "data.datamodule.resampled=true",
+               "data.datamodule.epoch_samples=64", "logger=csv")
+    result = _run(cmd, _env(demo_cache), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train_shards: 256 shards drawn in a row gave no usable sample (every shard "
+                      "corrupt, or no sample with an image and a caption)"], result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0]

@@ -7,11 +7,14 @@ import functools
 import http.server
 import io
 import json
+import multiprocessing
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -67,3 +70,28 @@ def serving(folder: Path) -> Iterator[str]:
             yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
+
+
+def _report(call: Callable[[], object], sink: Connection) -> None:
+    try:
+        call()
+        sink.send("")
+    except BaseException as exn:  # every outcome goes back to the test
+        sink.send(f"{type(exn).__name__}: {exn}")
+
+
+def error_within(call: Callable[[], object], seconds: float) -> str:
+    """Run `call()` in a forked process: `'ErrorType: message'` of what it raised, `''` when it returned.
+    A call still running after `seconds` is killed and fails the test (a hang, not an error)."""
+    context = multiprocessing.get_context("fork")
+    source, sink = context.Pipe(duplex=False)
+    process = context.Process(target=_report, args=(call, sink), daemon=True)
+    process.start()
+    sink.close()
+    try:
+        if not source.poll(seconds):
+            process.kill()
+            pytest.fail(f"still running after {seconds} s")
+        return source.recv()
+    finally:
+        process.join()

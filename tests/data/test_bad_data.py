@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import struct
 import tarfile
 import zlib
@@ -13,13 +14,22 @@ import pytest
 import torch
 from PIL import Image
 
+from ernievil2_train.data import datamodule
 from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, NoUsableSample, skip_metrics
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
-from tests.data.shard_helpers import jpeg_bytes, sample, serving, smooth_image, write_shard, write_vocab
+from tests.data.shard_helpers import (
+    error_within,
+    jpeg_bytes,
+    sample,
+    serving,
+    smooth_image,
+    write_shard,
+    write_vocab,
+)
 
 MAX_PIXELS = 100_000
-EXPECTED = {"bad_tar": 2, "short_shard": 0, "missing_field": 4, "bad_text": 2, "bad_json": 3, "bad_image": 2,
+EXPECTED = {"bad_tar": 2, "short_shard": 0, "missing_field": 4, "bad_text": 2, "bad_json": 5, "bad_image": 2,
             "image_too_large": 2, "other": 0}
 GOOD = list(range(8))
 
@@ -60,13 +70,15 @@ def data(tmp_path_factory):
         broken(2, jpg=jpeg_bytes(smooth_image(96, 72, 2))[:400]),
         sample(1),
         broken(3, txt=None),
-        broken(4, json=None),
+        broken(4, txt=None, json=None),
         broken(5, jpg=None),
         broken(6, txt=b"  \n"),
         broken(7, txt=b"\xff\xfe\xfa caption"),
         broken(8, json=b"{not json"),
-        broken(9, json=meta(captions=["x"])),
+        broken(9, json=b'["img109"]'),
         broken(10, json=meta(image_id="i", tags="狗")),
+        broken(13, json=meta(image_id=["img113"], captions=["x"])),
+        broken(14, json=meta(image_id=None)),
         broken(11, jpg=None, png=bomb_png()),
         broken(12, jpg=jpeg_bytes(smooth_image(400, 300, 12))),
         sample(2),
@@ -193,3 +205,49 @@ def test_shards_with_no_usable_sample_stop_with_a_clear_error(tmp_path):
                              num_workers=0, epoch_samples=8)
     with pytest.raises(NoUsableSample, match="gave no usable sample"):
         list(dm.train_dataloader())
+
+
+def _resampled(train_shards: str, vocab: str, **kw: object) -> MultiViewDataModule:
+    args = {"image_size": 32, "batch_size": 2, "num_workers": 0, "epoch_samples": 64, "resampled": True}
+    return MultiViewDataModule(train_shards=train_shards, vocab_file=vocab, **{**args, **kw})
+
+
+@pytest.mark.parametrize("content", ["random_bytes", "undecodable_images"])
+def test_resampled_shards_with_no_usable_sample_stop_after_bounded_draws(tmp_path, content: str) -> None:
+    """Resampling never ends a pass, so the draws themselves are bounded: a corrupt tar (no sample at all)
+    or a valid tar of undecodable images stops the stream with the error instead of drawing forever."""
+    write_vocab(tmp_path / "vocab.txt")
+    shard = tmp_path / "train-000000.tar"
+    if content == "random_bytes":
+        shard.write_bytes(random.Random(0).randbytes(10_240))
+    else:
+        write_shard(shard, [broken(i, jpg=b"\x00not an image" * 20) for i in range(6)])
+    dm = _resampled(str(shard), str(tmp_path / "vocab.txt"))
+    error = error_within(lambda: list(dm.train_dataloader()), seconds=60)
+    limit = datamodule.barren_draw_limit(1)
+    assert error == (f"NoUsableSample: train_shards: {limit} shards drawn in a row gave no usable sample "
+                     "(every shard corrupt, or no sample with an image and a caption)")
+
+
+def test_resampled_draws_are_counted_from_the_last_usable_sample(tmp_path, monkeypatch) -> None:
+    """With a limit of 6 draws, an epoch of many more draws, a quarter of them of a corrupt shard, still runs:
+    every usable sample starts the count again. The corrupt shard alone stops at the limit."""
+    monkeypatch.setattr(datamodule, "BARREN_DRAWS_MIN", 6)
+    monkeypatch.setattr(datamodule, "BARREN_DRAWS_PER_SHARD", 0)
+    assert datamodule.barren_draw_limit(40) == 6
+    vocab = str(write_vocab(tmp_path / "vocab.txt"))
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(random.Random(1).randbytes(10_240))
+    good = [str(write_shard(tmp_path / f"good-{i}.tar", [sample(i)])) for i in range(3)]
+    dm = _resampled([*good, str(garbage)], vocab, epoch_samples=80, shuffle_buffer=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 40
+    assert counts_of(batches)["bad_tar"] > 6  # more bad draws than the limit, never 7 in a row
+    alone = _resampled(str(garbage), vocab)
+    error = error_within(lambda: list(alone.train_dataloader()), seconds=60)
+    assert error.startswith("NoUsableSample: train_shards: 6 shards drawn in a row gave no usable sample")
+
+
+def test_the_draw_limit_grows_with_the_shards() -> None:
+    assert datamodule.barren_draw_limit(1) == datamodule.barren_draw_limit(10) >= 200  # shuffle buffer fill
+    assert datamodule.barren_draw_limit(10_000) == 40_000

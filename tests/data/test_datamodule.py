@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -11,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, normalize_batch, resolve_shards
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
@@ -150,12 +152,42 @@ def test_ranks_get_equal_batches_and_disjoint_shards(data, monkeypatch):
     assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
 
 
+def test_ranks_split_shards_by_the_trainer_rank_inside_loader_workers(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's launchers set WORLD_SIZE but not RANK, and a loader worker has no process group: the
+    trainer's rank alone must split the shards, or every rank reads all of them."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = []
+    for rank in (0, 1):
+        dm = module(data, num_workers=2, persistent_workers=False)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        batches = list(dm.train_dataloader())
+        keys = torch.cat([b["image_key"] for b in batches]).tolist()
+        assert len(batches) == 4 and len(set(keys)) == len(keys)
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
+
+
 def test_resampled_stream_runs_with_more_workers_than_shards(data):
     loader = module(data, train_shards=str(data / "train-000000.tar"), epoch_samples=24, resampled=True,
                     num_workers=2, persistent_workers=False).train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == 6
     assert set(torch.cat([b["image_key"] for b in batches]).tolist()) <= keys_of(range(PER_SHARD))
+
+
+def test_workers_reading_the_same_samples_augment_them_differently(data: Path) -> None:
+    """Two workers drawing the one shard give its samples in the same order, each with its own views."""
+    loader = module(data, train_shards=str(data / "train-000000.tar"), epoch_samples=2 * PER_SHARD,
+                    batch_size=PER_SHARD, resampled=True, shuffle_buffer=0, num_workers=2,
+                    persistent_workers=False).train_dataloader()
+    first, second = list(loader)
+    assert torch.equal(first["image_key"], second["image_key"])
+    for key in ("image", "image_view2"):
+        assert all(not torch.equal(a, b) for a, b in zip(first[key], second[key], strict=True))
 
 
 def _same_batches(a: list[dict], b: list[dict]) -> bool:
@@ -204,15 +236,14 @@ def test_a_resumed_run_reads_what_the_uninterrupted_run_reads(data, tmp_path, re
     assert all(_same_batches(at_epoch_end.seen[e], full.seen[e]) for e in (1, 2))
     mid_epoch = _fit(module(data, **settings), 2, tmp_path / "b", saved / "mid-step=12.ckpt")
     assert _same_batches(mid_epoch.seen[1], full.seen[1][4:])
-    # 1 batch done: the workers' remaining batches are the same, met in another round-robin order
+    # 1 batch done: the loader's worker 0 takes up the stream whose turn it is, so the order is kept too
     odd = _fit(module(data, **settings), 2, tmp_path / "d", saved / "mid-step=9.ckpt")
-    assert _same_batches(sorted(odd.seen[1], key=_first_key), sorted(full.seen[1][1:], key=_first_key))
+    assert _same_batches(odd.seen[1], full.seen[1][1:])
+    # resumed again in the same epoch, from the resumed run's checkpoint 4 batches into it
+    twice = _fit(module(data, **settings), 2, tmp_path / "e", tmp_path / "d" / "mid-step=12.ckpt")
+    assert _same_batches(twice.seen[1], full.seen[1][4:])
     other_seed = _fit(module(data, **{**settings, "seed": 4}), 1, tmp_path / "c")
     assert not _same_batches(other_seed.seen[0], full.seen[0])
-
-
-def _first_key(batch: dict) -> int:
-    return int(batch["image_key"][0])
 
 
 def test_resuming_mid_epoch_decodes_only_the_remaining_samples(data, tmp_path, monkeypatch):
@@ -255,6 +286,37 @@ def test_val_loader_is_one_deterministic_single_view_pass(data):
         for k, img in zip(b["image_key"].tolist(), b["image"], strict=True):
             assert torch.equal(second[k], img)
     assert module(data).val_dataloader() == []
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_validate_disjoint_shares_of_the_val_shards(
+    data: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int
+) -> None:
+    """As in training, the trainer's rank splits the validation shards (WORLD_SIZE set, RANK not, as under
+    Lightning's launchers), and the loader workers split a rank's share again: each sample once in all."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = []
+    for rank in (0, 1):
+        dm = module(data, val_shards=str(data / "train-*.tar"), num_workers=num_workers, val_batch_size=3,
+                    persistent_workers=False)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        keys = torch.cat([b["image_key"] for b in dm.val_dataloader()]).tolist()
+        assert len(keys) == len(set(keys)) == 2 * PER_SHARD
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
+
+
+def test_fewer_val_shards_than_ranks_is_a_config_error(data: Path) -> None:
+    """A rank without a validation shard would make no validation step, and the other ranks would wait for
+    it in the metric reduction: refused before any rank starts."""
+    dm = module(data, val_shards=str(data / "val-000000.tar"))
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match=r"^data\.val_shards: 1 validation shards for 2 ranks"):
+        dm.val_dataloader()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    assert len(list(dm.val_dataloader())) == 2
 
 
 def test_uint8_transfer_then_normalize_equals_float_batches(data):

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from ernievil2_train.data.decode import SkipSample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.text import ErnieTokenizer
@@ -78,6 +79,33 @@ def test_second_caption_picks_another_caption_of_the_image(vocab):
     assert picked == {tuple(r) for r in rows(vocab, captions[1:]).tolist()}
     single = transform(sample(8, captions=["猫睡觉"]))
     assert torch.equal(single["text_view_ids"], single["caption_ids"])
+
+
+def test_second_caption_keys_make_the_captions_of_one_image_positives(vocab: str) -> None:
+    """Text views of one image are each other's captions: the text-text key must match across its samples
+    (else a caption row meets its own text as a negative column), and stay apart from other images."""
+    captions = ["一只狗在草地上奔跑", "两个人骑自行车"]
+    second = SampleTransform(vocab, image_size=SIZE, views={"text_view": "second_caption"})
+    first = second(sample(13, captions=captions))
+    other = second(sample(13, captions=captions[::-1]))
+    assert torch.equal(first["caption_ids"], other["text_view_ids"])
+    assert int(first["caption_key"]) == int(other["caption_key"])
+    unrelated = second(sample(14, captions=[captions[0], "红色的汽车停路边"]))
+    assert int(unrelated["caption_key"]) != int(first["caption_key"])
+    dropout = SampleTransform(vocab, image_size=SIZE, views={"text_view": "dropout"})
+    assert int(dropout(sample(13, captions=captions))["caption_key"]) == stable_key(captions[0])
+    assert int(dropout(sample(13, captions=captions[::-1]))["caption_key"]) == stable_key(captions[1])
+
+
+def test_text_without_tokens_is_neither_a_tag_nor_a_caption(vocab: str) -> None:
+    """Format characters only: such a tag is dropped (no fake tag row), such a caption is `bad_text`."""
+    transform = SampleTransform(vocab, image_size=SIZE)
+    tagless = transform(sample(15, tags=["\u200b"]))
+    assert not bool(tagless["has_tags"]) and int(tagless["tag_ids"].abs().sum()) == 0
+    mixed = transform(sample(15, tags=["\u200b", "狗"]))
+    assert torch.equal(mixed["tag_ids"], rows(vocab, ["狗"])[0])
+    with pytest.raises(SkipSample, match="bad_text"):
+        transform(sample(16, captions=["\u200b\u200d"]))
 
 
 def test_token_drop_deletes_pieces_and_keeps_one(vocab):

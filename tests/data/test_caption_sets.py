@@ -1,0 +1,176 @@
+"""Plain caption sets: img2dataset's shards (LAION, Wukong, Zero...) and `jpg` + `txt` WebDatasets, where
+every sample is its own image, with one caption and no tags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule
+from ernievil2_train.data.decode import SkipSample, own_image_id, parse_sample
+from ernievil2_train.data.keys import stable_key
+from ernievil2_train.text import ErnieTokenizer
+from tests.data.shard_helpers import CHARS, jpeg_bytes, sample, smooth_image, write_shard, write_vocab
+
+SIZE = 32
+PER_SHARD = 6
+
+
+def caption_of(index: int) -> str:
+    return CHARS[index % 12 : index % 12 + 3 + index % 5]
+
+
+def img2dataset_sample(index: int) -> dict:
+    """A sample as img2dataset writes it: `{key}.jpg`, `{key}.txt`, `{key}.json` with its own fields."""
+    key = f"{index:09d}"
+    image = jpeg_bytes(smooth_image(96, 72, index))
+    meta = {"url": f"https://example.com/{index}.jpg", "key": key, "status": "success", "error_message": None,
+            "caption": caption_of(index), "width": 96, "height": 72, "original_width": 960,
+            "original_height": 720, "exif": "{}", "sha256": f"{index:064x}", "similarity": 0.31}
+    return {"__key__": key, "jpg": image, "txt": caption_of(index).encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+
+
+def bare_sample(index: int) -> dict:
+    """`jpg` + `txt` only."""
+    return {"__key__": f"bare{index:05d}", "jpg": jpeg_bytes(smooth_image(80, 64, index)),
+            "txt": caption_of(index).encode("utf-8")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("caption_sets")
+    write_vocab(root / "vocab.txt")
+    write_shard(root / "train-000000.tar", [img2dataset_sample(i) for i in range(PER_SHARD)])
+    write_shard(root / "train-000001.tar", [img2dataset_sample(i) for i in range(PER_SHARD, 2 * PER_SHARD)])
+    write_shard(root / "train-000002.tar", [bare_sample(i) for i in range(PER_SHARD)])
+    write_shard(root / "train-000003.tar", [bare_sample(i) for i in range(PER_SHARD, 2 * PER_SHARD)])
+    return root
+
+
+def expected_samples(data: Path) -> dict[int, tuple[str, str]]:
+    """{image_key: (sample key, caption)} of every sample of the fixture (image id: shard url and key)."""
+    expected = {}
+    for shard, (make, first) in enumerate([(img2dataset_sample, 0), (img2dataset_sample, PER_SHARD),
+                                           (bare_sample, 0), (bare_sample, PER_SHARD)]):
+        url = str(data / f"train-{shard:06d}.tar")
+        for s in map(make, range(first, first + PER_SHARD)):
+            expected[stable_key(own_image_id(url, s["__key__"]))] = (s["__key__"], s["txt"].decode())
+    return expected
+
+
+def module(data: Path, **kw: object) -> MultiViewDataModule:
+    args = {"train_shards": str(data), "vocab_file": str(data / "vocab.txt"), "image_size": SIZE,
+            "batch_size": 3, "num_workers": 0, "shuffle_buffer": 10, "epoch_samples": 4 * PER_SHARD}
+    return MultiViewDataModule(**{**args, **kw})
+
+
+def rows_by_key(batches: list[dict], name: str) -> dict[int, torch.Tensor]:
+    return {int(k): row for b in batches for k, row in zip(b["image_key"], b[name], strict=True)}
+
+
+def caption_row(vocab: Path, caption: str, length: int) -> torch.Tensor:
+    return ErnieTokenizer(str(vocab))([caption])["input_ids"][0, :length]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_caption_set_shards_give_training_batches_without_tags(data: Path, num_workers: int) -> None:
+    """Every sample is its own image (image key = hash of its key), with its caption, no tag row, and the
+    `second_caption` text view falls back to the caption itself (the image has no other)."""
+    dm = module(data, num_workers=num_workers, persistent_workers=False,
+                views={"text_view": "second_caption", "tags": True, "image_view2": True})
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4 * PER_SHARD // 3
+    expected = expected_samples(data)
+    keys = torch.cat([b["image_key"] for b in batches]).tolist()
+    assert sorted(keys) == sorted(expected)
+    assert all(int(b[SKIPPED_KEY].sum()) == 0 for b in batches)
+    for batch in batches:
+        assert not batch["has_tags"].any() and int(batch["tag_ids"].abs().sum()) == 0
+        assert torch.equal(batch["text_view_ids"], batch["caption_ids"])
+        assert batch["image_view2"].shape == batch["image"].shape == (3, 3, SIZE, SIZE)
+        for key, ids, text_key in zip(batch["image_key"].tolist(), batch["caption_ids"], batch["caption_key"],
+                                      strict=True):
+            caption = expected[key][1]
+            assert torch.equal(ids, caption_row(data / "vocab.txt", caption, ids.shape[0]))
+            assert int(text_key) == stable_key(json.dumps([caption], ensure_ascii=False))
+
+
+@pytest.mark.parametrize("text_view", ["dropout", "token_drop"])
+def test_other_text_views_work_on_caption_sets(data: Path, text_view: str) -> None:
+    dm = module(data, views={"text_view": text_view, "tags": False, "image_view2": False})
+    batches = list(dm.train_dataloader())
+    expected = expected_samples(data)
+    assert sorted(torch.cat([b["image_key"] for b in batches]).tolist()) == sorted(expected)
+    caption_ids, text_views = rows_by_key(batches, "caption_ids"), rows_by_key(batches, "text_view_ids")
+    for key, (_, caption) in expected.items():
+        assert torch.equal(caption_ids[key], caption_row(data / "vocab.txt", caption, len(caption_ids[key])))
+        if text_view == "dropout":
+            assert torch.equal(text_views[key], caption_ids[key])
+        else:  # pieces deleted: never more real ids than the caption, at least one kept
+            real = int((text_views[key] > 3).sum())
+            assert 1 <= real <= int((caption_ids[key] > 3).sum())
+    assert all("tag_ids" not in b and "has_tags" not in b for b in batches)
+
+
+def test_caption_sets_mix_with_this_projects_shards(data: Path, tmp_path: Path) -> None:
+    """In one data set, recipe samples keep their image ids and tags; caption set samples have neither."""
+    write_shard(tmp_path / "train-000000.tar", [sample(i) for i in range(PER_SHARD)])
+    shards = [str(data / "train-000002.tar"), str(tmp_path / "train-000000.tar")]
+    batches = list(module(data, train_shards=shards, val_shards=shards, epoch_samples=2 * PER_SHARD)
+                   .val_dataloader())
+    has_tags = {int(k): bool(t) for b in batches for k, t in zip(b["image_key"], b["has_tags"], strict=True)}
+    bare = {i: stable_key(own_image_id(shards[0], f"bare{i:05d}")) for i in range(PER_SHARD)}
+    assert has_tags == {**{stable_key(f"img{i}"): True for i in range(PER_SHARD)},
+                        **{key: False for key in bare.values()}}
+    captions = {int(k): int(c) for b in batches
+                for k, c in zip(b["image_key"], b["caption_key"], strict=True)}
+    assert captions[bare[1]] == stable_key(caption_of(1))  # validation: the caption's hash
+
+
+def test_the_same_key_in_two_caption_sets_is_two_images(tmp_path: Path) -> None:
+    """img2dataset numbers its samples from 0 in every data set: a mixed set must not merge them."""
+    write_vocab(tmp_path / "vocab.txt")
+    for name in ("laion", "wukong"):
+        (tmp_path / name).mkdir()
+        write_shard(tmp_path / name / "00000.tar", [img2dataset_sample(i) for i in range(PER_SHARD)])
+    shards = [str(tmp_path / name / "00000.tar") for name in ("laion", "wukong")]
+    dm = module(tmp_path, train_shards=shards, val_shards=shards, views={"tags": False, "text_view": "none"})
+    keys = torch.cat([b["image_key"] for b in dm.val_dataloader()]).tolist()
+    assert len(keys) == len(set(keys)) == 2 * PER_SHARD
+
+
+def _without(item: dict, *names: str) -> dict:
+    return {k: v for k, v in item.items() if k not in names}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"json": b"{'url': 'not json'}"}, "bad_json"),
+        ({"json": b'["a list", "not an object"]'}, "bad_json"),
+        ({"json": b'"just a string"'}, "bad_json"),
+        ({"json": json.dumps({"key": "000000001", "image_id": True}).encode()}, "bad_json"),
+        ({"json": json.dumps({"key": "000000001", "image_id": {"id": 1}}).encode()}, "bad_json"),
+        ({"txt": None}, "missing_field"),
+        ({"jpg": None}, "missing_field"),
+    ],
+)
+def test_broken_caption_set_samples_are_skipped_with_their_reason(change: dict, reason: str) -> None:
+    item = img2dataset_sample(1)
+    item = {**_without(item, *change), **{k: v for k, v in change.items() if v is not None}}
+    with pytest.raises(SkipSample) as caught:
+        parse_sample(item)
+    assert caught.value.reason == reason
+
+
+def test_a_caption_set_sample_parses_to_its_own_image() -> None:
+    for item in (img2dataset_sample(2), _without(img2dataset_sample(2), "json")):
+        raw = parse_sample(item)
+        assert (raw.image_id, raw.caption, raw.captions, raw.tags) == ("000000002", caption_of(2),
+                                                                      [caption_of(2)], [])
+    with_id = {**img2dataset_sample(2), "json": json.dumps({"image_id": 7, "tags": ["狗"]}).encode()}
+    assert (parse_sample(with_id).image_id, parse_sample(with_id).tags) == ("7", ["狗"])
