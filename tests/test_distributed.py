@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.ddp_helpers import run_ranks
 from tests.ddp_worker import CASES, VARIANTS, build_module, global_batch, grads, worker
 
 WORLD = 2
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -30,14 +21,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def ranks(tmp_path_factory) -> list[dict]:
     """Spawn 2 real gloo processes once; every variant and case runs inside them."""
     out = tmp_path_factory.mktemp("ddp")
-    args = (WORLD, _free_port(), str(out))
-    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+    run_ranks(worker, WORLD, (str(out),), TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from ernievil2_train.data.keys import stable_key
 from tests.data.ddp_val_worker import worker
 from tests.data.shard_helpers import sample, write_shard, write_vocab
+from tests.ddp_helpers import run_ranks
 
 pytestmark = pytest.mark.slow  # two spawned processes import Lightning and validate twice
 
 WORLD = 2
 PER_SHARD = 5
 TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +28,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         write_shard(data / f"train-{s:06d}.tar", [sample(s * PER_SHARD + i) for i in range(PER_SHARD)])
     write_shard(data / "val-000000.tar", [sample(100 + i) for i in range(PER_SHARD)])
     out = tmp_path_factory.mktemp("ddp_val_out")
-    context = mp.start_processes(worker, args=(WORLD, _free_port(), str(data), str(out)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP validation did not finish within {TIMEOUT_S} s (a rank waiting on another)")
+    run_ranks(worker, WORLD, (str(data), str(out)), TIMEOUT_S)
     return [torch.load(Path(out) / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
 from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
+from tests.ddp_helpers import run_ranks
 
 
 def quantised(rng: np.random.Generator, n: int, d: int = 6) -> np.ndarray:
@@ -192,19 +191,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metric_identical_with_one_and_two_processes(tmp_path):
     text, image, gt = eval_data()
     direct = any_positive(text, image, gt, device="cpu")
     single = ZeroShotRetrieval(gt, num_images=11)
     update_slices(single, 0, 1)
     assert single.compute() == direct
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, 2, (str(tmp_path),), timeout_s=120)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == direct
 
