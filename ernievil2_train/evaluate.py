@@ -157,6 +157,8 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
             raise EvalInputError(f"{checkpoint}: the model gives NaN or infinite {what} embeddings")
         if not bool(emb.any(dim=1).all()):
             raise EvalInputError(f"{checkpoint}: the model gives all-zero {what} embeddings")
+    normalize = torch.nn.functional.normalize  # cosine similarity, as training and embed
+    text, image = normalize(text, dim=-1), normalize(image, dim=-1)
     metrics = any_positive(text[kept], image, positives,
                            chunk_size=args.chunk_size, device=device)
     return metrics, len(kept), int(valid.sum())

@@ -2,10 +2,19 @@
 
 Hydra: `model: {_target_: ernievil2_train.initialize.build_model, preset: ernie_vil2_base, ...}`.
 Hub downloads are not supported: every weight file is local.
+
+Tower weight files may come from this framework (a converted or exported `model.safetensors`, a training
+`.ckpt`), from timm (a `VisionTransformer` state dict; a classifier or projection `head` is left out) or from
+transformers (`ErnieModel`, or an `ErnieFor*` model whose pretraining heads `cls.*` are left out). ERNIE 3.0's
+token-type and task-type tables are folded into the position embeddings: the text tower always uses type id 0,
+so adding row 0 of each table to every position keeps the encoder's output exactly. Every tower weight must be
+found in the file, with its shape; what was loaded, left out or folded is logged.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +25,18 @@ from safetensors.torch import load_file
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import DualEncoder, create_model
 
+log = logging.getLogger(__name__)
+
 TOWER_PREFIXES = {"vision": ("model.vision.", "vision."), "text": ("model.text.", "text.")}
+# Keys of other libraries' checkpoints that the towers have no place for (left out unless the tower has them).
+LEFT_OUT = {"vision": re.compile(r"^head\."), "text": re.compile(r"^cls\.|(^|\.)position_ids$")}
+ERNIE_PREFIX = "ernie."
+ERNIE_PARTS = ("embeddings.", "encoder.", "pooler.")
+POSITIONS = "ernie.embeddings.position_embeddings.weight"
+TYPE_TABLES = (
+    "ernie.embeddings.token_type_embeddings.weight",
+    "ernie.embeddings.task_type_embeddings.weight",
+)
 
 
 def _read_state(path: Path, key: str) -> dict[str, torch.Tensor]:
@@ -42,13 +62,35 @@ def _tower_state(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch.
     return state
 
 
+def _ernie_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers ERNIE keys in the text tower's names: the `ernie.` prefix of a bare `ErnieModel` added,
+    row 0 of the token-type / task-type tables added to every position embedding. Returns the folded keys."""
+    if not any(k.startswith(ERNIE_PREFIX) for k in state) and any(k.startswith(ERNIE_PARTS) for k in state):
+        state = {(ERNIE_PREFIX + k if k.startswith(ERNIE_PARTS) else k): v for k, v in state.items()}
+    folded = []
+    for table in TYPE_TABLES:
+        positions, types = state.get(POSITIONS), state.get(table)
+        if positions is None or types is None or types.ndim != 2 or types.shape[-1] != positions.shape[-1]:
+            continue
+        state = {k: v for k, v in state.items() if k != table}
+        state[POSITIONS] = positions + types[0].to(positions.dtype)
+        folded.append(table)
+    return state, folded
+
+
 def load_tower_weights(model: DualEncoder, tower: str, path: str | Path) -> None:
-    """Load `path` (.safetensors or torch .pt/.pth/.bin) into `model.<tower>`; every key must match."""
+    """Load `path` (.safetensors or torch .pt/.pth/.bin) into `model.<tower>`; every tower weight must be in
+    it with its shape (see the module docstring for the timm and transformers layouts)."""
     key = f"{tower}_weights"
     path = Path(path)
     state = _tower_state(_read_state(path, key), tower)
     module = getattr(model, tower)
     expected = module.state_dict()
+    folded: list[str] = []
+    if tower == "text":
+        state, folded = _ernie_keys(state)
+    left_out = sorted(k for k in state if k not in expected and LEFT_OUT[tower].search(k))
+    state = {k: v for k, v in state.items() if k not in left_out}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -60,6 +102,11 @@ def load_tower_weights(model: DualEncoder, tower: str, path: str | Path) -> None
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, wrong shape {wrong[:8]})"
         )
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    log.info(
+        "model.%s: loaded all %d %s tower tensors from %s%s%s", key, len(expected), tower, path,
+        f"; left out {', '.join(left_out)}" if left_out else "",
+        f"; folded {', '.join(folded)} (row 0) into the position embeddings" if folded else "",
+    )
 
 
 def _plain(config: Any) -> dict[str, Any]:

@@ -11,6 +11,14 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 
 RUN_ID_FILE = "wandb_run_id.txt"
+# Rank variables of the launchers: torchrun (RANK, LOCAL_RANK), Lightning's own (LOCAL_RANK, NODE_RANK) and
+# srun (SLURM_PROCID; srun starts every task at once, before Lightning sets any of the others).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_first_process() -> bool:
+    """True unless a launcher's rank variable says this process is not the first (global rank 0)."""
+    return all(os.environ.get(name, "0").strip() in ("", "0") for name in RANK_VARIABLES)
 
 
 def wandb_has_credentials() -> bool:
@@ -45,7 +53,7 @@ def wandb_logger(
         run_id = id_file.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        if is_first_process():  # other ranks log nothing; a write of theirs would replace rank 0's id
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
     return WandbLogger(

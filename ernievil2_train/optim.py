@@ -9,17 +9,25 @@ from typing import Any
 
 from torch import nn
 
-from ernievil2_train.config_checks import check_fields
+from ernievil2_train.config_checks import ConfigError, check_fields
 
-# Embedding tables and tokens get no weight decay (besides every 0/1-dim parameter: biases, norms, scales).
-NO_DECAY_NAME = re.compile(r"(cls_token|pos_embed|class_embedding|positional_embedding|_embeddings\.weight)$")
+# No weight decay, by name: biases, norm weights, temperatures, embedding tables and tokens. For the two
+# towers these are exactly their 0/1-dim parameters plus the embeddings; the names decide alone when the
+# shapes are gone (FSDP with `use_orig_params` turns every parameter into a flat 1-dim view of its shard).
+NO_DECAY_NAME = re.compile(
+    r"(\.bias$|_embeddings\.weight$|(^|\.)[^.]*(norm|Norm)[^.]*\.weight$|(^|\.)log_scales\.[^.]+$"
+    r"|(^|\.)(cls_token|pos_embed|class_embedding|positional_embedding|logit_scale)$)"
+)
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
 STEM_NAME = re.compile(r"(^|\.)(cls_token|pos_embed|patch_embed|norm_pre|embeddings)(\.|$)")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights, scalar temperatures and embedding tables/tokens are not decayed."""
-    return param.ndim <= 1 or bool(NO_DECAY_NAME.search(name))
+    """Biases, norm weights, scalar temperatures and embedding tables/tokens are not decayed; so is any other
+    0/1-dim parameter, unless FSDP has flattened it (then its shape says nothing)."""
+    if NO_DECAY_NAME.search(name):
+        return True
+    return param.ndim <= 1 and not getattr(param, "_fsdp_flattened", False)
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -90,7 +98,14 @@ class ScheduleConfig:
         return cls(**check_fields(cls, dict(value), "scheduler"))
 
     def warmup(self, total_steps: int) -> int:
-        return self.warmup_steps or round(self.warmup_ratio * total_steps)
+        """Warmup steps of a run of `total_steps` optimizer steps; a warmup as long as the run is refused (the
+        lr would never reach its peak nor decay)."""
+        if self.warmup_steps >= total_steps > 0:
+            raise ConfigError(
+                f"config key 'module.scheduler.warmup_steps': {self.warmup_steps} warmup steps, but the run "
+                f"has {total_steps} optimizer steps; set fewer (or module.scheduler.warmup_ratio)"
+            )
+        return self.warmup_steps or min(round(self.warmup_ratio * total_steps), max(total_steps - 1, 0))
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -248,9 +248,9 @@ def test_checkpoint_on_eval_set(tmp_path, capsys):
     tokenizer = ErnieTokenizer(ckpt / "vocab.txt", max_len=MAX_LEN)
     transform = eval_transform(TINY["vision"]["image_size"])
     with torch.no_grad():
-        text = model.encode_text(tokenizer(texts)["input_ids"])
+        text = model.encode_text(tokenizer(texts)["input_ids"], normalize=True)  # ranked by cosine
         pixels = torch.stack([transform(b) for b in load_evalset(tmp_path / "evalset").images])
-        image = model.encode_image(pixels)
+        image = model.encode_image(pixels, normalize=True)
     expected = any_positive(text, image, positives, device="cpu")
     argv = ["--checkpoint", str(ckpt), "--eval-set", str(tmp_path / "evalset"), "--max-len", str(MAX_LEN),
             "--batch-size", "3", "--device", "cpu", "--no-progress"]
@@ -273,8 +273,9 @@ def test_checkpoint_skips_unreadable_images(tmp_path, capsys):
     keep = [t for t, pos in enumerate(positives) if pos != [2]]
     remap = {i: i - (i > 2) for i in range(7) if i != 2}
     with torch.no_grad():
-        text = model.encode_text(tokenizer([texts[t] for t in keep])["input_ids"])
-        image = model.encode_image(torch.stack([transform(b) for i, b in enumerate(images) if i != 2]))
+        text = model.encode_text(tokenizer([texts[t] for t in keep])["input_ids"], normalize=True)
+        image = model.encode_image(torch.stack([transform(b) for i, b in enumerate(images) if i != 2]),
+                                   normalize=True)
     gt = [[remap[i] for i in positives[t] if i != 2] for t in keep]
     expected = any_positive(text, image, gt, device="cpu")
     argv = ["--checkpoint", str(ckpt), "--eval-set", str(tmp_path / "evalset"), "--max-len", str(MAX_LEN),

@@ -79,3 +79,63 @@ def test_source_errors(tmp_path):
         build_model(preset="ernie_vil2_base", checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="checkpoint folder not found"):
         build_model(checkpoint=str(tmp_path / "missing"))
+
+
+def _hf_ernie(cls_name: str, text: dict) -> torch.nn.Module:
+    """An ERNIE 3.0-style transformers model of the text tower's sizes: 4 token types, 3 task types."""
+    import transformers
+
+    from ernievil2_train.models.text import TextConfig, ernie_config
+
+    config = ernie_config(TextConfig.from_dict(text))
+    config.type_vocab_size, config.use_task_id, config.task_type_vocab_size = 4, True, 3
+    torch.manual_seed(11)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+@pytest.mark.parametrize(("cls_name", "prefix"), [("ErnieForPreTraining", "ernie"), ("ErnieModel", None)])
+def test_transformers_ernie_weights_give_the_same_encoder(tmp_path, caplog, cls_name, prefix):
+    """A transformers ERNIE file loads with its heads left out and its type tables folded into the positions:
+    the text tower then computes what the transformers model computes with type ids 0."""
+    config = _config_of(tiny_model())
+    source = _hf_ernie(cls_name, config["text"])
+    path = tmp_path / "ernie.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in source.state_dict().items()}, str(path))  # untied
+    with caplog.at_level("INFO", logger="ernievil2_train.initialize"):
+        model = build_model(config=config, text_weights=str(path)).eval()
+    ids = torch.randint(4, config["text"]["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    encoder = getattr(source, prefix) if prefix else source
+    with torch.no_grad():
+        expected = encoder(input_ids=ids)
+        got = model.text(ids)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
+    message = caplog.text
+    assert "model.text_weights: loaded all" in message and "token_type_embeddings" in message
+    assert ("left out cls.predictions" in message) == (prefix is not None)
+
+
+def test_a_transformers_file_without_the_pooler_is_refused(tmp_path):
+    """ErnieForMaskedLM has no pooler, whose output is the text embedding: it is not left at random init."""
+    config = _config_of(tiny_model())
+    path = tmp_path / "mlm.pt"
+    torch.save(_hf_ernie("ErnieForMaskedLM", config["text"]).state_dict(), path)
+    expected = r"model.text_weights.*missing \['ernie.pooler.dense.bias', 'ernie.pooler.dense.weight'\]"
+    with pytest.raises(ConfigError, match=expected):
+        build_model(config=config, text_weights=str(path))
+
+
+def test_a_timm_checkpoint_loads_without_its_head(tmp_path):
+    donor = tiny_model(seed=5)
+    state = dict(donor.vision.state_dict())
+    state["head.weight"], state["head.bias"] = torch.randn(10, 32), torch.randn(10)  # a classifier
+    path = tmp_path / "vit.safetensors"
+    save_file(state, str(path))
+    model = build_model(config=_config_of(donor), vision_weights=str(path))
+    for name, value in donor.vision.state_dict().items():
+        assert torch.equal(model.vision.state_dict()[name], value), name
+    state["fc_norm.weight"] = torch.ones(32)  # anything else the tower has no place for is refused
+    save_file(state, str(path))
+    with pytest.raises(ConfigError, match=r"model.vision_weights.*unexpected \['fc_norm.weight'\]"):
+        build_model(config=_config_of(donor), vision_weights=str(path))

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.models import create_model
 from ernievil2_train.module import ErnieVil2Module
 from ernievil2_train.optim import ScheduleConfig, layer_id, no_weight_decay, warmup_cosine
 from tests.training_helpers import ALL_PAIRS, tiny_model
@@ -98,3 +100,68 @@ def test_warmup_then_cosine_to_min_ratio():
 def test_schedule_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
         ScheduleConfig.from_any(cfg)
+
+
+def _decay_by_name(module: ErnieVil2Module) -> dict[str, tuple[float, float]]:
+    return {f"{g['name'].split('/')[0]}:{n}": (g["lr"], g["weight_decay"])
+            for g in module.param_groups() for n in g["param_names"]}
+
+
+def test_flattened_fsdp_parameters_keep_their_groups():
+    """FSDP (`use_orig_params`) leaves each parameter as a flat 1-dim view, marked `_fsdp_flattened`: the
+    groups (decay and lr) must be those of the unwrapped model, not "no decay" for every weight matrix."""
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    plain = ErnieVil2Module(tiny_model(), loss={"weights": ALL_PAIRS}, optimizer=optimizer, layer_decay=0.7)
+    flat = ErnieVil2Module(tiny_model(), loss={"weights": ALL_PAIRS}, optimizer=optimizer, layer_decay=0.7)
+    for param in flat.parameters():
+        param.data = param.data.flatten()
+        param._fsdp_flattened = True
+    expected = _decay_by_name(plain)
+    assert _decay_by_name(flat) == expected
+    assert expected["vision:blocks.0.attn.qkv.weight"][1] == 0.1
+    assert expected["text:ernie.pooler.dense.weight"][1] == 0.1
+
+
+@pytest.mark.parametrize("preset", ["ernie_vil2_base", "ernie_vil2_large"])
+def test_decay_rule_by_name_matches_the_shapes_of_both_presets(preset):
+    """The name rule alone (all FSDP leaves) gives the groups the shapes give: every 0/1-dim parameter of the
+    presets is named as a bias, a norm weight or a temperature."""
+    with torch.device("meta"):
+        model = create_model(preset, vision={"layers": 2}, text={"layers": 2})
+    for name, param in model.named_parameters():
+        flattened = torch.nn.Parameter(torch.empty(0, device="meta"))
+        flattened._fsdp_flattened = True
+        assert no_weight_decay(name, flattened) == no_weight_decay(name, param), name
+
+
+def test_layer_ids_see_through_fsdp_and_checkpoint_wrappers():
+    assert layer_id("blocks.3._fsdp_wrapped_module.attn.qkv.weight", 12) == 4
+    wrapped = "ernie.encoder.layer.5._fsdp_wrapped_module._checkpoint_wrapped_module.output.dense.weight"
+    assert layer_id(wrapped, 12) == 6
+    assert layer_id("ernie.encoder.layer.0.attention.output.LayerNorm.weight", 12) == 1
+    assert layer_id("norm.weight", 12) == 13 and layer_id("norm_pre.weight", 12) == 0
+
+
+def test_warmup_as_long_as_the_run_is_refused():
+    with pytest.raises(ConfigError, match=r"'module\.scheduler\.warmup_steps': 100 warmup steps, but the run "
+                                          r"has 100 optimizer steps"):
+        ScheduleConfig(warmup_steps=100).warmup(100)
+    assert ScheduleConfig(warmup_steps=99).warmup(100) == 99
+    assert ScheduleConfig(warmup_ratio=0.9).warmup(1) == 0  # a ratio never covers the whole run
+    assert ScheduleConfig(warmup_ratio=0.99).warmup(10) == 9
+
+
+def test_warmup_longer_than_the_trainer_run_stops_before_training():
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from tests.training_helpers import make_batch
+
+    batch = make_batch(8)
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    module = ErnieVil2Module(tiny_model(), loss={"weights": ALL_PAIRS}, scheduler={"warmup_steps": 5})
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="5 warmup steps, but the run has 3 optimizer steps"):
+        trainer.fit(module, train_dataloaders=DataLoader(samples, batch_size=4))
+    assert trainer.global_step == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -47,6 +48,10 @@ class ExportBestModel(pl.Callback):
         self.best: float | None = None
 
     def _improved(self, value: float) -> bool:
+        """Strictly better than the best so far; NaN never is (as in `ModelCheckpoint`, which then keeps the
+        same epoch as its best)."""
+        if math.isnan(value):
+            return False
         if self.best is None:
             return True
         return value > self.best if self.mode == "max" else value < self.best

@@ -4,7 +4,14 @@ Lightning's own SLURM handler saves its checkpoint *inside* the signal handler, 
 step the signal lands: between two optimizer param groups, the saved state can hold some groups already
 stepped and others not, and the resumed run carries that skew forever. This callback only sets a flag in the
 handler; at the next step boundary (agreed across ranks) it saves `hpc_ckpt_<n>.ckpt` into the run folder,
-asks SLURM to requeue the job and stops training. The restarted job finds the checkpoint and resumes.
+asks SLURM to requeue the job and ends the process. The restarted job finds the checkpoint and resumes.
+
+It ends the run with `RequeueExit` (exit status 0) rather than `trainer.should_stop`: a stop request makes
+Lightning close the interrupted epoch as if it were complete, so its epoch-end hooks would evaluate a partial
+epoch and save `last.ckpt` as an epoch-end checkpoint, newer than `hpc_ckpt_<n>.ckpt`, from which a resumed
+run starts the next epoch and never trains the rest of this one. The exception takes Lightning's interruption
+path instead, as SIGTERM does: `on_exception` hooks only (a `ModelCheckpoint` with `save_on_exception` saves
+the same mid-epoch state).
 """
 
 from __future__ import annotations
@@ -20,8 +27,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 
+class RequeueExit(SystemExit):
+    """Ends a requeued job's process after its checkpoint is saved (exit status 0)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
 class SlurmRequeue(pl.Callback):
-    """On `signal_name` inside a SLURM job: save at the next step boundary, `scontrol requeue`, stop.
+    """On `signal_name` inside a SLURM job: save at the next step boundary, `scontrol requeue`, exit.
 
     With several ranks the signal is checked every `check_every_n_steps` steps (all ranks agree on it with a
     collective); a single process checks its flag after every step at no cost."""
@@ -64,14 +78,16 @@ class SlurmRequeue(pl.Callback):
             self.requested, all=False
         ):
             return
-        path = Path(trainer.default_root_dir) / f"hpc_ckpt_{self._next_index(trainer)}.ckpt"
+        # one name for every rank (a sharded checkpoint is a folder all ranks write into)
+        index = trainer.strategy.broadcast(self._next_index(trainer), src=0)
+        path = Path(trainer.default_root_dir) / f"hpc_ckpt_{index}.ckpt"
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             job = self.job_id()
             code = subprocess.call(["scontrol", "requeue", str(job)])
             rank_zero_info(f"saved {path} at step {trainer.global_step}; scontrol requeue {job}: exit {code}")
-        trainer.should_stop = True
         self.requested = False
+        raise RequeueExit()
 
     @staticmethod
     def _next_index(trainer: pl.Trainer) -> int:

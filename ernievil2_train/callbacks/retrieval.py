@@ -2,6 +2,8 @@
 
 Each rank encodes a strided slice of the eval set with `pl_module.model`; the `ZeroShotRetrieval` metric
 gathers the slices and every rank scores the whole set, so the logged values are identical everywhere.
+Texts and images are ranked by cosine similarity (L2-normalized embeddings), the similarity the contrastive
+losses train and the one `embed` writes for the official evaluation.
 Under a strategy that wraps the LightningModule (DDP, FSDP) the encoders are called through the wrapper, as
 in a training step (FSDP gathers its sharded parameters there), and every rank makes the same number of
 calls: the slices are padded to one length.
@@ -16,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torch import Tensor
@@ -36,6 +39,15 @@ AUTOCAST = {
     "bf16-true": torch.bfloat16,
     "16-true": torch.float16,
 }
+
+
+def eval_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the eval encoding: the training precision's on CUDA; elsewhere only for the
+    "-true" precisions (their weights are half precision, float32 inputs would not run), else float32."""
+    dtype = AUTOCAST.get(precision)
+    if device.type == "cuda" or precision.endswith("-true"):
+        return dtype
+    return None
 
 
 def cap_evalset(evalset: EvalSet, max_items: int | None) -> EvalSet:
@@ -189,7 +201,7 @@ class RetrievalCallback(pl.Callback):
         """Encode this rank's slice, gather, score; returns the metrics (identical on every rank)."""
         evalset, model, device = self.evalset, pl_module.model, pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
-        amp = AUTOCAST.get(str(trainer.precision)) if device.type == "cuda" else None
+        amp = eval_autocast(str(trainer.precision), device)
         size = self.image_size or model.config.vision.image_size
         progress = self.progress and trainer.is_global_zero
         text_idx, n_text = rank_slice(len(evalset.texts), rank, world)
@@ -216,6 +228,7 @@ class RetrievalCallback(pl.Callback):
                 autocast_dtype=amp,
             )
         text, image, valid = text[:n_text], image[:n_image], valid[:n_image]
+        text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
         text_idx, image_idx = text_idx[:n_text], image_idx[:n_image]
         # the first undecodable image of any rank, so that every rank stops (none waits in a collective)
         local_bad = next((image_idx[i] for i in (~valid).nonzero().flatten().tolist()), len(evalset.images))

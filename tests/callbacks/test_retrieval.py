@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -46,9 +47,11 @@ class TinyModule(pl.LightningModule):
         return DataLoader(torch.zeros(2, 1), batch_size=2)
 
 
-def fit_one_epoch(model: torch.nn.Module, callback: RetrievalCallback, logger=False) -> pl.Trainer:
+def fit_one_epoch(model: torch.nn.Module, callback: RetrievalCallback, logger=False,
+                  precision: str = "32-true") -> pl.Trainer:
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, callbacks=[callback],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+                         precision=precision, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
     trainer.fit(TinyModule(model))
     return trainer
 
@@ -64,7 +67,7 @@ def setup(tmp_path):
         image = model.encode_image(
             torch.stack([transform(b) for b in load_evalset(tmp_path / "evalset").images])
         )
-    expected = any_positive(text, image, positives, device="cpu")
+    expected = any_positive(F.normalize(text, dim=-1), F.normalize(image, dim=-1), positives, device="cpu")
     callback = RetrievalCallback(
         tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", batch_size=4, max_len=MAX_LEN, progress=False
     )
@@ -183,8 +186,26 @@ def test_ernie_protocol_pairs_each_text_with_its_first_image(tmp_path, setup):
     with torch.no_grad():
         text = model.encode_text(tokenizer(evalset.texts)["input_ids"])
         pixels = torch.stack([transform(evalset.images[p[0]]) for p in evalset.text_to_images])
-        expected = ernie_protocol(text, model.encode_image(pixels), device="cpu")
+        image = model.encode_image(pixels)
+        expected = ernie_protocol(F.normalize(text, dim=-1), F.normalize(image, dim=-1), device="cpu")
     assert callback.last == pytest.approx(expected, rel=1e-6)
+
+
+def test_ranks_by_cosine_similarity(setup):
+    """Rescaling each embedding leaves the recall unchanged (the towers' raw outputs differ in norm once the
+    final norms are trained; the losses and the official evaluation compare normalized embeddings)."""
+    model, callback, expected = setup
+    encode_image, encode_text = model.encode_image, model.encode_text
+
+    def rescaled(encode, inputs: torch.Tensor) -> torch.Tensor:
+        weights = inputs.float().flatten(1).mean(1, keepdim=True)
+        return encode(inputs) * (1.0 + 50.0 * (weights - weights.min()).abs())
+
+    model.encode_image = lambda pixels: rescaled(encode_image, pixels)
+    model.encode_text = lambda ids: rescaled(encode_text, ids)
+    trainer = fit_one_epoch(model, callback)
+    for key in LOGGED:
+        assert trainer.callback_metrics[f"retrieval/{key}"].item() == pytest.approx(expected[key], rel=1e-6)
 
 
 def test_rejects_bad_arguments(tmp_path):
@@ -210,3 +231,13 @@ def test_wandb_table_offline(tmp_path, setup, monkeypatch):
     logger.experiment.finish()
     tables = list(run_dir.glob("media/table/retrieval/examples*.table.json"))
     assert len(tables) == 2  # baseline + one epoch
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_weights_are_evaluated_on_cpu(setup, precision):
+    """With "-true" precisions the weights themselves are half precision: the eval runs under autocast (on
+    CUDA the training precision's autocast is used for every precision)."""
+    model, callback, expected = setup
+    trainer = fit_one_epoch(model, callback, precision=precision)
+    assert 0.0 < trainer.callback_metrics["retrieval/mean_recall"].item() <= 1.0
+    assert callback.last["mean_recall"] == pytest.approx(expected["mean_recall"], abs=0.1)
