@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
+from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, what: str)
     if not isinstance(saved, dict):
         raise ConfigError(f"{what}: not a Lightning training checkpoint (no state_dict)")
     wanted = {name: tuple(value.shape) for name, value in module.state_dict().items()}
-    found = {name: tuple(getattr(value, "shape", ())) for name, value in saved.items()}
+    found = {name: loadable_shape(getattr(value, "shape", ())) for name, value in saved.items()}
     if wanted == found:
         return
     config = getattr(getattr(module, "model", None), "config", None)

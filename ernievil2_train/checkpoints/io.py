@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ernievil2_train.checkpoints.paddle import ZIP_MAGIC, CheckpointError, file_head, short_reason
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
+from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits
 
 WEIGHTS_NAME = "model.safetensors"
@@ -95,7 +96,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
     expected = model.state_dict()
     missing_keys = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in state and loadable_shape(state[k].shape) != expected[k].shape]
     if missing_keys or unexpected or wrong:
         raise CheckpointError(
             f"{folder / WEIGHTS_NAME}: weights do not match config.json "
@@ -120,9 +121,10 @@ def _build_model(config: Any, source: Path) -> DualEncoder:
         raise CheckpointError(f"{source}: invalid model config ({message})") from None
 
 
-def _tensor_shape(value: Any) -> tuple[int, ...] | None:
-    """The shape of a tensor; None for anything else a checkpoint may hold."""
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+def _loadable(value: Any) -> tuple[int, ...] | None:
+    """The parameter shape a saved tensor loads into (`loadable_shape`); None for anything else a checkpoint
+    may hold."""
+    return loadable_shape(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 MODEL_CONFIG_KEY = "model_config"  # the `DualEncoderConfig` dict that training checkpoints carry
@@ -181,7 +183,7 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
     state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
-    wrong = [k for k in expected if k in state and _tensor_shape(state[k]) != expected[k].shape]
+    wrong = [k for k in expected if k in state and _loadable(state[k]) != expected[k].shape]
     if missing or wrong:
         raise CheckpointError(
             f"{path}: weights do not match its model config (missing {missing[:8]}, wrong shape {wrong[:8]})"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernievil2_train.config_checks import check_fields
+from ernievil2_train.models.dual_encoder import accept_zero_dim_temperatures, temperature_parameter
 
 OFFICIAL_LOG_SCALE_INIT = 2.65926
 MAX_LOG_SCALE = math.log(100.0)
@@ -194,7 +195,8 @@ class MultiViewInfoNCE(nn.Module):
         if self.config.temperature == "per_pair":
             for pair in self.config.active_pairs():
                 if pair != "image_caption":
-                    self.log_scales[pair] = nn.Parameter(torch.tensor(float(self.config.temperature_init)))
+                    self.log_scales[pair] = temperature_parameter(self.config.temperature_init)
+        self.register_load_state_dict_pre_hook(accept_zero_dim_temperatures)
 
     def log_scale(self, pair: str, model_log_scale: torch.Tensor) -> torch.Tensor:
         if self.config.temperature == "fixed":

@@ -51,6 +51,27 @@ class DualEncoderConfig:
         )
 
 
+def temperature_parameter(value: float) -> nn.Parameter:
+    """A learnable log logit scale: a 1-element tensor, as the official `temperature_b` (FSDP cannot shard a
+    0-dim parameter). Where it scales logits it is used as is or as `.squeeze(0)`."""
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def loadable_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The parameter shape a saved tensor of `shape` loads into: a 0-dim one (a temperature of an older
+    checkpoint) into a 1-element parameter, any other into its own shape."""
+    return (1,) if tuple(shape) == () else tuple(shape)
+
+
+def accept_zero_dim_temperatures(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: a checkpoint holding a temperature as a 0-dim tensor (written before they
+    were 1-element tensors) loads into the 1-element parameter."""
+    for name, param in module.named_parameters(recurse=False):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.ndim == 0 and param.shape == (1,):
+            state_dict[prefix + name] = value.reshape(1)
+
+
 class DualEncoder(nn.Module):
     """Image and text encoders whose CLS / pooled outputs live in one `embed_dim` space."""
 
@@ -59,7 +80,8 @@ class DualEncoder(nn.Module):
         self.config = config
         self.vision = create_vision_tower(config.vision)
         self.text = TextTower(config.text)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.logit_scale = temperature_parameter(config.logit_scale_init)
+        self.register_load_state_dict_pre_hook(accept_zero_dim_temperatures)
 
     @property
     def embed_dim(self) -> int:
@@ -84,7 +106,7 @@ class DualEncoder(nn.Module):
         return (
             self.encode_image(pixel_values, normalize=True),
             self.encode_text(input_ids, normalize=True),
-            self.logit_scale.exp(),
+            self.logit_scale.exp().squeeze(0),
         )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -140,6 +140,11 @@ def test_a_checkpoint_of_another_model_size_is_refused_before_training(tmp_path:
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_checkpoint_fits(str(saved), module, what)
     check_checkpoint_fits(str(_saved_module(tmp_path / "same.ckpt", tiny_model())), module, what)
+    older = torch.load(tmp_path / "same.ckpt")  # temperatures were 0-dim tensors before: still resumable
+    older["state_dict"]["model.logit_scale"] = older["state_dict"]["model.logit_scale"].reshape(())
+    torch.save(older, tmp_path / "older.ckpt")
+    check_checkpoint_fits(str(tmp_path / "older.ckpt"), module, what)
+    module.load_state_dict(older["state_dict"])
 
 
 def test_a_checkpoint_without_model_config_names_the_first_mismatch(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ernievil2_train
 from ernievil2_train.checkpoints import (
@@ -187,3 +188,13 @@ def test_a_folder_is_not_a_training_checkpoint(tmp_path: Path) -> None:
     (sharded / "__0_0.distcp").write_bytes(b"")
     message = _one_line_error(load_training_checkpoint, sharded)
     assert "sharded (FSDP) checkpoint folder" in message and "consolidate_checkpoint" in message
+
+
+def test_a_folder_with_a_zero_dim_logit_scale_still_loads(tmp_path: Path) -> None:
+    """Folders written while temperatures were 0-dim tensors load into the 1-element parameter."""
+    folder = save_pretrained(tiny_model(), tmp_path / "old")
+    state = load_file(str(folder / "model.safetensors"))
+    state["logit_scale"] = torch.tensor(3.5)
+    save_file(state, str(folder / "model.safetensors"))
+    model = load_pretrained(folder)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 3.5

@@ -10,9 +10,10 @@ from ernievil2_train.models import DualEncoderConfig, create_model
 from tests.models.tiny import TINY, tiny_model
 
 
-def test_logit_scale_is_a_zero_dim_log_parameter() -> None:
+def test_logit_scale_is_a_one_element_log_parameter() -> None:
     model = tiny_model()
-    assert isinstance(model.logit_scale, torch.nn.Parameter) and model.logit_scale.dim() == 0
+    # one element, as the official temperature_b, and shardable by FSDP (which refuses 0-dim parameters)
+    assert isinstance(model.logit_scale, torch.nn.Parameter) and model.logit_scale.shape == (1,)
     assert math.isclose(model.logit_scale.item(), 2.65926, rel_tol=1e-6)
     assert model.embed_dim == TINY["vision"]["width"]
     assert math.isclose(tiny_model(logit_scale_init=2.3).logit_scale.item(), 2.3, rel_tol=1e-6)
@@ -36,7 +37,7 @@ def test_encoders_shapes_and_normalization() -> None:
     torch.testing.assert_close(model.encode_image(pixels, normalize=True), F.normalize(img, dim=-1))
     torch.testing.assert_close(img_n, F.normalize(img, dim=-1))
     torch.testing.assert_close(txt_n, F.normalize(txt, dim=-1))
-    torch.testing.assert_close(scale, model.logit_scale.exp())
+    torch.testing.assert_close(scale, model.logit_scale.exp().squeeze(0))  # 0-dim, as the official
 
 
 def test_grad_checkpointing_reaches_both_towers() -> None:
@@ -70,3 +71,12 @@ def test_invalid_configs_are_value_errors(data: object, match: str) -> None:
     with pytest.raises(ValueError) as info:
         DualEncoderConfig.from_dict(data)
     assert str(info.value) == match
+
+
+def test_a_zero_dim_logit_scale_of_an_older_checkpoint_loads() -> None:
+    model = tiny_model()
+    state = {**model.state_dict(), "logit_scale": torch.tensor(3.25)}
+    model.load_state_dict(state)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 3.25
+    _, _, scale = model(torch.zeros(1, 3, 32, 32), torch.tensor([[1, 5, 2]]))
+    assert scale.shape == () and math.isclose(scale.item(), math.exp(3.25), rel_tol=1e-6)
