@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import EvalSet, load_evalset
@@ -184,11 +186,13 @@ class RetrievalCallback(pl.Callback):
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         m = self.last
-        pl_module.print(
+        line = (
             f"retrieval ({when}): T2I R@1/5/10 {m['t2i/r@1']:.2%} {m['t2i/r@5']:.2%} {m['t2i/r@10']:.2%} | "
             f"I2T R@1/5/10 {m['i2t/r@1']:.2%} {m['i2t/r@5']:.2%} {m['i2t/r@10']:.2%} | "
             f"mean recall {m['mean_recall']:.2%}"
         )
+        if trainer.is_global_zero:  # not `pl_module.print`: before the first bar is drawn, the bar drops it
+            tqdm.write(line, file=sys.stdout)
         if self.log_examples and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):

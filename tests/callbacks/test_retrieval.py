@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+from ernievil2_train.callbacks.progress import LossProgressBar
 from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode, rank_slice
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import load_evalset
@@ -48,9 +49,10 @@ class TinyModule(pl.LightningModule):
 
 
 def fit_one_epoch(model: torch.nn.Module, callback: RetrievalCallback, logger=False,
-                  precision: str = "32-true") -> pl.Trainer:
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, callbacks=[callback],
-                         precision=precision, enable_progress_bar=False, enable_model_summary=False,
+                  precision: str = "32-true", progress_bar: bool = False) -> pl.Trainer:
+    bar = [LossProgressBar()] if progress_bar else []  # after the callback, as in conf/callbacks/default.yaml
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, callbacks=[callback, *bar],
+                         precision=precision, enable_progress_bar=progress_bar, enable_model_summary=False,
                          enable_checkpointing=False)
     trainer.fit(TinyModule(model))
     return trainer
@@ -241,3 +243,11 @@ def test_half_precision_weights_are_evaluated_on_cpu(setup, precision):
     trainer = fit_one_epoch(model, callback, precision=precision)
     assert 0.0 < trainer.callback_metrics["retrieval/mean_recall"].item() <= 1.0
     assert callback.last["mean_recall"] == pytest.approx(expected["mean_recall"], abs=0.1)
+
+
+def test_the_baseline_and_every_epoch_are_printed_with_a_progress_bar(setup, capsys):
+    """The baseline runs before the progress bar draws its first bar; it must still reach the console."""
+    model, callback, _ = setup
+    fit_one_epoch(model, callback, progress_bar=True)
+    out = capsys.readouterr().out
+    assert "retrieval (zero-shot baseline): T2I R@1/5/10" in out and "retrieval (epoch 0): T2I" in out
