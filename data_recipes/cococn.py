@@ -160,8 +160,6 @@ def chinese_clip_jobs(
             if line is None:
                 yield line_skip("not UTF-8 image line", index)
                 continue
-            if not line.strip():
-                continue
             image_id, _, b64 = line.partition("\t")
             image_id = image_id.strip()
             if not image_id or not b64.strip():
@@ -192,8 +190,6 @@ def _captions(texts: Path, skips: SkipCounter) -> dict[str, list[tuple[str, str]
     for index, line in read_lines(texts):
         if line is None:
             skips.add("not UTF-8 text line", example=f"line {index + 1}")
-            continue
-        if not line.strip():
             continue
         try:
             row = json.loads(line)
@@ -233,10 +229,8 @@ def _image_ids(imgs: Path) -> tuple[set[str], int]:
     ids: set[str] = set()
     lines = 0
     for _, line in read_lines(imgs):
-        if line is None:
-            lines += 1
-        elif line.strip():
-            lines += 1
+        lines += 1
+        if line is not None:
             ids.add(line.partition("\t")[0].strip())
     return ids, lines
 
@@ -259,8 +253,6 @@ def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
         for index, line in read_lines(tsv):
             if line is None:
                 yield line_skip("not UTF-8 line", index)
-                continue
-            if not line.strip():
                 continue
             parts = line.split("\t")
             if len(parts) != 3 or not parts[1].strip():

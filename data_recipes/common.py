@@ -26,8 +26,9 @@ class BadImage(ValueError):
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """`(0-based line number, line without its line end)` for each line of a UTF-8 text file (a leading BOM
-    is dropped); the line is None when it is not valid UTF-8, so readers can skip and count it."""
+    """`(0-based line number, line without its line end)` for each non-blank line of a UTF-8 text file (a
+    leading BOM is dropped; blank lines are passed over); the line is None when it is not valid UTF-8, so
+    readers can skip and count it."""
     with path.open("rb") as fh:
         for index, raw in enumerate(fh):
             try:
@@ -35,7 +36,8 @@ def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
             except UnicodeDecodeError:
                 yield index, None
                 continue
-            yield index, line.rstrip("\r\n")
+            if line.strip():
+                yield index, line.rstrip("\r\n")
 
 
 def line_skip(reason: str, index: int) -> Skip:

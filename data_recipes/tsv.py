@@ -72,8 +72,6 @@ def tsv_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
             if line is None:
                 yield line_skip("not UTF-8 line", index)
                 continue
-            if not line.strip():
-                continue
             parts = line.split("\t")
             if len(parts) not in (2, 3):
                 yield line_skip("malformed line", index)
@@ -112,7 +110,7 @@ def jsonl_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
         for index, line in read_lines(path):
             if line is None:
                 yield line_skip("not UTF-8 line", index)
-            elif line.strip():
+            else:
                 yield _json_row(index, path.parent, line)
 
     return read
