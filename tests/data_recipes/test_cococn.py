@@ -200,12 +200,17 @@ def test_train_split_writes_shards_only_and_max_size_reencodes(tmp_path):
     assert resized.format == "JPEG" and resized.size == (40, 20)
 
 
-def _clip_folder(tmp_path, texts: bytes, name: str = "src"):
+def _clip_folder(tmp_path, texts: bytes, name: str = "src", ids: tuple[str, str] = ("101", "102")):
+    """A Chinese-CLIP `valid` split: a red and a green image under `ids`, and the given text lines."""
     src = tmp_path / name
     src.mkdir()
-    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n102\t{_b64(GREEN)}\n")
+    (src / "valid_imgs.tsv").write_text(f"{ids[0]}\t{_b64(RED)}\n{ids[1]}\t{_b64(GREEN)}\n")
     (src / "valid_texts.jsonl").write_bytes(texts)
     return src
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
 
 
 def _text_line(text_id: int, text: str, image_id: int, encoding: str = "utf-8") -> bytes:
@@ -317,9 +322,6 @@ def test_category_table_and_coco_ids():
 
 
 def test_text_lines_outside_the_layout_are_counted_never_guessed(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n102\t{_b64(GREEN)}\n")
     texts = [
         {"text_id": 1, "text": "红色", "image_ids": [101]},
         {"text_id": 1, "text": "同一个编号", "image_ids": [102]},
@@ -330,7 +332,7 @@ def test_text_lines_outside_the_layout_are_counted_never_guessed(tmp_path):
         {"text_id": None, "text": "没有编号", "image_ids": [102]},
         {"text_id": 6, "text": "绿色", "image_ids": [102]},
     ]
-    (src / "valid_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+    src = _clip_folder(tmp_path, _jsonl(texts))
     out = tmp_path / "out"
     proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(out), "--workers", "1")
     assert proc.returncode == 0, proc.stderr
@@ -373,14 +375,11 @@ def test_eval_set_keeps_images_that_no_text_names(tmp_path):
 
 
 def test_eval_set_ids_are_json_integers_as_in_chinese_clip(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "valid_imgs.tsv").write_text(f"101\t{_b64(RED)}\n0102\t{_b64(GREEN)}\n")
     texts = [
         {"text_id": 7, "text": "红色", "image_ids": [101]},
         {"text_id": "t8", "text": "两张", "image_ids": ["101", "0102"]},
     ]
-    (src / "valid_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+    src = _clip_folder(tmp_path, _jsonl(texts), ids=("101", "0102"))
     out = tmp_path / "out"
     proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(out), "--workers", "1")
     assert proc.returncode == 0, proc.stderr
