@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -17,7 +15,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
+from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_checkpoint
+from ernievil2_train.checkpoints.paddle import CheckpointError
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits
@@ -76,22 +75,17 @@ def _readable(path: str | None, what: str) -> str | None:
     return path
 
 
-def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, what: str) -> None:
+def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: str) -> None:
     """Refuse a training checkpoint whose weights this run's module cannot load (another model size or
-    preset), naming the model settings that differ. Reads the file memory-mapped: no tensor data is read.
-    Folders (sharded FSDP checkpoints) are left to Lightning."""
+    preset), naming the model settings that differ; `source` says where the path came from. Reads the file
+    memory-mapped: no tensor data is read. Folders (sharded FSDP checkpoints) are left to Lightning."""
     if Path(ckpt_path).is_dir():
         return
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise ConfigError(f"{what}: not a readable checkpoint ({reason})") from None
-    saved = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{what}: not a Lightning training checkpoint (no state_dict)")
+        checkpoint = read_training_checkpoint(ckpt_path)
+    except CheckpointError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    saved = checkpoint["state_dict"]
     wanted = {name: tuple(value.shape) for name, value in module.state_dict().items()}
     found = {name: loadable_shape(getattr(value, "shape", ())) for name, value in saved.items()}
     if wanted == found:
@@ -99,10 +93,12 @@ def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, what: str)
     config = getattr(getattr(module, "model", None), "config", None)
     differing = _differing_settings(checkpoint.get(MODEL_CONFIG_KEY), config.to_dict() if config else None)
     if differing:
-        raise ConfigError(f"{what}: holds another model than this run's ({differing})")
+        raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({differing})")
     name = sorted(set(wanted) ^ set(found) or {n for n in wanted if wanted[n] != found[n]})[0]
     there, here = found.get(name, "missing"), wanted.get(name, "missing")
-    raise ConfigError(f"{what}: holds another model than this run's ({name}: {there} there, {here} here)")
+    raise ConfigError(
+        f"{source}: {ckpt_path}: holds another model than this run's ({name}: {there} there, {here} here)"
+    )
 
 
 def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
@@ -151,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path:
         what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"
-        check_checkpoint_fits(ckpt_path, module, f"{what}: {ckpt_path}")
+        check_checkpoint_fits(ckpt_path, module, what)
         log.info("resuming from %s", ckpt_path)
     callbacks = _build_group("callbacks", cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then

@@ -143,12 +143,13 @@ def _folder_message(path: Path) -> str:
 
 
 def _torch_load(path: Path) -> Any:
-    """`torch.load(path, weights_only=True)` on CPU, without warnings; failures are one-line errors."""
+    """`torch.load(path, weights_only=True)` on CPU, memory-mapped (tensor data is read only when used),
+    without warnings; failures are one-line errors."""
     head = file_head(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:
         reason = _load_failure(head, err)
         raise CheckpointError(f"{path}: not a readable training checkpoint ({reason})") from None
@@ -165,6 +166,15 @@ def _load_failure(head: bytes, err: Exception) -> str:
     return "not a zip file"
 
 
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict of a Lightning training checkpoint file, memory-mapped; CheckpointError unless it is one
+    (a readable `torch.save` file holding a `state_dict`)."""
+    checkpoint = _torch_load(Path(path))
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not a Lightning training checkpoint (no state_dict)")
+    return checkpoint
+
+
 def load_training_checkpoint(path: str | Path) -> DualEncoder:
     """The `DualEncoder` of a Lightning training checkpoint file (`last.ckpt`, `best-epoch*.ckpt`,
     `hpc_ckpt_*.ckpt`), in eval mode on CPU. Read with `weights_only=True`: no code in the file runs."""
@@ -173,9 +183,7 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
         raise CheckpointError(_folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    checkpoint = _torch_load(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: not a Lightning training checkpoint (no state_dict)")
+    checkpoint = read_training_checkpoint(path)
     if MODEL_CONFIG_KEY not in checkpoint:
         raise CheckpointError(f"{path}: no model config in the checkpoint (not written by ErnieVil2Module)")
     model = _build_model(checkpoint[MODEL_CONFIG_KEY], path)
