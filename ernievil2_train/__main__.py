@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
+from hydra.errors import (
+    CompactHydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.resolvers import register_resolvers
 
 register_resolvers()
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
 def _message(error: Exception) -> str:
@@ -18,6 +28,22 @@ def _message(error: Exception) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     last = lines[-1] if lines else type(error).__name__
     return last.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+
+
+def composition_message(error: CompactHydraException) -> str:
+    """One line for a config Hydra could not compose: an unknown key or group option, a bad override."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.startswith(("Config search path:", "Available options", "See https://")):
+            break
+        if line.strip():
+            lines.append(line.strip().rstrip("."))
+    text = "; ".join(lines[:1] + [line[:1].lower() + line[1:] for line in lines[1:2]])
+    if isinstance(error, OverrideParseException):
+        text = f"cannot parse override '{error.override}': {text}"
+    if isinstance(error, MissingConfigException) and error.options:
+        text += f"; available: {', '.join(error.options)}"
+    return text
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -29,7 +55,24 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"error: {_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except InterpolationResolutionError as error:
+        print(f"error: config key '{error.full_key}': {error.msg.splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """`main`, with Hydra's own composition errors as one line and exit status 2 (`HYDRA_FULL_ERROR=1`
+    keeps Hydra's full report)."""
+    full_report = os.environ.get(FULL_ERROR) == "1"
+    os.environ[FULL_ERROR] = "1"  # Hydra then raises instead of printing and exiting itself
+    try:
+        main()
+    except CompactHydraException as error:
+        if full_report or isinstance(error, InstantiationException):
+            raise
+        print(f"error: {composition_message(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -134,6 +134,37 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["trainer.max_epochz=1"],
+         "error: Could not override 'trainer.max_epochz'; "
+         "to append to your config use +trainer.max_epochz=1"),
+        (["logger=nope"],
+         "error: In 'train': Could not find 'logger/nope'; available: csv, tensorboard, wandb"),
+        (["trainer.max_epochs=[1"],
+         "error: cannot parse override 'trainer.max_epochs=[1': no viable alternative at input '[1'"),
+        (["data.image_size=${nope}"],
+         "error: config key 'data.datamodule.image_size': Interpolation key 'nope' not found"),
+    ],
+)
+def test_config_errors_of_hydra_are_one_line_and_exit_2(overrides: list[str], line: str, demo_cache: Path,
+                                                         tmp_path: Path) -> None:
+    """An unknown key or group option, an override Hydra cannot parse, an interpolation it cannot resolve."""
+    result = _run([sys.executable, "-m", "ernievil2_train", *overrides, f"hydra.run.dir={tmp_path}"],
+                  _env(demo_cache))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert [text for text in result.stderr.splitlines() if text.strip()][-1] == line
+
+
+def test_hydra_full_error_keeps_hydras_own_report(demo_cache: Path, tmp_path: Path) -> None:
+    result = _run([sys.executable, "-m", "ernievil2_train", "logger=nope", f"hydra.run.dir={tmp_path}"],
+                  _env(demo_cache, HYDRA_FULL_ERROR="1"))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "Available options in 'logger'" in result.stderr
+
+
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
