@@ -17,7 +17,11 @@ metric reduction (`sync_dist`) and they would wait for it forever.
 Every pass is a function of (seed, epoch, rank, worker): the shard order, the sample shuffle and the
 augmentations are seeded from them (each sample's augmentations by its own seed). A resumed run reads what the
 uninterrupted run would have read: the next epoch after an epoch-end checkpoint; after a mid-epoch one, the
-interrupted epoch's stream without the batches already trained (their samples are read, not decoded).
+interrupted epoch's stream without the batches already trained (their samples are read, not decoded). Each
+training batch carries `batch["stream_read"]` = (stream, samples that stream had read when the batch was
+complete, skipped ones included); the datamodule takes it off before the device transfer and keeps, in the
+checkpoint, where every stream of every rank stood after its last trained batch, so samples skipped before
+the checkpoint do not shift the resumed stream.
 
 Skipped samples. Bad data never stops the stream: every failure is counted per reason (`SKIP_REASONS`) in the
 worker process where it happens, by the same `SkipCounter` the collate of that worker uses, and each batch
@@ -63,6 +67,8 @@ _LOGGED_PER_REASON = 5
 BARREN_DRAWS_MIN = 256  # above the shuffle buffer's first fill (at most 100 samples, so 100 draws)
 BARREN_DRAWS_PER_SHARD = 4
 SAMPLE_SEED_KEY = "__seed__"
+STREAM_READ_KEY = "stream_read"
+UNKNOWN = -1
 INDEX_TIMEOUT_S = 30  # reading a remote shard index
 
 
@@ -311,12 +317,14 @@ def _rank_and_world(trainer: Any) -> tuple[int, int]:
 
 
 class _DataEpoch:
-    """Where a training loader's next pass starts: its epoch and the batches of it already trained. Shared
-    with the loader's worker processes (set in the main process before each pass)."""
+    """Where a training loader's next pass starts: its epoch, the batches of it already trained and the
+    samples each stream had read by then (`UNKNOWN` if not known). Shared with the loader's worker processes
+    (set in the main process before each pass)."""
 
-    def __init__(self) -> None:
+    def __init__(self, streams: int) -> None:
         self._epoch = multiprocessing.Value("i", -1, lock=False)
         self._done = multiprocessing.Value("q", 0, lock=False)
+        self._read = multiprocessing.Array("q", [UNKNOWN] * streams, lock=False)
 
     @property
     def epoch(self) -> int:
@@ -326,8 +334,12 @@ class _DataEpoch:
     def done(self) -> int:
         return self._done.value
 
-    def set(self, epoch: int, done: int = 0) -> None:
+    def read(self, stream: int) -> int:
+        return self._read[stream]
+
+    def set(self, epoch: int, done: int = 0, read: list[int] | None = None) -> None:
         self._epoch.value, self._done.value = epoch, done
+        self._read[:] = read or [UNKNOWN] * len(self._read)
 
 
 def _worker() -> tuple[int, int]:
@@ -344,7 +356,8 @@ class _EpochStream(IterableDataset):
     batches of `batch_size`, put together by `collate`. `start` seeds the shard and sample shuffles from
     (seed, epoch, repetition, rank, stream). `positions` drops the samples of the batches this worker already
     gave in the epoch, before they are decoded, and tags each sample with its own seed, which `_Seeded` puts
-    into `random` (augmentations, text views) before its transform.
+    into `random` (augmentations, text views) before its transform. The samples to drop are those the stream
+    had read by its last trained batch (`position.read`); when that is not known, `done` full batches.
 
     The loader asks its workers for batches round robin, starting with worker 0, so batch `i` of an epoch is
     batch `i // workers` of the stream `i % workers`. A pass that starts after `done` batches hands the
@@ -362,7 +375,7 @@ class _EpochStream(IterableDataset):
     ) -> None:
         self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch_size
         self.per_worker, self.workers = per_worker, workers
-        self.position = _DataEpoch()
+        self.position = _DataEpoch(workers)
         self.rngs = {"shards": random.Random(), "samples": random.Random()}
         self.pipeline: wds.DataPipeline | None = None
         self.collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None
@@ -377,10 +390,14 @@ class _EpochStream(IterableDataset):
         worker, workers = _worker()
         self.stream_id = (worker + self.position.done) % workers
         done = len(range(self.stream_id, self.position.done, workers))
-        self.skip, self.index, self.repetition, self.barren = done * self.batch_size, 0, 0, 0
+        read = self.position.read(self.stream_id) if done else 0
+        self.skip = read if read != UNKNOWN else done * self.batch_size
+        self.index, self.repetition, self.barren = 0, 0, 0
         samples = self.samples()
         for _ in range(self.per_worker - done):
-            yield self.collate([next(samples) for _ in range(self.batch_size)])
+            batch = self.collate([next(samples) for _ in range(self.batch_size)])
+            batch[STREAM_READ_KEY] = torch.tensor([self.stream_id, self.index])
+            yield batch
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """Decoded samples of the epoch: passes over the worker's shards, chained."""
@@ -444,13 +461,14 @@ def _resampled_shards(urls: list[str], rng: random.Random) -> Iterator[dict[str,
 class _EpochLoader(DataLoader):
     """A DataLoader that tells its workers where each pass starts.
 
-    `position(len)` gives (epoch, batches of it already trained) when a trainer drives the loader: the pass
-    reads that epoch's stream without those batches, so a resumed run continues where the interrupted one
-    stopped. Without a trainer each pass reads the next epoch from its start.
+    `position(len)` gives (epoch, batches of it already trained, samples each stream had read by then) when a
+    trainer drives the loader: the pass reads that epoch's stream without those batches, so a resumed run
+    continues where the interrupted one stopped. Without a trainer each pass reads the next epoch from its
+    start.
     """
 
     def __init__(
-        self, stream: _EpochStream, position: Callable[[int], tuple[int, int] | None], **kw: Any
+        self, stream: _EpochStream, position: Callable[[int], tuple[int, int, list[int]] | None], **kw: Any
     ) -> None:
         super().__init__(stream, **kw)
         self.position = position
@@ -554,6 +572,8 @@ class MultiViewDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
         self.seed = seed
+        self._read_epoch = UNKNOWN  # the epoch `_read` belongs to
+        self._read: list[int] = []  # per stream of this rank: samples read by its last trained batch
 
     def batches_per_worker(self, world_size: int) -> int:
         """Training batches each worker yields per epoch (at least 1)."""
@@ -576,8 +596,46 @@ class MultiViewDataModule(L.LightningDataModule):
         """Normalise uint8 images on the device (Lightning calls this after moving the batch)."""
         return normalize_batch(batch)
 
-    def _position(self, batches: int) -> tuple[int, int] | None:
-        return _trainer_position(self.trainer, batches)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Note where the batch's stream stands (a host tensor: no device sync) and take the note off."""
+        read = batch.pop(STREAM_READ_KEY, None) if isinstance(batch, dict) else None
+        if read is not None:
+            stream, samples = read.tolist()
+            if stream < len(self._read):
+                self._read[stream] = samples
+        return batch
+
+    def _position(self, batches: int) -> tuple[int, int, list[int]] | None:
+        """(epoch, batches of it trained, samples each stream had read by then) for the next training pass."""
+        where = _trainer_position(self.trainer, batches)
+        if where is None:
+            return None
+        epoch, done = where
+        streams = max(1, self.num_workers)
+        if done == 0 or epoch != self._read_epoch or len(self._read) != streams:
+            self._read_epoch, self._read = epoch, [UNKNOWN] * streams
+        return epoch, done, list(self._read)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where each training stream of every rank stood after its last trained batch. Gathered from all
+        ranks: every rank saves a checkpoint together (`Trainer.save_checkpoint`)."""
+        _, world_size = _rank_and_world(self.trainer)
+        read = self._read or [UNKNOWN] * max(1, self.num_workers)
+        if world_size > 1:
+            device = self.trainer.strategy.root_device
+            gathered = self.trainer.strategy.all_gather(torch.tensor(read, device=device))
+            reads = gathered.reshape(world_size, -1).tolist()
+        else:
+            reads = [read]
+        return {"epoch": self._read_epoch, "stream_read": reads}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take this rank's streams from a checkpoint of the same ranks and workers (else: not known)."""
+        rank, world_size = _rank_and_world(self.trainer)
+        reads = state.get("stream_read") or []
+        streams = max(1, self.num_workers)
+        if len(reads) == world_size and len(reads[rank]) == streams:
+            self._read_epoch, self._read = int(state["epoch"]), [int(r) for r in reads[rank]]
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         """A loader over `dataset`; over a training stream, one that tells it where each pass starts."""

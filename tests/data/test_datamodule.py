@@ -13,7 +13,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, normalize_batch, resolve_shards
+from ernievil2_train.data.datamodule import (
+    SKIPPED_KEY,
+    STREAM_READ_KEY,
+    MultiViewDataModule,
+    normalize_batch,
+    resolve_shards,
+)
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.data.views import SampleTransform
@@ -257,6 +263,50 @@ def test_resuming_mid_epoch_decodes_only_the_remaining_samples(data, tmp_path, m
     assert _same_batches(resumed.seen[1], full.seen[1][4:])
 
 
+@pytest.fixture(scope="module")
+def corrupt_data(tmp_path_factory):
+    """4 shards of 8 samples; in each, samples 1 and 2 have an undecodable image."""
+    root = tmp_path_factory.mktemp("corrupt_shards")
+    write_vocab(root / "vocab.txt")
+    for s in range(SHARDS):
+        samples = [sample(s * PER_SHARD + i) for i in range(PER_SHARD)]
+        for i in (1, 2):
+            samples[i]["jpg"] = b"not a jpeg"
+        write_shard(root / f"train-{s:06d}.tar", samples)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_samples_skipped_before_a_mid_epoch_checkpoint_do_not_shift_the_resumed_stream(corrupt_data, tmp_path,
+                                                                                       workers):
+    """The uninterrupted run skipped corrupt samples before the checkpoint; the resumed run still gives the
+    rest of the epoch exactly (before, it dropped one full batch per batch trained and re-trained samples)."""
+    settings = {"num_workers": workers, "shuffle_buffer": 8, "shard_shuffle": 4, "seed": 5,
+                "epoch_samples": 24}
+    full = _fit(module(corrupt_data, **settings), 2, tmp_path / "full")  # 6 batches of 4 per epoch
+    resumed = _fit(module(corrupt_data, **settings), 2, tmp_path / "a", tmp_path / "full" / "mid-step=9.ckpt")
+    assert _same_batches(resumed.seen[1], full.seen[1][3:])
+    state = torch.load(tmp_path / "full" / "mid-step=9.ckpt", weights_only=False)["MultiViewDataModule"]
+    assert state["epoch"] == 1 and len(state["stream_read"]) == 1
+    assert sum(state["stream_read"][0]) > 3 * 4  # corrupt samples were read besides the 12 trained
+
+
+def test_a_checkpoint_gives_each_rank_its_own_streams_and_none_to_another_layout(data):
+    """A rank takes its own row of the saved stream positions, only for the epoch it was saved in; a
+    checkpoint of another number of ranks or workers gives none (the resume then drops whole batches)."""
+    state = {"epoch": 3, "stream_read": [[10, 11], [20, 21]]}
+    fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(
+        batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2))))
+    for workers, rank, expected in ((2, 1, [20, 21]), (2, 0, [10, 11]), (3, 1, [-1, -1, -1])):
+        dm = module(data, num_workers=workers)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, fit_loop=fit_loop, current_epoch=3,
+                                     limit_train_batches=1.0)
+        dm.load_state_dict(state)
+        assert dm._position(8) == (3, 2, expected)
+        dm.trainer.current_epoch = 4
+        assert dm._position(8) == (4, 2, [-1] * workers)
+
+
 def test_without_a_trainer_each_pass_is_the_next_epoch(data):
     settings = {"num_workers": 0, "shuffle_buffer": 8, "shard_shuffle": 4, "epoch_samples": 16}
     loader = module(data, **settings).train_dataloader()
@@ -268,8 +318,10 @@ def test_without_a_trainer_each_pass_is_the_next_epoch(data):
 
 def test_view_flags_reach_the_batch(data):
     views = {"image_view2": False, "tags": False, "text_view": "none"}
-    batch = next(iter(module(data, views=views).train_dataloader()))
-    assert set(batch) == {"image", "caption_ids", "image_key", "caption_key", SKIPPED_KEY}
+    dm = module(data, views=views)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "caption_ids", "image_key", "caption_key", SKIPPED_KEY, STREAM_READ_KEY}
+    assert set(dm.on_before_batch_transfer(batch, 0)) == set(batch) - {STREAM_READ_KEY}
 
 
 def test_val_loader_is_one_deterministic_single_view_pass(data):
