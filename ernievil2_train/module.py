@@ -345,16 +345,48 @@ class ErnieVil2Module(pl.LightningModule):
             self.log(f"data/skipped_{reason}", count.float(), reduce_fx="sum", sync_dist=True)
 
     # ---- validation ------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        from ernievil2_train.data.datamodule import SKIP_REASONS
+
+        # loss * n, accuracy * n, n, batches carrying skip counts, then the skip counts per reason
+        self._val_sums = torch.zeros(4 + len(SKIP_REASONS), device=self.device)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Image↔caption loss and top-1 within the local validation batch; with `loss.multi_positive`, the
-        captions of the same image are positives, as in training."""
+        captions of the same image are positives, as in training. Summed here, logged at epoch end. A batch
+        of only `skipped` (a loader worker's last skip counts) adds those."""
+        sums = self._val_sums
+        skipped = batch.get("skipped")
+        if skipped is not None:
+            sums[3] += 1
+            sums[4:] += skipped.reshape(-1).to(sums)
+        if "image" not in batch:
+            return
         feats = encode_views(self.model, batch, ["image", "caption"])
         img, txt = (nn.functional.normalize(feats[k].float(), dim=-1) for k in ("image", "caption"))
         keys = batch.get("image_key") if self.loss_fn.config.multi_positive else None
         loss, acc = symmetric_infonce(img, txt, txt, img, self.model.logit_scale.exp(), 0, keys=keys)
         size = batch["image"].shape[0]
-        self.log("val/loss_image_caption", loss, sync_dist=True, batch_size=size)
-        self.log("val/acc_image_caption", acc, sync_dist=True, batch_size=size)
+        sums[0] += loss.float() * size
+        sums[1] += acc.float() * size
+        sums[2] += size
+
+    def on_validation_epoch_end(self) -> None:
+        """Every rank joins one all-reduce of the epoch's sums, whatever its number of batches (none, say,
+        when all its samples were skipped), and logs the same sample-weighted means and skip totals (every
+        rank logs the same keys, so Lightning's `sync_dist` reduction of these equal values is safe)."""
+        from ernievil2_train.data.datamodule import SKIP_REASONS
+
+        sums = self._val_sums
+        if world()[1] > 1:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        loss, hits, samples, reports, *skipped = sums
+        if samples > 0:
+            self.log("val/loss_image_caption", loss / samples, sync_dist=True)
+            self.log("val/acc_image_caption", hits / samples, sync_dist=True)
+        if reports > 0:
+            for reason, count in zip(SKIP_REASONS, skipped, strict=True):
+                self.log(f"val/skipped_{reason}", count, sync_dist=True)
 
     # ---- optimizer -----------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

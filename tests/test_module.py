@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from ernievil2_train.data.datamodule import SKIP_REASONS
 from ernievil2_train.losses import MAX_LOG_SCALE, symmetric_infonce
@@ -20,6 +20,13 @@ from ernievil2_train.perf import HostSyncCounter
 from tests.training_helpers import ALL_PAIRS, SyncWatch, make_batch, tiny_model
 
 LOSS = {"weights": ALL_PAIRS, "multi_positive": True}
+
+
+class EmptyStream(IterableDataset):
+    """A stream with no sample, as a rank's validation shards whose samples are all skipped."""
+
+    def __iter__(self):
+        return iter(())
 
 
 def _samples(n: int = 32, seed: int = 0, drop: tuple[str, ...] = ()) -> list[dict[str, torch.Tensor]]:
@@ -186,6 +193,49 @@ def test_validation_logs_image_caption_loss_and_accuracy():
     assert 0.0 <= metrics["val/acc_image_caption"].item() <= 1.0
 
 
+def _val_loader(skipped: torch.Tensor | None = None) -> DataLoader:
+    """10 samples in batches of 4, 4 and 2, each carrying `skipped` if given."""
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = default_collate(rows)
+        return batch if skipped is None else {**batch, "skipped": skipped}
+
+    return DataLoader(_samples(10, seed=5), batch_size=4, collate_fn=collate)
+
+
+def test_validation_logs_sample_weighted_epoch_means_and_skip_totals():
+    """The epoch's loss and accuracy are the batch-size-weighted means of the per-batch values (as
+    `self.log(..., batch_size=n)` averages them); the skip counts the batches carry are summed."""
+    module = _module()
+    (logged,) = _trainer().validate(module, dataloaders=_val_loader(torch.arange(len(SKIP_REASONS))),
+                                    verbose=False)
+    per_batch, sizes = [], []
+    with torch.no_grad():
+        for batch in _val_loader():
+            feats = {k: torch.nn.functional.normalize(v, dim=-1)
+                     for k, v in module._encode(batch, ["image", "caption"]).items()}
+            img, txt, scale = feats["image"], feats["caption"], module.model.logit_scale.exp()
+            loss, acc = symmetric_infonce(img, txt, txt, img, scale, 0, keys=batch["image_key"])
+            per_batch.append(torch.stack([loss, acc]))
+            sizes.append(len(batch["image"]))
+    assert sizes == [4, 4, 2]
+    expected = (torch.stack(per_batch) * torch.tensor(sizes)[:, None]).sum(0) / sum(sizes)
+    assert logged["val/loss_image_caption"] == pytest.approx(expected[0].item(), rel=1e-6)
+    assert logged["val/acc_image_caption"] == pytest.approx(expected[1].item(), rel=1e-6)
+    for i, reason in enumerate(SKIP_REASONS):
+        assert logged[f"val/skipped_{reason}"] == 3 * i
+
+
+def test_validation_without_batches_or_skip_counts_logs_neither():
+    """No batch: no loss or accuracy (nothing to average); batches without `skipped`: no skip totals."""
+    module = _module()
+    trainer = _trainer()
+    trainer.validate(module, dataloaders=DataLoader(EmptyStream(), batch_size=None), verbose=False)
+    assert not [name for name in trainer.callback_metrics if name.startswith("val/")]
+    trainer.validate(module, dataloaders=_val_loader(), verbose=False)
+    assert sorted(name for name in trainer.callback_metrics if name.startswith("val/")) == [
+        "val/acc_image_caption", "val/loss_image_caption"]
+
+
 def test_missing_batch_key_names_key_and_loss():
     module = _module()
     expected = r"module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"
@@ -294,7 +344,9 @@ def test_validation_treats_captions_of_one_image_as_positives():
         module.model.encode_text = lambda ids: ids.float() @ text_proj
         module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
         with torch.no_grad():
+            module.on_validation_epoch_start()
             module.validation_step(batch, 0)
+            module.on_validation_epoch_end()
             feats = {k: torch.nn.functional.normalize(v, dim=-1)
                      for k, v in module._encode(batch).items()}
         results[multi] = dict(logged)

@@ -10,9 +10,9 @@ instead of repeating forever: a pass over a worker's shards that gives none, or,
 in a row without one than `barren_draw_limit` allows.
 
 Validation is one pass over the validation shards, split the same way: each rank reads every `world`-th
-shard from its rank, and its loader workers share those. Fewer validation shards than ranks is refused
-(`ConfigError` naming `data.val_shards`): a rank without a validation batch would never join the others'
-metric reduction (`sync_dist`) and they would wait for it forever.
+shard from its rank, and its loader workers share those (a rank or worker may get none). A worker that
+skipped samples but gave no batch (all its samples were bad) ends with a batch holding only `skipped`, so
+every skip is reported.
 
 Every pass is a function of (seed, epoch, rank, worker): the shard order, the sample shuffle and the
 augmentations are seeded from them (each sample's augmentations by its own seed). A resumed run reads what the
@@ -306,6 +306,14 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
     if not urls:
         raise FileNotFoundError(f"{name}: no shards match {spec}")
     return _without_index(urls, split)
+
+
+def _with_final_skips(src: Iterable[dict[str, torch.Tensor]], counter: SkipCounter) -> Iterator[dict]:
+    """The batches of `src`, then `{SKIPPED_KEY: counts}` if samples were skipped after the last one."""
+    yield from src
+    pending = counter.take()
+    if pending.any():
+        yield {SKIPPED_KEY: pending}
 
 
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
@@ -708,16 +716,11 @@ class MultiViewDataModule(L.LightningDataModule):
         if not self.val_urls:
             return []
         rank, world_size = _rank_and_world(self.trainer)
-        if len(self.val_urls) < world_size:
-            raise ConfigError(
-                f"data.val_shards: {len(self.val_urls)} validation shards for {world_size} ranks; each rank "
-                f"validates its own shards and needs one (use at least {world_size} shards, or "
-                "data.val_shards=null)"
-            )
         counter = SkipCounter()
         dataset = wds.DataPipeline(
             *self._pipeline(self.val_urls, counter, rank=rank, world=world_size),
             wds.map(self._transform(train=False), handler=counter.sample_handler),
             wds.batched(self.val_batch_size, collation_fn=Collate(counter), partial=True),
+            functools.partial(_with_final_skips, counter=counter),
         )
         return self._loader(dataset)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from ernievil2_train.data.datamodule import SKIP_REASONS
 from ernievil2_train.data.keys import stable_key
-from tests.data.ddp_val_worker import worker
+from tests.data.ddp_val_worker import module_worker, worker
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.ddp_helpers import run_ranks
 
@@ -17,16 +19,16 @@ pytestmark = pytest.mark.slow  # two spawned processes import Lightning and vali
 WORLD = 2
 PER_SHARD = 5
 TIMEOUT_S = 180
+MODULE_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """4 training-named shards (the set validated) and 1 val shard; both ranks' results."""
+    """4 training-named shards (the set validated); both ranks' results."""
     data = tmp_path_factory.mktemp("ddp_val")
     write_vocab(data / "vocab.txt")
     for s in range(4):
         write_shard(data / f"train-{s:06d}.tar", [sample(s * PER_SHARD + i) for i in range(PER_SHARD)])
-    write_shard(data / "val-000000.tar", [sample(100 + i) for i in range(PER_SHARD)])
     out = tmp_path_factory.mktemp("ddp_val_out")
     run_ranks(worker, WORLD, (str(data), str(out)), TIMEOUT_S)
     return [torch.load(Path(out) / f"rank{r}.pt") for r in range(WORLD)]
@@ -45,7 +47,28 @@ def test_each_rank_validates_its_own_shards_once(ranks: list[dict]) -> None:
     assert [None if total is None else float(total) for total in logged] == [4 * PER_SHARD] * WORLD
 
 
-def test_fewer_val_shards_than_ranks_stop_every_rank_with_a_clear_error(ranks: list[dict]) -> None:
-    """One validation shard for two ranks: both refuse it (no rank is left waiting for the other)."""
-    for rank in ranks:
-        assert rank["one_shard"].startswith("data.val_shards: 1 validation shards for 2 ranks"), rank
+def _corrupt(index: int) -> dict:
+    return {**sample(index), "jpg": b"not a jpeg"}
+
+
+def test_a_rank_without_usable_samples_or_shards_still_joins_the_metric_reduction(tmp_path: Path) -> None:
+    """Rank 1's validation shard holds only undecodable images (it gets one batch of skip counts only), then
+    it gets no shard at all (no batch); either way both ranks finish and log the same loss, accuracy and skip
+    totals, and every skipped sample is counted."""
+    write_vocab(tmp_path / "vocab.txt")
+    write_shard(tmp_path / "train-000000.tar", [sample(i) for i in range(PER_SHARD)])
+    write_shard(tmp_path / "val-000000.tar", [_corrupt(200), _corrupt(201), *map(sample, range(PER_SHARD))])
+    write_shard(tmp_path / "val-000001.tar", [_corrupt(300 + i) for i in range(PER_SHARD)])
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(module_worker, WORLD, (str(tmp_path), str(out)), MODULE_TIMEOUT_S)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    for run, batches, bad_images in (("both", [2, 1], 2 + PER_SHARD), ("one", [2, 0], 2)):
+        assert [rank[run]["batches"] for rank in ranks] == batches
+        metrics = ranks[0][run]["metrics"]
+        assert ranks[1][run]["metrics"] == metrics
+        assert math.isfinite(metrics["val/loss_image_caption"])
+        assert 0.0 <= metrics["val/acc_image_caption"] <= 1.0
+        carried = sum(rank[run]["skipped"] for rank in ranks)
+        assert carried[SKIP_REASONS.index("bad_image")] == bad_images
+        assert [metrics[f"val/skipped_{reason}"] for reason in SKIP_REASONS] == carried.tolist()
