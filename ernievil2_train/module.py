@@ -31,6 +31,7 @@ from ernievil2_train.losses.multiview import (
 )
 from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cosine
 
+EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
@@ -123,6 +124,7 @@ class ErnieVil2Module(pl.LightningModule):
         self._window_start: float | None = None
         self._window_samples = 0
         self._skipped: torch.Tensor | None = None
+        self._restored_skips: dict[str, Any] | None = None
 
     def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
         """Refuse combinations that would train nothing or give wrong gradients; return the frozen towers."""
@@ -201,8 +203,24 @@ class ErnieVil2Module(pl.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the model's architecture beside its weights (`python -m ernievil2_train.export` reads it)."""
+        """Keep the model's architecture beside its weights (`python -m ernievil2_train.export` reads it),
+        and the epoch's training skip counts so far, so a run resumed mid-epoch logs the whole epoch's."""
         checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
+        checkpoint[EPOCH_SKIPS_KEY] = {"epoch": self.current_epoch, "counts": self._epoch_skips_so_far()}
+
+    def _epoch_skips_so_far(self) -> list[int]:
+        """This epoch's training skip counts, summed over ranks (every rank saves a checkpoint together)."""
+        from ernievil2_train.data.datamodule import SKIP_REASONS
+
+        counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
+        if self._skipped is not None:
+            counts += self._skipped
+        if world()[1] > 1:
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        return counts.tolist()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_skips = checkpoint.get(EPOCH_SKIPS_KEY)
 
     # ---- training --------------------------------------------------------------------------------------
     def _encode(self, batch: Batch, names: list[str] | None = None) -> Batch:
@@ -307,8 +325,13 @@ class ErnieVil2Module(pl.LightningModule):
         self.loss_fn.clamp_()
 
     def on_train_start(self) -> None:
-        """Clamp once before the first step too: a loaded checkpoint may hold a log-scale beyond ln 100."""
+        """Clamp once before the first step too: a loaded checkpoint may hold a log-scale beyond ln 100.
+        Resumed mid-epoch (Lightning then skips `on_train_epoch_start`), rank 0 starts the epoch's skip counts
+        from the checkpoint's totals over ranks, so the epoch-end sum over ranks counts them once."""
         self.clamp_temperatures()
+        restored, self._restored_skips = self._restored_skips, None
+        if restored and restored["epoch"] == self.current_epoch and self.global_rank == 0:
+            self._skipped = torch.tensor(restored["counts"], dtype=torch.long, device=self.device)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.clamp_temperatures()

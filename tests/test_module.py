@@ -184,6 +184,25 @@ def test_skip_counts_are_summed_per_epoch():
         assert module.trainer.callback_metrics[f"data/skipped_{reason}"].item() == 2 * i
 
 
+def test_a_run_resumed_mid_epoch_logs_the_whole_epochs_skip_counts(tmp_path):
+    """Skips counted before a mid-epoch checkpoint are kept in it; those of an epoch-end one are not carried
+    into the next epoch."""
+    samples = _samples(32)
+    loader = DataLoader(samples, batch_size=8, drop_last=True,
+                        collate_fn=lambda rows: {**torch.utils.data.default_collate(rows),
+                                                 "skipped": torch.arange(len(SKIP_REASONS))})
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1,
+                                         every_n_train_steps=1)
+    _trainer(max_steps=-1, max_epochs=2, callbacks=[saver], enable_checkpointing=True).fit(
+        _module(), train_dataloaders=loader)
+    for ckpt, epochs, per_reason in (("step=3", 1, 4), ("step=4", 2, 4), ("step=5", 2, 4)):
+        module = _module()
+        _trainer(max_steps=-1, max_epochs=epochs).fit(module, train_dataloaders=loader,
+                                                      ckpt_path=tmp_path / f"{ckpt}.ckpt")
+        logged = [module.trainer.callback_metrics[f"data/skipped_{r}"].item() for r in SKIP_REASONS]
+        assert logged == [per_reason * i for i in range(len(SKIP_REASONS))], ckpt
+
+
 def test_validation_logs_image_caption_loss_and_accuracy():
     module = _module()
     _trainer(max_steps=1, limit_val_batches=2, val_check_interval=1).fit(module, train_dataloaders=_loader(),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ernievil2_train import load_pretrained
+from ernievil2_train.data.decode import SKIP_REASONS
 
 TINY = [
     "data.image_size=32",
@@ -107,6 +108,7 @@ def test_ddp_run_on_two_cpu_processes(demo_cache: Path, tmp_path: Path) -> None:
     assert last["global_step"] == 128 // (16 * 2)
     # where each rank's one loader stream stood, gathered from both ranks: 64 samples each
     assert last["MultiViewDataModule"]["stream_read"] == [[64], [64]]
+    assert last["epoch_skipped"] == {"epoch": 0, "counts": [0] * len(SKIP_REASONS)}  # summed over ranks
 
 
 def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:
