@@ -125,6 +125,7 @@ class ErnieVil2Module(pl.LightningModule):
         self._window_samples = 0
         self._skipped: torch.Tensor | None = None
         self._restored_skips: dict[str, Any] | None = None
+        self._val_sums: torch.Tensor | None = None  # the validation epoch's sums, set at its start
 
     def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
         """Refuse combinations that would train nothing or give wrong gradients; return the frozen towers."""
