@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import ErnieConfig, ErnieModel
 
@@ -69,14 +68,11 @@ def trim_padding(input_ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:
 
 
 class ZeroTokenType(nn.Module):
-    """Stands in for the token-type table: always adds exactly zero, has no parameters and no saved state."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(1, width), persistent=False)
+    """Stands in for the token-type table: adds exactly zero (a 0-dim integer zero, which leaves the float
+    embeddings' dtype as it is); no parameters, no buffers, no saved state."""
 
     def forward(self, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(torch.zeros_like(token_type_ids), self.weight)
+        return token_type_ids.new_zeros(())
 
 
 def ernie_config(cfg: TextConfig) -> ErnieConfig:
@@ -115,7 +111,11 @@ class TextTower(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.ernie = ErnieModel(ernie_config(cfg), add_pooling_layer=True)
-        self.ernie.embeddings.token_type_embeddings = ZeroTokenType(cfg.width)
+        embeddings = self.ernie.embeddings
+        embeddings.token_type_embeddings = ZeroTokenType()
+        # constant index buffers, given in `forward` instead: a module without buffers has nothing for DDP to
+        # broadcast, so no forward is a collective (a rank without validation batches cannot stall the others)
+        del embeddings.position_ids, embeddings.token_type_ids
 
     def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> Any:
         """Run the encoder; returns the transformers output (`last_hidden_state`, `pooler_output`, ...).
@@ -126,7 +126,10 @@ class TextTower(nn.Module):
         keep = key_mask(input_ids)
         sdpa = self.ernie.config._attn_implementation == "sdpa"
         mask = keep[:, None, None, :] if sdpa else keep.long()
-        return self.ernie(input_ids=input_ids, attention_mask=mask, output_hidden_states=output_hidden_states)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return self.ernie(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          token_type_ids=input_ids,  # `ZeroTokenType` uses its device only
+                          output_hidden_states=output_hidden_states)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Use the transformers activation checkpointing (named `gradient_checkpointing_*` before v5)."""

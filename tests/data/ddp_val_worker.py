@@ -74,20 +74,24 @@ def worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str) -
 
 
 def _validate_module(data: Path, val_shards: str) -> dict:
-    """A tiny `ErnieVil2Module` validated on `val_shards`: the metrics and what this rank's batches held."""
+    """A tiny `ErnieVil2Module` trained one step under DDP, then validated on `val_shards` (the first
+    forward through the DDP wrapper after a training step): the metrics and what this rank's batches held."""
     datamodule = MultiViewDataModule(
         train_shards=str(data / "train-*.tar"), vocab_file=str(data / "vocab.txt"), val_shards=val_shards,
-        epoch_samples=4, image_size=IMAGE_SIZE, batch_size=4, val_batch_size=3, num_workers=0,
+        epoch_samples=8, image_size=IMAGE_SIZE, batch_size=4, val_batch_size=3, num_workers=0,
         text_max_len=16, persistent_workers=False,
     )
     recorder = BatchRecorder()
-    (metrics,) = _trainer(callbacks=[recorder]).validate(ErnieVil2Module(tiny_model()), datamodule=datamodule,
-                                                         verbose=False)
+    trainer = _trainer(callbacks=[recorder], max_steps=1, num_sanity_val_steps=0)
+    trainer.fit(ErnieVil2Module(tiny_model()), datamodule=datamodule)
+    logged = trainer.callback_metrics
+    metrics = {name: value.item() for name, value in logged.items() if name.startswith("val/")}
     return {"metrics": metrics, "batches": recorder.batches, "skipped": recorder.skipped}
 
 
 def module_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str) -> None:
-    """Validates on both `val-*.tar` shards (one a rank), then on the first alone (rank 1 has none)."""
+    """Trains and validates on both `val-*.tar` shards (one a rank), then on the first alone (rank 1 has
+    none)."""
     _join(rank, world_size, port)
     data = Path(data_dir)
     results = {"both": _validate_module(data, str(data / "val-*.tar")),

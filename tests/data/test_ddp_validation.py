@@ -52,11 +52,12 @@ def _corrupt(index: int) -> dict:
 
 
 def test_a_rank_without_usable_samples_or_shards_still_joins_the_metric_reduction(tmp_path: Path) -> None:
-    """Rank 1's validation shard holds only undecodable images (it gets one batch of skip counts only), then
-    it gets no shard at all (no batch); either way both ranks finish and log the same loss, accuracy and skip
-    totals, and every skipped sample is counted."""
+    """After a DDP training step, rank 1's validation shard holds only undecodable images (it gets one batch
+    of skip counts only), then it gets no shard at all (no batch); either way both ranks finish and log the
+    same loss, accuracy and skip totals, and every skipped sample is counted."""
     write_vocab(tmp_path / "vocab.txt")
-    write_shard(tmp_path / "train-000000.tar", [sample(i) for i in range(PER_SHARD)])
+    for s in range(WORLD):
+        write_shard(tmp_path / f"train-{s:06d}.tar", [sample(s * PER_SHARD + i) for i in range(PER_SHARD)])
     write_shard(tmp_path / "val-000000.tar", [_corrupt(200), _corrupt(201), *map(sample, range(PER_SHARD))])
     write_shard(tmp_path / "val-000001.tar", [_corrupt(300 + i) for i in range(PER_SHARD)])
     out = tmp_path / "out"

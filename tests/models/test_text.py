@@ -48,11 +48,18 @@ def test_token_type_contributes_nothing_and_is_not_a_parameter() -> None:
     assert not any("token_type" in name for name, _ in tower.named_parameters())
     emb = tower.ernie.embeddings
     ids = torch.tensor([[1, 7, 9, 2, 0]])
-    types = torch.ones_like(ids)
+    positions = torch.arange(5)[None]
     with torch.no_grad():
-        expected = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(torch.arange(5)[None]))
-        torch.testing.assert_close(emb(input_ids=ids), expected, rtol=0, atol=0)
-        torch.testing.assert_close(emb(input_ids=ids, token_type_ids=types), expected, rtol=0, atol=0)
+        expected = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(positions))
+        for types in (torch.zeros_like(ids), torch.ones_like(ids)):
+            got = emb(input_ids=ids, token_type_ids=types, position_ids=positions)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_the_tower_has_no_buffers() -> None:
+    """Nothing for DDP to broadcast before a forward: a validation forward is then no collective, and a rank
+    without validation batches cannot leave the others waiting in one."""
+    assert list(_tower().named_buffers()) == []
 
 
 def test_pooled_is_tanh_linear_of_cls_and_pads_are_masked() -> None:
