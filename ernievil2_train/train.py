@@ -19,7 +19,7 @@ from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_check
 from ernievil2_train.checkpoints.paddle import CheckpointError
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.models.dual_encoder import loadable_shape
-from ernievil2_train.text.vocab import check_vocab_fits
+from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,10 @@ def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
     return "; ".join(changes)
 
 
-def check_data_fits_model(datamodule: Any, model: Any) -> None:
-    """Refuse data the model cannot take: another image size, or token ids beyond its embedding table (a
-    pretrained model keeps the sizes of its checkpoint)."""
+def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = None) -> None:
+    """Refuse data the model cannot take: another image size, token ids beyond its embedding table (a
+    pretrained model keeps the sizes of its checkpoint), or a vocabulary other than the `checkpoint` folder's
+    own `vocab.txt` (its ids would mean other tokens to the model)."""
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -133,6 +134,12 @@ def check_data_fits_model(datamodule: Any, model: Any) -> None:
             check_vocab_fits(vocab_file, config.text.vocab_size)
         except ValueError as error:
             raise ConfigError(f"config key 'data.vocab_file': {error}") from None
+        own = Path(checkpoint or "", "vocab.txt")
+        if checkpoint and own.is_file() and load_vocab(own) != load_vocab(vocab_file):
+            raise ConfigError(
+                f"config key 'data.vocab_file': {vocab_file} is not the vocabulary of model.checkpoint "
+                f"({own}); its ids would mean other tokens to the model (set data.vocab_file={own})"
+            )
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
@@ -142,7 +149,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build("data.datamodule", cfg.data.datamodule)
     model = build("model", cfg.model)
-    check_data_fits_model(datamodule, model)
+    check_data_fits_model(datamodule, model, cfg.model.get("checkpoint"))
     module = build("module", cfg.module, model=model)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path:

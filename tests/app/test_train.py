@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ernievil2_train.config_checks import ConfigError
@@ -19,6 +20,8 @@ from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.train import build, check_checkpoint_fits, check_data_fits_model, resume_checkpoint
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.models.tiny import TINY, tiny_model
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def test_build_reports_a_missing_input_by_config_key(tmp_path: Path) -> None:
@@ -86,6 +89,30 @@ def test_data_must_fit_the_model(tmp_path: Path) -> None:
     big.write_text("\n".join(tokens))
     with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*big\.txt: ids go up to"):
         check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=big), model)
+
+
+def test_data_must_read_the_vocabulary_of_the_checkpoint(tmp_path: Path) -> None:
+    """A converted or exported folder's vocab.txt defines the model's ids: another vocabulary that fits the
+    table would scramble every token, so it is refused; the folder's own (or no vocab in it) passes."""
+    model = tiny_model()
+    size = TINY["vision"]["image_size"]
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    own = write_vocab(folder / "vocab.txt")
+    other = write_vocab(tmp_path / "other.txt", chars="猫狗")
+    check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=own), model, str(folder))
+    check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=other), model, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*other\.txt is not the vocabulary "
+                                          r"of model.checkpoint"):
+        check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=other), model, str(folder))
+
+
+def test_model_pretrained_reads_the_checkpoints_vocabulary() -> None:
+    """`model=pretrained` points the data at the checkpoint folder's vocab.txt."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["model=pretrained", "model.checkpoint=/models/ernie"])
+    assert cfg.data.vocab_file == "/models/ernie/vocab.txt"
+    assert cfg.data.datamodule.vocab_file == "/models/ernie/vocab.txt"
 
 
 def test_resume_picks_the_newest_checkpoint_of_the_run_folder(tmp_path: Path) -> None:
