@@ -1,14 +1,18 @@
-"""Logger factories: W&B that works offline without an account and resumes under the same run id."""
+"""Loggers that continue a resumed run: W&B offline without an account under the same run id, and a CSV
+file that keeps the rows an earlier run of the same folder wrote."""
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 RUN_ID_FILE = "wandb_run_id.txt"
 # Rank variables of the launchers: torchrun (RANK, LOCAL_RANK), Lightning's own (LOCAL_RANK, NODE_RANK) and
@@ -67,3 +71,58 @@ def wandb_logger(
         resume="allow",
         **kwargs,
     )
+
+
+class ResumableExperimentWriter(ExperimentWriter):
+    """An `ExperimentWriter` that appends to an existing metrics.csv instead of deleting it.
+
+    The existing header seeds the known columns, so Lightning's rewrite on new columns unions the headers.
+    The first step logged here is where this run starts: rows of the earlier run from that step on were
+    logged after the checkpoint it resumed from, and are dropped so the file reads like one run.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir=log_dir)
+        self._start_step: int | None = None
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:
+        """Keep what an earlier run of this folder wrote."""
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        """Record metrics; the first call drops the earlier run's rows from its step on."""
+        if step is None:
+            step = len(self.metrics)
+        if self._start_step is None:
+            self._start_step = step
+            self._drop_rows_from(step)
+        super().log_metrics(metrics_dict, step)
+
+    def _drop_rows_from(self, step: int) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if not row.get("step", "").isdigit() or int(row["step"]) < step]
+        if len(kept) < len(rows):
+            partial = f"{self.metrics_file_path}.tmp"
+            with self._fs.open(partial, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            self._fs.mv(partial, self.metrics_file_path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A `CSVLogger` whose metrics.csv survives a resume into the same folder."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ResumableExperimentWriter:
+        """The writer, made on first use."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ResumableExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
