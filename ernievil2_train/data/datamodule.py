@@ -70,6 +70,7 @@ SAMPLE_SEED_KEY = "__seed__"
 STREAM_READ_KEY = "stream_read"
 UNKNOWN = -1
 INDEX_TIMEOUT_S = 30  # reading a remote shard index
+VALIDATION_SPLITS = ("val", "valid", "validation")  # the names recipes give a validation split
 
 
 class NoUsableSample(ConfigError):
@@ -260,15 +261,60 @@ def _read_index(source: str, name: str) -> ShardSet:
 
 
 def _without_index(urls: list[str], split: str) -> ShardSet:
-    return ShardSet(urls, None, _indexed_sizes(urls, split))
+    """Shards named without an index: their sample count is known when the `{split}.json` beside them lists
+    every one of them."""
+    sizes = _indexed_sizes(urls, split)
+    keys = [shard_key(url) for url in urls]
+    return ShardSet(urls, sum(sizes[k] for k in keys) if all(k in sizes for k in keys) else None, sizes)
+
+
+def _folder_split(folder: Path, split: str, name: str) -> ShardSet | None:
+    """The `split` shards of `folder`: from `{split}.json`, else `{split}-*.tar`; None if it has neither."""
+    index = folder / f"{split}.json"
+    if index.is_file():
+        return _read_index(str(index), name)
+    urls = sorted(glob.glob(str(folder / f"{split}-*.tar")))
+    return _without_index(urls, split) if urls else None
+
+
+def _split_source(folder: Path, split: str) -> str:
+    """How to name the `split` shards of `folder` alone: its index, else the shard glob."""
+    index = folder / f"{split}.json"
+    return str(index) if index.is_file() else str(folder / f"{split}-*.tar")
+
+
+def _directory_shards(folder: Path, split: str, name: str) -> ShardSet:
+    """The `split` shards of `folder`; for a validation split it lacks, those of its only other validation
+    split (`VALIDATION_SPLITS`), if it has exactly one."""
+    shards = _folder_split(folder, split, name)
+    if shards is None and split in VALIDATION_SPLITS:
+        found = {other: _folder_split(folder, other, name) for other in VALIDATION_SPLITS if other != split}
+        others = {other: found_shards for other, found_shards in found.items() if found_shards is not None}
+        if len(others) > 1:
+            choices = " or ".join(_split_source(folder, other) for other in others)
+            raise FileNotFoundError(
+                f"{name}: no {split} split in directory {folder} but {' and '.join(others)}; "
+                f"set {name} to the one to read: {choices}"
+            )
+        if others:
+            [(other, shards)] = others.items()
+            log.info("%s: directory %s has no %s split, reading its %s split", name, folder, split, other)
+    if shards is None or not shards.urls:
+        held = {Path(tar).name.rsplit("-", 1)[0] for tar in glob.glob(str(folder / "*-*.tar"))} - {split}
+        holds = f" (it holds {', '.join(f'{other}-*.tar' for other in sorted(held))})" if held else ""
+        raise FileNotFoundError(f"{name}: no {split}-*.tar shards in directory {folder}{holds}")
+    return shards
 
 
 def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
     """Shard urls and, when an index says so, their sample counts.
 
-    `spec`: a directory (shards from `{split}.json`, else `{split}-*.tar`), an index file or http(s) url
-    (`.json`, written by `data_recipes`), a list file (`.txt`, one url a line), a brace pattern
-    (`train-{000000..000009}.tar`), a glob, or a list of those. `name` is the config key, for error messages.
+    `spec`: a directory (shards from `{split}.json`, else `{split}-*.tar`; see `_directory_shards`), an index
+    file or http(s) url (`.json`, written by `data_recipes`), a list file (`.txt`, one url a line), a brace
+    pattern (`train-{000000..000009}.tar`), a glob, or a list of those; shards named by a list, pattern or
+    glob are counted when the `{split}.json` beside them lists them all. `name` is the config key, for error
+    messages. On the command line Hydra needs a brace pattern quoted inside the override:
+    `"data.train_shards='data/train-{000000..000009}.tar'"`.
     """
     if isinstance(spec, list | tuple):
         parts = [resolve_shards(s, split, name) for s in spec]
@@ -286,14 +332,7 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
         return shards
     path = Path(spec).expanduser()
     if path.is_dir():
-        index = path / f"{split}.json"
-        if index.is_file():
-            shards = _read_index(str(index), name)
-        else:
-            shards = _without_index(sorted(glob.glob(str(path / f"{split}-*.tar"))), split)
-        if not shards.urls:
-            raise FileNotFoundError(f"{name}: no {split}-*.tar shards in directory {spec}")
-        return shards
+        return _directory_shards(path, split, name)
     if path.suffix == ".txt" and path.is_file():
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         urls = [ln for ln in lines if ln and not ln.startswith("#")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
@@ -23,6 +25,16 @@ from tests.conftest import REPO_ROOT
 
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+COMMAND = re.compile(r"(?:python -m ernievil2_train|sbatch launch/train\.sbatch)(?=\s|`|$)")
+DOC_PATTERNS = ("*.md", "docs/*.md", "bench/*.md", "launch/*", "conf/**/*.yaml", "ernievil2_train/**/*.py")
+DOCS = sorted(
+    str(path.relative_to(REPO_ROOT))
+    for pattern in DOC_PATTERNS
+    for path in REPO_ROOT.glob(pattern)
+    if COMMAND.search(path.read_text(encoding="utf-8"))
+)
+BRACE_EXAMPLES = ["README.md", "conf/data/shards.yaml", "conf/experiment/finetune_cococn.yaml",
+                  "conf/experiment/pretrain_multiview.yaml", "launch/train.sbatch"]
 
 
 def _compose(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -115,6 +127,49 @@ def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=re.escape("'data.train_shards'")):
         check_config(cfg)
+
+
+def _documented_commands(path: Path) -> list[str]:
+    """The arguments of each `python -m ernievil2_train` / `sbatch launch/train.sbatch` command `path` shows,
+    as written (comment marks of continuation lines taken off)."""
+    commands, lines = [], iter(path.read_text(encoding="utf-8").splitlines())
+    for line in lines:
+        for match in COMMAND.finditer(line):
+            text = line[match.end():]
+            if line[:match.start()].endswith("`"):
+                text = text.split("`", 1)[0]
+            while text.endswith("\\"):
+                text = text[:-1] + next(lines).lstrip("# ")
+            commands.append(text)
+    return commands
+
+
+def _shell_words(text: str, cwd: Path) -> list[str]:
+    """The arguments bash passes on for `text` (quotes taken off, braces and globs expanded)."""
+    shell = subprocess.run(["bash", "-c", f"printf '%s\\0' {text}"], cwd=cwd, capture_output=True, text=True,
+                           check=True, timeout=30)
+    return [word for word in shell.stdout.split("\0") if word]
+
+
+def test_documented_brace_patterns_are_checked() -> None:
+    braced = {doc for doc in DOCS if any("{" in c for c in _documented_commands(REPO_ROOT / doc))}
+    assert set(BRACE_EXAMPLES) <= braced
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_compose(doc: str, tmp_path: Path) -> None:
+    """Every documented command, as the shell passes it on, composes; its brace patterns reach the config."""
+    for command in _documented_commands(REPO_ROOT / doc):
+        words = [w for w in _shell_words(command, tmp_path) if "=" in w or w.startswith("~")]
+        overrides = OverridesParser.create().parse_overrides(words)
+        keys = [o.get_key_element() for o in overrides]
+        assert len(keys) == len(set(keys)), f"{doc}: a key is set twice in {command}"
+        single = [f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override()
+                  else o.input_line for o in overrides]  # a sweep composes with its first value
+        cfg = _compose(single, tmp_path)
+        for override in overrides:
+            if "{" in override.input_line:
+                assert "{" in OmegaConf.select(cfg, override.key_or_group), f"{doc}: {override.input_line}"
 
 
 def test_remote_shards_are_not_checked_as_paths(demo_cache: Path, tmp_path: Path) -> None:

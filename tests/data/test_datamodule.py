@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,18 +31,25 @@ PER_SHARD = 8
 SHARDS = 4
 
 
+def write_split(root: Path, split: str, shards: int, offset: int, indexed: int | None = None) -> None:
+    """`shards` shards of `PER_SHARD` samples as a recipe writes them, with a `{split}.json` index listing the
+    first `indexed` of them (default: all)."""
+    entries = []
+    for s in range(shards):
+        name = f"{split}-{s:06d}.tar"
+        write_shard(root / name, [sample(offset + s * PER_SHARD + i) for i in range(PER_SHARD)])
+        entries.append({"name": name, "samples": PER_SHARD})
+    entries = entries[:indexed]
+    index = {"split": split, "samples": PER_SHARD * len(entries), "shards": entries}
+    (root / f"{split}.json").write_text(json.dumps(index))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     write_vocab(root / "vocab.txt")
-    for split, offset in (("train", 0), ("val", 1000)):
-        entries = []
-        for s in range(SHARDS if split == "train" else 2):
-            name = f"{split}-{s:06d}.tar"
-            write_shard(root / name, [sample(offset + s * PER_SHARD + i) for i in range(PER_SHARD)])
-            entries.append({"name": name, "samples": PER_SHARD})
-        index = {"split": split, "samples": PER_SHARD * len(entries), "shards": entries}
-        (root / f"{split}.json").write_text(json.dumps(index))
+    write_split(root, "train", SHARDS, 0)
+    write_split(root, "val", 2, 1000)
     return root
 
 
@@ -60,11 +69,12 @@ def test_resolve_shards_in_every_form(data, tmp_path):
     assert total == PER_SHARD * SHARDS
     assert sizes == {os.path.realpath(u): PER_SHARD for u in urls}
     assert resolve_shards(str(data / "train.json"), "val", "k") == (urls, total, sizes)
-    assert resolve_shards(str(data / "train-{000001..000002}.tar"), "train", "k") == (urls[1:3], None, sizes)
+    pattern = str(data / "train-{000001..000002}.tar")
+    assert resolve_shards(pattern, "train", "k") == (urls[1:3], 2 * PER_SHARD, sizes)
     assert resolve_shards(str(data / "val-*.tar"), "train", "k").urls[0].endswith("val-000000.tar")
     listing = tmp_path / "shards.txt"
     listing.write_text("\n".join(["# comment", *urls[:2], ""]))
-    assert resolve_shards(str(listing), "train", "k") == (urls[:2], None, sizes)
+    assert resolve_shards(str(listing), "train", "k") == (urls[:2], 2 * PER_SHARD, sizes)
     both, total, _ = resolve_shards([str(data), str(data)], "train", "k")
     assert both == urls + urls and total == 2 * PER_SHARD * SHARDS
     bare = tmp_path / "bare"
@@ -101,12 +111,65 @@ def test_clear_errors(data, tmp_path):
         module(data, train_shards=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"vocab_file: .*missing\.txt not found"):
         module(data, vocab_file=str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match="epoch_samples"):
-        module(data, train_shards=str(data / "train-*.tar"))
     with pytest.raises(ValueError, match=r"views\.text_view"):
         module(data, views={"text_view": "nonsense"})
     with pytest.raises(ValueError, match="train_shards: 4 shards for 1 ranks x 5 workers"):
         module(data, num_workers=5).train_dataloader()
+
+
+def test_patterns_over_indexed_shards_know_their_sample_count(data, tmp_path):
+    """A brace pattern, glob or list over shards that the `{split}.json` beside them lists counts their
+    samples, so `epoch_samples` defaults to it; with a shard the index does not list the count is unknown."""
+    one = str(data / "train-{000000..000000}.tar")
+    assert resolve_shards(one, "train", "k").samples == PER_SHARD
+    assert resolve_shards(str(data / "train-*.tar"), "train", "k").samples == PER_SHARD * SHARDS
+    assert module(data, train_shards=one).epoch_samples == PER_SHARD
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    write_split(partial, "train", 2, 0, indexed=1)
+    pattern = str(partial / "train-{000000..000001}.tar")
+    shards = resolve_shards(pattern, "train", "k")
+    assert shards.samples is None and shards.sizes == {os.path.realpath(shards.urls[0]): PER_SHARD}
+    assert resolve_shards(str(partial / "train-000000.tar"), "train", "k").samples == PER_SHARD
+    with pytest.raises(ValueError, match=r"epoch_samples: set it to a positive number .*train-\{000000"):
+        module(data, train_shards=pattern)
+    assert module(data, train_shards=pattern, epoch_samples=12).epoch_samples == 12
+
+
+def test_a_folder_gives_its_only_validation_split_whatever_its_name(data, tmp_path, caplog):
+    """Recipes write Chinese-CLIP's validation split as `valid`: a folder without `val` shards gives its only
+    other validation split (`valid`, `validation`) and logs which; with two, or none, a one-line error names
+    what the folder holds. A training split has no other names."""
+    folder = tmp_path / "cococn"
+    folder.mkdir()
+    write_split(folder, "valid", 2, 1000)
+    with caplog.at_level(logging.INFO, logger="ernievil2_train.data.datamodule"):
+        dm = module(data, val_shards=str(folder))
+    assert [Path(url).name for url in dm.val_urls] == ["valid-000000.tar", "valid-000001.tar"]
+    assert all(dm.shard_sizes[os.path.realpath(url)] == PER_SHARD for url in dm.val_urls)
+    assert f"val_shards: directory {folder} has no val split, reading its valid split" in caplog.text
+    keys = torch.cat([b["image_key"] for b in dm.val_dataloader()])
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD)))
+    assert resolve_shards(str(folder), "valid", "k") == resolve_shards(str(folder), "val", "k")
+    no_train = f"train_shards: no train-*.tar shards in directory {folder} (it holds valid-*.tar)"
+    with pytest.raises(FileNotFoundError, match=re.escape(no_train)):
+        module(data, train_shards=str(folder))
+
+    write_split(folder, "validation", 1, 2000)
+    two = (f"val_shards: no val split in directory {folder} but valid and validation; set val_shards to the "
+           f"one to read: {folder}/valid.json or {folder}/validation.json")
+    with pytest.raises(FileNotFoundError, match=re.escape(two)):
+        module(data, val_shards=str(folder))
+    chosen = module(data, val_shards=str(folder), val_split="validation")
+    assert chosen.val_urls == [str(folder / "validation-000000.tar")]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write_split(other, "test", 1, 0)
+    write_split(other, "train", 1, 0)
+    none = f"val_shards: no val-*.tar shards in directory {other} (it holds test-*.tar, train-*.tar)"
+    with pytest.raises(FileNotFoundError, match=re.escape(none)):
+        module(data, val_shards=str(other))
 
 
 def test_one_epoch_sees_every_sample_once_with_the_agreed_batch_format(data):
