@@ -141,9 +141,32 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
                 f"({own}); its ids would mean other tokens to the model (set data.vocab_file={own})"
             )
 
+def settle_accumulation(cfg: DictConfig) -> None:
+    """With `module.accumulate_microbatches` k > 1 (manual optimization, where Lightning cannot clip): the
+    batch size must split into k equal micro-batches, and `trainer.gradient_clip_val` moves to
+    `module.gradient_clip_val`, which clips the same gradient at the same point."""
+    k = cfg.module.get("accumulate_microbatches", 1)
+    if not isinstance(k, int) or k <= 1:
+        return
+    batch_size = cfg.data.datamodule.get("batch_size")
+    if isinstance(batch_size, int) and batch_size % k:
+        raise ConfigError(
+            f"config key 'module.accumulate_microbatches': {k} does not divide data.datamodule.batch_size="
+            f"{batch_size} into equal micro-batches"
+        )
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None:
+        if cfg.module.get("gradient_clip_val") is None:
+            cfg.module.gradient_clip_val = clip
+        cfg.trainer.gradient_clip_val = None
+        log.info("accumulate_microbatches=%d: gradients clipped by the module at %s", k,
+                 cfg.module.gradient_clip_val)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
     check_config(cfg)
+    settle_accumulation(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

@@ -111,6 +111,14 @@ def test_ddp_run_on_two_cpu_processes(demo_cache: Path, tmp_path: Path) -> None:
     assert last["epoch_skipped"] == {"epoch": 0, "counts": [0] * len(SKIP_REASONS)}  # summed over ranks
 
 
+def test_feature_cache_accumulation_runs_with_the_default_trainer_clipping(demo_cache: Path,
+                                                                            tmp_path: Path) -> None:
+    overrides = ["logger=csv", "trainer.max_steps=2", "module.accumulate_microbatches=2"]
+    result = _run(_cli(tmp_path / "run", *overrides), _env(demo_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gradients clipped by the module at 1.0" in result.stdout + result.stderr
+
+
 def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:
     result = _run([sys.executable, "-m", "ernievil2_train", "+experiment=finetune_cococn",
                    f"hydra.run.dir={tmp_path}"], _env(demo_cache))
@@ -125,6 +133,7 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
     [
         ("data.datamodule.batch_size=abc", "config key 'data.datamodule.batch_size': expected int"),
         ("module.optimizer.lr=-1", "module.optimizer: Invalid learning rate: -1"),
+        ("module.accumulate_microbatches=3", "config key 'module.accumulate_microbatches': 3 does not"),
         ("data.datamodule.train_shards={garbage}", "train_shards: a pass over this worker's shards gave no"),
     ],
 )

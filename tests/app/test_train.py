@@ -17,7 +17,13 @@ from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import create_model
 from ernievil2_train.module import ErnieVil2Module
 from ernievil2_train.resolvers import register_resolvers
-from ernievil2_train.train import build, check_checkpoint_fits, check_data_fits_model, resume_checkpoint
+from ernievil2_train.train import (
+    build,
+    check_checkpoint_fits,
+    check_data_fits_model,
+    resume_checkpoint,
+    settle_accumulation,
+)
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.models.tiny import TINY, tiny_model
 
@@ -113,6 +119,28 @@ def test_model_pretrained_reads_the_checkpoints_vocabulary() -> None:
         cfg = compose("train", overrides=["model=pretrained", "model.checkpoint=/models/ernie"])
     assert cfg.data.vocab_file == "/models/ernie/vocab.txt"
     assert cfg.data.datamodule.vocab_file == "/models/ernie/vocab.txt"
+
+
+def _accumulating(k: int, batch_size: int = 64, trainer_clip: float | None = 1.0,
+                  module_clip: float | None = None) -> OmegaConf:
+    return OmegaConf.create({"module": {"accumulate_microbatches": k, "gradient_clip_val": module_clip},
+                             "trainer": {"gradient_clip_val": trainer_clip},
+                             "data": {"datamodule": {"batch_size": batch_size}}})
+
+
+def test_feature_cache_accumulation_takes_over_the_trainers_clipping() -> None:
+    """Lightning cannot clip under manual optimization: the trainer's value moves to the module (a value
+    set on the module wins); without accumulation both stay as they are."""
+    for k, module_clip, expected in ((2, None, (None, 1.0)), (2, 0.5, (None, 0.5)), (1, None, (1.0, None))):
+        cfg = _accumulating(k, module_clip=module_clip)
+        settle_accumulation(cfg)
+        assert (cfg.trainer.gradient_clip_val, cfg.module.gradient_clip_val) == expected
+
+
+def test_micro_batches_must_split_the_batch_evenly() -> None:
+    with pytest.raises(ConfigError, match=r"'module.accumulate_microbatches': 3 does not divide "
+                                          r"data.datamodule.batch_size=64"):
+        settle_accumulation(_accumulating(3))
 
 
 def test_resume_picks_the_newest_checkpoint_of_the_run_folder(tmp_path: Path) -> None:
