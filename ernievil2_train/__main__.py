@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import hydra
@@ -12,6 +13,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
 
@@ -21,6 +23,7 @@ from ernievil2_train.resolvers import register_resolvers
 register_resolvers()
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the status of a process a SIGTERM ended, as shells report it
 
 
 def _message(error: Exception) -> str:
@@ -58,6 +61,10 @@ def main(cfg: DictConfig) -> None:
     except InterpolationResolutionError as error:
         print(f"error: config key '{error.full_key}': {error.msg.splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        print("stopped by SIGTERM after saving a checkpoint; running the same command again resumes the run",
+              file=sys.stderr)
+        sys.exit(SIGTERM_EXIT)
 
 
 def run() -> None:

@@ -22,6 +22,8 @@ from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 
 log = logging.getLogger(__name__)
+# what a constructor raises for a bad setting (ImportError: an accelerator or strategy not installed)
+SETTING_ERRORS = (FileNotFoundError, ImportError, ValueError, TypeError, MisconfigurationException)
 
 
 def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -34,7 +36,7 @@ def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
         cause = error.__cause__ or error.__context__
         if isinstance(cause, ConfigError):
             raise cause from None
-        if isinstance(cause, (FileNotFoundError, ValueError, TypeError, MisconfigurationException)):
+        if isinstance(cause, SETTING_ERRORS):
             raise ConfigError(f"config key '{key}': {cause}") from None
         raise
 

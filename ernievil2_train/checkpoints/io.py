@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -62,11 +63,19 @@ def save_pretrained(
         if vocab_file is not None and not (vocab.exists() and vocab.samefile(vocab_file)):
             shutil.copyfile(vocab_file, vocab)
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        _readable_as_umask_allows(out / WEIGHTS_NAME)
         (out / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or short_reason(err)
         raise CheckpointError(f"{out}: cannot write the checkpoint folder ({reason})") from None
     return out
+
+
+def _readable_as_umask_allows(path: Path) -> None:
+    """Give `path` the mode a plainly written file gets (safetensors writes its file owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:

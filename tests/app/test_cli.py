@@ -212,7 +212,9 @@ def test_sigterm_mid_epoch_then_resume_continues_step_and_optimizer(demo_cache: 
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]  # stopped, not finished
+    assert "stopped by SIGTERM after saving a checkpoint" in stderr
     last = run_dir / "checkpoints" / "last.ckpt"
     interrupted = _global_step(last)
     assert 3 <= interrupted < 4096 // 16, "the interruption must land mid-epoch"

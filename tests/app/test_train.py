@@ -218,3 +218,6 @@ def test_a_trainer_the_machine_cannot_run_is_a_config_error() -> None:
     node = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 0})
     with pytest.raises(ConfigError, match=re.escape("config key 'trainer': `Trainer(devices=0)`")):
         build("trainer", node)
+    missing = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "accelerator": "tpu"})
+    with pytest.raises(ConfigError, match=r"^config key 'trainer': .*torch_xla"):  # not installed
+        build("trainer", missing)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -37,6 +38,18 @@ def test_round_trip_keeps_weights_config_and_vocab(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 5, 9, 2, 0]])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(ids), loaded.encode_text(ids))
+
+
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """Others on a shared machine can read an exported model as they can its config (safetensors alone
+    writes its file owner-only)."""
+    previous = os.umask(0o022)
+    try:
+        out = save_pretrained(tiny_model(), tmp_path / "out")
+    finally:
+        os.umask(previous)
+    modes = {name: (out / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
 
 
 def test_clear_errors(tmp_path: Path) -> None:
