@@ -105,11 +105,18 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': path not found: {resolved}")
 
 
+def _is_tensor(annotation: Any) -> bool:
+    """`torch.Tensor`, told without importing torch."""
+    return (getattr(annotation, "__module__", ""), getattr(annotation, "__name__", "")) == ("torch", "Tensor")
+
+
 def _plain_types(annotation: Any) -> tuple[type, ...] | None:
-    """The types of a parameter annotated with only int / float / bool / str / None; None otherwise."""
+    """The types of a parameter annotated with only int / float / bool / str / None (a tensor alternative, as
+    in `lr: float | Tensor`, cannot come from a config and is left out); None otherwise."""
     union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
-    members = typing.get_args(annotation) if union else (annotation,)
-    return members if all(m in (int, float, bool, str, type(None)) for m in members) else None
+    members = tuple(m for m in (typing.get_args(annotation) if union else (annotation,)) if not _is_tensor(m))
+    plain = members and all(m in (int, float, bool, str, type(None)) for m in members)
+    return members if plain else None
 
 
 def _fits(value: Any, accepted: tuple[type, ...]) -> bool:
@@ -120,7 +127,11 @@ def _fits(value: Any, accepted: tuple[type, ...]) -> bool:
 
 def check_argument_types(key: str, node: DictConfig) -> None:
     """Raise `ConfigError` naming `key.field` when a config value cannot be what the `_target_` class or
-    function declares for it (e.g. `batch_size=abc`); only plain int / float / bool / str parameters."""
+    function declares for it (e.g. `batch_size=abc`); only plain int / float / bool / str parameters. Nested
+    nodes with a `_target_` of their own (`module.optimizer`) are checked too."""
+    for name, child in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
+        if isinstance(child, DictConfig) and "_target_" in child:
+            check_argument_types(f"{key}.{name}", child)
     target = node.get("_target_")
     if not isinstance(target, str):
         return

@@ -66,6 +66,14 @@ def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path
         build("data.datamodule", node)
 
 
+def test_build_checks_nested_targets_by_their_full_key() -> None:
+    """`module.optimizer` is a partial inside the module's node; `lr: float | Tensor` takes a float here."""
+    node = OmegaConf.create({"_target_": "ernievil2_train.module.ErnieVil2Module",
+                             "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": "abc"}})
+    with pytest.raises(ConfigError, match=re.escape("config key 'module.optimizer.lr': expected float")):
+        build("module", node)
+
+
 def test_build_names_the_key_of_an_unreadable_interpolated_file(tmp_path: Path) -> None:
     register_resolvers()
     (tmp_path / "vocab.txt").write_bytes(b"\xff\xfe not text")
