@@ -89,13 +89,18 @@ def _path_exists(value: str) -> bool:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` naming the first missing `???` value or local input path that does not exist."""
+    """Raise `ConfigError` naming every missing `???` value, or the first local input path that does not
+    exist."""
     missing = missing_keys(cfg)
-    if missing:
+    if len(missing) == 1:
         key = missing[0]
         raise ConfigError(
             f"missing required config value '{key}': set it on the command line, e.g. {key}=/path/to/it"
         )
+    if missing:
+        keys = ", ".join(f"'{key}'" for key in missing)
+        raise ConfigError(f"missing required config values {keys}: set them on the command line, e.g. "
+                          f"{missing[0]}=/path/to/it")
     for key in _leaf_keys(cfg):
         if key.rsplit(".", 1)[-1] not in PATH_KEYS:
             continue

@@ -124,8 +124,8 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
                    f"hydra.run.dir={tmp_path}"], _env(demo_cache))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: missing required config value 'data.train_shards': set it on the command line, "
-                     "e.g. data.train_shards=/path/to/it"]
+    assert lines == ["error: missing required config values 'data.train_shards', 'data.eval_set', "
+                     "'model.checkpoint': set them on the command line, e.g. data.train_shards=/path/to/it"]
 
 
 @pytest.mark.parametrize(
