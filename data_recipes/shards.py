@@ -345,6 +345,7 @@ class EvalSetWriter(_Writer):
         self.out_dir = Path(out_dir)
         self.split = split
         self.group_by = group_by
+        self._made_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.images_path = self.out_dir / f"{split}_imgs.tsv"
         self.texts_path = self.out_dir / f"{split}_texts.jsonl"
@@ -383,8 +384,11 @@ class EvalSetWriter(_Writer):
         os.replace(self._images_tmp, self.images_path)
 
     def abort(self) -> None:
+        """Drop the unfinished files, and the folder if this writer made it and it is left empty."""
         self._file.close()
         self._images_tmp.unlink(missing_ok=True)
+        if self._made_dir and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
 
     def describe(self) -> str:
         distractors = f" ({self.uncaptioned} of them without texts)" if self.uncaptioned else ""

@@ -161,6 +161,19 @@ def test_evalset_writer_groups_by_text_or_id(tmp_path):
         assert not list((tmp_path / group_by).glob("*.tmp"))
 
 
+def test_a_failed_evalset_leaves_no_folder_it_made(tmp_path):
+    """A failure removes the unfinished files, and the eval folder when the writer made it; a folder that
+    was there before stays."""
+    for existing in (False, True):
+        out = tmp_path / str(existing) / "eval"
+        if existing:
+            out.mkdir(parents=True)
+        with pytest.raises(RuntimeError), EvalSetWriter(out, "valid") as writer:
+            writer.write_record(ImageRecord("a", "jpg", RED, [("1", "一句")]))
+            raise RuntimeError("input failed")
+        assert out.is_dir() == existing and not any(out.parent.rglob("*.tmp"))
+
+
 def test_prepare_image_keeps_or_reencodes():
     assert prepare_image(RED) == ("jpg", RED)
     png = image_bytes((1, 2, 3), fmt="PNG")
