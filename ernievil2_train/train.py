@@ -20,6 +20,7 @@ from ernievil2_train.checkpoints.paddle import CheckpointError
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
+from ernievil2_train.warnings_filter import quiet_known_warnings
 
 log = logging.getLogger(__name__)
 # what a constructor raises for a bad setting (ImportError: an accelerator or strategy not installed)
@@ -167,6 +168,7 @@ def settle_accumulation(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
+    quiet_known_warnings()
     check_config(cfg)
     settle_accumulation(cfg)
     pl.seed_everything(cfg.seed, workers=True)

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torch import Tensor
@@ -78,10 +79,11 @@ def rank_slice(n: int, rank: int, world: int) -> tuple[list[int], int]:
 
 class StrategyEncoder:
     """`encode_image` / `encode_text` of `pl_module.model`, run through the strategy's wrapper of the
-    LightningModule when there is one. Every rank must make the same calls (the wrapper may communicate)."""
+    LightningModule when there is one. Every rank must make the same calls (the wrapper may communicate).
+    Each call advances `bar` by its batch size."""
 
-    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.wrapper, self.pl_module = trainer.strategy.model, pl_module
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, bar: tqdm) -> None:
+        self.wrapper, self.pl_module, self.bar = trainer.strategy.model, pl_module, bar
         self.config, self.embed_dim = pl_module.model.config, pl_module.model.embed_dim
 
     def encode_image(self, pixels: Tensor) -> Tensor:
@@ -91,6 +93,11 @@ class StrategyEncoder:
         return self._call(self.pl_module.model.encode_text, input_ids)
 
     def _call(self, encode: Any, inputs: Tensor) -> Tensor:
+        output = self._forward(encode, inputs)
+        self.bar.update(len(inputs))
+        return output
+
+    def _forward(self, encode: Any, inputs: Tensor) -> Tensor:
         if self.wrapper is None or self.wrapper is self.pl_module:
             return encode(inputs)
         module, forward = self.pl_module, self.pl_module.forward
@@ -125,6 +132,7 @@ class RetrievalCallback(pl.Callback):
     image_size: eval transform size (default: the model's). protocol: `any_positive` (unique images and
     texts) or `ernie` (one row per text, paired with its first image). max_items caps images and texts.
     log_examples: with a W&B logger, log a table of a few text queries and their top-5 images.
+    progress: a bar while encoding, under the trainer's TQDM bars (none when the trainer shows none).
     Runs before training (zero-shot baseline, sent straight to the loggers) and at the end of every training
     epoch, after that epoch's validation if there is one (via `pl_module.log`, so a ModelCheckpoint saving at
     train epoch end can monitor `retrieval/mean_recall`; runs without a validation set are covered too).
@@ -181,7 +189,8 @@ class RetrievalCallback(pl.Callback):
             return
         metrics = self.evaluate(trainer, pl_module)
         for key in LOGGED:
-            pl_module.log(f"retrieval/{key}", metrics[key], sync_dist=False, rank_zero_only=False)
+            # identical on every rank: the sync only keeps Lightning from warning about epoch-level values
+            pl_module.log(f"retrieval/{key}", metrics[key], sync_dist=True)
         self._report(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
@@ -207,18 +216,16 @@ class RetrievalCallback(pl.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         amp = eval_autocast(str(trainer.precision), device)
         size = self.image_size or model.config.vision.image_size
-        progress = self.progress and trainer.is_global_zero
         text_idx, n_text = rank_slice(len(evalset.texts), rank, world)
         image_idx, n_image = rank_slice(len(evalset.images), rank, world)
-        encoder = StrategyEncoder(trainer, pl_module)
-        with eval_mode(model):
+        with eval_mode(model), self._progress_bar(trainer, len(text_idx) + len(image_idx)) as bar:
+            encoder = StrategyEncoder(trainer, pl_module, bar)
             text = encode_texts(
                 encoder,
                 [evalset.texts[i] for i in text_idx],
                 self.tokenizer,
                 self.batch_size,
                 device,
-                progress=progress,
                 autocast_dtype=amp,
             )
             image, valid = encode_images(
@@ -227,7 +234,6 @@ class RetrievalCallback(pl.Callback):
                 eval_transform(size),
                 self.batch_size,
                 device,
-                progress=progress,
                 num_workers=self.num_workers,
                 autocast_dtype=amp,
             )
@@ -255,6 +261,14 @@ class RetrievalCallback(pl.Callback):
             if self.log_examples and trainer.is_global_zero:
                 self._top = self._top_images(text_all, image_all)
         return self.last
+
+    def _progress_bar(self, trainer: pl.Trainer, total: int) -> tqdm:
+        """A bar on the first free line under the trainer's TQDM bars, erased when done, when `progress` is on
+        and the trainer shows such bars on this rank; else a bar that draws nothing."""
+        progress_bar = trainer.progress_bar_callback
+        shown = self.progress and isinstance(progress_bar, TQDMProgressBar) and progress_bar.is_enabled
+        return tqdm(total=total, desc="Retrieval", leave=False, dynamic_ncols=True, file=sys.stdout,
+                    disable=not shown)
 
     def _top_images(self, text: Tensor, image: Tensor, k: int = 5) -> list[list[int]]:
         queries = text[: self.num_examples]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 from torch.utils.data import DataLoader
 
 from ernievil2_train.callbacks.progress import LossProgressBar
@@ -44,3 +47,25 @@ def test_refreshing_every_step_reads_every_step():
     """Control: the count above comes from the redraws."""
     _, watch = _fit(refresh_rate=1, steps=9)
     assert watch.counter.ops["aten._local_scalar_dense"] >= 8, watch.counter.ops
+
+
+class LogsAtEpochEnd(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logging.getLogger("tests.progress").warning("a log line")
+
+
+def test_console_log_lines_get_a_line_of_their_own(capsys):
+    """Not appended to the bar's line; the console handler is back in place after training."""
+    root, console = logging.getLogger(), logging.StreamHandler(sys.stdout)
+    root.addHandler(console)
+    try:
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu",
+                             logger=False, enable_checkpointing=False, enable_model_summary=False,
+                             callbacks=[LogsAtEpochEnd(), LossProgressBar()])
+        trainer.fit(BoringModel())
+        assert console in root.handlers
+    finally:
+        root.removeHandler(console)
+    out = capsys.readouterr().out
+    assert out.count("a log line") == 1
+    assert out[out.index("a log line") - 1] in "\r\n", out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -251,3 +252,24 @@ def test_the_baseline_and_every_epoch_are_printed_with_a_progress_bar(setup, cap
     fit_one_epoch(model, callback, progress_bar=True)
     out = capsys.readouterr().out
     assert "retrieval (zero-shot baseline): T2I R@1/5/10" in out and "retrieval (epoch 0): T2I" in out
+
+
+def test_no_bars_when_the_trainer_shows_no_progress_bar(setup, capsys):
+    model, callback, _ = setup
+    callback.progress = True
+    fit_one_epoch(model, callback, progress_bar=False)
+    out, err = capsys.readouterr()
+    assert "%|" not in out + err
+    assert "retrieval (zero-shot baseline): T2I" in out and "retrieval (epoch 0): T2I" in out
+
+
+def test_bars_are_drawn_under_the_epoch_bar_and_erased(setup, capsys):
+    """On the epoch bar's stream, on the line below it (where its validation bar goes), blanked when done."""
+    model, callback, _ = setup
+    callback.progress = True
+    fit_one_epoch(model, callback, progress_bar=True)
+    out, err = capsys.readouterr()
+    assert "%|" not in err
+    epoch_end = out[out.index("Epoch 0: 100%") :]
+    assert "\n\rRetrieval:" in epoch_end
+    assert re.match(r"[^\n]*\n\r +\x1b\[A", epoch_end[epoch_end.rindex("Retrieval") :])

@@ -1,0 +1,35 @@
+"""Silence the warnings and notices of third-party code that a user of this package cannot act on."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+
+# (message regex, category, regex of the module the warning is attributed to)
+KNOWN_WARNINGS = (
+    # Lightning's own use of torch's deprecated pytree API
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
+    # Lightning's all_gather calls torch's deprecated functional all_gather
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", FutureWarning, r"lightning\."),
+    # the data module's loaders have a length on purpose: it makes the virtual epochs
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\."),
+)
+# Lightning's advertisement for its LitLogger, logged on every run without one
+LITLOGGER_TIP = re.compile(r"\W*Tip: .*\blitlogger\b")
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def _not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not LITLOGGER_TIP.match(record.getMessage())
+
+
+def quiet_known_warnings() -> None:
+    """Ignore `KNOWN_WARNINGS` (unless warnings were asked for with `python -W` or `PYTHONWARNINGS`) and drop
+    Lightning's LitLogger tip."""
+    if not sys.warnoptions:
+        for message, category, module in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in RANK_ZERO_LOGGERS:
+        logging.getLogger(name).addFilter(_not_litlogger_tip)

@@ -1,0 +1,82 @@
+"""`quiet_known_warnings`: which third-party warnings and notices it hides, and which it keeps."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import pytest
+
+from ernievil2_train.warnings_filter import RANK_ZERO_LOGGERS, quiet_known_warnings
+
+
+@pytest.fixture(autouse=True)
+def _keep_logger_filters():
+    """`quiet_known_warnings` adds a filter to Lightning's loggers: remove it after each test."""
+    kept = {logger: list(logger.filters) for logger in map(logging.getLogger, RANK_ZERO_LOGGERS)}
+    yield
+    for logger, filters in kept.items():
+        logger.filters[:] = filters
+
+
+LEAFSPEC = ("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+            "treespec.is_leaf()` instead.")
+ALL_GATHER = ("torch.distributed.nn.functional.all_gather is deprecated, use "
+              "torch.distributed._functional_collectives.all_gather_single instead.")
+ITERABLE_LEN = ("Your `IterableDataset` has `__len__` defined. In combination with multi-process data "
+                "loading (when num_workers > 1), `__len__` could be inaccurate")
+
+
+def _shown(message: str, category: type[Warning], module: str) -> bool:
+    """Whether a warning attributed to `module` gets through, after `quiet_known_warnings`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn_explicit(message, category, "file.py", 1, module=module)
+    return bool(caught)
+
+
+@pytest.mark.parametrize(
+    ("message", "category", "module", "shown"),
+    [
+        (LEAFSPEC, FutureWarning, "lightning.pytorch.utilities._pytree", False),
+        (ALL_GATHER, FutureWarning, "lightning.fabric.utilities.distributed", False),
+        (ITERABLE_LEN, UserWarning, "lightning.pytorch.utilities.data", False),
+        (ALL_GATHER, FutureWarning, "my_project.losses", True),  # the user's own call
+        (ITERABLE_LEN, DeprecationWarning, "lightning.pytorch.utilities.data", True),
+        ("`Trainer(foo=...)` is deprecated", FutureWarning, "lightning.pytorch.trainer", True),
+        ("The number of training batches (2) is smaller than the logging interval", UserWarning,
+         "lightning.pytorch.loops.fit_loop", True),
+    ],
+)
+def test_only_known_warnings_are_ignored(message, category, module, shown, monkeypatch):
+    monkeypatch.setattr(sys, "warnoptions", [])
+    assert _shown(message, category, module) is shown
+
+
+def test_warnings_asked_for_on_the_command_line_are_kept(monkeypatch):
+    monkeypatch.setattr(sys, "warnoptions", ["default"])
+    assert _shown(LEAFSPEC, FutureWarning, "lightning.pytorch.utilities._pytree")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_litlogger_tip_is_dropped_and_other_rank_zero_messages_kept():
+    logger, handler = logging.getLogger(RANK_ZERO_LOGGERS[0]), _Records()
+    logger.addHandler(handler)
+    try:
+        quiet_known_warnings()
+        logger.warning("💡 Tip: For seamless cloud logging and experiment tracking, try installing "
+                       "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger.")
+        logger.warning("GPU available: False, used: False")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.messages == ["GPU available: False, used: False"]
