@@ -144,6 +144,7 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
                 f"({own}); its ids would mean other tokens to the model (set data.vocab_file={own})"
             )
 
+
 def settle_accumulation(cfg: DictConfig) -> None:
     """With `module.accumulate_microbatches` k > 1 (manual optimization, where Lightning cannot clip): the
     batch size must split into k equal micro-batches, and `trainer.gradient_clip_val` moves to
