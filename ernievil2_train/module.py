@@ -17,6 +17,7 @@ from torch import nn
 from ernievil2_train.accumulation import feature_cache_step, split_batch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
 from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.distributed import LocalBatchSize, world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
 from ernievil2_train.losses.multiview import (
@@ -211,8 +212,6 @@ class ErnieVil2Module(pl.LightningModule):
 
     def _epoch_skips_so_far(self) -> list[int]:
         """This epoch's training skip counts, summed over ranks (every rank saves a checkpoint together)."""
-        from ernievil2_train.data.datamodule import SKIP_REASONS
-
         counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
         if self._skipped is not None:
             counts += self._skipped
@@ -363,15 +362,11 @@ class ErnieVil2Module(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._skipped is None:
             return
-        from ernievil2_train.data.datamodule import SKIP_REASONS
-
         for reason, count in zip(SKIP_REASONS, self._skipped, strict=False):
             self.log(f"data/skipped_{reason}", count.float(), reduce_fx="sum", sync_dist=True)
 
     # ---- validation ------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        from ernievil2_train.data.datamodule import SKIP_REASONS
-
         # loss * n, accuracy * n, n, batches carrying skip counts, then the skip counts per reason
         self._val_sums = torch.zeros(4 + len(SKIP_REASONS), device=self.device)
 
@@ -399,8 +394,6 @@ class ErnieVil2Module(pl.LightningModule):
         """Every rank joins one all-reduce of the epoch's sums, whatever its number of batches (none, say,
         when all its samples were skipped), and logs the same sample-weighted means and skip totals (every
         rank logs the same keys, so Lightning's `sync_dist` reduction of these equal values is safe)."""
-        from ernievil2_train.data.datamodule import SKIP_REASONS
-
         sums = self._val_sums
         if world()[1] > 1:
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)

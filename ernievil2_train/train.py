@@ -138,7 +138,8 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
         except ValueError as error:
             raise ConfigError(f"config key 'data.vocab_file': {error}") from None
         own = Path(checkpoint or "", "vocab.txt")
-        if checkpoint and own.is_file() and load_vocab(own) != load_vocab(vocab_file):
+        other_file = checkpoint and own.is_file() and not own.samefile(vocab_file)  # the usual case: the same
+        if other_file and load_vocab(own) != load_vocab(vocab_file):
             raise ConfigError(
                 f"config key 'data.vocab_file': {vocab_file} is not the vocabulary of model.checkpoint "
                 f"({own}); its ids would mean other tokens to the model (set data.vocab_file={own})"

@@ -254,21 +254,23 @@ def test_the_baseline_and_every_epoch_are_printed_with_a_progress_bar(setup, cap
     assert "retrieval (zero-shot baseline): T2I R@1/5/10" in out and "retrieval (epoch 0): T2I" in out
 
 
-def test_no_bars_when_the_trainer_shows_no_progress_bar(setup, capsys):
+def _fit_with_retrieval_bars(setup, capsys, progress_bar: bool) -> tuple[str, str]:
+    """stdout and stderr of one epoch with the callback's bars on and the trainer's bar on or off."""
     model, callback, _ = setup
     callback.progress = True
-    fit_one_epoch(model, callback, progress_bar=False)
-    out, err = capsys.readouterr()
+    fit_one_epoch(model, callback, progress_bar=progress_bar)
+    return capsys.readouterr()
+
+
+def test_no_bars_when_the_trainer_shows_no_progress_bar(setup, capsys):
+    out, err = _fit_with_retrieval_bars(setup, capsys, progress_bar=False)
     assert "%|" not in out + err
     assert "retrieval (zero-shot baseline): T2I" in out and "retrieval (epoch 0): T2I" in out
 
 
 def test_bars_are_drawn_under_the_epoch_bar_and_erased(setup, capsys):
     """On the epoch bar's stream, on the line below it (where its validation bar goes), blanked when done."""
-    model, callback, _ = setup
-    callback.progress = True
-    fit_one_epoch(model, callback, progress_bar=True)
-    out, err = capsys.readouterr()
+    out, err = _fit_with_retrieval_bars(setup, capsys, progress_bar=True)
     assert "%|" not in err
     epoch_end = out[out.index("Epoch 0: 100%") :]
     assert "\n\rRetrieval:" in epoch_end
