@@ -109,11 +109,27 @@ def short_error(err: BaseException) -> str:
     return short_text(text)
 
 
+def commit(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`, durably: its bytes reach the disk before the name does, so a
+    power loss leaves the old file or the complete new one, never an empty or short file under `path`."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename."""
+    """Write `data` to `path` through a temporary file and a durable rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    commit(tmp, path)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -191,7 +207,7 @@ class ShardSink(_Writer):
             return
         self._writer.close()
         name = self._shard_name()
-        os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
+        commit(self.out_dir / (name + ".tmp"), self.out_dir / name)
         self.shards.append({"name": name, "samples": self._count})
         self._writer = None
         self._count = 0
@@ -381,7 +397,7 @@ class EvalSetWriter(_Writer):
         self._file.close()
         lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in self._texts.values())
         write_atomic(self.texts_path, lines.encode("utf-8"))
-        os.replace(self._images_tmp, self.images_path)
+        commit(self._images_tmp, self.images_path)
 
     def abort(self) -> None:
         """Drop the unfinished files, and the folder if this writer made it and it is left empty."""

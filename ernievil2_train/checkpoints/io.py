@@ -73,9 +73,21 @@ def save_pretrained(
 
 def _readable_as_umask_allows(path: Path) -> None:
     """Give `path` the mode a plainly written file gets (safetensors writes its file owner-only)."""
+    path.chmod(0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (`/proc/self/status`); elsewhere
+    set and restored at once, which other threads could briefly see."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    return umask
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:

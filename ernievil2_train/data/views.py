@@ -77,6 +77,7 @@ class SampleTransform:
     ) -> None:
         self.tokenizer = ErnieTokenizer(vocab_file, max_len=text_max_len)
         self.views = ViewConfig.of(views)
+        self._separator_pieces = self.tokenizer.encode(TAG_SEPARATOR)
         self.train = train
         self.max_image_pixels = max_image_pixels
         if train:
@@ -136,10 +137,19 @@ class SampleTransform:
         if self.train and self.views.text_view != "none":
             out["text_view_ids"] = self.text_view(raw.caption, pieces, raw.captions)
         if self.views.tags:
-            tags = [tag for tag in raw.tags if self.tokenizer.encode(tag)]
-            has_tags = bool(tags)
-            tag_pieces = self.tokenizer.encode(TAG_SEPARATOR.join(tags)) if has_tags else []
-            row = self.row(tag_pieces) if has_tags else torch.zeros(self.tokenizer.max_len, dtype=torch.long)
-            out["tag_ids"] = row
-            out["has_tags"] = torch.tensor(has_tags)
+            tag_pieces = self.tag_pieces(raw.tags)
+            no_tags = torch.zeros(self.tokenizer.max_len, dtype=torch.long)
+            out["tag_ids"] = self.row(tag_pieces) if tag_pieces else no_tags
+            out["has_tags"] = torch.tensor(bool(tag_pieces))
         return out
+
+    def tag_pieces(self, tags: list[str]) -> list[int]:
+        """The pieces of the tags joined by `TAG_SEPARATOR`, tags without a token left out. The separator is
+        punctuation, which the tokenizer always splits off, so this equals encoding the joined text."""
+        separator = self._separator_pieces
+        pieces: list[int] = []
+        for tag in tags:
+            tag_pieces = self.tokenizer.encode(tag)
+            if tag_pieces:
+                pieces += [*separator, *tag_pieces] if pieces else tag_pieces
+        return pieces

@@ -18,6 +18,7 @@ from ernievil2_train.checkpoints import (
     load_training_checkpoint,
     save_pretrained,
 )
+from ernievil2_train.checkpoints.io import _current_umask
 from tests.models.tiny import TINY, tiny_model
 
 SPECIALS = "[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[UNK]\t3\n"
@@ -50,6 +51,19 @@ def test_saved_files_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
         os.umask(previous)
     modes = {name: (out / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
     assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_the_umask_is_read_without_changing_it(umask: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the umask to read it is process-wide: another thread writing a file meanwhile would get
+    mode 0666. On Linux it is read from /proc instead."""
+    previous = os.umask(umask)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "umask", lambda mask: pytest.fail("the umask was changed to read it"))
+            assert _current_umask() == umask
+    finally:
+        os.umask(previous)
 
 
 def test_clear_errors(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 
@@ -10,7 +11,7 @@ import torch
 
 from ernievil2_train.data.decode import SkipSample
 from ernievil2_train.data.keys import stable_key
-from ernievil2_train.data.views import SampleTransform, ViewConfig
+from ernievil2_train.data.views import TAG_SEPARATOR, SampleTransform, ViewConfig
 from ernievil2_train.text import ErnieTokenizer
 from tests.data.shard_helpers import sample, write_vocab
 
@@ -150,3 +151,17 @@ def test_bad_view_config_is_refused():
 def test_unknown_view_field_is_named() -> None:
     with pytest.raises(ValueError, match="unknown views config field"):
         ViewConfig.of({"image_view3": True})
+
+
+def test_tag_pieces_equal_the_joined_tags_encoded(paddle_ref) -> None:
+    """Tags are encoded one by one and joined with the separator's pieces; the official way encodes the
+    joined text. The fixtures' tokenizer cases (accents, Latin words, digits, punctuation, spaces) as tags."""
+    lines = (paddle_ref / "tokenizer_cases.jsonl").read_text(encoding="utf-8").splitlines()
+    cases = [json.loads(line)["text"] for line in lines]
+    transform = SampleTransform(str(paddle_ref / "vocab.txt"), image_size=SIZE, text_max_len=512)
+    tokenizer = transform.tokenizer
+    rng = random.Random(0)
+    for _ in range(200):
+        tags = rng.sample(cases, rng.randint(1, 4))
+        kept = [tag for tag in tags if tokenizer.encode(tag)]
+        assert transform.tag_pieces(tags) == tokenizer.encode(TAG_SEPARATOR.join(kept)), tags

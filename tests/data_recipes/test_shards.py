@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -57,6 +59,35 @@ def test_rotation_by_count_and_bytes_and_index(tmp_path):
             sink.write_record(_record(i))
     index = json.loads((tmp_path / "b" / "train.json").read_text())
     assert [s["samples"] for s in index["shards"]] == [2, 2, 2]
+
+
+def test_every_file_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with ShardSink(tmp_path / "s", "train", shard_size=3) as sink:
+        for i in range(2):
+            sink.write_record(_record(i))
+    with EvalSetWriter(tmp_path / "e", "val") as writer:
+        writer.write_record(_record(0))
+    replaced = [name for kind, name in events if kind == "replace"]
+    written = {Path(name).name for name in replaced}
+    assert {"train-000000.tar.tmp", "train-000001.tar.tmp", "train.json.tmp"} <= written
+    assert {"val_imgs.tsv.tmp", "val_texts.jsonl.tmp"} <= written
+    for name in replaced:
+        renamed = events.index(("replace", name))
+        assert ("fsync", name) in events[:renamed]
+        assert ("fsync", str(Path(name).parent)) in events[renamed + 1 :]
 
 
 def test_failure_keeps_finished_shards_and_drops_the_partial_one(tmp_path):
