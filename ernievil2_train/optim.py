@@ -43,6 +43,16 @@ def count_layers(names: list[str]) -> int:
     return max(ids) + 1 if ids else 0
 
 
+def group_name(tower: str, layer: int, depth: int, by_layer: bool, decay: bool) -> str:
+    """`vision/decay`; by layer `vision/stem/decay`, `vision/block0/no_decay`, ..., `vision/head/decay`
+    (the lr monitor logs each group's lr under this name)."""
+    kind = "decay" if decay else "no_decay"
+    if not by_layer:
+        return f"{tower}/{kind}"
+    part = "stem" if layer == 0 else "head" if layer == depth else f"block{layer - 1}"
+    return f"{tower}/{part}/{kind}"
+
+
 def tower_param_groups(
     tower: str,
     named: list[tuple[str, nn.Parameter]],
@@ -60,7 +70,7 @@ def tower_param_groups(
         group = groups.setdefault(
             (decay, layer),
             {
-                "name": f"{tower}/layer{layer}/{'decay' if decay else 'no_decay'}",
+                "name": group_name(tower, layer, depth, layer_decay != 1.0, decay),
                 "params": [],
                 "param_names": [],
                 "lr": lr * layer_decay ** (depth - layer),

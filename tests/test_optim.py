@@ -69,6 +69,21 @@ def test_layer_decay_scales_lr_by_depth():
     assert groups["temperature:logit_scale"]["lr"] == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("layer_decay", [1.0, 0.5])
+def test_group_names_say_which_part_of_a_tower_they_hold(layer_decay: float) -> None:
+    groups = _groups(layer_decay=layer_decay)
+    names = {key: group["name"] for key, group in groups.items()}
+    if layer_decay == 1.0:
+        assert names["vision:blocks.0.mlp.fc1.weight"] == "vision/decay"
+        assert names["text:ernie.embeddings.LayerNorm.bias"] == "text/no_decay"
+    else:
+        assert names["vision:patch_embed.proj.weight"] == "vision/stem/decay"
+        assert names["vision:blocks.0.mlp.fc1.weight"] == "vision/block0/decay"
+        assert names["text:ernie.encoder.layer.1.output.dense.bias"] == "text/block1/no_decay"
+        assert names["text:ernie.pooler.dense.weight"] == "text/head/decay"
+    assert names["temperature:logit_scale"] == "temperature/no_decay"
+
+
 def test_layer_id_and_decay_rules():
     assert layer_id("blocks.11.attn.qkv.weight", 12) == 12
     assert layer_id("ernie.encoder.layer.0.output.dense.weight", 12) == 1
