@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -18,11 +19,13 @@ from omegaconf.errors import InterpolationResolutionError
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_checkpoint
 from ernievil2_train.checkpoints.paddle import CheckpointError
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
+from ernievil2_train.loggers import is_first_process
 from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 from ernievil2_train.warnings_filter import quiet_known_warnings
 
 log = logging.getLogger(__name__)
+RUN_CONFIG_DIR = ".hydra"
 # what a constructor raises for a bad setting (ImportError: an accelerator or strategy not installed)
 SETTING_ERRORS = (FileNotFoundError, ImportError, ValueError, TypeError, MisconfigurationException)
 
@@ -168,6 +171,20 @@ def settle_accumulation(cfg: DictConfig) -> None:
                  cfg.module.gradient_clip_val)
 
 
+def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """Write the run's config into `<run folder>/.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra
+    writes them) once the run is accepted, from the first process only. Hydra's own early writing is off
+    (`hydra.output_subdir: null`), so a refused resume leaves the record of the run it refused untouched."""
+    if not HydraConfig.initialized() or not is_first_process():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = output_dir / RUN_CONFIG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
     quiet_known_warnings()
@@ -190,6 +207,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _build_group("logger", cfg.get("logger"))
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    save_run_config(cfg, output_dir)
 
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:

@@ -71,6 +71,11 @@ def test_demo_run_logs_recall_to_csv_and_wandb_and_exports(demo_cache: Path, tmp
     assert (run_dir / "export" / "vocab.txt").is_file()
     assert model.config.vision.width == 32
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines() == [
+        f"- {override}" for override in [*TINY, "trainer.max_epochs=2"]
+    ]
+    assert "max_epochs: 2" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert f"dir: {run_dir}" in (run_dir / ".hydra" / "hydra.yaml").read_text()
     evaluate = _run(
         [sys.executable, "-m", "ernievil2_train.evaluate", "--checkpoint", str(run_dir / "export"),
          "--eval-set", str(next((demo_cache / "demo").glob("v*")) / "eval"), "--json"],
@@ -117,6 +122,20 @@ def test_feature_cache_accumulation_runs_with_the_default_trainer_clipping(demo_
     result = _run(_cli(tmp_path / "run", *overrides), _env(demo_cache))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gradients clipped by the module at 1.0" in result.stdout + result.stderr
+
+
+def test_a_refused_resume_leaves_the_runs_config_record_alone(demo_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    record = run_dir / ".hydra" / "config.yaml"
+    record.parent.mkdir()
+    record.write_text("the run's own config\n")
+    result = _run(_cli(run_dir, "trainer.max_epochs=3"), _env(demo_cache))
+    assert result.returncode == 2
+    assert "run folder checkpoint" in result.stderr
+    assert record.read_text() == "the run's own config\n"
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml"]
 
 
 def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:
