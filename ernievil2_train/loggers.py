@@ -60,7 +60,7 @@ def wandb_logger(
         if is_first_process():  # other ranks log nothing; a write of theirs would replace rank 0's id
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         save_dir=save_dir,
@@ -71,6 +71,12 @@ def wandb_logger(
         resume="allow",
         **kwargs,
     )
+    # Lightning passes `anonymous=None` to `wandb.init`, which W&B answers with a deprecation warning for a
+    # setting nobody set; the keyword is left out unless it was given.
+    init_arguments = getattr(logger, "_wandb_init", {})
+    if init_arguments.get("anonymous", "given") is None:
+        del init_arguments["anonymous"]
+    return logger
 
 
 class ResumableExperimentWriter(ExperimentWriter):

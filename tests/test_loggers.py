@@ -31,6 +31,16 @@ def test_the_run_id_is_written_once_and_read_back(tmp_path, single_process):
     assert wandb_logger(project="p", save_dir=str(tmp_path)).version == written
 
 
+def test_an_offline_run_starts_without_a_warning_about_settings_not_set(tmp_path, single_process, capfd):
+    single_process.delenv("WANDB_SILENT", raising=False)
+    logger = wandb_logger(project="p", save_dir=str(tmp_path))
+    logger.experiment.log({"loss": 1.0})
+    logger.experiment.finish()
+    printed = capfd.readouterr().err
+    assert "offline" in printed  # W&B's own notes do print
+    assert "WARNING" not in printed, printed
+
+
 @pytest.mark.parametrize("variables", [
     {"SLURM_PROCID": "3"}, {"LOCAL_RANK": "1"}, {"RANK": "5", "LOCAL_RANK": "0"},
     {"SLURM_PROCID": "8", "SLURM_LOCALID": "0"},
