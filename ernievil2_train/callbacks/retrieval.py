@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import EvalSet, load_evalset
+from ernievil2_train.imaging import to_rgb
 from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
 from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE
 from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
@@ -295,6 +296,6 @@ class RetrievalCallback(pl.Callback):
 
 
 def _thumbnail(data: bytes, size: int = 96) -> Image.Image:
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = to_rgb(Image.open(io.BytesIO(data)))
     image.thumbnail((size, size))
     return image

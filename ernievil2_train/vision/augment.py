@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ernievil2_train.imaging import to_rgb
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -75,8 +77,7 @@ def decode_rgb(image: Image.Image, factor: int = 1) -> np.ndarray:
         w, h = image.size
         image.draft("RGB", (w // factor, h // factor))
     image.load()
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     if orientation in _ORIENT_OPS:
         image = image.transpose(_ORIENT_OPS[orientation])
     return np.asarray(image)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ernievil2_train.imaging import to_rgb
+
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
@@ -54,7 +56,7 @@ def decode_bytes(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """PIL image -> HWC uint8 RGB with the decoder's conventions: EXIF orientation applied, alpha dropped."""
     try:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
     except OSError as err:
         raise ImageDecodeError(f"PIL could not decode the image: {err}") from None
 
