@@ -75,6 +75,17 @@ def test_any_row_count_and_exact_parsing(tmp_path, capsys):
     assert {k: out[k] for k in expected} == expected
 
 
+def test_an_embeddings_file_with_a_byte_order_mark(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    text = rng.standard_normal((6, 4)).astype(np.float32)
+    path = write_embeddings(tmp_path / "e.txt", text, text + rng.standard_normal((6, 4)).astype(np.float32))
+    assert main([str(path), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert main([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain
+
+
 def test_any_positive_on_embeddings_file_pools_identical_vectors(tmp_path, capsys):
     rng = np.random.default_rng(1)
     images = rng.standard_normal((4, 6)).astype(np.float32)

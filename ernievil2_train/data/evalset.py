@@ -74,11 +74,12 @@ def _decode_b64(value: str, where: str) -> bytes:
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 is an error naming it."""
+    """(line number, line) of a UTF-8 text file (a byte-order mark is dropped); a line that is not UTF-8 is an
+    error naming it."""
     with path.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise ValueError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
             yield n, line

@@ -26,7 +26,7 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise EvalInputError(f"{path}: no such file")
     try:
-        data = path.read_text(encoding="utf-8")
+        data = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise EvalInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     lines = data.split("\n")

@@ -51,6 +51,16 @@ def test_chinese_clip_layout(tmp_path, urlsafe):
     assert len(es) == 3
 
 
+def test_files_saved_with_a_byte_order_mark(tmp_path):
+    """Editors on Windows save UTF-8 with a BOM; the recipes read such files, so the eval set does too."""
+    _write_chinese_clip(tmp_path, TEXTS)
+    for name in ("valid_imgs.tsv", "valid_texts.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    es = load_evalset(tmp_path, split="valid")
+    assert es.image_ids == ["11", "22", "33"] and es.text_ids == ["1", "2", "3"]
+
+
 def _write_tar(path: Path, samples: list[tuple[str, str, bytes, str, dict]]) -> None:
     with tarfile.open(path, "w") as tar:
         for key, ext, image, text, meta in samples:
