@@ -2,7 +2,9 @@
 
 Two sample layouts are read. This project's (written by `data_recipes`): `__key__`, an image, `txt` (the
 caption) and `json` = `{"image_id", "text_id", "captions", "tags"}`; the samples of one image share its
-`image_id`.
+`image_id`. Ids are unique within a data set, not across sets (COCO-CN, Flickr30K-CN and MUGE all number
+their images from small integers), so the image id read is the shard's folder and the json's id: shards of
+two sets mixed in one run (in two folders) never make two images one.
 Plain caption sets (img2dataset's output for LAION, Wukong, Zero..., or any `jpg` + `txt` WebDataset): a
 `json` without `image_id` (img2dataset's `url`, `key`, `status`, `caption`, `width`... fields, which are not
 read), or no `json` at all. Such a sample is its own image: its image id is its shard's url and its
@@ -16,8 +18,10 @@ reason (see `ernievil2_train.data.datamodule`).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -126,13 +130,29 @@ def parse_sample(sample: dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ra
     caption = _text(sample["txt"], key)
     meta = _meta(sample.get("json"), key)
     image_id = _image_id(meta, key)
+    url = str(sample.get("__url__", ""))
     if image_id is None:
-        image_id = own_image_id(str(sample.get("__url__", "")), key)
+        image_id = own_image_id(url, key)
         captions, tags = [caption], []
     else:
+        image_id = data_set_image_id(url, image_id)
         captions, tags = _strings(meta, "captions", key), _strings(meta, "tags", key)
     image = open_image(image_data, max_pixels, key)
     return RawSample(key=key, image=image, caption=caption, image_id=image_id, captions=captions, tags=tags)
+
+
+def data_set_image_id(url: str, image_id: str) -> str:
+    """The id of image `image_id` of the data set whose shard is `url`: the shard's folder and the id."""
+    return f"{shard_folder(url)}/#{image_id}" if url else image_id
+
+
+@functools.lru_cache(maxsize=4096)
+def shard_folder(url: str) -> str:
+    """The folder of shard `url`: resolved for a local path (`d/./x.tar` and `d/x.tar` are one data set), as
+    written for a remote one."""
+    if "://" in url or url.startswith("pipe:"):
+        return url.rpartition("/")[0]
+    return os.path.dirname(os.path.realpath(url))
 
 
 def own_image_id(url: str, key: str) -> str:

@@ -18,6 +18,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ernievil2_train.data.decode import data_set_image_id
+from ernievil2_train.data.keys import stable_key
+
 CHARS = "一只狗在草地上奔跑两个人骑自行车红色的汽车停路边猫睡觉，"
 
 
@@ -95,3 +98,8 @@ def error_within(call: Callable[[], object], seconds: float) -> str:
         return source.recv()
     finally:
         process.join()
+
+
+def image_key(shard: str | Path, image_id: str) -> int:
+    """The image key training gives image `image_id` of the data set that shard `shard` belongs to."""
+    return stable_key(data_set_image_id(str(shard), image_id))

@@ -13,7 +13,15 @@ from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule
 from ernievil2_train.data.decode import SkipSample, own_image_id, parse_sample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer
-from tests.data.shard_helpers import CHARS, jpeg_bytes, sample, smooth_image, write_shard, write_vocab
+from tests.data.shard_helpers import (
+    CHARS,
+    image_key,
+    jpeg_bytes,
+    sample,
+    smooth_image,
+    write_shard,
+    write_vocab,
+)
 
 SIZE = 32
 PER_SHARD = 6
@@ -124,7 +132,7 @@ def test_caption_sets_mix_with_this_projects_shards(data: Path, tmp_path: Path) 
                    .val_dataloader())
     has_tags = {int(k): bool(t) for b in batches for k, t in zip(b["image_key"], b["has_tags"], strict=True)}
     bare = {i: stable_key(own_image_id(shards[0], f"bare{i:05d}")) for i in range(PER_SHARD)}
-    assert has_tags == {**{stable_key(f"img{i}"): True for i in range(PER_SHARD)},
+    assert has_tags == {**{image_key(shards[1], f"img{i}"): True for i in range(PER_SHARD)},
                         **{key: False for key in bare.values()}}
     captions = {int(k): int(c) for b in batches
                 for k, c in zip(b["image_key"], b["caption_key"], strict=True)}
@@ -174,3 +182,22 @@ def test_a_caption_set_sample_parses_to_its_own_image() -> None:
                                                                       [caption_of(2)], [])
     with_id = {**img2dataset_sample(2), "json": json.dumps({"image_id": 7, "tags": ["狗"]}).encode()}
     assert (parse_sample(with_id).image_id, parse_sample(with_id).tags) == ("7", ["狗"])
+
+
+def test_two_data_sets_numbering_their_images_alike_stay_apart(tmp_path: Path) -> None:
+    """Recipes write each set's own ids (COCO-CN, Flickr30K-CN and MUGE all count from small integers, a TSV
+    uses its image paths): image `img0` of one folder is not image `img0` of another, while the samples of
+    one image in two shards of its folder (two captions) are one image."""
+    write_vocab(tmp_path / "vocab.txt")
+    for name, offset in (("a", 0), ("b", 50)):
+        (tmp_path / name).mkdir()
+        for shard in range(2):  # the same images in both shards: one per caption
+            items = [{**sample(offset + i), "json": json.dumps({"image_id": f"img{i}"}).encode()}
+                     for i in range(2)]
+            write_shard(tmp_path / name / f"train-{shard:06d}.tar", items)
+    shards = [str(tmp_path / name / f"train-{s:06d}.tar") for name in "ab" for s in range(2)]
+    batches = list(module(tmp_path, train_shards=shards, val_shards=shards, epoch_samples=8).val_dataloader())
+    keys = [int(k) for b in batches for k in b["image_key"]]
+    one_per_image = [image_key(shards[first], f"img{i}") for first in (0, 2) for i in range(2)]
+    assert sorted(keys) == sorted(one_per_image * 2)  # each image twice: its two shards
+    assert len(set(one_per_image)) == 4

@@ -22,9 +22,8 @@ from ernievil2_train.data.datamodule import (
     resolve_shards,
 )
 from ernievil2_train.data.decode import SKIP_REASONS
-from ernievil2_train.data.keys import stable_key
 from ernievil2_train.data.views import SampleTransform
-from tests.data.shard_helpers import sample, serving, write_shard, write_vocab
+from tests.data.shard_helpers import image_key, sample, serving, write_shard, write_vocab
 
 SIZE = 32
 PER_SHARD = 8
@@ -59,8 +58,9 @@ def module(data, **kw):
     return MultiViewDataModule(**{**args, **kw})
 
 
-def keys_of(ids):
-    return {stable_key(f"img{i}") for i in ids}
+def keys_of(ids, folder):
+    """Image keys of images `img{i}` of the data set in `folder` (a local folder or a served url)."""
+    return {image_key(f"{folder}/shard.tar", f"img{i}") for i in ids}
 
 
 def test_resolve_shards_in_every_form(data, tmp_path):
@@ -96,7 +96,7 @@ def test_an_index_url_streams_its_shards_over_http(data, served):
     dm = module(data, train_shards=f"{served}/train.json", val_shards=f"{served}/val.json")
     assert dm.epoch_samples == PER_SHARD * SHARDS
     keys = torch.cat([b["image_key"] for b in dm.val_dataloader()])
-    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD)))
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), served))
     missing = r"train_shards: cannot read shard index http:.*/nope\.json .*404"
     with pytest.raises(FileNotFoundError, match=missing):
         resolve_shards(f"{served}/nope.json", "train", "train_shards")
@@ -149,7 +149,7 @@ def test_a_folder_gives_its_only_validation_split_whatever_its_name(data, tmp_pa
     assert all(dm.shard_sizes[os.path.realpath(url)] == PER_SHARD for url in dm.val_urls)
     assert f"val_shards: directory {folder} has no val split, reading its valid split" in caplog.text
     keys = torch.cat([b["image_key"] for b in dm.val_dataloader()])
-    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD)))
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), folder))
     assert resolve_shards(str(folder), "valid", "k") == resolve_shards(str(folder), "val", "k")
     no_train = f"train_shards: no train-*.tar shards in directory {folder} (it holds valid-*.tar)"
     with pytest.raises(FileNotFoundError, match=re.escape(no_train)):
@@ -191,7 +191,7 @@ def test_one_epoch_sees_every_sample_once_with_the_agreed_batch_format(data):
     assert batch["image_key"].dtype == torch.long and batch["caption_key"].shape == (4,)
     assert batch[SKIPPED_KEY].shape == (len(SKIP_REASONS),) and batch[SKIPPED_KEY].dtype == torch.long
     seen = torch.cat([b["image_key"] for b in batches]).tolist()
-    assert sorted(seen) == sorted(keys_of(range(PER_SHARD * SHARDS)))
+    assert sorted(seen) == sorted(keys_of(range(PER_SHARD * SHARDS), data))
 
 
 def test_virtual_epochs_are_fixed_length_and_repeat_the_stream(data):
@@ -201,7 +201,7 @@ def test_virtual_epochs_are_fixed_length_and_repeat_the_stream(data):
         batches = list(loader)
         assert len(batches) == 14 and all(b["image"].shape[0] == 6 for b in batches)
         keys = torch.cat([b["image_key"] for b in batches]).tolist()
-        assert set(keys) <= keys_of(range(32)) and len(set(keys)) < len(keys)
+        assert set(keys) <= keys_of(range(32), data) and len(set(keys)) < len(keys)
 
 
 def test_ranks_get_equal_batches_and_disjoint_shards(data, monkeypatch):
@@ -217,7 +217,7 @@ def test_ranks_get_equal_batches_and_disjoint_shards(data, monkeypatch):
         assert len(batches) == len(loader)
         seen.append(set(torch.cat([b["image_key"] for b in batches]).tolist()))
     assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
+    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS), data)
 
 
 def test_ranks_split_shards_by_the_trainer_rank_inside_loader_workers(
@@ -236,7 +236,7 @@ def test_ranks_split_shards_by_the_trainer_rank_inside_loader_workers(
         assert len(batches) == 4 and len(set(keys)) == len(keys)
         seen.append(set(keys))
     assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
+    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS), data)
 
 
 def test_resampled_stream_runs_with_more_workers_than_shards(data):
@@ -244,7 +244,7 @@ def test_resampled_stream_runs_with_more_workers_than_shards(data):
                     num_workers=2, persistent_workers=False).train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == 6
-    assert set(torch.cat([b["image_key"] for b in batches]).tolist()) <= keys_of(range(PER_SHARD))
+    assert set(torch.cat([b["image_key"] for b in batches]).tolist()) <= keys_of(range(PER_SHARD), data)
 
 
 def test_workers_reading_the_same_samples_augment_them_differently(data: Path) -> None:
@@ -393,7 +393,7 @@ def test_val_loader_is_one_deterministic_single_view_pass(data):
     assert set(first[0]) == {"image", "caption_ids", "tag_ids", "has_tags", "image_key", "caption_key",
                              SKIPPED_KEY}
     keys = torch.cat([b["image_key"] for b in first])
-    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD)))
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), data))
     second = {k: img for b in dm.val_dataloader()
               for k, img in zip(b["image_key"].tolist(), b["image"], strict=True)}
     for b in first:
@@ -419,7 +419,7 @@ def test_ranks_validate_disjoint_shares_of_the_val_shards(
         assert len(keys) == len(set(keys)) == 2 * PER_SHARD
         seen.append(set(keys))
     assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS))
+    assert seen[0] | seen[1] == keys_of(range(PER_SHARD * SHARDS), data)
 
 
 def test_a_rank_without_a_val_shard_gets_no_batch(data: Path) -> None:

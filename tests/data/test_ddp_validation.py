@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from ernievil2_train.data.datamodule import SKIP_REASONS
-from ernievil2_train.data.keys import stable_key
 from tests.data.ddp_val_worker import module_worker, worker
-from tests.data.shard_helpers import sample, write_shard, write_vocab
+from tests.data.shard_helpers import image_key, sample, write_shard, write_vocab
 from tests.ddp_helpers import run_ranks
 
 pytestmark = pytest.mark.slow  # two spawned processes import Lightning and validate twice
@@ -31,13 +30,13 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         write_shard(data / f"train-{s:06d}.tar", [sample(s * PER_SHARD + i) for i in range(PER_SHARD)])
     out = tmp_path_factory.mktemp("ddp_val_out")
     run_ranks(worker, WORLD, (str(data), str(out)), TIMEOUT_S)
-    return [torch.load(Path(out) / f"rank{r}.pt") for r in range(WORLD)]
+    return [{**torch.load(Path(out) / f"rank{r}.pt"), "folder": str(data)} for r in range(WORLD)]
 
 
 def test_each_rank_validates_its_own_shards_once(ranks: list[dict]) -> None:
     """Without RANK in the environment and inside loader workers, the trainer's rank still splits the
     validation shards: every sample is validated once over all ranks, and the logged total agrees."""
-    every = {stable_key(f"img{i}") for i in range(4 * PER_SHARD)}
+    every = {image_key(ranks[0]["folder"] + "/train.tar", f"img{i}") for i in range(4 * PER_SHARD)}
     seen = [rank["split"]["keys"] for rank in ranks]
     assert [len(keys) for keys in seen] == [2 * PER_SHARD] * WORLD
     assert all(len(set(keys)) == len(keys) for keys in seen)
