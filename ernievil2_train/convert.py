@@ -10,6 +10,7 @@ import sys
 
 from ernievil2_train.checkpoints import CheckpointError, load_pdparams, save_pretrained
 from ernievil2_train.checkpoints.io import check_output
+from ernievil2_train.cli import run
 
 
 def positive_int(text: str) -> int:
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "python -m ernievil2_train.convert"))

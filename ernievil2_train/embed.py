@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
+from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
@@ -72,7 +74,7 @@ def read_rows(path: Path, skipped: Skipped, progress: tqdm) -> Iterator[Row]:
             except UnicodeDecodeError:
                 skipped.add(line_no, "not UTF-8")
                 continue
-            if not line.strip():
+            if "\t" not in line and not line.strip():  # blank; a row of empty columns is malformed
                 continue
             columns = line.split("\t")
             if len(columns) != 3:
@@ -112,7 +114,7 @@ class Embedder:
 
 
 def embed_file(
-    embedder: Embedder, image_size: int, src: Path, out: TextIO, batch_size: int, workers: int
+    embedder: Embedder, image_size: int, src: Path, out: TextIO | _Output, batch_size: int, workers: int
 ) -> tuple[int, Skipped]:
     """Embed every good row of `src` into `out`; returns (rows written, skipped rows)."""
     transform = eval_transform(image_size)
@@ -219,8 +221,8 @@ def load_tokenizer(vocab: Path, model: DualEncoder, max_len: int) -> ErnieTokeni
     return tokenizer
 
 
-def _check_paths(src: Path, out: Path) -> None:
-    """--input must be a file; --output a file path in an existing folder, other than --input."""
+def _check_paths(src: Path, out: Path, checkpoint: Path, vocab: Path | None) -> None:
+    """--input must be a file; --output a file path in an existing folder, none of the files read."""
     if src.is_dir():
         raise ValueError(f"--input {src}: is a folder, not a file")
     if not src.is_file():
@@ -229,15 +231,23 @@ def _check_paths(src: Path, out: Path) -> None:
         raise ValueError(f"--output {out}: is a folder, not a file")
     if not out.parent.is_dir():
         raise ValueError(f"--output {out}: folder {out.parent} does not exist")
-    if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(src, out)):
-        raise ValueError(f"--output {out} is the same file as --input {src} (it would be overwritten)")
+    read = [("--input", src), ("--vocab", vocab)]
+    if checkpoint.is_dir():
+        read += [("--checkpoint", file) for file in checkpoint.iterdir() if file.is_file()]
+    for flag, file in read:
+        if file is not None and _same_file(out, file):
+            raise ValueError(f"--output {out} is the same file as {flag} {file} (it would be overwritten)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def _setup(args: argparse.Namespace) -> tuple[Embedder, DualEncoder]:
     """Validate the arguments and load the checkpoint and tokenizer (user errors raise ValueError)."""
     if args.batch_size < 1 or args.workers < 1:
         raise ValueError("--batch-size and --workers must be positive")
-    _check_paths(Path(args.input), Path(args.output))
+    _check_paths(Path(args.input), Path(args.output), Path(args.checkpoint), args.vocab and Path(args.vocab))
     device = resolve_device(args.device)
     model = load_checkpoint(args.checkpoint, device)
     tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, args.max_len)
@@ -256,15 +266,45 @@ def _embed_to_output(args: argparse.Namespace, embedder: Embedder, image_size: i
             fh = tmp.open("x", encoding="utf-8")
         except OSError as err:
             raise ValueError(f"--output {out}: cannot write into {out.parent} ({err.strerror})") from None
-        with fh:
-            written, skipped = embed_file(embedder, image_size, src, fh, args.batch_size, args.workers)
+        try:
+            written, skipped = embed_file(embedder, image_size, src, _Output(fh, out), args.batch_size,
+                                          args.workers)
+        finally:
+            with _naming_output(out):
+                fh.close()
         if not written:
             why = f"no row could be embedded; {skipped.summary()}" if skipped.counts else "no rows in it"
             raise ValueError(f"--input {src}: nothing written to --output ({why})")
-        os.replace(tmp, out)
+        with _naming_output(out):
+            os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return written, skipped
+
+
+class _Output:
+    """The temporary output file, whose failed writes name --output (a failed read of --input does not)."""
+
+    def __init__(self, fh: TextIO, out: Path) -> None:
+        self.fh, self.out = fh, out
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        with _naming_output(self.out):
+            self.fh.writelines(lines)
+
+    def flush(self) -> None:
+        with _naming_output(self.out):
+            self.fh.flush()
+
+
+@contextlib.contextmanager
+def _naming_output(out: Path) -> Iterator[None]:
+    """An OSError inside (a write, flush, close or rename of the output) becomes a ValueError naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(f"--output {out}: cannot write ({err.strerror or err})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,4 +323,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "python -m ernievil2_train.embed"))

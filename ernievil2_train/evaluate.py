@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.metrics.files import (
     EvalInputError,
@@ -204,6 +205,8 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         p.error("--protocol ernie needs a row-paired embeddings file")
     if args.chunk_size < 1 or args.batch_size < 1:
         p.error("--chunk-size and --batch-size must be positive")
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
     return modes[0]
 
 
@@ -212,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mode = _mode(parser, args)
     args.protocol = args.protocol or ("ernie" if mode == "embeddings" else "any_positive")
-    run = {"embeddings": _from_embeddings, "features": _from_features, "checkpoint": _from_checkpoint}[mode]
+    sources = {"embeddings": _from_embeddings, "features": _from_features, "checkpoint": _from_checkpoint}
+    evaluate = sources[mode]
     try:
         args.device = resolve_device(args.device)
-        metrics, num_texts, num_images = run(args)
+        metrics, num_texts, num_images = evaluate(args)
     except (ValueError, OSError) as err:  # EvalInputError, or bad values found by the metric functions
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
@@ -228,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "python -m ernievil2_train.evaluate"))

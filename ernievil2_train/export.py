@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ernievil2_train.checkpoints import CheckpointError, load_training_checkpoint, save_pretrained
 from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output
+from ernievil2_train.cli import run
 
 
 def run_vocab(checkpoint: Path) -> Path | None:
@@ -56,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "python -m ernievil2_train.export"))

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ernievil2_train.checkpoints import CheckpointError
+from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.embed import (
     load_checkpoint,
@@ -113,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "python -m ernievil2_train.similarity"))

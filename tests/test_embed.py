@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +201,91 @@ def test_output_may_not_be_the_input(
     assert embed.main([str(a) for a in argv]) == 2
     assert "is the same file as --input" in capsys.readouterr().err
     assert tsv.read_bytes() == before
+
+
+def test_output_may_not_be_a_file_of_the_checkpoint(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}"])
+    before = {file.name: file.read_bytes() for file in tiny_ckpt.iterdir()}
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(before["vocab.txt"])
+    targets = [(tiny_ckpt / "model.safetensors", "--checkpoint"), (tiny_ckpt / "vocab.txt", "--checkpoint"),
+               (vocab, "--vocab")]
+    for target, flag in targets:
+        argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", target, "--vocab", vocab,
+                "--max-len", "16"]
+        assert embed.main([str(a) for a in argv]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --output {target} is the same file as {flag} {target} (it would be overwritten)"
+        )
+    assert {file.name: file.read_bytes() for file in tiny_ckpt.iterdir()} == before
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full disk: the error names --output (not the input), the earlier output stays, no temporary file."""
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}"])
+    out = tmp_path / "emb.txt"
+    out.write_text("previous run\n", encoding="utf-8")
+
+    class FullDisk(io.StringIO):
+        def writelines(self, lines) -> None:
+            raise OSError(28, "No space left on device")
+
+    real_open = Path.open
+
+    def open_(self: Path, mode: str = "r", *args, **kwargs):
+        if self.name.endswith(".tmp"):  # the temporary output: made, then every write fails
+            real_open(self, mode, *args, **kwargs).close()
+            return FullDisk()
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --output {out}: cannot write (No space left on device)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.txt", "p.tsv"]
+    assert out.read_text(encoding="utf-8") == "previous run\n"
+
+
+def test_a_row_of_empty_columns_is_counted_not_dropped(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}", "\t\t", "", "   "])
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", tmp_path / "o.txt", "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 0
+    assert "skipped 1 row(s) [undecodable image: 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("signal_number", "status", "line"), [
+    (signal.SIGINT, 130, "python -m ernievil2_train.embed: interrupted"),
+    (signal.SIGTERM, 143, "python -m ernievil2_train.embed: stopped by SIGTERM"),
+])
+def test_an_interrupted_run_ends_with_one_line_and_keeps_the_old_output(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, signal_number: int, status: int, line: str
+) -> None:
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫 {i}\t{i}\t{_b64(any_image)}" for i in range(3000)])
+    out = tmp_path / "emb.txt"
+    out.write_text("previous run\n", encoding="utf-8")
+    argv = [sys.executable, "-m", "ernievil2_train.embed", "--checkpoint", str(tiny_ckpt),
+            "--input", str(tsv), "--output", str(out), "--max-len", "16", "--batch-size", "2",
+            "--workers", "1"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, "no row was written"
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.txt", "p.tsv"]
+    assert out.read_text(encoding="utf-8") == "previous run\n"
 
 
 def test_nothing_embedded_is_an_error_and_keeps_the_old_output(

@@ -238,8 +238,13 @@ def test_checkpoint_mode_input_errors(tmp_path, paddle_ref, capsys):
          f"ids go up to {max_id} but the model's text vocab_size is"),
         (["--checkpoint", str(ckpt), "--max-len", str(MAX_LEN + 1)],
          f"--max-len {MAX_LEN + 1}: must be between 2 and the checkpoint's {MAX_LEN} text positions"),
+        (["--checkpoint", str(ckpt), "--eval-set", str(evalset / "valid_imgs.tsv")],
+         f"{evalset / 'valid_imgs.tsv'}: not an eval set (expected a folder, a .tar or a brace pattern)"),
     ]:
         assert match in run_error(capsys, [*base, *args])
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--checkpoint", str(ckpt), "--workers", "-3"])
+    assert exc.value.code == 2 and "--workers must be 0 or more" in capsys.readouterr().err
     texts = evalset / "valid_texts.jsonl"
     lines = texts.read_text(encoding="utf-8").splitlines(keepends=True)
     texts.write_bytes("".join(lines[:2]).encode("utf-8") + "".join(lines[2:]).encode("gbk"))

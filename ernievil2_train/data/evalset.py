@@ -62,6 +62,8 @@ def load_evalset(path: str | Path | Sequence[str | Path], split: str = "valid") 
         )
     if path.suffix == ".tar":
         return _from_shards([path], text)
+    if path.is_file():
+        raise ValueError(f"{path}: not an eval set (expected a folder, a .tar or a brace pattern)")
     raise FileNotFoundError(f"eval set not found: {path} (expected a folder, a .tar or a brace pattern)")
 
 

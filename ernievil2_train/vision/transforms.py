@@ -121,6 +121,8 @@ class EvalTransform:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         short_size: int | None = None,
     ) -> None:
+        if image_size < 1 or max_pixels < 1:
+            raise ValueError(f"image_size and max_pixels must be positive, got {image_size} and {max_pixels}")
         self.image_size = image_size
         self.keep_aspect = keep_aspect
         self.max_pixels = max_pixels
@@ -134,6 +136,11 @@ class EvalTransform:
         if not self.keep_aspect:
             return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
         new_w, new_h = scaled_size(width, height, self.short_size)
+        if new_w * new_h > self.max_pixels:  # a thin strip: its short side scaled up makes a giant
+            raise ImageDecodeError(
+                f"image of {width}x{height} pixels would be scaled to {new_w}x{new_h}, over the limit of "
+                f"{self.max_pixels} pixels"
+            )
         if (new_w, new_h) != (width, height):
             rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         x1, y1 = crop_offsets(new_w, new_h, size)

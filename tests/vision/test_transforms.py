@@ -270,6 +270,21 @@ def test_pixel_limit_is_configurable() -> None:
     assert eval_transform(32, max_pixels=40 * 60)(data).shape == (3, 32, 32)
 
 
+def test_a_thin_strip_is_refused_before_its_short_side_is_scaled_up() -> None:
+    """1x40000 pixels pass the decode limit, but scaling the short side to 224 would allocate ~6 GB."""
+    data = _encode(np.zeros((40_000, 1, 3), np.uint8))
+    message = r"1x40000 pixels would be scaled to 224x8960001, over the limit"
+    with pytest.raises(ImageDecodeError, match=message):
+        eval_transform(224)(data)
+    assert eval_transform(224)(_encode(np.zeros((400, 1, 3), np.uint8))).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("arguments", [{"image_size": 0}, {"image_size": -5}, {"max_pixels": 0}])
+def test_sizes_must_be_positive(arguments: dict) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        eval_transform(**arguments)
+
+
 def test_picklable() -> None:
     transform = eval_transform(32, keep_aspect=False)
     data = _encode(_smooth_image(np.random.default_rng(7), 40, 60))

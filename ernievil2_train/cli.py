@@ -1,0 +1,35 @@
+"""Around every command-line tool's `main`: Ctrl-C and SIGTERM end it with one line, not a traceback."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+INTERRUPTED_EXIT = 128 + signal.SIGINT
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler, so `finally` blocks (temporary files) run as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def run(main: Callable[[], int], prog: str) -> int:
+    """`main()`'s exit status; an interruption prints `prog: interrupted` (or `stopped by SIGTERM`) and gives
+    the status a shell reports for a process that signal ended (130, 143)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Terminated:
+        print(f"{prog}: stopped by SIGTERM", file=sys.stderr)
+        return TERMINATED_EXIT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
