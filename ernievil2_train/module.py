@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ from ernievil2_train.losses.multiview import (
 from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cosine
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
+RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
 PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
@@ -126,6 +128,7 @@ class ErnieVil2Module(pl.LightningModule):
         self._window_samples = 0
         self._skipped: torch.Tensor | None = None
         self._restored_skips: dict[str, Any] | None = None
+        self._restored_rng: dict[str, Any] | None = None
         self._val_sums: torch.Tensor | None = None  # the validation epoch's sums, set at its start
 
     def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
@@ -209,6 +212,7 @@ class ErnieVil2Module(pl.LightningModule):
         and the epoch's training skip counts so far, so a run resumed mid-epoch logs the whole epoch's."""
         checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
         checkpoint[EPOCH_SKIPS_KEY] = {"epoch": self.current_epoch, "counts": self._epoch_skips_so_far()}
+        checkpoint[RNG_KEY] = rng_state(self.device)
 
     def _epoch_skips_so_far(self) -> list[int]:
         """This epoch's training skip counts, summed over ranks (every rank saves a checkpoint together)."""
@@ -221,6 +225,7 @@ class ErnieVil2Module(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_skips = checkpoint.get(EPOCH_SKIPS_KEY)
+        self._restored_rng = checkpoint.get(RNG_KEY)
 
     # ---- training --------------------------------------------------------------------------------------
     def _encode(self, batch: Batch, names: list[str] | None = None) -> Batch:
@@ -327,8 +332,13 @@ class ErnieVil2Module(pl.LightningModule):
     def on_train_start(self) -> None:
         """Clamp once before the first step too: a loaded checkpoint may hold a log-scale beyond ln 100.
         Resumed mid-epoch (Lightning then skips `on_train_epoch_start`), rank 0 starts the epoch's skip counts
-        from the checkpoint's totals over ranks, so the epoch-end sum over ranks counts them once."""
+        from the checkpoint's totals over ranks, so the epoch-end sum over ranks counts them once. The random
+        generators get the checkpoint's states last thing before training, so the resumed steps draw the
+        dropout masks the uninterrupted run drew."""
         self.clamp_temperatures()
+        restored_rng, self._restored_rng = self._restored_rng, None
+        if restored_rng:
+            set_rng_state(restored_rng, self.device)
         restored, self._restored_skips = self._restored_skips, None
         if restored and restored["epoch"] == self.current_epoch and self.global_rank == 0:
             self._skipped = torch.tensor(restored["counts"], dtype=torch.long, device=self.device)
@@ -445,3 +455,19 @@ class ErnieVil2Module(pl.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The states of Python's, torch's and (on a CUDA device) that device's random generators. Every rank
+    draws the same numbers (one seed, the same calls), so rank 0's states stand for all."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -203,6 +203,34 @@ def test_a_run_resumed_mid_epoch_logs_the_whole_epochs_skip_counts(tmp_path):
         assert logged == [per_reason * i for i in range(len(SKIP_REASONS))], ckpt
 
 
+class _LossRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path):
+    """With dropout on, the losses after the checkpoint are the uninterrupted run's, to the bit: the
+    checkpoint keeps the random generators' states (the resumed model is built anew, from its seed)."""
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1,
+                                         every_n_train_steps=1)
+    def loader() -> DataLoader:  # as the datamodule's: starting a pass draws from the loader's own generator
+        return DataLoader(_samples(), batch_size=8, drop_last=True, generator=torch.Generator())
+
+    full = _LossRecorder()
+    _trainer(max_steps=-1, max_epochs=2, callbacks=[saver, full], enable_checkpointing=True).fit(
+        ErnieVil2Module(tiny_model(dropout=0.3), loss=LOSS), train_dataloaders=loader())
+    assert len(full.losses) == 8
+    resumed = _LossRecorder()  # from the end of the first epoch (this loader cannot resume mid-epoch)
+    _trainer(max_steps=-1, max_epochs=2, callbacks=[resumed]).fit(
+        ErnieVil2Module(tiny_model(dropout=0.3), loss=LOSS), train_dataloaders=loader(),
+        ckpt_path=tmp_path / "step=4.ckpt")
+    assert sorted(resumed.losses) == [5, 6, 7, 8]
+    assert resumed.losses == {step: full.losses[step] for step in resumed.losses}
+
+
 def test_validation_logs_image_caption_loss_and_accuracy():
     module = _module()
     _trainer(max_steps=1, limit_val_batches=2, val_check_interval=1).fit(module, train_dataloaders=_loader(),

@@ -512,6 +512,10 @@ class _EpochLoader(DataLoader):
     trainer drives the loader: the pass reads that epoch's stream without those batches, so a resumed run
     continues where the interrupted one stopped. Without a trainer each pass reads the next epoch from its
     start.
+
+    A pass starts at its first batch, not when the iterator is made: Lightning makes the training iterator
+    before it restores a resumed run's loop state when the module asks for `estimated_stepping_batches`
+    (as the lr schedule does), and only the restored state says where the pass starts.
     """
 
     def __init__(
@@ -520,10 +524,29 @@ class _EpochLoader(DataLoader):
         super().__init__(stream, **kw)
         self.position = position
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Any]:
+        return _StartingAtFirstBatch(self._start)
+
+    def _start(self) -> Iterator[Any]:
         where = self.dataset.position
         where.set(*(self.position(len(self)) or (where.epoch + 1, 0)))
         return super().__iter__()
+
+
+class _StartingAtFirstBatch:
+    """An iterator that calls `start` for the real one when its first item is asked for."""
+
+    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+        self._start = start
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _StartingAtFirstBatch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._start()
+        return next(self._iterator)
 
 
 def _trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:
@@ -698,6 +721,9 @@ class MultiViewDataModule(L.LightningDataModule):
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.persistent_workers and workers,
             "prefetch_factor": self.prefetch_factor if workers else None,
+            # a pass's worker seeds come from the loader's own generator, not torch's global one: starting a
+            # pass then leaves the model's random draws (dropout) alone, as a resumed run needs them
+            "generator": torch.Generator().manual_seed(self.seed),
         }
         if isinstance(dataset, _EpochStream):
             return _EpochLoader(dataset, position=self._position, **settings)

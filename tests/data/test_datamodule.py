@@ -275,8 +275,13 @@ class Recorder(L.LightningModule):
         self.seen.setdefault(self.current_epoch, []).append({k: v.clone() for k, v in batch.items()})
         return (self.weight * batch["image"].float().mean()).sum()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+    def configure_optimizers(self) -> dict:
+        # as ErnieVil2Module's schedule: asking for the run's steps makes Lightning build the training
+        # iterator here, before a resumed run's loop state is restored
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (total + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def _fit(datamodule, epochs: int, ckpt_dir, ckpt_path=None) -> Recorder:
@@ -312,6 +317,18 @@ def test_a_resumed_run_reads_what_the_uninterrupted_run_reads(data, tmp_path, re
     assert _same_batches(twice.seen[1], full.seen[1][4:])
     other_seed = _fit(module(data, **{**settings, "seed": 4}), 1, tmp_path / "c")
     assert not _same_batches(other_seed.seen[0], full.seen[0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_pass_leaves_torchs_random_generator_alone(data, num_workers):
+    """A DataLoader draws its workers' base seed from torch's global generator at every pass unless it has
+    its own; then a resumed run, starting its pass at another moment, would draw other dropout masks."""
+    dm = module(data, val_shards=str(data), num_workers=num_workers, persistent_workers=False,
+                epoch_samples=16)
+    before = torch.get_rng_state()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_resuming_mid_epoch_decodes_only_the_remaining_samples(data, tmp_path, monkeypatch):
