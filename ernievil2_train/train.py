@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -213,5 +214,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finished = False
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        finished = True
+    finally:
+        _finish_wandb_run(loggers, finished)
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def _finish_wandb_run(loggers: list[Any], finished: bool) -> None:
+    """End this process's W&B run: the next job of a multirun sweep (same process) then starts its own
+    instead of logging into this one."""
+    if not any(isinstance(logger, WandbLogger) for logger in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=0 if finished else 1)

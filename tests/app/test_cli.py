@@ -85,6 +85,19 @@ def test_demo_run_logs_recall_to_csv_and_wandb_and_exports(demo_cache: Path, tmp
     assert '"mean_recall"' in evaluate.stdout
 
 
+def test_each_job_of_a_sweep_gets_its_own_wandb_run(demo_cache: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ernievil2_train", "-m", *TINY, f"hydra.sweep.dir={sweep}",
+           "trainer.max_steps=1", "callbacks.retrieval.max_items=8", "module.optimizer.lr=0.001,0.002"]
+    result = _run(cmd, _env(demo_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lr in (("0", "0.001"), ("1", "0.002")):
+        runs = list((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, job
+        assert runs[0].stem == f"run-{(sweep / job / 'wandb_run_id.txt').read_text()}"
+        assert f"module.optimizer.lr={lr}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+
+
 # 47 eval images: 24 on rank 0 (2 encoder calls of 23) and 23 on rank 1 (1 call) unless the slices are padded
 UNEVEN_RETRIEVAL = ("callbacks.retrieval.max_items=47", "callbacks.retrieval.batch_size=23")
 RECALL_KEYS = [f"retrieval/{d}/r@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)] + ["retrieval/mean_recall"]
