@@ -261,20 +261,19 @@ class ErnieVil2Module(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         if not self._batch_checked:
             self._check_batch(batch)
-        out = self(batch) if self.automatic_optimization else self._accumulated_step(batch)
-        self._log_train(out, batch)
-        return out["loss"] if self.automatic_optimization else None
-
-    def _accumulated_step(self, batch: Batch) -> Batch:
+        if self.automatic_optimization:
+            out = self(batch)
+            self._log_train(out, batch)
+            return out["loss"]
         optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
         optimizer.zero_grad()
         # DDP's no_sync (ParallelStrategy.block_backward_sync); nothing to block on a single device
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
         out = self.feature_cache_losses(batch, self.manual_backward, no_sync)
+        self._log_train(out, batch)  # before the step, as Lightning's own step comes after it: same scales
         optimizer.step()  # clips in `on_before_optimizer_step`
-        scheduler.step()
-        return out
+        self.lr_schedulers().step()
+        return None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip with `gradient_clip_val` (feature-cache accumulation). Lightning calls this hook after the

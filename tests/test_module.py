@@ -173,6 +173,18 @@ def test_feature_cache_under_trainer_matches_one_pass():
     assert diff < 1e-5, diff
 
 
+def test_feature_cache_accumulation_logs_the_scales_its_losses_used():
+    """The temperature logged at a step is the one its loss used, before the optimizer step moves it."""
+    logged = []
+    for k in (1, 2):
+        module = _module(accumulate_microbatches=k, temperature_lr=0.5)
+        _trainer(max_steps=2).fit(module, train_dataloaders=_loader())
+        logged.append({name: float(value) for name, value in module.trainer.callback_metrics.items()
+                       if name.startswith("train/scale_")})
+        assert len(logged[-1]) == 4
+    assert logged[0] == pytest.approx(logged[1], rel=1e-6)
+
+
 def test_skip_counts_are_summed_per_epoch():
     samples = _samples(16)
     loader = DataLoader(samples, batch_size=8, drop_last=True,
