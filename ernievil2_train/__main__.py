@@ -15,7 +15,7 @@ from hydra.errors import (
 )
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.resolvers import register_resolvers
@@ -79,6 +79,19 @@ def run() -> None:
             raise
         print(f"error: {composition_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except OmegaConfBaseException as error:  # a launcher's settings, resolved by Hydra outside `main`
+        if full_report:
+            raise
+        cause = error.__cause__ or error.__context__
+        reason = str(cause) if isinstance(cause, ConfigError) else _message_head(error)
+        key = getattr(error, "full_key", None)
+        print(f"error: config key '{key}': {reason}" if key else f"error: {reason}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _message_head(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -21,7 +23,24 @@ def vocab_size(vocab_file: str) -> int:
     return ErnieTokenizer(vocab_file).vocab_size
 
 
+def slurm_tasks_per_node(devices: Any) -> int:
+    """`${slurm_tasks_per_node:${trainer.devices}}`: the tasks (one per GPU) the SLURM launcher asks for on
+    each node; a number, on a machine that can submit to SLURM."""
+    from ernievil2_train.config_checks import ConfigError
+
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(
+            f"trainer.devices is {devices!r}: the SLURM launcher needs the GPUs per node as a number "
+            "(set trainer.devices=N)"
+        )
+    if shutil.which("srun") is None:
+        raise ConfigError("srun not found: hydra/launcher=slurm submits jobs to SLURM; run it on the cluster")
+    return devices
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("demo_data", demo_data), ("vocab_size", vocab_size)):
+    cached = (("demo_data", demo_data, True), ("vocab_size", vocab_size, True),
+              ("slurm_tasks_per_node", slurm_tasks_per_node, False))  # checks the machine each time
+    for name, resolver, use_cache in cached:
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver, use_cache=True)
+            OmegaConf.register_new_resolver(name, resolver, use_cache=use_cache)

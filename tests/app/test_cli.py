@@ -193,13 +193,16 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
          "error: cannot parse override 'trainer.max_epochs=[1': no viable alternative at input '[1'"),
         (["data.image_size=${nope}"],
          "error: config key 'data.datamodule.image_size': Interpolation key 'nope' not found"),
+        (["-m", "hydra/launcher=slurm", "trainer=ddp", "module.optimizer.lr=1e-5,2e-5"],
+         "error: trainer.devices is 'auto': the SLURM launcher needs the GPUs per node as a number "
+         "(set trainer.devices=N)"),
     ],
 )
 def test_config_errors_of_hydra_are_one_line_and_exit_2(overrides: list[str], line: str, demo_cache: Path,
                                                          tmp_path: Path) -> None:
     """An unknown key or group option, an override Hydra cannot parse, an interpolation it cannot resolve."""
-    result = _run([sys.executable, "-m", "ernievil2_train", *overrides, f"hydra.run.dir={tmp_path}"],
-                  _env(demo_cache))
+    result = _run([sys.executable, "-m", "ernievil2_train", *overrides, f"hydra.run.dir={tmp_path}",
+                   f"hydra.sweep.dir={tmp_path}"], _env(demo_cache))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert [text for text in result.stderr.splitlines() if text.strip()][-1] == line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from unittest.mock import patch
 
 import lightning.pytorch as pl
 import pytest
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 from torch.utils.data import DataLoader
 
 from ernievil2_train.config_checks import ConfigError, check_config
@@ -196,7 +198,11 @@ def test_slurm_launcher_config_composes(demo_cache: Path) -> None:
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.tasks_per_node == cfg.trainer.devices
+    with patch("shutil.which", lambda name: f"/usr/bin/{name}"):
+        assert launcher.tasks_per_node == launcher.gpus_per_node == cfg.trainer.devices
+    without_slurm = pytest.raises(InterpolationResolutionError, match="srun not found")
+    with patch("shutil.which", lambda name: None), without_slurm:
+        _ = launcher.tasks_per_node
     assert launcher.signal_delay_s > 0
 
 
