@@ -89,8 +89,8 @@ def _path_exists(value: str) -> bool:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` naming every missing `???` value, or the first local input path that does not
-    exist."""
+    """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer, or the first local
+    input path that does not exist."""
     missing = missing_keys(cfg)
     if len(missing) == 1:
         key = missing[0]
@@ -101,6 +101,9 @@ def check_config(cfg: DictConfig) -> None:
         keys = ", ".join(f"'{key}'" for key in missing)
         raise ConfigError(f"missing required config values {keys}: set them on the command line, e.g. "
                           f"{missing[0]}=/path/to/it")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int | None):
+        raise ConfigError(f"config key 'seed': expected an integer, got {seed!r}")
     for key in _leaf_keys(cfg):
         if key.rsplit(".", 1)[-1] not in PATH_KEYS:
             continue

@@ -354,8 +354,8 @@ class ErnieVil2Module(pl.LightningModule):
             self._window_start, self._window_samples = now, 0
             return
         self._window_samples += batch_size
-        step = self.trainer.global_step
-        if step % self.trainer.log_every_n_steps or not self.loggers:
+        step, every = self.trainer.global_step, self.trainer.log_every_n_steps
+        if not every or step % every or not self.loggers:  # 0: Lightning logs no step either
             return
         per_device = self._window_samples / max(now - self._window_start, 1e-9)
         total = per_device * world()[1]

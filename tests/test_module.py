@@ -185,6 +185,14 @@ def test_feature_cache_accumulation_logs_the_scales_its_losses_used():
     assert logged[0] == pytest.approx(logged[1], rel=1e-6)
 
 
+def test_log_every_n_steps_zero_logs_no_step(tmp_path):
+    """Lightning takes 0 as "no step logging"; the throughput report follows it."""
+    module = _module()
+    trainer = _trainer(max_steps=3, log_every_n_steps=0, logger=CSVLogger(tmp_path))
+    trainer.fit(module, train_dataloaders=_loader())
+    assert module.trainer.global_step == 3
+
+
 def test_skip_counts_are_summed_per_epoch():
     samples = _samples(16)
     loader = DataLoader(samples, batch_size=8, drop_last=True,

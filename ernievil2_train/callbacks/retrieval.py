@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import eval_transform
 
+log = logging.getLogger(__name__)
 LOGGED = ("t2i/r@1", "t2i/r@5", "t2i/r@10", "i2t/r@1", "i2t/r@5", "i2t/r@10", "mean_recall")
 PROTOCOLS = ("any_positive", "ernie")
 AUTOCAST = {
@@ -58,12 +60,18 @@ def cap_evalset(evalset: EvalSet, max_items: int | None) -> EvalSet:
     """The first `max_items` images and the first `max_items` texts that keep a positive among them."""
     if max_items is None or (len(evalset.images) <= max_items and len(evalset.texts) <= max_items):
         return evalset
-    valid = [i < max_items for i in range(len(evalset.images))]
-    kept, positives = drop_images(evalset.text_to_images, valid)
-    kept, positives = kept[:max_items], positives[:max_items]
+    capped = keep_images(evalset, [i < max_items for i in range(len(evalset.images))])
+    return EvalSet(capped.image_ids, capped.images, capped.text_ids[:max_items], capped.texts[:max_items],
+                   capped.text_to_images[:max_items])
+
+
+def keep_images(evalset: EvalSet, keep: list[bool]) -> EvalSet:
+    """The eval set with the images `keep` marks, and the texts that keep a positive among them."""
+    kept, positives = drop_images(evalset.text_to_images, keep)
+    images = [i for i, ok in enumerate(keep) if ok]
     return EvalSet(
-        evalset.image_ids[:max_items],
-        evalset.images[:max_items],
+        [evalset.image_ids[i] for i in images],
+        [evalset.images[i] for i in images],
         [evalset.text_ids[t] for t in kept],
         [evalset.texts[t] for t in kept],
         positives,
@@ -160,6 +168,12 @@ class RetrievalCallback(pl.Callback):
             raise ValueError(f"RetrievalCallback.protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if eval_set is not None and vocab_file is None:
             raise ValueError("RetrievalCallback needs vocab_file to tokenize the eval texts")
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("max_len", max_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if num_workers < 0 or (max_items is not None and max_items < 1):
+            raise ValueError(f"num_workers must be 0 or more and max_items positive, got {num_workers} and "
+                             f"{max_items}")
         self.eval_set, self.split, self.vocab_file = eval_set, split, vocab_file
         self.image_size, self.batch_size, self.protocol = image_size, batch_size, protocol
         self.max_items, self.log_examples, self.num_examples = max_items, log_examples, num_examples
@@ -241,12 +255,12 @@ class RetrievalCallback(pl.Callback):
         text, image, valid = text[:n_text], image[:n_image], valid[:n_image]
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
         text_idx, image_idx = text_idx[:n_text], image_idx[:n_image]
-        # the first undecodable image of any rank, so that every rank stops (none waits in a collective)
-        local_bad = next((image_idx[i] for i in (~valid).nonzero().flatten().tolist()), len(evalset.images))
-        bad = int(trainer.strategy.reduce(torch.tensor(local_bad, device=device), reduce_op="min"))
-        if bad < len(evalset.images):
-            bad_id = evalset.image_ids[bad]
-            raise ValueError(f"RetrievalCallback: eval image {bad_id!r} of {self.eval_set} cannot be decoded")
+        # which images every rank could decode (each marks its slice); all ranks agree on what to leave out
+        decoded = torch.ones(len(evalset.images), dtype=torch.long, device=device)
+        decoded[torch.tensor(image_idx, dtype=torch.long, device=device)] = valid.to(device).long()
+        decoded = trainer.strategy.reduce(decoded, reduce_op="min").bool().tolist()
+        if not all(decoded):
+            return self._without_undecodable(trainer, pl_module, decoded)
         metric = ZeroShotRetrieval(
             evalset.text_to_images,
             num_images=len(evalset.images),
@@ -262,6 +276,22 @@ class RetrievalCallback(pl.Callback):
             if self.log_examples and trainer.is_global_zero:
                 self._top = self._top_images(text_all, image_all)
         return self.last
+
+    def _without_undecodable(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             decoded: list[bool]) -> dict[str, float]:
+        """Leave the images no rank could decode out of the eval set for good (with the texts left without a
+        positive), say so once, and evaluate again; as `python -m ernievil2_train.evaluate` skips them."""
+        evalset = self.evalset
+        self.evalset = keep_images(evalset, decoded)
+        bad = [image_id for image_id, ok in zip(evalset.image_ids, decoded, strict=True) if not ok]
+        if not self.evalset.images or not self.evalset.texts:
+            raise ConfigError(f"callbacks.retrieval.eval_set: {self.eval_set}: no eval image could be "
+                              f"decoded (first: {bad[0]!r})")
+        if trainer.is_global_zero:
+            log.warning("retrieval: skipped %d undecodable eval image(s) of %s (first: %r) and %d text(s) "
+                        "left without an image", len(bad), self.eval_set, bad[0],
+                        len(evalset.texts) - len(self.evalset.texts))
+        return self.evaluate(trainer, pl_module)
 
     def _progress_bar(self, trainer: pl.Trainer, total: int) -> tqdm:
         """A bar on the first free line under the trainer's TQDM bars, erased when done, when `progress` is on

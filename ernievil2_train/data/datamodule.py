@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import inspect
 import itertools
 import json
 import logging
@@ -42,7 +43,7 @@ import multiprocessing
 import os
 import random
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,7 +57,7 @@ from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.models.text import padded_length
-from ernievil2_train.vision.augment import normalize_uint8
+from ernievil2_train.vision.augment import TrainViews, normalize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +564,27 @@ def _trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:
     return epoch, done
 
 
+def check_augment(augment: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
+    """`augment` as a dict of `TrainViews` arguments, checked here rather than in the loader workers."""
+    augment = dict(augment or {})
+    parameters = inspect.signature(TrainViews).parameters
+    known = set(parameters) - {"image_size", "num_views", "normalize"}
+    unknown = sorted(set(augment) - known)
+    if unknown:
+        names = ", ".join(sorted(known))
+        raise ValueError(f"augment: unknown field(s) {', '.join(unknown)} (known: {names})")
+    for name, value in augment.items():
+        pair = isinstance(parameters[name].default, tuple)
+        numbers = value if pair and isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        if any(isinstance(x, bool) or not isinstance(x, int | float) for x in numbers):
+            raise ValueError(f"augment.{name}: expected {'numbers' if pair else 'a number'}, got {value!r}")
+    try:
+        TrainViews(image_size=image_size, **augment)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"augment: {err}") from None
+    return augment
+
+
 class MultiViewDataModule(L.LightningDataModule):
     """Multi-view training batches (and single-view validation batches) from WebDataset shards.
 
@@ -635,7 +657,7 @@ class MultiViewDataModule(L.LightningDataModule):
         self.resampled = resampled
         self.text_max_len = text_max_len
         self.views = ViewConfig.of(views)
-        self.augment = dict(augment or {})
+        self.augment = check_augment(augment, image_size)
         self.max_image_pixels = max_image_pixels
         self.pin_memory = pin_memory
         self.uint8_transfer = uint8_transfer
@@ -762,6 +784,11 @@ class MultiViewDataModule(L.LightningDataModule):
         counter = SkipCounter()
         per_worker = self.batches_per_worker(world_size)
         workers = max(1, self.num_workers)
+        trained = per_worker * workers * self.batch_size * world_size
+        if trained != self.epoch_samples and rank == 0:
+            log.info("an epoch trains %d samples: epoch_samples=%d rounded to %d batches of %d for each of "
+                     "%d loader worker(s) on %d rank(s)", trained, self.epoch_samples, per_worker,
+                     self.batch_size, workers, world_size)
         stream = _EpochStream(self.seed, rank, world_size, self.batch_size, per_worker, workers)
         if self.resampled:
             stream.draw_limit = barren_draw_limit(len(self.train_urls))

@@ -121,6 +121,13 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
         check_config(cfg)
 
 
+@pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
+def test_a_seed_that_is_not_an_integer_names_the_key(seed: str, demo_cache: Path, tmp_path: Path) -> None:
+    cfg = _compose([f"seed={seed}", f"paths.cache_dir={demo_cache}"], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("config key 'seed': expected an integer, got")):
+        check_config(cfg)
+
+
 def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose(
         ["+experiment=finetune_cococn", "data.train_shards='/no/such/{000..009}.tar'", "data.eval_set=/e",

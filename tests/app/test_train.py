@@ -53,6 +53,9 @@ def test_build_reports_an_invalid_value_by_config_key() -> None:
         ({"num_workers": -1}, "config key 'data.datamodule': num_workers must be 0"),
         ({"epoch_samples": 0}, "config key 'data.datamodule': epoch_samples must be positive, got 0"),
         ({"nope": 1}, "config key 'data.datamodule': MultiViewDataModule.__init__() got an unexpected"),
+        ({"augment": {"filp_p": 0.5}}, "config key 'data.datamodule': augment: unknown field(s) filp_p"),
+        ({"augment": {"flip_p": "often"}}, "config key 'data.datamodule': augment.flip_p: expected a number"),
+        ({"augment": {"scale": [0.9, 0.1]}}, "config key 'data.datamodule': augment: scale must satisfy"),
     ],
 )
 def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path: Path) -> None:
@@ -64,6 +67,20 @@ def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path
                              **values})
     with pytest.raises(ConfigError, match=re.escape(message)):
         build("data.datamodule", node)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batch_size": 0}, "config key 'callbacks.retrieval': batch_size must be positive, got 0"),
+        ({"max_items": 0}, "config key 'callbacks.retrieval': num_workers must be 0 or more and max_items"),
+    ],
+)
+def test_build_names_the_retrieval_callbacks_bad_values(values: dict, message: str) -> None:
+    node = OmegaConf.create({"_target_": "ernievil2_train.callbacks.retrieval.RetrievalCallback",
+                             "eval_set": None, **values})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build("callbacks.retrieval", node)
 
 
 def test_build_checks_nested_targets_by_their_full_key() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ernievil2_train.callbacks.progress import LossProgressBar
 from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode, rank_slice
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import load_evalset
+from ernievil2_train.evaluate import main as evaluate_main
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import eval_transform
@@ -152,12 +155,31 @@ def test_rank_slices_have_one_length_and_cover_every_item_once(n, world):
     assert all(0 <= i < max(n, 1) for indices, _ in slices for i in indices)
 
 
-def test_undecodable_eval_image_is_named(tmp_path):
+def test_undecodable_eval_images_are_left_out_as_the_evaluator_leaves_them(tmp_path, capsys, caplog):
+    """Skipped once, with a warning, and the recall is what `python -m ernievil2_train.evaluate` reports."""
     ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
-    write_evalset(tmp_path / "evalset", corrupt=(3,))
+    write_evalset(tmp_path / "evalset", corrupt=(2, 3))
+    argv = ["--checkpoint", str(ckpt), "--eval-set", str(tmp_path / "evalset"), "--max-len", str(MAX_LEN),
+            "--device", "cpu", "--no-progress", "--json"]
+    assert evaluate_main(argv) == 0
+    expected = json.loads(capsys.readouterr().out)
     callback = RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", max_len=MAX_LEN,
                                  progress=False)
-    with pytest.raises(ValueError, match=r"eval image 'img3' of .*evalset cannot be decoded"):
+    with caplog.at_level(logging.WARNING, logger="ernievil2_train.callbacks.retrieval"):
+        fit_one_epoch(model, callback)
+    warnings = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "skipped 2 undecodable eval image(s)" in warnings[0] and "(first: 'img2')" in warnings[0]
+    assert (len(callback.evalset.images), len(callback.evalset.texts)) == (5, expected["num_texts"])
+    assert callback.last == pytest.approx({k: expected[k] for k in callback.last}, abs=1e-6)
+
+
+def test_an_eval_set_without_a_decodable_image_is_a_config_error(tmp_path):
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    write_evalset(tmp_path / "evalset", num_images=2, corrupt=(0, 1))
+    callback = RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", max_len=MAX_LEN,
+                                 progress=False)
+    with pytest.raises(ConfigError, match=r"evalset: no eval image could be decoded \(first: 'img0'\)"):
         fit_one_epoch(model, callback)
 
 

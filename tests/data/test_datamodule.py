@@ -331,6 +331,13 @@ def test_a_pass_leaves_torchs_random_generator_alone(data, num_workers):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_an_epoch_rounded_to_whole_batches_says_so(data, caplog):
+    with caplog.at_level(logging.INFO, logger="ernievil2_train.data.datamodule"):
+        batches = list(module(data, batch_size=3, epoch_samples=16).train_dataloader())
+    assert len(batches) == 5
+    assert "an epoch trains 15 samples: epoch_samples=16 rounded to 5 batches of 3" in caplog.text
+
+
 def test_resuming_mid_epoch_decodes_only_the_remaining_samples(data, tmp_path, monkeypatch):
     settings = {"num_workers": 0, "shuffle_buffer": 8, "epoch_samples": 32}
     full = _fit(module(data, **settings), 2, tmp_path / "full")
