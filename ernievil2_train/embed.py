@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="TSV file: text \\t image_id \\t base64 image")
     parser.add_argument("--output", required=True, help="embeddings file to write")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     parser.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],

@@ -78,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
     )
     parser.add_argument("--cosine", action="store_true", help="also print the raw cosine similarities")
-    parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     return parser
 
 

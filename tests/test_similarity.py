@@ -112,6 +112,9 @@ def test_checkpoint_vocab_and_device_errors(
         assert similarity.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
+    argv = ["--checkpoint", str(ckpt), "--images", str(image), "--texts", "x", "--device", "gpu0"]
+    assert similarity.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: --device 'gpu0': not a device (use cpu, cuda or cuda:N)"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
