@@ -20,8 +20,9 @@ Outputs in `--out`: shards `{split}-%06d.tar` + `{split}.json`, and/or the eval 
 `eval/{split}_imgs.tsv` + `eval/{split}_texts.jsonl` (`--outputs`, default: shards for train, both otherwise).
 The eval set keeps every image of `{split}_imgs.tsv` that decodes, those no text names included (distractors,
 as in MUGE), so it is scored on the same gallery as the input; the shards hold only images with captions.
-Lines that are not UTF-8 or not in the layout are skipped and counted; a run that writes nothing is an error
-(exit status 2).
+Lines that are not UTF-8 or not in the layout, and captions without text (only whitespace, control or format
+characters), are skipped and counted; a run that writes nothing, or an input in UTF-16, is an error (exit
+status 2).
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from data_recipes.common import ImageJob, Row, group_rows, line_skip, prepare_job, read_lines, unique
+from data_recipes.common import (
+    ImageJob,
+    Row,
+    caption_problem,
+    group_rows,
+    line_skip,
+    prepare_job,
+    read_lines,
+    unique,
+)
 from data_recipes.shards import (
     SKIP_EXAMPLES,
     RecipeError,
@@ -204,8 +214,9 @@ def _captions(texts: Path, skips: SkipCounter) -> dict[str, list[tuple[str, str]
             skips.add("malformed text line", example=f"line {index + 1}")
             continue
         text, text_id = text.strip(), str(text_id)
-        if not text:
-            skips.add("empty caption", example=f"line {index + 1}")
+        problem = caption_problem(text)
+        if problem:
+            skips.add(problem, example=f"line {index + 1}")
         elif not image_ids:
             skips.add("text without image ids", example=f"line {index + 1}")
         elif text_id in text_ids:
@@ -259,8 +270,9 @@ def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
                 yield line_skip("malformed line", index)
                 continue
             text, image_id, b64 = parts[0].strip(), parts[1].strip(), parts[2]
-            if not text:
-                yield line_skip("empty caption", index)
+            problem = caption_problem(text)
+            if problem:
+                yield line_skip(problem, index)
                 continue
             yield Row(index, image_id, b64, False, text, list(_tags_for(image_id, coco_tags)))
 
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     check_writer_args(parser, args)
     skips = SkipCounter()
-    with reported(parser, args.input):
+    with reported(parser, args.input, args.out):
         unnamed: Counter[int] = Counter()
         coco_tags = load_coco_tags(args.coco_instances, unnamed)
         if args.input.is_dir():

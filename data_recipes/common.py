@@ -1,24 +1,34 @@
-"""Helpers the recipes share: reading text lines, image checking/encoding, base64, tags, and grouping caption
-rows by image."""
+"""Helpers the recipes share: reading text lines, checking captions and images, encoding images, base64, tags,
+and grouping caption rows by image."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import io
 import os
+import unicodedata
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_recipes.shards import ImageRecord, Skip, SkipCounter
+from data_recipes.shards import ImageRecord, RecipeError, Skip, SkipCounter
+from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS  # PIL only: the recipes never import torch
+from ernievil2_train.imaging import to_rgb
 
 # MPO (the multi-picture JPEG of many cameras and phones) starts with a plain baseline JPEG that every JPEG
 # decoder reads, so its bytes are kept as a `jpg` like any other JPEG.
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_NOT_TEXT = frozenset({"Zs", "Cc", "Cf", "Cn", "Co", "Cs", "Mn"})  # Unicode categories the tokenizer drops
+TOO_LARGE = (
+    f"image too large (over {DEFAULT_MAX_IMAGE_PIXELS} pixels, which training skips; "
+    "not decoded, so --max-size does not help)"
+)
 
 
 class BadImage(ValueError):
@@ -28,9 +38,15 @@ class BadImage(ValueError):
 def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
     """`(0-based line number, line without its line end)` for each non-blank line of a UTF-8 text file (a
     leading BOM is dropped; blank lines are passed over); the line is None when it is not valid UTF-8, so
-    readers can skip and count it."""
+    readers can skip and count it. A UTF-16 or UTF-32 file (its BOM, or NUL bytes in the first line that is
+    not blank) is a `RecipeError` naming it."""
     with path.open("rb") as fh:
+        blank = True  # so far
         for index, raw in enumerate(fh):
+            bom = index == 0 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+            if bom or (blank and b"\0" in raw):
+                raise RecipeError(f"{path}: not UTF-8 text (UTF-16?)")
+            blank = blank and not raw.strip()
             try:
                 line = raw.decode("utf-8-sig" if index == 0 else "utf-8")
             except UnicodeDecodeError:
@@ -38,6 +54,17 @@ def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
                 continue
             if line.strip():
                 yield index, line.rstrip("\r\n")
+
+
+def caption_problem(caption: str) -> str | None:
+    """Why a stripped caption cannot be used: "empty caption", or "caption without text" when it holds
+    nothing that the tokenizer keeps (only whitespace, control or format characters, combining marks, NUL or
+    U+FFFD, which its text cleaning removes); None when it can be used."""
+    if not caption:
+        return "empty caption"
+    if all(c == "\ufffd" or unicodedata.category(c) in _NOT_TEXT for c in caption):
+        return "caption without text"
+    return None
 
 
 def line_skip(reason: str, index: int) -> Skip:
@@ -61,19 +88,31 @@ def encode_base64(data: bytes) -> str:
 def prepare_image(data: bytes, max_size: int | None = None, quality: int = 95) -> tuple[str, bytes]:
     """Check that `data` decodes; return `(ext, bytes)`.
 
-    JPEG (MPO included)/PNG/WebP within `max_size` keep their original bytes; anything else (other formats, or
-    images whose longer side exceeds `max_size`) is re-encoded as RGB JPEG, resized so the longer side is
+    JPEG (MPO included)/PNG/WebP of at most 8 bits per channel within `max_size` keep their original bytes;
+    anything else (other formats, 16-bit or float pixels, or images whose longer side exceeds `max_size`) is
+    re-encoded as 8-bit RGB JPEG (high bit depths scaled, not clipped), resized so the longer side is
     `max_size`. Re-encoding applies the EXIF orientation to the pixels, since the new file carries no EXIF.
+    Images of more pixels than training takes are refused before they are decoded (`TOO_LARGE`).
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
+            img = Image.open(io.BytesIO(data))
+        with img:
+            if img.width * img.height > DEFAULT_MAX_IMAGE_PIXELS:
+                raise BadImage(TOO_LARGE)
             fmt = img.format
             img.load()
             too_big = max_size is not None and max(img.size) > max_size
-            if fmt in _FORMAT_EXT and not too_big:
+            wide = img.mode in ("I", "F") or img.mode.startswith("I;16")
+            if fmt in _FORMAT_EXT and not too_big and not wide:
                 return _FORMAT_EXT[fmt], data
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise BadImage(TOO_LARGE) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImage("undecodable image") from err
     if too_big:
         scale = max_size / max(rgb.size)

@@ -259,13 +259,13 @@ def build(
     """Write the whole demo set into `out`."""
     out = Path(out)
     splits = [
-        ("train", params.train_images, ShardSink(out, "train", shard_size, shard_bytes)),
-        ("val", params.val_images, ShardSink(out, "val", shard_size, shard_bytes)),
-        ("eval", params.eval_images, EvalSetWriter(out / "eval", "valid", group_by="text")),
+        ("train", params.train_images, lambda: ShardSink(out, "train", shard_size, shard_bytes)),
+        ("val", params.val_images, lambda: ShardSink(out, "val", shard_size, shard_bytes)),
+        ("eval", params.eval_images, lambda: EvalSetWriter(out / "eval", "valid", group_by="text")),
     ]
-    for split, count, sink in splits:
+    for split, count, make_sink in splits:
         skips = SkipCounter()
-        with sink:
+        with make_sink() as sink:
             jobs = make_jobs(split, count, params)
             write_records(jobs, _prepare, [sink], skips, workers, count, f"demo {split}", progress=verbose)
         if verbose:
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writer_args(parser, args)
     params = DemoParams(args.train_images, args.val_images, args.eval_images, args.image_size, args.seed)
     start = time.perf_counter()
-    with reported(parser, args.out):
+    with reported(parser, args.out, args.out):
         build(
             args.out, params, workers=args.workers, shard_size=args.shard_size, shard_bytes=args.shard_bytes
         )

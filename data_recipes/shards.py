@@ -9,13 +9,16 @@ pair:
     txt                the caption (UTF-8)
     json               {"image_id", "text_id", "captions": [...all captions of the image...], "tags": [...]}
 
-Shards are named `{split}-%06d.tar`; each is written to `*.tar.tmp` and renamed when complete, and the index
-`{split}.json` (shard names, sample counts, skip counts) is rewritten after every finished shard, so a crash
-never loses or corrupts a finished shard; after a successful run, shards of the split that the new index
-does not list (left by an earlier, larger run) are removed. `EvalSetWriter` writes the same records as an eval
-set in the Chinese-CLIP layout; `write_outputs` wires both to a recipe's command-line options.
+Shards are named `{split}-%06d.tar`. A run writes them into the hidden folder `.{split}.partial/` of the
+output, and only its successful end moves them into place, writes the index `{split}.json` (shard names,
+sample and image counts, skip counts) and removes the split's shards that the index does not list (left by an
+earlier, larger run). A run either completes or leaves the earlier output as it was: a failed or interrupted
+run removes its staging folder, and one left by a killed run is removed when the next run of the split starts.
+`EvalSetWriter` writes the same records as an eval set in the Chinese-CLIP layout; `write_outputs` wires both
+to a recipe's command-line options.
 
-User mistakes (bad options, unusable inputs, nothing to write) end in a one-line error and exit status 2.
+User mistakes (bad options, unusable inputs, nothing to write) end in a one-line error and exit status 2;
+Ctrl-C or SIGTERM ends a run with one line and exit status 130 or 143.
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import io
 import itertools
 import json
 import multiprocessing
 import os
 import re
+import shutil
+import signal
 import sys
 import tarfile
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 from tqdm import tqdm
 
@@ -44,6 +51,7 @@ DEFAULT_SHARD_BYTES = 1_000_000_000
 FIXED_MTIME = 1_600_000_000
 SKIP_EXAMPLES = 3
 _ERROR_LIMIT = 200
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RecipeError(ValueError):
@@ -139,12 +147,53 @@ def _safe(part: str, limit: int = 40) -> str:
     return _UNSAFE.sub("-", part)[:limit] or "x"
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, when the first that came takes effect, so that neither
+    stops the block half-way; processes forked in the block start with both blocked."""
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield  # handlers can be set in the main thread only, and not put back when set outside Python
+        return
+    came: list[int] = []
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda n, _: came.append(n))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _names_output(method: _F) -> _F:
+    """A writer method whose `OSError`s that name no file (a full disk) name the writer's output folder."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Writer, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except OSError as err:
+            err.filename = err.filename or str(self.out_dir)
+            raise
+
+    return cast(_F, wrapper)
+
+
 _W = TypeVar("_W", bound="_Writer")
 
 
 class _Writer:
-    """A context manager that keeps its output on success (`close`) and removes partial files on error
-    (`abort`)."""
+    """A context manager that keeps its output on success (`close`) and removes its unfinished files on error
+    (`abort`, which never raises); Ctrl-C and SIGTERM are held while it does either."""
+
+    out_dir: Path
 
     def close(self) -> None:
         raise NotImplementedError
@@ -156,14 +205,20 @@ class _Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        with signals_held():
+            if exc_type is not None:
+                self.abort()
+                return
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
 
 
 class ShardSink(_Writer):
-    """Writes samples into size-limited shards `{split}-%06d.tar` and keeps `{split}.json` up to date."""
+    """Writes samples into size-limited shards `{split}-%06d.tar`, staged in `.{split}.partial/` until `close`
+    moves them into place and writes `{split}.json`."""
 
     def __init__(
         self,
@@ -187,7 +242,9 @@ class ShardSink(_Writer):
         self._count = 0
         self._bytes = 0
         self._sequence = 0
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.staging = self.out_dir / f".{split}.partial"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
 
     @property
     def samples(self) -> int:
@@ -197,8 +254,7 @@ class ShardSink(_Writer):
         return f"{self.split}-{len(self.shards):06d}.tar"
 
     def _open(self) -> None:
-        tmp = self.out_dir / (self._shard_name() + ".tmp")
-        self._writer = tarfile.TarFile(tmp, "w", format=tarfile.GNU_FORMAT)
+        self._writer = tarfile.TarFile(self.staging / self._shard_name(), "w", format=tarfile.GNU_FORMAT)
         self._count = 0
         self._bytes = 0
 
@@ -206,12 +262,9 @@ class ShardSink(_Writer):
         if self._writer is None:
             return
         self._writer.close()
-        name = self._shard_name()
-        commit(self.out_dir / (name + ".tmp"), self.out_dir / name)
-        self.shards.append({"name": name, "samples": self._count})
+        self.shards.append({"name": self._shard_name(), "samples": self._count})
         self._writer = None
         self._count = 0
-        self.write_index()
 
     def write_sample(self, sample: dict[str, Any]) -> None:
         """Write one sample (`__key__` plus `{ext: bytes | str}`) as WebDataset members `key.ext`, rotating
@@ -234,12 +287,14 @@ class ShardSink(_Writer):
     def empty(self) -> bool:
         return self.samples == 0
 
+    @_names_output
     def write_record(self, record: ImageRecord) -> int:
         """Write one sample per caption of `record`; returns the number of samples written. An image without
         captions has no sample: it is counted as skipped ("image without captions")."""
         if not record.captions:
             self.skips.add("image without captions", example=record.image_id)
             return 0
+        self.images += 1
         captions = [text for _, text in record.captions]
         for text_id, text in record.captions:
             meta = {
@@ -258,7 +313,6 @@ class ShardSink(_Writer):
                     "json": json.dumps(meta, ensure_ascii=False),
                 }
             )
-        self.images += 1
         return len(record.captions)
 
     def write_index(self) -> None:
@@ -274,17 +328,22 @@ class ShardSink(_Writer):
         )
 
     def abort(self) -> None:
-        """Drop the unfinished shard (finished shards and their index stay)."""
+        """Remove the staging folder with every shard of this run (the earlier output stays as it was)."""
         if self._writer is not None:
-            self._writer.close()
-            (self.out_dir / (self._shard_name() + ".tmp")).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._writer.close()
             self._writer = None
-            self._count = 0
+        shutil.rmtree(self.staging, ignore_errors=True)
 
+    @_names_output
     def close(self) -> None:
+        """Move the shards into place, write the index, then remove stale shards and the staging folder."""
         self._finish()
+        for shard in self.shards:
+            commit(self.staging / shard["name"], self.out_dir / shard["name"])
         self.write_index()
         self.removed = self.remove_stale_shards()
+        self.staging.rmdir()
 
     def remove_stale_shards(self) -> int:
         """Delete this split's shards (`{split}-%06d.tar`) that the index does not list; returns how many."""
@@ -307,8 +366,21 @@ class ShardSink(_Writer):
         )
 
 
+_stopping: Any = None  # in a pool worker: the flag by which `parallel_map` tells it to skip the work left
+
+
+def _start_worker(stopping: Any) -> None:
+    """A pool worker's initializer. Ctrl-C and SIGTERM are for the parent: a worker that a signal ended could
+    die holding a queue lock, and the pool would then wait for it forever."""
+    global _stopping
+    _stopping = stopping
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
-    return [fn(item) for item in chunk]
+    return [fn(item) for item in chunk if not _stopping.value]
 
 
 def parallel_map(
@@ -317,14 +389,19 @@ def parallel_map(
     """`map(fn, items)` in order, over a process pool when `workers > 1` (fn must be picklable).
 
     At most `ahead` chunks of `chunksize` items per worker are in flight, so `items` is read only a little
-    ahead of the results taken (a large input is never pulled into memory at once).
+    ahead of the results taken (a large input is never pulled into memory at once). When the caller stops
+    early (an error, Ctrl-C), the workers finish the item at hand, skip the rest and exit.
     """
     if workers <= 1:
         yield from map(fn, items)
         return
     items = iter(items)
     pending: deque[Any] = deque()
-    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    stopping = context.RawValue("b", 0)
+    with signals_held():  # the workers start with both signals blocked, until they ignore them
+        pool = context.Pool(workers, initializer=_start_worker, initargs=(stopping,))
+    try:
         while True:
             chunk = list(itertools.islice(items, chunksize))
             if chunk:
@@ -333,6 +410,11 @@ def parallel_map(
                 yield from pending.popleft().get()
             if not chunk and not pending:
                 return
+    finally:
+        stopping.value = 1
+        with signals_held():
+            pool.close()
+            pool.join()
 
 
 _DECIMAL = re.compile(r"0|-?[1-9][0-9]{0,17}")
@@ -350,9 +432,9 @@ class EvalSetWriter(_Writer):
     Images are streamed to the tsv (those without captions too: they stay in the gallery as distractors, as in
     MUGE's eval sets); texts are grouped by `text_id` (or, with `group_by="text"`, by the text itself, so
     identical captions of different images become one query with several positives) and written at `close()`.
-    Both files appear under their final names only when complete. Ids written as decimal integers (`139`, not
-    `0139`) are json numbers in `{split}_texts.jsonl`, as in Chinese-CLIP's own files, whose tools compare
-    them with the integer image ids they read from `{split}_imgs.tsv`.
+    Both files are complete under temporary names before either is renamed into place. Ids written as decimal
+    integers (`139`, not `0139`) are json numbers in `{split}_texts.jsonl`, as in Chinese-CLIP's own files,
+    whose tools compare them with the integer image ids they read from `{split}_imgs.tsv`.
     """
 
     def __init__(self, out_dir: Path, split: str, group_by: str = "text_id") -> None:
@@ -366,11 +448,13 @@ class EvalSetWriter(_Writer):
         self.images_path = self.out_dir / f"{split}_imgs.tsv"
         self.texts_path = self.out_dir / f"{split}_texts.jsonl"
         self._images_tmp = self.images_path.with_name(self.images_path.name + ".tmp")
+        self._texts_tmp = self.texts_path.with_name(self.texts_path.name + ".tmp")
         self._file = self._images_tmp.open("w", encoding="utf-8")
         self._texts: dict[str, dict[str, Any]] = {}
         self.images = 0
         self.uncaptioned = 0
 
+    @_names_output
     def write_record(self, record: ImageRecord) -> int:
         self._file.write(f"{record.image_id}\t{base64.b64encode(record.data).decode('ascii')}\n")
         self.images += 1
@@ -393,18 +477,24 @@ class EvalSetWriter(_Writer):
     def empty(self) -> bool:
         return not self._texts
 
+    @_names_output
     def close(self) -> None:
         self._file.close()
         lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in self._texts.values())
-        write_atomic(self.texts_path, lines.encode("utf-8"))
+        self._texts_tmp.write_bytes(lines.encode("utf-8"))
         commit(self._images_tmp, self.images_path)
+        commit(self._texts_tmp, self.texts_path)
 
     def abort(self) -> None:
-        """Drop the unfinished files, and the folder if this writer made it and it is left empty."""
-        self._file.close()
-        self._images_tmp.unlink(missing_ok=True)
-        if self._made_dir and not any(self.out_dir.iterdir()):
-            self.out_dir.rmdir()
+        """Remove the unfinished files, and the folder if this writer made it and it is left empty."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        for path in (self._images_tmp, self._texts_tmp):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        if self._made_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only when empty
 
     def describe(self) -> str:
         distractors = f" ({self.uncaptioned} of them without texts)" if self.uncaptioned else ""
@@ -438,8 +528,9 @@ def write_records(
 
     Jobs may be `Skip`s (inputs the reader already rejected): they are counted in order with the rest.
     """
-    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
-        for result in parallel_map(_PassSkips(prepare), jobs, workers):
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress)
+    with bar, contextlib.closing(parallel_map(_PassSkips(prepare), jobs, workers)) as results:
+        for result in results:
             if isinstance(result, Skip):
                 skips.add(result.reason, result.count, result.example)
             else:
@@ -479,9 +570,9 @@ def write_outputs(
 ) -> str:
     """Write `jobs` as shards and/or an eval set per `args` (from `add_writer_args(..., outputs=True)`).
 
-    Shards go to `args.out`, the eval set to `args.out / "eval"`; unfinished files are removed on failure.
-    Returns the summary; raises `RecipeError` (leaving earlier outputs as they were) when every input of
-    `source` was skipped.
+    Shards go to `args.out`, the eval set to `args.out / "eval"`: all of them when the run completes, none
+    (earlier outputs stay as they were) when it fails or is interrupted. Returns the summary; raises
+    `RecipeError` when every input of `source` was skipped.
     """
     outputs = chosen_outputs(args)
     sinks: list[ShardSink | EvalSetWriter] = []
@@ -491,16 +582,16 @@ def write_outputs(
         sinks.append(EvalSetWriter(args.out / "eval", args.split, group_by=group_by))
     try:
         write_records(jobs, prepare, sinks, skips, args.workers, total, desc=args.split)
+        if all(sink.empty for sink in sinks):
+            raise RecipeError(nothing_written(source, skips))
+        with signals_held():
+            for sink in sinks:
+                sink.close()
     except BaseException:
-        for sink in sinks:
-            sink.abort()
+        with signals_held():
+            for sink in sinks:
+                sink.abort()
         raise
-    if all(sink.empty for sink in sinks):
-        for sink in sinks:
-            sink.abort()
-        raise RecipeError(nothing_written(source, skips))
-    for sink in sinks:
-        sink.close()
     return summary(sinks, skips, args.split)
 
 
@@ -582,16 +673,31 @@ def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _terminated(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt(signum)
+
+
 @contextlib.contextmanager
-def reported(parser: argparse.ArgumentParser, source: Path | str) -> Iterator[None]:
+def reported(parser: argparse.ArgumentParser, source: Path | str, out: Path) -> Iterator[None]:
     """Run the block; a `RecipeError` or an `OSError` in it ends the run through `fail` (one line, status 2),
-    an `OSError` naming its file, else `source`."""
+    an `OSError` naming its file, else `source`. Ctrl-C or SIGTERM (a `KeyboardInterrupt` in the block) ends
+    it with one line and status 130 or 143, once the writers have removed their unfinished files."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
     except RecipeError as err:
         fail(parser, str(err))
     except OSError as err:
         fail(parser, f"{err.filename or source}: {short_error(err)}")
+    except KeyboardInterrupt as err:
+        print(
+            f"{parser.prog}: interrupted: no unfinished output was kept; "
+            f"what this run did not finish in {out} is as it was",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + (err.args[0] if err.args else signal.SIGINT)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

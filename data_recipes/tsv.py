@@ -8,8 +8,9 @@ of 64+ characters from the base64 alphabet without a "." is taken as base64. Cap
 `image_id` when given (any JSON number or string, `0` included), else the path as written, else `b64-` + a
 hash of the base64 text. An image's tags are the union of its rows' tags; a row whose image id was first seen
 with another image is skipped ("conflicting image for id"). Text ids are the 0-based line numbers. Lines that
-are not UTF-8 or not in this layout (an image id with a tab or a line break included) are skipped and counted;
-a run that writes nothing is an error (exit status 2).
+are not UTF-8 or not in this layout (an image id with a tab or a line break included, a path with a NUL), and
+captions without text (only whitespace, control or format characters), are skipped and counted; a run that
+writes nothing, or an input in UTF-16, is an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-from data_recipes.common import Row, group_rows, line_skip, prepare_job, read_lines, split_tags, unique
+from data_recipes.common import (
+    Row,
+    caption_problem,
+    group_rows,
+    line_skip,
+    prepare_job,
+    read_lines,
+    split_tags,
+    unique,
+)
 from data_recipes.shards import (
     Skip,
     SkipCounter,
@@ -45,10 +55,11 @@ def _row(
     index: int, base: Path, image: str, caption: str, tags: list[str], image_id: str | None
 ) -> Row | Skip:
     image, caption = image.strip(), caption.strip()
-    if not image:
+    if not image or "\0" in image:
         return line_skip("malformed line", index)
-    if not caption:
-        return line_skip("empty caption", index)
+    problem = caption_problem(caption)
+    if problem:
+        return line_skip(problem, index)
     if looks_like_base64(image):
         source, is_path = image, False
         default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()
@@ -135,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writer_args(parser, args)
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
     skips = SkipCounter()
-    with reported(parser, args.input):
+    with reported(parser, args.input, args.out):
         total, jobs = group_rows(reader(args.input), skips)
         prepare = partial(prepare_job, max_size=args.max_size)
         print(write_outputs(jobs, prepare, skips, args, total, group_by="text", source=args.input))

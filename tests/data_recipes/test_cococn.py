@@ -436,3 +436,35 @@ def test_coco_tags_merge_files_and_never_name_a_category_by_its_number(tmp_path)
     unnamed: Counter[int] = Counter()
     cococn.load_coco_tags([first, second], unnamed)
     assert unnamed == {999: 2}
+
+
+def test_texts_without_text_are_skipped_and_their_images_stay_distractors(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"1\t{_b64(RED)}\n2\t{_b64(GREEN)}\n")
+    texts = [
+        {"text_id": 1, "text": "红色", "image_ids": [1]},
+        {"text_id": 2, "text": "\u200b\u200d", "image_ids": [2]},
+        {"text_id": 3, "text": "\ufffd", "image_ids": [1]},
+    ]
+    (src / "valid_texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    out = tmp_path / "out"
+    assert cococn.main(["--input", str(src), "--split", "valid", "--out", str(out), "--workers", "1"]) == 0
+    index = json.loads((out / "valid.json").read_text())
+    assert index["skipped"] == {"caption without text": 2, "image without captions": 1}
+    assert [s["txt"] for s in read_shards(out, "valid")] == ["红色"]
+    es = load_evalset(out / "eval", split="valid")
+    assert es.image_ids == ["1", "2"] and es.texts == ["红色"] and es.text_to_images == [[0]]
+
+
+def test_a_utf16_texts_file_is_a_one_line_error(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"1\t{_b64(RED)}\n")
+    texts = src / "valid_texts.jsonl"
+    texts.write_text(json.dumps({"text_id": 1, "text": "红色", "image_ids": [1]}) + "\n", encoding="utf-16")
+    with pytest.raises(SystemExit) as err:
+        cococn.main(["--input", str(src), "--split", "valid", "--out", str(tmp_path / "out")])
+    assert err.value.code == 2
+    expected = f"python -m data_recipes.cococn: error: {texts}: not UTF-8 text (UTF-16?)\n"
+    assert capsys.readouterr().err == expected

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import os
+import struct
+import subprocess
+import sys
+import tarfile
+import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_recipes.common import BadImage, ImageJob, decode_base64, prepare_image, prepare_job
+from data_recipes import tsv
+from data_recipes.common import TOO_LARGE, BadImage, ImageJob, decode_base64, prepare_image, prepare_job
 from data_recipes.shards import (
     EvalSetWriter,
     ImageRecord,
@@ -25,7 +34,7 @@ from data_recipes.shards import (
     summary,
     write_records,
 )
-from tests.data_recipes.helpers import error_line, image_bytes, read_shards, run_recipe
+from tests.data_recipes.helpers import REPO_ROOT, error_line, image_bytes, read_shards, run_recipe
 
 RED = image_bytes((250, 0, 0))
 
@@ -70,7 +79,7 @@ def test_every_file_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
         real_fsync(fd)
 
     def replace(src, dst) -> None:
-        events.append(("replace", str(src)))
+        events.append(("replace", f"{src} {dst}"))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -80,29 +89,44 @@ def test_every_file_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
             sink.write_record(_record(i))
     with EvalSetWriter(tmp_path / "e", "val") as writer:
         writer.write_record(_record(0))
-    replaced = [name for kind, name in events if kind == "replace"]
-    written = {Path(name).name for name in replaced}
-    assert {"train-000000.tar.tmp", "train-000001.tar.tmp", "train.json.tmp"} <= written
-    assert {"val_imgs.tsv.tmp", "val_texts.jsonl.tmp"} <= written
-    for name in replaced:
-        renamed = events.index(("replace", name))
-        assert ("fsync", name) in events[:renamed]
-        assert ("fsync", str(Path(name).parent)) in events[renamed + 1 :]
+    replaced = [names.split() for kind, names in events if kind == "replace"]
+    assert [Path(dst).relative_to(tmp_path).as_posix() for _, dst in replaced] == [
+        "s/train-000000.tar", "s/train-000001.tar", "s/train.json", "e/val_imgs.tsv", "e/val_texts.jsonl",
+    ]  # fmt: skip
+    for src, dst in replaced:
+        renamed = events.index(("replace", f"{src} {dst}"))
+        assert ("fsync", src) in events[:renamed]
+        assert ("fsync", str(Path(dst).parent)) in events[renamed + 1 :]
 
 
-def test_failure_keeps_finished_shards_and_drops_the_partial_one(tmp_path):
-    def prepare(i: int) -> ImageRecord:
-        if i == 3:
-            raise RuntimeError("disk on fire")
-        return _record(i)
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included): relative path -> bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
-    skips = SkipCounter()
-    with pytest.raises(RuntimeError), ShardSink(tmp_path, "train", shard_size=4, skips=skips) as sink:
-        write_records(range(10), prepare, [sink], skips, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train.json"]
-    index = json.loads((tmp_path / "train.json").read_text())
-    assert index["shards"] == [{"name": "train-000000.tar", "samples": 4}]
-    assert len(read_shards(tmp_path, "train")) == 4
+
+def test_a_failed_run_keeps_nothing_and_leaves_the_earlier_output_as_it_was(tmp_path):
+    def failing(i: int) -> ImageRecord:
+        if i == 5:  # two shards of this run are finished: they wait in the staging folder, out of sight
+            staged = sorted(p.name for p in (tmp_path / out / ".train.partial").iterdir())
+            assert staged[:2] == ["train-000000.tar", "train-000001.tar"]
+            assert {k: v for k, v in _files(tmp_path / out).items() if not k.startswith(".")} == earlier[out]
+            raise RuntimeError("stopped")
+        return _record(10 + i, captions=1)
+
+    (tmp_path / "old" / ".train.partial").mkdir(parents=True)
+    (tmp_path / "old" / ".train.partial" / "train-000009.tar").write_bytes(b"left by a killed run")
+    with ShardSink(tmp_path / "old", "train", shard_size=2) as sink:
+        for i in range(3):
+            sink.write_record(_record(i, captions=1))
+    earlier = {"old": _files(tmp_path / "old"), "new": {}}
+    assert sorted(earlier["old"]) == ["train-000000.tar", "train-000001.tar", "train.json"]
+    assert json.loads(earlier["old"]["train.json"])["images"] == 3
+    for out in ("old", "new"):
+        skips = SkipCounter()
+        with pytest.raises(RuntimeError), ShardSink(tmp_path / out, "train", 2, skips=skips) as sink:
+            write_records(range(10), failing, [sink], skips, progress=False)
+        assert _files(tmp_path / out) == earlier[out]
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(earlier[out])
 
 
 def test_write_records_counts_skips_in_parallel(tmp_path):
@@ -273,3 +297,68 @@ def test_json_id():
     assert [json_id(v) for v in ("0", "139", "-2", "0139", "-0", "1e3", "１２", "x1", "1" * 19)] == [
         0, 139, -2, "0139", "-0", "1e3", "１２", "x1", "1" * 19,
     ]  # fmt: skip
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` x `height` pixels (its pixel data is that of a 1x1 image)."""
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    struct.pack_into(">II", data, 16, width, height)  # the IHDR chunk's data follows its length and type
+    struct.pack_into(">I", data, 29, zlib.crc32(data[12:29]))
+    return bytes(data)
+
+
+def test_images_over_the_trainers_pixel_limit_are_skipped_undecoded():
+    assert TOO_LARGE.startswith("image too large (over 64000000 pixels")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for size in ((8000, 8001), (9000, 9000), (10000, 10000), (14000, 14000)):
+            with pytest.raises(BadImage) as err:
+                prepare_image(_png_declaring(*size), max_size=100)
+            assert str(err.value) == TOO_LARGE
+        with pytest.raises(BadImage, match="undecodable image"):  # at the limit: decoded, and found truncated
+            prepare_image(_png_declaring(8000, 8000))
+    assert not caught
+
+
+def test_the_recipes_do_not_import_torch():
+    code = "import sys, data_recipes.cococn, data_recipes.demo, data_recipes.tsv; print(sorted(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "'torch'" not in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_images_are_scaled_to_8_bit_jpeg(fmt):
+    ramp = np.tile(np.arange(0, 65536, 257, dtype=np.uint16), (8, 1))  # 0..65535 in 256 steps
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, format=fmt)
+    assert Image.open(out).mode.startswith("I")
+    ext, data = prepare_image(out.getvalue())
+    img = Image.open(io.BytesIO(data))
+    assert ext == "jpg" and img.format == "JPEG" and img.mode == "RGB" and img.size == (256, 8)
+    assert abs(np.asarray(img, dtype=np.float64).mean() - 127.5) < 1
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.jpg").write_bytes(RED)
+    src = tmp_path / "in.tsv"
+    src.write_text("".join(f"a.jpg\tcaption {i}\n" for i in range(2)))
+    out = tmp_path / "out"
+    real_close = tarfile.TarFile.close
+
+    def full(*args) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:  # the end-of-archive blocks do not fit either
+        real_close(self)
+        full()
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full)
+    monkeypatch.setattr(tarfile.TarFile, "close", close)
+    with pytest.raises(SystemExit) as err:
+        tsv.main(["--input", str(src), "--out", str(out), "--workers", "1"])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    assert f"python -m data_recipes.tsv: error: {out}: No space left on device" in lines
+    assert list(out.iterdir()) == []

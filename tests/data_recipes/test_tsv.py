@@ -230,3 +230,35 @@ def test_jsonl_image_ids_are_kept_as_given_and_bad_fields_counted(folder):
     assert samples[0]["image"] == RED and samples[2]["image"] == BLUE_PNG
     es = load_evalset(out / "eval", split="valid")
     assert es.image_ids == ["0", "imgs/b.png"] and es.text_ids == ["0", "1", "3"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_input_is_a_one_line_error(folder, encoding, capsys):
+    src = folder / "data" / "pairs.tsv"
+    src.write_bytes("\nimgs/a.jpg\t红色\n".encode(encoding))
+    with pytest.raises(SystemExit) as err:
+        tsv.main(["--input", str(src), "--out", str(folder / "out"), "--workers", "2"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err == f"python -m data_recipes.tsv: error: {src}: not UTF-8 text (UTF-16?)\n"
+    assert not list((folder / "out").iterdir())
+
+
+def test_a_nul_in_a_path_and_captions_without_text_are_skipped(folder):
+    rows = [
+        {"image": "imgs/a\u0000b.jpg", "caption": "路径里有空字符"},
+        {"image": "imgs/a.jpg", "caption": "红色\u200b的"},
+        {"image": "imgs/a.jpg", "caption": "\u200b"},
+        {"image": "imgs/b.png", "caption": "\u200b\u200c\ufeff \u3000\u0000\ufffd\u0301"},
+        {"image": "imgs/b.png", "caption": "\x01\x7f\u2060"},
+    ]
+    src = folder / "data" / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = folder / "out"
+    args = ["--input", str(src), "--out", str(out), "--split", "valid", "--workers", "2"]
+    assert tsv.main(args) == 0
+    index = json.loads((out / "valid.json").read_text())
+    assert index["skipped"] == {"caption without text": 3, "malformed line": 1}
+    samples = read_shards(out, "valid")
+    assert [(s["json"]["image_id"], s["txt"]) for s in samples] == [("imgs/a.jpg", "红色\u200b的")]
+    es = load_evalset(out / "eval", split="valid")
+    assert es.image_ids == ["imgs/a.jpg"] and es.texts == ["红色\u200b的"]
