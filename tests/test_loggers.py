@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,14 +33,23 @@ def test_the_run_id_is_written_once_and_read_back(tmp_path, single_process):
     assert wandb_logger(project="p", save_dir=str(tmp_path)).version == written
 
 
-def test_an_offline_run_starts_without_a_warning_about_settings_not_set(tmp_path, single_process, capfd):
+_OFFLINE_RUN = """
+import sys
+from ernievil2_train.loggers import wandb_logger
+logger = wandb_logger(project="p", save_dir=sys.argv[1])
+logger.experiment.log({"loss": 1.0})
+logger.experiment.finish()
+"""
+
+
+def test_an_offline_run_starts_without_a_warning_about_settings_not_set(tmp_path, single_process):
+    """In a process of its own: W&B prints each note once per process."""
     single_process.delenv("WANDB_SILENT", raising=False)
-    logger = wandb_logger(project="p", save_dir=str(tmp_path))
-    logger.experiment.log({"loss": 1.0})
-    logger.experiment.finish()
-    printed = capfd.readouterr().err
-    assert "offline" in printed  # W&B's own notes do print
-    assert "WARNING" not in printed, printed
+    run = subprocess.run([sys.executable, "-c", _OFFLINE_RUN, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "offline" in run.stderr  # W&B's own notes do print
+    assert "WARNING" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("variables", [
