@@ -38,13 +38,14 @@ class BadImage(ValueError):
 def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
     """`(0-based line number, line without its line end)` for each non-blank line of a UTF-8 text file (a
     leading BOM is dropped; blank lines are passed over); the line is None when it is not valid UTF-8, so
-    readers can skip and count it. A UTF-16 or UTF-32 file (its BOM, or NUL bytes in the first line that is
-    not blank) is a `RecipeError` naming it."""
+    readers can skip and count it. A UTF-16 or UTF-32 file (its BOM, or a first line that is not blank and a
+    quarter or more NUL bytes) is a `RecipeError` naming it; a stray NUL is the line's reader's to judge."""
     with path.open("rb") as fh:
         blank = True  # so far
         for index, raw in enumerate(fh):
             bom = index == 0 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
-            if bom or (blank and b"\0" in raw):
+            wide = blank and raw.count(b"\0") * 4 >= len(raw.strip()) > 0  # ASCII in UTF-16: every other byte
+            if bom or wide:
                 raise RecipeError(f"{path}: not UTF-8 text (UTF-16?)")
             blank = blank and not raw.strip()
             try:

@@ -117,27 +117,25 @@ def short_error(err: BaseException) -> str:
     return short_text(text)
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """Rename the finished `tmp` to `path`, durably: its bytes reach the disk before the name does, so a
-    power loss leaves the old file or the complete new one, never an empty or short file under `path`."""
-    fd = os.open(tmp, os.O_RDONLY)
+def sync(path: Path) -> None:
+    """Make sure the bytes of the written file `path` are on the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`, durably: its bytes reach the disk before the name does, so a
+    power loss leaves the old file or the complete new one, never an empty or short file under `path`."""
+    sync(tmp)
     os.replace(tmp, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a durable rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    commit(tmp, path)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -191,12 +189,23 @@ _W = TypeVar("_W", bound="_Writer")
 
 class _Writer:
     """A context manager that keeps its output on success (`close`) and removes its unfinished files on error
-    (`abort`, which never raises); Ctrl-C and SIGTERM are held while it does either."""
+    (`abort`, which never raises); Ctrl-C and SIGTERM are held while it does either.
+
+    `close` is `stage` (finish every file under a temporary name, synced to disk: whatever can fail for want
+    of space fails here) then `publish` (renames only). Several writers stage all, then publish all, so a
+    failure leaves none of their new files in place."""
 
     out_dir: Path
 
-    def close(self) -> None:
+    def stage(self) -> None:
         raise NotImplementedError
+
+    def publish(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stage()
+        self.publish()
 
     def abort(self) -> None:
         raise NotImplementedError
@@ -315,7 +324,8 @@ class ShardSink(_Writer):
             )
         return len(record.captions)
 
-    def write_index(self) -> None:
+    def index(self) -> bytes:
+        """`{split}.json`: shard names and sample counts, sample and image totals, skip counts."""
         index = {
             "split": self.split,
             "samples": sum(s["samples"] for s in self.shards),
@@ -323,9 +333,7 @@ class ShardSink(_Writer):
             "shards": self.shards,
             "skipped": dict(sorted(self.skips.items())),
         }
-        write_atomic(
-            self.out_dir / f"{self.split}.json", json.dumps(index, ensure_ascii=False, indent=1).encode()
-        )
+        return json.dumps(index, ensure_ascii=False, indent=1).encode()
 
     def abort(self) -> None:
         """Remove the staging folder with every shard of this run (the earlier output stays as it was)."""
@@ -336,12 +344,19 @@ class ShardSink(_Writer):
         shutil.rmtree(self.staging, ignore_errors=True)
 
     @_names_output
-    def close(self) -> None:
-        """Move the shards into place, write the index, then remove stale shards and the staging folder."""
+    def stage(self) -> None:
+        """Finish the last shard and write the index beside the shards in the staging folder."""
         self._finish()
-        for shard in self.shards:
-            commit(self.staging / shard["name"], self.out_dir / shard["name"])
-        self.write_index()
+        index = self.staging / f"{self.split}.json"
+        index.write_bytes(self.index())
+        for name in [shard["name"] for shard in self.shards] + [index.name]:
+            sync(self.staging / name)
+
+    @_names_output
+    def publish(self) -> None:
+        """Move the shards, then the index, into place; remove stale shards and the staging folder."""
+        for name in [shard["name"] for shard in self.shards] + [f"{self.split}.json"]:
+            commit(self.staging / name, self.out_dir / name)
         self.removed = self.remove_stale_shards()
         self.staging.rmdir()
 
@@ -478,10 +493,15 @@ class EvalSetWriter(_Writer):
         return not self._texts
 
     @_names_output
-    def close(self) -> None:
+    def stage(self) -> None:
         self._file.close()
         lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in self._texts.values())
         self._texts_tmp.write_bytes(lines.encode("utf-8"))
+        sync(self._images_tmp)
+        sync(self._texts_tmp)
+
+    @_names_output
+    def publish(self) -> None:
         commit(self._images_tmp, self.images_path)
         commit(self._texts_tmp, self.texts_path)
 
@@ -586,7 +606,9 @@ def write_outputs(
             raise RecipeError(nothing_written(source, skips))
         with signals_held():
             for sink in sinks:
-                sink.close()
+                sink.stage()
+            for sink in sinks:
+                sink.publish()
     except BaseException:
         with signals_held():
             for sink in sinks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import errno
 import io
@@ -32,6 +33,7 @@ from data_recipes.shards import (
     nothing_written,
     parallel_map,
     summary,
+    write_outputs,
     write_records,
 )
 from tests.data_recipes.helpers import REPO_ROOT, error_line, image_bytes, read_shards, run_recipe
@@ -127,6 +129,31 @@ def test_a_failed_run_keeps_nothing_and_leaves_the_earlier_output_as_it_was(tmp_
             write_records(range(10), failing, [sink], skips, progress=False)
         assert _files(tmp_path / out) == earlier[out]
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(earlier[out])
+
+
+def _new_record(i: int) -> ImageRecord:
+    return _record(10 + i)
+
+
+def test_a_failure_while_finishing_leaves_every_earlier_output_as_it_was(tmp_path, monkeypatch):
+    """Shards and eval set are both finished under temporary names before either is moved into place: a full
+    disk while writing the last file (the eval texts) leaves the earlier shards, index and eval set."""
+    args = argparse.Namespace(out=tmp_path, split="val", shard_size=2, shard_bytes=10**9, outputs="both",
+                              workers=1)
+    write_outputs(range(3), _record, SkipCounter(), args, total=3)
+    earlier = _files(tmp_path)
+    assert {"val-000000.tar", "val.json", "eval/val_imgs.tsv", "eval/val_texts.jsonl"} <= set(earlier)
+    write_bytes = Path.write_bytes
+
+    def full_disk(self: Path, data: bytes) -> int:
+        if self.name.startswith("val_texts"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_outputs(range(5), _new_record, SkipCounter(), args, total=5)
+    assert _files(tmp_path) == earlier
 
 
 def test_write_records_counts_skips_in_parallel(tmp_path):

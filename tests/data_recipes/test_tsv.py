@@ -262,3 +262,7 @@ def test_a_nul_in_a_path_and_captions_without_text_are_skipped(folder):
     assert [(s["json"]["image_id"], s["txt"]) for s in samples] == [("imgs/a.jpg", "红色\u200b的")]
     es = load_evalset(out / "eval", split="valid")
     assert es.image_ids == ["imgs/a.jpg"] and es.texts == ["红色\u200b的"]
+    first = folder / "data" / "nul_first.tsv"  # a stray NUL in the first line is that line's problem only
+    first.write_bytes("imgs/a\0b.jpg\t路径里有空字符\nimgs/a.jpg\t红色\n".encode())
+    assert tsv.main(["--input", str(first), "--out", str(folder / "out2"), "--workers", "1"]) == 0
+    assert json.loads((folder / "out2" / "train.json").read_text())["skipped"] == {"malformed line": 1}
