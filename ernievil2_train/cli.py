@@ -1,4 +1,5 @@
-"""Around every command-line tool's `main`: Ctrl-C and SIGTERM end it with one line, not a traceback."""
+"""Around every command-line tool's `main`: Ctrl-C and SIGTERM end it with one line, not a traceback; and
+DataLoader workers that leave both signals to their parent."""
 
 from __future__ import annotations
 
@@ -33,3 +34,11 @@ def run(main: Callable[[], int], prog: str) -> int:
         return TERMINATED_EXIT
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`: Ctrl-C and SIGTERM are for the main process, which then stops its
+    workers itself. A scheduler's SIGTERM reaches the whole process group; a worker it ended would make the
+    main process fail (and print torch's "worker killed" traceback) before it saved and stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

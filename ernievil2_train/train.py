@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,18 +216,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    finished = False
-    try:
+    with wandb_run_finished(loggers):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        finished = True
-    finally:
-        _finish_wandb_run(loggers, finished)
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
+@contextlib.contextmanager
+def wandb_run_finished(loggers: list[Any]) -> Iterator[None]:
+    """End this process's W&B run after the block: the next job of a multirun sweep (same process) then
+    starts its own instead of logging into this one. Exit code 0 when the block ends normally or by a
+    `SystemExit(0)` (a SLURM requeue: the run goes on in the requeued job), else 1."""
+    try:
+        yield
+    except SystemExit as exit_:
+        _finish_wandb_run(loggers, exit_.code in (0, None))
+        raise
+    except BaseException:
+        _finish_wandb_run(loggers, False)
+        raise
+    _finish_wandb_run(loggers, True)
+
+
 def _finish_wandb_run(loggers: list[Any], finished: bool) -> None:
-    """End this process's W&B run: the next job of a multirun sweep (same process) then starts its own
-    instead of logging into this one."""
     if not any(isinstance(logger, WandbLogger) for logger in loggers):
         return
     import wandb

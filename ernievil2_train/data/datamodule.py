@@ -53,6 +53,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from ernievil2_train.cli import ignore_stop_signals
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS, SkipSample
 from ernievil2_train.data.views import SampleTransform, ViewConfig
@@ -574,13 +575,18 @@ def check_augment(augment: dict[str, Any] | None, image_size: int) -> dict[str, 
         names = ", ".join(sorted(known))
         raise ValueError(f"augment: unknown field(s) {', '.join(unknown)} (known: {names})")
     for name, value in augment.items():
-        pair = isinstance(parameters[name].default, tuple)
-        numbers = value if pair and isinstance(value, Sequence) and not isinstance(value, str) else [value]
-        if any(isinstance(x, bool) or not isinstance(x, int | float) for x in numbers):
-            raise ValueError(f"augment.{name}: expected {'numbers' if pair else 'a number'}, got {value!r}")
+        default = parameters[name].default
+        size = len(default) if isinstance(default, tuple) else 0
+        sequence = isinstance(value, Sequence) and not isinstance(value, str)
+        numbers = list(value) if size and sequence else [value]
+        wanted = f"{size} numbers" if size else "a number"
+        if (size and len(numbers) != size) or any(
+            isinstance(x, bool) or not isinstance(x, int | float) for x in numbers
+        ):
+            raise ValueError(f"augment.{name}: expected {wanted}, got {value!r}")
     try:
         TrainViews(image_size=image_size, **augment)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, IndexError) as err:
         raise ValueError(f"augment: {err}") from None
     return augment
 
@@ -746,6 +752,7 @@ class MultiViewDataModule(L.LightningDataModule):
             # a pass's worker seeds come from the loader's own generator, not torch's global one: starting a
             # pass then leaves the model's random draws (dropout) alone, as a resumed run needs them
             "generator": torch.Generator().manual_seed(self.seed),
+            "worker_init_fn": ignore_stop_signals,
         }
         if isinstance(dataset, _EpochStream):
             return _EpochLoader(dataset, position=self._position, **settings)

@@ -5,8 +5,9 @@ Two sources:
 * the Chinese-CLIP layout: a folder with `{split}_imgs.tsv` (`image_id<TAB>base64 image`) and
   `{split}_texts.jsonl` (`{"text_id", "text", "image_ids": [...]}`);
 * WebDataset shards: a folder with a `{split}.json` index, a `.tar` path, a brace pattern
-  (`dir/val-{000000..000003}.tar`) or a list of tar paths. Images are made unique by the json `image_id`,
-  texts by their text; a text's positives are every image it was paired with.
+  (`dir/val-{000000..000003}.tar`) or a list of tar paths. Images are made unique by the shard's folder and
+  the json `image_id` (ids are unique within a data set only), texts by their text; a text's positives are
+  every image it was paired with.
 
 Missing files, malformed lines, unknown image ids and empty sets raise `FileNotFoundError` / `ValueError`
 with a one-line message naming the file (and line).
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import braceexpand
+
+from ernievil2_train.data.decode import data_set_image_id
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -161,8 +164,9 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{where}: json field needs an image_id") from err
             text = fields["txt"].decode("utf-8")
-            if image_id not in image_index:
-                image_index[image_id] = len(result.images)
+            image_key = data_set_image_id(str(path), image_id)  # ids are unique within a data set only
+            if image_key not in image_index:
+                image_index[image_key] = len(result.images)
                 result.image_ids.append(image_id)
                 result.images.append(image)
             if text not in text_index:
@@ -171,8 +175,8 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
                 result.texts.append(text)
                 result.text_to_images.append([])
             pos = result.text_to_images[text_index[text]]
-            if image_index[image_id] not in pos:
-                pos.append(image_index[image_id])
+            if image_index[image_key] not in pos:
+                pos.append(image_index[image_key])
     _check_not_empty(result, what)
     return result
 

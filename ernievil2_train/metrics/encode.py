@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ernievil2_train.cli import ignore_stop_signals
 from ernievil2_train.models.text import trim_padding
 
 
@@ -72,7 +73,8 @@ def encode_images(
     """Float32 `[len(images), D]` image embeddings (not normalized) on `device`, and a bool mask of the
     images that decoded (rows of undecodable images are meaningless and must be dropped)."""
     size = model.config.vision.image_size
-    loader = DataLoader(_Images(images, transform, size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_Images(images, transform, size), batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)
     out, valid = [], []
     with tqdm(total=len(images), desc="encode images", unit="img", disable=not progress, leave=False) as bar:
         for pixels, ok in loader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -10,9 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import wandb
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 
+from ernievil2_train.callbacks.requeue import RequeueExit
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import create_model
 from ernievil2_train.module import ErnieVil2Module
@@ -23,6 +27,7 @@ from ernievil2_train.train import (
     check_data_fits_model,
     resume_checkpoint,
     settle_accumulation,
+    wandb_run_finished,
 )
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.models.tiny import TINY, tiny_model
@@ -56,6 +61,7 @@ def test_build_reports_an_invalid_value_by_config_key() -> None:
         ({"augment": {"filp_p": 0.5}}, "config key 'data.datamodule': augment: unknown field(s) filp_p"),
         ({"augment": {"flip_p": "often"}}, "config key 'data.datamodule': augment.flip_p: expected a number"),
         ({"augment": {"scale": [0.9, 0.1]}}, "config key 'data.datamodule': augment: scale must satisfy"),
+        ({"augment": {"scale": [0.5]}}, "config key 'data.datamodule': augment.scale: expected 2 numbers"),
     ],
 )
 def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path: Path) -> None:
@@ -246,3 +252,19 @@ def test_a_trainer_the_machine_cannot_run_is_a_config_error() -> None:
     missing = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "accelerator": "tpu"})
     with pytest.raises(ConfigError, match=r"^config key 'trainer': .*torch_xla"):  # not installed
         build("trainer", missing)
+
+
+@pytest.mark.parametrize(("ending", "exit_code"), [(None, 0), (RequeueExit, 0), (RuntimeError, 1),
+                                                   (KeyboardInterrupt, 1)])
+def test_the_wandb_run_is_finished_with_how_training_ended(ending, exit_code, tmp_path, monkeypatch):
+    """A SLURM requeue (exit status 0) is no failure: the requeued job continues the same W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="p", save_dir=str(tmp_path))
+    _ = logger.experiment
+    finished: list[int] = []
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=None: finished.append(exit_code))
+    with contextlib.suppress(BaseException), wandb_run_finished([logger]):
+        if ending is not None:
+            raise ending()
+    assert finished == [exit_code]
+    wandb.run.finish()

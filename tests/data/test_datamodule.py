@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
+import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -329,6 +332,20 @@ def test_a_pass_leaves_torchs_random_generator_alone(data, num_workers):
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process(data):
+    """A scheduler's SIGTERM (and a terminal's Ctrl-C) reach the whole process group: the workers go on
+    serving batches until the main process, which saves and stops, shuts them down."""
+    batches = iter(module(data, num_workers=1, persistent_workers=False, epoch_samples=16).train_dataloader())
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(workers[0].pid, signum)
+    time.sleep(0.5)
+    assert workers[0].is_alive()
+    assert len(list(batches)) == 3
 
 
 def test_an_epoch_rounded_to_whole_batches_says_so(data, caplog):

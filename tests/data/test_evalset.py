@@ -102,6 +102,16 @@ def test_shards_by_pattern_list_tar_and_index(tmp_path):
     assert single.image_ids == ["22", "33"] and single.text_to_images == [[0], [1]]
 
 
+def test_shards_of_two_data_sets_keep_their_images_apart(tmp_path):
+    """Both sets number their images from 1: image 1 of each is its own image, with its own captions."""
+    for folder, image, text in (("a", IMAGES["11"], "红色"), ("b", IMAGES["22"], "绿色")):
+        (tmp_path / folder).mkdir()
+        _write_tar(tmp_path / folder / "val-000000.tar", [("k0", "jpg", image, text, {"image_id": 1})])
+    es = load_evalset([tmp_path / "a" / "val-000000.tar", tmp_path / "b" / "val-000000.tar"])
+    assert es.image_ids == ["1", "1"] and es.images == [IMAGES["11"], IMAGES["22"]]
+    assert es.texts == ["红色", "绿色"] and es.text_to_images == [[0], [1]]
+
+
 def test_shards_written_by_the_recipe_writer(tmp_path):
     from data_recipes.shards import ImageRecord, ShardSink
 
