@@ -118,7 +118,7 @@ def short_error(err: BaseException) -> str:
 
 
 def sync(path: Path) -> None:
-    """Make sure the bytes of the written file `path` are on the disk."""
+    """Make sure the written file `path` (or the names in folder `path`) are on the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -126,16 +126,11 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """Rename the finished `tmp` to `path`, durably: its bytes reach the disk before the name does, so a
-    power loss leaves the old file or the complete new one, never an empty or short file under `path`."""
-    sync(tmp)
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename `tmp`, whose bytes `stage` already synced to the disk, to `path`, then sync the folder: a power
+    loss leaves the old file or the complete new one, never an empty or short file under `path`."""
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    sync(path.parent)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -356,7 +351,7 @@ class ShardSink(_Writer):
     def publish(self) -> None:
         """Move the shards, then the index, into place; remove stale shards and the staging folder."""
         for name in [shard["name"] for shard in self.shards] + [f"{self.split}.json"]:
-            commit(self.staging / name, self.out_dir / name)
+            move_into_place(self.staging / name, self.out_dir / name)
         self.removed = self.remove_stale_shards()
         self.staging.rmdir()
 
@@ -502,8 +497,8 @@ class EvalSetWriter(_Writer):
 
     @_names_output
     def publish(self) -> None:
-        commit(self._images_tmp, self.images_path)
-        commit(self._texts_tmp, self.texts_path)
+        move_into_place(self._images_tmp, self.images_path)
+        move_into_place(self._texts_tmp, self.texts_path)
 
     def abort(self) -> None:
         """Remove the unfinished files, and the folder if this writer made it and it is left empty."""

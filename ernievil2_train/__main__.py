@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import hydra
@@ -17,13 +16,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from ernievil2_train.cli import TERMINATED_EXIT
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.resolvers import register_resolvers
 
 register_resolvers()
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
-SIGTERM_EXIT = 128 + signal.SIGTERM  # the status of a process a SIGTERM ended, as shells report it
 
 
 def _message(error: Exception) -> str:
@@ -59,12 +58,12 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {_message(error)}", file=sys.stderr)
         sys.exit(2)
     except InterpolationResolutionError as error:
-        print(f"error: config key '{error.full_key}': {error.msg.splitlines()[0]}", file=sys.stderr)
+        print(f"error: {config_key_message(error)}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
         print("stopped by SIGTERM after saving a checkpoint; running the same command again resumes the run",
               file=sys.stderr)
-        sys.exit(SIGTERM_EXIT)
+        sys.exit(TERMINATED_EXIT)
 
 
 def run() -> None:
@@ -82,16 +81,18 @@ def run() -> None:
     except OmegaConfBaseException as error:  # a launcher's settings, resolved by Hydra outside `main`
         if full_report:
             raise
-        cause = error.__cause__ or error.__context__
-        reason = str(cause) if isinstance(cause, ConfigError) else _message_head(error)
-        key = getattr(error, "full_key", None)
-        print(f"error: config key '{key}': {reason}" if key else f"error: {reason}", file=sys.stderr)
+        print(f"error: {config_key_message(error)}", file=sys.stderr)
         sys.exit(2)
 
 
-def _message_head(error: Exception) -> str:
+def config_key_message(error: OmegaConfBaseException) -> str:
+    """One line for a config value OmegaConf could not resolve or validate: its key and why (a `ConfigError`
+    a resolver raised speaks for itself)."""
+    cause = error.__cause__ or error.__context__
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    reason = str(cause) if isinstance(cause, ConfigError) else (lines[0] if lines else type(error).__name__)
+    key = getattr(error, "full_key", None)
+    return f"config key '{key}': {reason}" if key else reason
 
 
 if __name__ == "__main__":

@@ -138,8 +138,10 @@ class SampleTransform:
             out["text_view_ids"] = self.text_view(raw.caption, pieces, raw.captions)
         if self.views.tags:
             tag_pieces = self.tag_pieces(raw.tags)
-            no_tags = torch.zeros(self.tokenizer.max_len, dtype=torch.long)
-            out["tag_ids"] = self.row(tag_pieces) if tag_pieces else no_tags
+            if tag_pieces:
+                out["tag_ids"] = self.row(tag_pieces)
+            else:
+                out["tag_ids"] = torch.zeros(self.tokenizer.max_len, dtype=torch.long)
             out["has_tags"] = torch.tensor(bool(tag_pieces))
         return out
 
