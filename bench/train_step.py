@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ernievil2_train import perf
-from ernievil2_train.data.datamodule import trim_text_ids
+from ernievil2_train.data.batches import trim_text_ids
 from ernievil2_train.module import COMPILE_MODES
 
 PAD_ID, CLS_ID, SEP_ID = 0, 1, 2

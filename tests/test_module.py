@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from ernievil2_train.data.datamodule import SKIP_REASONS
+from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.losses import MAX_LOG_SCALE, symmetric_infonce
 from ernievil2_train.module import ErnieVil2Module, TrainingConfigError
 from ernievil2_train.perf import HostSyncCounter

@@ -13,7 +13,7 @@ one), its captions are its caption alone, and it has no tags (it is left out of 
 tags).
 
 Every way a sample can be unusable maps to one entry of `SKIP_REASONS`; the pipeline counts skips per
-reason (see `ernievil2_train.data.datamodule`).
+reason (see `ernievil2_train.data.batches`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ernievil2_train.data.datamodule import SKIP_REASONS, MultiViewDataModule
+from ernievil2_train.data.datamodule import MultiViewDataModule
+from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import IMAGE_SIZE, tiny_model
 

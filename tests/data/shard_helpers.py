@@ -21,6 +21,7 @@ from PIL import Image
 from ernievil2_train.data.decode import data_set_image_id
 from ernievil2_train.data.keys import stable_key
 
+PER_SHARD = 8  # samples per shard of `write_split`
 CHARS = "一只狗在草地上奔跑两个人骑自行车红色的汽车停路边猫睡觉，"
 
 
@@ -61,6 +62,19 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
         for item in samples:
             sink.write(item)
     return path
+
+
+def write_split(root: Path, split: str, shards: int, offset: int, indexed: int | None = None) -> None:
+    """`shards` shards of `PER_SHARD` samples (`sample(offset)` on) as a recipe writes them, with a
+    `{split}.json` index listing the first `indexed` of them (default: all)."""
+    entries = []
+    for s in range(shards):
+        name = f"{split}-{s:06d}.tar"
+        write_shard(root / name, [sample(offset + s * PER_SHARD + i) for i in range(PER_SHARD)])
+        entries.append({"name": name, "samples": PER_SHARD})
+    entries = entries[:indexed]
+    index = {"split": split, "samples": PER_SHARD * len(entries), "shards": entries}
+    (root / f"{split}.json").write_text(json.dumps(index))
 
 
 @contextlib.contextmanager

@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ernievil2_train.data import datamodule
-from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule, NoUsableSample, skip_metrics
+from ernievil2_train.data import epochs
+from ernievil2_train.data.batches import SKIPPED_KEY, skip_metrics
+from ernievil2_train.data.datamodule import MultiViewDataModule
 from ernievil2_train.data.decode import SKIP_REASONS
+from ernievil2_train.data.epochs import NoUsableSample
 from tests.data.shard_helpers import (
     error_within,
     image_key,
@@ -225,7 +227,7 @@ def test_resampled_shards_with_no_usable_sample_stop_after_bounded_draws(tmp_pat
         write_shard(shard, [broken(i, jpg=b"\x00not an image" * 20) for i in range(6)])
     dm = _resampled(str(shard), str(tmp_path / "vocab.txt"))
     error = error_within(lambda: list(dm.train_dataloader()), seconds=60)
-    limit = datamodule.barren_draw_limit(1)
+    limit = epochs.barren_draw_limit(1)
     assert error == (f"NoUsableSample: train_shards: {limit} shards drawn in a row gave no usable sample "
                      "(every shard corrupt, or no sample with an image and a caption)")
 
@@ -233,9 +235,9 @@ def test_resampled_shards_with_no_usable_sample_stop_after_bounded_draws(tmp_pat
 def test_resampled_draws_are_counted_from_the_last_usable_sample(tmp_path, monkeypatch) -> None:
     """With a limit of 6 draws, an epoch of many more draws, a quarter of them of a corrupt shard, still runs:
     every usable sample starts the count again. The corrupt shard alone stops at the limit."""
-    monkeypatch.setattr(datamodule, "BARREN_DRAWS_MIN", 6)
-    monkeypatch.setattr(datamodule, "BARREN_DRAWS_PER_SHARD", 0)
-    assert datamodule.barren_draw_limit(40) == 6
+    monkeypatch.setattr(epochs, "BARREN_DRAWS_MIN", 6)
+    monkeypatch.setattr(epochs, "BARREN_DRAWS_PER_SHARD", 0)
+    assert epochs.barren_draw_limit(40) == 6
     vocab = str(write_vocab(tmp_path / "vocab.txt"))
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(random.Random(1).randbytes(10_240))
@@ -250,5 +252,5 @@ def test_resampled_draws_are_counted_from_the_last_usable_sample(tmp_path, monke
 
 
 def test_the_draw_limit_grows_with_the_shards() -> None:
-    assert datamodule.barren_draw_limit(1) == datamodule.barren_draw_limit(10) >= 200  # shuffle buffer fill
-    assert datamodule.barren_draw_limit(10_000) == 40_000
+    assert epochs.barren_draw_limit(1) == epochs.barren_draw_limit(10) >= 200  # shuffle buffer fill
+    assert epochs.barren_draw_limit(10_000) == 40_000

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernievil2_train.data.datamodule import SKIPPED_KEY, MultiViewDataModule
+from ernievil2_train.data.batches import SKIPPED_KEY
+from ernievil2_train.data.datamodule import MultiViewDataModule
 from ernievil2_train.data.decode import SkipSample, own_image_id, parse_sample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer

@@ -1,8 +1,7 @@
-"""MultiViewDataModule: shard resolution, virtual epochs, rank/worker splitting, batch format, errors."""
+"""MultiViewDataModule: shard folders, virtual epochs, rank/worker splitting, batch format, errors."""
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -17,33 +16,24 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ernievil2_train.data.datamodule import (
-    SKIPPED_KEY,
-    STREAM_READ_KEY,
-    MultiViewDataModule,
-    normalize_batch,
-    resolve_shards,
-)
+from ernievil2_train.data.batches import SKIPPED_KEY, normalize_batch
+from ernievil2_train.data.datamodule import MultiViewDataModule
 from ernievil2_train.data.decode import SKIP_REASONS
+from ernievil2_train.data.epochs import STREAM_READ_KEY
+from ernievil2_train.data.sources import resolve_shards
 from ernievil2_train.data.views import SampleTransform
-from tests.data.shard_helpers import image_key, sample, serving, write_shard, write_vocab
+from tests.data.shard_helpers import (
+    PER_SHARD,
+    image_key,
+    sample,
+    serving,
+    write_shard,
+    write_split,
+    write_vocab,
+)
 
 SIZE = 32
-PER_SHARD = 8
 SHARDS = 4
-
-
-def write_split(root: Path, split: str, shards: int, offset: int, indexed: int | None = None) -> None:
-    """`shards` shards of `PER_SHARD` samples as a recipe writes them, with a `{split}.json` index listing the
-    first `indexed` of them (default: all)."""
-    entries = []
-    for s in range(shards):
-        name = f"{split}-{s:06d}.tar"
-        write_shard(root / name, [sample(offset + s * PER_SHARD + i) for i in range(PER_SHARD)])
-        entries.append({"name": name, "samples": PER_SHARD})
-    entries = entries[:indexed]
-    index = {"split": split, "samples": PER_SHARD * len(entries), "shards": entries}
-    (root / f"{split}.json").write_text(json.dumps(index))
 
 
 @pytest.fixture(scope="module")
@@ -64,26 +54,6 @@ def module(data, **kw):
 def keys_of(ids, folder):
     """Image keys of images `img{i}` of the data set in `folder` (a local folder or a served url)."""
     return {image_key(f"{folder}/shard.tar", f"img{i}") for i in ids}
-
-
-def test_resolve_shards_in_every_form(data, tmp_path):
-    urls, total, sizes = resolve_shards(str(data), "train", "k")
-    assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{s:06d}.tar" for s in range(SHARDS)]
-    assert total == PER_SHARD * SHARDS
-    assert sizes == {os.path.realpath(u): PER_SHARD for u in urls}
-    assert resolve_shards(str(data / "train.json"), "val", "k") == (urls, total, sizes)
-    pattern = str(data / "train-{000001..000002}.tar")
-    assert resolve_shards(pattern, "train", "k") == (urls[1:3], 2 * PER_SHARD, sizes)
-    assert resolve_shards(str(data / "val-*.tar"), "train", "k").urls[0].endswith("val-000000.tar")
-    listing = tmp_path / "shards.txt"
-    listing.write_text("\n".join(["# comment", *urls[:2], ""]))
-    assert resolve_shards(str(listing), "train", "k") == (urls[:2], 2 * PER_SHARD, sizes)
-    both, total, _ = resolve_shards([str(data), str(data)], "train", "k")
-    assert both == urls + urls and total == 2 * PER_SHARD * SHARDS
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    write_shard(bare / "train-000000.tar", [sample(0)])
-    assert resolve_shards(str(bare), "train", "k") == ([str(bare / "train-000000.tar")], None, {})
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +116,7 @@ def test_a_folder_gives_its_only_validation_split_whatever_its_name(data, tmp_pa
     folder = tmp_path / "cococn"
     folder.mkdir()
     write_split(folder, "valid", 2, 1000)
-    with caplog.at_level(logging.INFO, logger="ernievil2_train.data.datamodule"):
+    with caplog.at_level(logging.INFO, logger="ernievil2_train.data.sources"):
         dm = module(data, val_shards=str(folder))
     assert [Path(url).name for url in dm.val_urls] == ["valid-000000.tar", "valid-000001.tar"]
     assert all(dm.shard_sizes[os.path.realpath(url)] == PER_SHARD for url in dm.val_urls)

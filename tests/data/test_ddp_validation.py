@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernievil2_train.data.datamodule import SKIP_REASONS
+from ernievil2_train.data.decode import SKIP_REASONS
 from tests.data.ddp_val_worker import module_worker, worker
 from tests.data.shard_helpers import image_key, sample, write_shard, write_vocab
 from tests.ddp_helpers import run_ranks

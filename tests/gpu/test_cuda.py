@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ernievil2_train import load_pretrained
-from ernievil2_train.data.datamodule import trim_text_ids
+from ernievil2_train.data.batches import trim_text_ids
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 

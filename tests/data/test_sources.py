@@ -1,0 +1,34 @@
+"""Shard sources: every form a data set can be named in resolves to its urls and indexed sample counts."""
+
+from __future__ import annotations
+
+import os
+
+from ernievil2_train.data.sources import resolve_shards
+from tests.data.shard_helpers import PER_SHARD, sample, write_shard, write_split
+
+SHARDS = 4
+
+
+def test_resolve_shards_in_every_form(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_split(data, "train", SHARDS, 0)
+    write_split(data, "val", 2, 1000)
+    urls, total, sizes = resolve_shards(str(data), "train", "k")
+    assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-{s:06d}.tar" for s in range(SHARDS)]
+    assert total == PER_SHARD * SHARDS
+    assert sizes == {os.path.realpath(u): PER_SHARD for u in urls}
+    assert resolve_shards(str(data / "train.json"), "val", "k") == (urls, total, sizes)
+    pattern = str(data / "train-{000001..000002}.tar")
+    assert resolve_shards(pattern, "train", "k") == (urls[1:3], 2 * PER_SHARD, sizes)
+    assert resolve_shards(str(data / "val-*.tar"), "train", "k").urls[0].endswith("val-000000.tar")
+    listing = tmp_path / "shards.txt"
+    listing.write_text("\n".join(["# comment", *urls[:2], ""]))
+    assert resolve_shards(str(listing), "train", "k") == (urls[:2], 2 * PER_SHARD, sizes)
+    both, total, _ = resolve_shards([str(data), str(data)], "train", "k")
+    assert both == urls + urls and total == 2 * PER_SHARD * SHARDS
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_shard(bare / "train-000000.tar", [sample(0)])
+    assert resolve_shards(str(bare), "train", "k") == ([str(bare / "train-000000.tar")], None, {})
