@@ -46,17 +46,19 @@ from data_recipes.common import (
     read_lines,
     unique,
 )
+from data_recipes.options import (
+    add_writer_args,
+    check_writer_args,
+    fail,
+    positive_int,
+    reported,
+)
 from data_recipes.shards import (
     SKIP_EXAMPLES,
     RecipeError,
     Skip,
     SkipCounter,
-    add_writer_args,
-    check_writer_args,
     chosen_outputs,
-    fail,
-    positive_int,
-    reported,
     short_error,
     write_outputs,
 )

@@ -26,15 +26,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_recipes.options import (
+    add_writer_args,
+    check_writer_args,
+    int_range,
+    reported,
+)
 from data_recipes.shards import (
     EvalSetWriter,
     ImageRecord,
     ShardSink,
     SkipCounter,
-    add_writer_args,
-    check_writer_args,
-    int_range,
-    reported,
     summary,
     write_records,
 )

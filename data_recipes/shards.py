@@ -15,10 +15,7 @@ sample and image counts, skip counts) and removes the split's shards that the in
 earlier, larger run). A run either completes or leaves the earlier output as it was: a failed or interrupted
 run removes its staging folder, and one left by a killed run is removed when the next run of the split starts.
 `EvalSetWriter` writes the same records as an eval set in the Chinese-CLIP layout; `write_outputs` wires both
-to a recipe's command-line options.
-
-User mistakes (bad options, unusable inputs, nothing to write) end in a one-line error and exit status 2;
-Ctrl-C or SIGTERM ends a run with one line and exit status 130 or 143.
+to a recipe's command-line options (`data_recipes.options`). Images are prepared over `data_recipes.pool`.
 """
 
 from __future__ import annotations
@@ -28,30 +25,27 @@ import base64
 import contextlib
 import functools
 import io
-import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import tarfile
-import threading
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from tqdm import tqdm
+
+from data_recipes.pool import parallel_map, signals_held
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_SHARD_BYTES = 1_000_000_000
 FIXED_MTIME = 1_600_000_000
 SKIP_EXAMPLES = 3
 _ERROR_LIMIT = 200
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RecipeError(ValueError):
@@ -138,28 +132,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 def _safe(part: str, limit: int = 40) -> str:
     return _UNSAFE.sub("-", part)[:limit] or "x"
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, when the first that came takes effect, so that neither
-    stops the block half-way; processes forked in the block start with both blocked."""
-    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
-    if threading.current_thread() is not threading.main_thread() or None in previous.values():
-        yield  # handlers can be set in the main thread only, and not put back when set outside Python
-        return
-    came: list[int] = []
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, lambda n, _: came.append(n))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if came:
-            signal.raise_signal(came[0])
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -376,57 +348,6 @@ class ShardSink(_Writer):
         )
 
 
-_stopping: Any = None  # in a pool worker: the flag by which `parallel_map` tells it to skip the work left
-
-
-def _start_worker(stopping: Any) -> None:
-    """A pool worker's initializer. Ctrl-C and SIGTERM are for the parent: a worker that a signal ended could
-    die holding a queue lock, and the pool would then wait for it forever."""
-    global _stopping
-    _stopping = stopping
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
-    return [fn(item) for item in chunk if not _stopping.value]
-
-
-def parallel_map(
-    fn: Callable[[Any], Any], items: Iterable[Any], workers: int, chunksize: int = 8, ahead: int = 4
-) -> Iterator[Any]:
-    """`map(fn, items)` in order, over a process pool when `workers > 1` (fn must be picklable).
-
-    At most `ahead` chunks of `chunksize` items per worker are in flight, so `items` is read only a little
-    ahead of the results taken (a large input is never pulled into memory at once). When the caller stops
-    early (an error, Ctrl-C), the workers finish the item at hand, skip the rest and exit.
-    """
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    items = iter(items)
-    pending: deque[Any] = deque()
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    stopping = context.RawValue("b", 0)
-    with signals_held():  # the workers start with both signals blocked, until they ignore them
-        pool = context.Pool(workers, initializer=_start_worker, initargs=(stopping,))
-    try:
-        while True:
-            chunk = list(itertools.islice(items, chunksize))
-            if chunk:
-                pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
-            if pending and (not chunk or len(pending) >= workers * ahead):
-                yield from pending.popleft().get()
-            if not chunk and not pending:
-                return
-    finally:
-        stopping.value = 1
-        with signals_held():
-            pool.close()
-            pool.join()
-
-
 _DECIMAL = re.compile(r"0|-?[1-9][0-9]{0,17}")
 
 
@@ -617,116 +538,3 @@ def chosen_outputs(args: argparse.Namespace) -> str:
     return args.outputs or ("shards" if args.split == "train" else "both")
 
 
-def int_range(low: int = 1, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in `[low, high]` (no upper bound when `high` is None)."""
-    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low or (high is not None and number > high):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value!r}")
-        return number
-
-    return parse
-
-
-positive_int = int_range(1)
-
-
-def split_name(value: str) -> str:
-    """An argparse type: a split name, used as a file-name prefix (non-empty, no path separators)."""
-    bad = not value or value != value.strip() or value in (".", "..") or not value.isprintable()
-    if bad or "/" in value or "\\" in value:
-        raise argparse.ArgumentTypeError(
-            f"must be a non-empty name without path separators or surrounding spaces, got {value!r}"
-        )
-    return value
-
-
-def add_writer_args(
-    parser: argparse.ArgumentParser, shard_size: int = DEFAULT_SHARD_SIZE, outputs: bool = False
-) -> None:
-    """The options every recipe shares: output, workers, shard limits (and for importers: split, outputs)."""
-    if outputs:
-        parser.add_argument(
-            "--split",
-            type=split_name,
-            default="train",
-            help="split name: prefix of the files read and written",
-        )
-        parser.add_argument(
-            "--outputs",
-            choices=["shards", "evalset", "both"],
-            help="write shards, an eval set (Chinese-CLIP layout in OUT/eval) or both "
-            "(default: shards for split 'train', both otherwise)",
-        )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=max(1, min(8, os.cpu_count() or 1)),
-        help="processes for image decoding/encoding (default: CPU count, at most 8)",
-    )
-    parser.add_argument(
-        "--shard-size",
-        type=positive_int,
-        default=shard_size,
-        help=f"samples per shard (default {shard_size})",
-    )
-    parser.add_argument(
-        "--shard-bytes",
-        type=positive_int,
-        default=DEFAULT_SHARD_BYTES,
-        help=f"bytes per shard before rotating (default {DEFAULT_SHARD_BYTES})",
-    )
-
-
-def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """Exit with status 2 after a one-line error on stderr (no usage text)."""
-    print(f"{parser.prog}: error: {short_text(message, limit=1000)}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _terminated(signum: int, frame: Any) -> NoReturn:
-    raise KeyboardInterrupt(signum)
-
-
-@contextlib.contextmanager
-def reported(parser: argparse.ArgumentParser, source: Path | str, out: Path) -> Iterator[None]:
-    """Run the block; a `RecipeError` or an `OSError` in it ends the run through `fail` (one line, status 2),
-    an `OSError` naming its file, else `source`. Ctrl-C or SIGTERM (a `KeyboardInterrupt` in the block) ends
-    it with one line and status 130 or 143, once the writers have removed their unfinished files."""
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        yield
-    except RecipeError as err:
-        fail(parser, str(err))
-    except OSError as err:
-        fail(parser, f"{err.filename or source}: {short_error(err)}")
-    except KeyboardInterrupt as err:
-        print(
-            f"{parser.prog}: interrupted: no unfinished output was kept; "
-            f"what this run did not finish in {out} is as it was",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + (err.args[0] if err.args else signal.SIGINT)) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Create `--out` (exit with a one-line error, code 2, when it is a file or cannot be written)."""
-    out: Path = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        fail(parser, f"--out {out} is a file, not a folder")
-    except OSError as err:
-        fail(parser, f"--out {out} cannot be created: {short_error(err)}")
-    if not out.is_dir():
-        fail(parser, f"--out {out} is not a folder")
-    if not os.access(out, os.W_OK | os.X_OK):
-        fail(parser, f"--out {out} is not writable")

@@ -33,14 +33,16 @@ from data_recipes.common import (
     split_tags,
     unique,
 )
-from data_recipes.shards import (
-    Skip,
-    SkipCounter,
+from data_recipes.options import (
     add_writer_args,
     check_writer_args,
     fail,
     positive_int,
     reported,
+)
+from data_recipes.shards import (
+    Skip,
+    SkipCounter,
     write_outputs,
 )
 

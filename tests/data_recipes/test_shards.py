@@ -31,7 +31,6 @@ from data_recipes.shards import (
     SkipCounter,
     json_id,
     nothing_written,
-    parallel_map,
     summary,
     write_outputs,
     write_records,
@@ -304,20 +303,6 @@ def test_reencoding_applies_the_exif_orientation(fmt):
     assert ext == "jpg" and img.size == (10, 20) and img.getexif().get(0x0112, 1) == 1
     top, bottom = img.getpixel((5, 1)), img.getpixel((5, 18))
     assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
-
-
-def test_parallel_map_reads_its_input_only_a_little_ahead():
-    taken = []
-
-    def items():
-        for i in range(5000):
-            taken.append(i)
-            yield -i
-
-    results = parallel_map(abs, items(), workers=2, chunksize=4)
-    assert [next(results) for _ in range(10)] == list(range(10))
-    assert len(taken) <= 2 * 4 * 4 + 12  # the chunks in flight and those taken
-    assert list(results) == list(range(10, 5000))
 
 
 def test_json_id():
