@@ -35,6 +35,7 @@ from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cos
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
+RngState = dict[str, Any]  # Python's, torch's and the CUDA device's generator states
 PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
@@ -212,7 +213,7 @@ class ErnieVil2Module(pl.LightningModule):
         and the epoch's training skip counts so far, so a run resumed mid-epoch logs the whole epoch's."""
         checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
         checkpoint[EPOCH_SKIPS_KEY] = {"epoch": self.current_epoch, "counts": self._epoch_skips_so_far()}
-        checkpoint[RNG_KEY] = rng_state(self.device)
+        checkpoint[RNG_KEY] = rng_states_of_ranks(self.device)
 
     def _epoch_skips_so_far(self) -> list[int]:
         """This epoch's training skip counts, summed over ranks (every rank saves a checkpoint together)."""
@@ -332,12 +333,13 @@ class ErnieVil2Module(pl.LightningModule):
         """Clamp once before the first step too: a loaded checkpoint may hold a log-scale beyond ln 100.
         Resumed mid-epoch (Lightning then skips `on_train_epoch_start`), rank 0 starts the epoch's skip counts
         from the checkpoint's totals over ranks, so the epoch-end sum over ranks counts them once. The random
-        generators get the checkpoint's states last thing before training, so the resumed steps draw the
-        dropout masks the uninterrupted run drew."""
+        generators of each rank get that rank's states from the checkpoint last thing before training, so the
+        resumed steps draw the dropout masks the uninterrupted run drew."""
         self.clamp_temperatures()
         restored_rng, self._restored_rng = self._restored_rng, None
-        if restored_rng:
-            set_rng_state(restored_rng, self.device)
+        own = own_rng_state(restored_rng, *world()) if restored_rng else None
+        if own is not None:
+            set_rng_state(own, self.device)
         restored, self._restored_skips = self._restored_skips, None
         if restored and restored["epoch"] == self.current_epoch and self.global_rank == 0:
             self._skipped = torch.tensor(restored["counts"], dtype=torch.long, device=self.device)
@@ -456,16 +458,35 @@ class ErnieVil2Module(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """The states of Python's, torch's and (on a CUDA device) that device's random generators. Every rank
-    draws the same numbers (one seed, the same calls), so rank 0's states stand for all."""
+def rng_state(device: torch.device) -> RngState:
+    """The states of Python's, torch's and (on a CUDA device) that device's random generators."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+def rng_states_of_ranks(device: torch.device) -> list[RngState]:
+    """Every rank's `rng_state`, in rank order (every rank saves a checkpoint together). The ranks' states
+    part after the first step: each trims its text to its own batch's length, so dropout draws differ."""
+    rank_state = rng_state(device)
+    _, size = world()
+    if size == 1:
+        return [rank_state]
+    states: list[Any] = [None] * size
+    torch.distributed.all_gather_object(states, rank_state)
+    return states
+
+
+def own_rng_state(saved: list[RngState] | RngState, rank: int, size: int) -> RngState | None:
+    """This rank's states from a checkpoint's `rng_states_of_ranks`; None when it was saved by another number
+    of ranks (the run is then not resumed exactly anyway). A checkpoint of one state (older ones) gives it."""
+    if isinstance(saved, dict):
+        return saved
+    return saved[rank] if len(saved) == size else None
+
+
+def set_rng_state(state: RngState, device: torch.device) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:

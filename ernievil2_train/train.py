@@ -153,12 +153,20 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
 
 
 def settle_accumulation(cfg: DictConfig) -> None:
-    """With `module.accumulate_microbatches` k > 1 (manual optimization, where Lightning cannot clip): the
-    batch size must split into k equal micro-batches, and `trainer.gradient_clip_val` moves to
+    """With `module.accumulate_microbatches` k > 1 (manual optimization, where Lightning cannot clip): not
+    under FSDP, the batch size must split into k equal micro-batches, and `trainer.gradient_clip_val` moves to
     `module.gradient_clip_val`, which clips the same gradient at the same point."""
     k = cfg.module.get("accumulate_microbatches", 1)
     if not isinstance(k, int) or k <= 1:
         return
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower():
+        raise ConfigError(
+            f"config key 'module.accumulate_microbatches': {k} micro-batches do not run under FSDP (the "
+            "feature cache back-propagates inside FSDP's forward); set it to 1 and, for memory, "
+            "module.grad_checkpointing=true"
+        )
     batch_size = cfg.data.datamodule.get("batch_size")
     if isinstance(batch_size, int) and batch_size % k:
         raise ConfigError(

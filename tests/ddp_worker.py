@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ernievil2_train import distributed
-from ernievil2_train.module import ErnieVil2Module
+from ernievil2_train.module import ErnieVil2Module, own_rng_state, rng_states_of_ranks, set_rng_state
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 
 Batch = dict[str, torch.Tensor]
@@ -149,6 +150,21 @@ def batch_size_checks(local: dict[str, torch.Tensor]) -> dict:
     return {"gathers": counts, "error": error}
 
 
+def rng_round_trip(rank: int, world_size: int) -> dict:
+    """Ranks that drew different amounts save their generators' states together (`rng_states_of_ranks`),
+    draw on, then each restores its own: it draws again what it drew right after the save."""
+    torch.manual_seed(0)
+    random.seed(0)
+    torch.rand(rank + 1)  # as dropout over the batch of each rank's own text length
+    random.random()
+    saved = rng_states_of_ranks(torch.device("cpu"))
+    after_save = (torch.rand(4), random.random())
+    torch.rand(100)
+    random.random()
+    set_rng_state(own_rng_state(saved, rank, world_size), torch.device("cpu"))
+    return {"saved": len(saved), "after_save": after_save, "after_restore": (torch.rand(4), random.random())}
+
+
 def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """Every variant x case; saves {variant: {case: run_case(...)}} and the other checks to rank{rank}.pt."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -168,6 +184,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         distributed.all_gather_with_grad = correct_gather
         results["batch_size_checks"] = batch_size_checks(local_batches["weighted_sum"])
         results["shared_gradient"] = gather_backward_keeps_shared_gradient()
+        results["rng"] = rng_round_trip(rank, world_size)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         distributed.all_gather_with_grad = correct_gather

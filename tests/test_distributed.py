@@ -91,3 +91,13 @@ def test_equal_batch_sizes_are_checked_with_one_collective_then_on_the_host(rank
         assert checks["gathers"] == [3, 2]  # sizes + features + metadata, then features + metadata
         assert "local batch size changed from 4 to 3" in checks["error"]
         assert "drop_last" in checks["error"]
+
+
+def test_each_rank_resumes_with_its_own_random_state(ranks):
+    """The ranks' generators part (each trims its own text length); a checkpoint keeps every rank's states
+    and each rank restores its own."""
+    for result in ranks:
+        rng = result["rng"]
+        assert rng["saved"] == WORLD
+        torch.testing.assert_close(rng["after_restore"], rng["after_save"], rtol=0, atol=0)
+    assert not torch.equal(ranks[0]["rng"]["after_save"][0], ranks[1]["rng"]["after_save"][0])

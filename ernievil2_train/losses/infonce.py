@@ -120,8 +120,10 @@ def _direction(
     positives: torch.Tensor | None,
     col_valid: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy of `rows` [b,D] against `cols` [N,D] and per-row top-1 hits."""
-    logits = scale * rows @ cols.T
+    """Per-row cross-entropy of `rows` [b,D] against `cols` [N,D] and per-row top-1 hits. The logits are
+    computed in the features' own precision, also under mixed precision (autocast would take bf16)."""
+    with torch.autocast(rows.device.type, enabled=False):
+        logits = scale * rows @ cols.T
     if col_valid is not None:
         logits = logits.masked_fill(~col_valid, float("-inf"))
     if positives is None:

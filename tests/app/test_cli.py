@@ -127,6 +127,7 @@ def test_ddp_run_on_two_cpu_processes(demo_cache: Path, tmp_path: Path) -> None:
     # where each rank's one loader stream stood, gathered from both ranks: 64 samples each
     assert last["MultiViewDataModule"]["stream_read"] == [[64], [64]]
     assert last["epoch_skipped"] == {"epoch": 0, "counts": [0] * len(SKIP_REASONS)}  # summed over ranks
+    assert len(last["rng_state"]) == 2  # every rank's generators
 
 
 def test_feature_cache_accumulation_runs_with_the_default_trainer_clipping(demo_cache: Path,

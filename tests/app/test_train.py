@@ -174,6 +174,18 @@ def test_micro_batches_must_split_the_batch_evenly() -> None:
         settle_accumulation(_accumulating(3))
 
 
+@pytest.mark.parametrize("strategy", [{"_target_": "lightning.pytorch.strategies.FSDPStrategy"}, "fsdp"])
+def test_micro_batches_are_refused_under_fsdp(strategy) -> None:
+    """The feature cache back-propagates inside the training step, which FSDP runs in its own forward."""
+    cfg = _accumulating(2)
+    cfg.trainer.strategy = strategy
+    refused = r"'module.accumulate_microbatches': 2 micro-batches do not run under FSDP .*grad_checkpointing"
+    with pytest.raises(ConfigError, match=refused):
+        settle_accumulation(cfg)
+    cfg.trainer.strategy = "ddp"
+    settle_accumulation(cfg)
+
+
 def test_resume_picks_the_newest_checkpoint_of_the_run_folder(tmp_path: Path) -> None:
     assert resume_checkpoint(None, tmp_path) is None
     with pytest.raises(ConfigError, match="ckpt_path"):

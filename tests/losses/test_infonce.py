@@ -169,6 +169,26 @@ def test_rank_shares_average_to_global_loss():
             torch.testing.assert_close(sum(shares) / world, full, atol=1e-12, rtol=0)
 
 
+def test_logits_stay_in_float32_under_mixed_precision():
+    """Under bf16 autocast (the GPU trainer configs) the logits are still float32 products of the float32
+    features: the loss and its gradient equal those computed without autocast."""
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(64, 96, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(64, 96, generator=g), dim=-1)
+    scale = torch.tensor(100.0)
+    results = []
+    for autocast in (False, True):
+        img.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = symmetric_infonce(img, txt, txt, img, scale, 0)
+        loss.backward()
+        results.append((loss.detach(), img.grad.clone()))
+    (plain, plain_grad), (mixed, mixed_grad) = results
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mixed_grad, plain_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_accuracy_counts_top1_hits():
     feats = _features(5, seed=8)
     feats["caption"] = feats["image"].clone()
