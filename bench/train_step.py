@@ -298,7 +298,9 @@ def ratios(ours: Result, peer: Result) -> dict[str, Any]:
     if ours.memory_per_sample_bytes is not None and peer.memory_per_sample_bytes:
         mem = ours.memory_per_sample_bytes / peer.memory_per_sample_bytes
     return {
-        "mfu": ours.tflops / peer.tflops,
+        # the MFU ratio is the TFLOP/s ratio (one ceiling); without a measured ceiling (CPU) there is no MFU
+        "mfu": ours.mfu / peer.mfu if ours.mfu and peer.mfu else None,
+        "tflops": ours.tflops / peer.tflops,
         "samples_per_s": ours.samples_per_s / peer.samples_per_s,
         "memory_per_sample": mem,
         "encoder_passes": passes,
@@ -331,7 +333,7 @@ def table(
         )
     if rel:
         lines.append(
-            f"ours/OpenCLIP: MFU x{rel['mfu']:.2f} | samples/s x{rel['samples_per_s']:.2f} | memory/sample "
+            f"ours/OpenCLIP: MFU x{fmt(rel['mfu'], '.2f')} | TFLOP/s x{rel['tflops']:.2f} | samples/s x{rel['samples_per_s']:.2f} | memory/sample "
             f"x{fmt(rel['memory_per_sample'], '.2f')} (encoder passes x{rel['encoder_passes']:.2f}; per pass "
             f"x{fmt(rel['memory_per_sample_per_pass'], '.2f')})"
         )

@@ -16,8 +16,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from ernievil2_train.cli import TERMINATED_EXIT
+from ernievil2_train.cli import INTERRUPTED_EXIT, TERMINATED_EXIT
 from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.loggers import is_first_process
 from ernievil2_train.resolvers import register_resolvers
 
 register_resolvers()
@@ -60,6 +61,10 @@ def main(cfg: DictConfig) -> None:
     except InterpolationResolutionError as error:
         print(f"error: {config_key_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:
+        if is_first_process():
+            print(f"interrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
     except SIGTERMException:
         print("stopped by SIGTERM after saving a checkpoint; running the same command again resumes the run",
               file=sys.stderr)

@@ -62,9 +62,7 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     `checkpoints/last.ckpt`, if any; `"last"`: the run folder's last checkpoint, which must exist;
     anything else: that path. A checkpoint is a file, or a folder when FSDP saves it sharded.
     """
-    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
-    existing = [path for path in candidates if path.exists()]
-    newest = str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+    newest = newest_checkpoint(output_dir)
     if ckpt_path is None:
         return _readable(newest, f"run folder checkpoint {newest}; delete it or set ckpt_path")
     if ckpt_path == "last":
@@ -74,6 +72,26 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not Path(ckpt_path).exists():
         raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")
     return _readable(ckpt_path, f"config key 'ckpt_path': {ckpt_path}")
+
+
+def newest_checkpoint(output_dir: Path) -> str | None:
+    """The newer of the run folder's SLURM requeue checkpoint (`hpc_ckpt_*.ckpt`) and its
+    `checkpoints/last.ckpt`; None without either."""
+    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
+    existing = [path for path in candidates if path.exists()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the training (Lightning shut it down and exited); the message says how to resume."""
+
+
+def interrupted(output_dir: Path) -> TrainingInterrupted:
+    """What a Ctrl-C leaves: the run folder's newest checkpoint, which `ckpt_path=last` resumes from."""
+    newest = newest_checkpoint(output_dir)
+    if newest is None:
+        return TrainingInterrupted("no checkpoint was saved yet")
+    return TrainingInterrupted(f"ckpt_path=last hydra.run.dir={output_dir} resumes from {newest}")
 
 
 def _readable(path: str | None, what: str) -> str | None:
@@ -225,7 +243,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(hparams)
 
     with wandb_run_finished(loggers):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exit_:
+            if exit_.code == 1 and trainer.interrupted:  # how Lightning ends after its shutdown on Ctrl-C
+                raise interrupted(output_dir) from None
+            raise
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 

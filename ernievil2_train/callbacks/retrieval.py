@@ -37,6 +37,9 @@ from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import eval_transform
 
 log = logging.getLogger(__name__)
+# the recall lines, for the run's log file: the Hydra config sends this logger to the file only (the console
+# gets the plain line above the progress bar)
+report_log = logging.getLogger("ernievil2_train.retrieval_report")
 LOGGED = ("t2i/r@1", "t2i/r@5", "t2i/r@10", "i2t/r@1", "i2t/r@5", "i2t/r@10", "mean_recall")
 PROTOCOLS = ("any_positive", "ernie")
 AUTOCAST = {
@@ -217,6 +220,7 @@ class RetrievalCallback(pl.Callback):
         )
         if trainer.is_global_zero:  # not `pl_module.print`: before the first bar is drawn, the bar drops it
             tqdm.write(line, file=sys.stdout)
+            report_log.info(line)
         if self.log_examples and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):

@@ -274,6 +274,23 @@ def test_sigterm_mid_epoch_then_resume_continues_exactly(demo_cache: Path, tmp_p
     assert losses(run_dir) == losses(tmp_path / "alone")
 
 
+def test_ctrl_c_ends_training_with_one_line_and_the_resume_command(demo_cache: Path, tmp_path: Path) -> None:
+    """Lightning shuts down on Ctrl-C (the last checkpoint saves on it) and exits with status 1; the run ends
+    with 130, as every tool, and one line saying what `ckpt_path=last` resumes from."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run_dir, *LONG_EPOCH, "trainer.max_steps=64"), env=_env(demo_cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    resume = f"ckpt_path=last hydra.run.dir={run_dir} resumes from {run_dir / 'checkpoints' / 'last.ckpt'}"
+    expected = f"interrupted: {resume}"
+    assert last == expected, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
 def test_slurm_requeue_signal_saves_requeues_and_restart_resumes(demo_cache: Path, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

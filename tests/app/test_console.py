@@ -46,6 +46,8 @@ def test_each_message_is_printed_once_and_logged_to_the_run_file(quiet_run):
     assert (out + err).count("exported best model") == 1, out + err
     log = (run_dir / "ernievil2_train.log").read_text()
     assert "Seed set to" in log and "exported best model" in log
+    assert "retrieval (zero-shot baseline): T2I" in log and "retrieval (epoch 0): T2I" in log
+    assert out.count("retrieval (epoch 0): T2I") == 1
 
 
 def test_no_retrieval_bars_without_the_trainer_progress_bar(quiet_run):

@@ -50,11 +50,12 @@ def test_tiny_run_reports_both_systems(tmp_path: Path) -> None:
     ratios = report["ratios"]
     assert ratios["samples_per_s"] == ours["samples_per_s"] / peer["samples_per_s"]
     assert ratios["encoder_passes"] == 2.5
+    assert ratios["tflops"] == ours["tflops"] / peer["tflops"] and ratios["mfu"] is None
     assert report["env"]["tiny"] is True and report["env"]["amp"] == "fp32"
     assert report["ceiling_tflops"] is None
     for name in report["systems"]:
         assert name in proc.stdout  # the table is printed too
-    assert "ours/OpenCLIP" in proc.stdout
+    assert "ours/OpenCLIP: MFU xn/a | TFLOP/s x" in proc.stdout
 
 
 def test_bad_batch_size_is_a_usage_error() -> None:
