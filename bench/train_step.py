@@ -333,7 +333,8 @@ def table(
         )
     if rel:
         lines.append(
-            f"ours/OpenCLIP: MFU x{fmt(rel['mfu'], '.2f')} | TFLOP/s x{rel['tflops']:.2f} | samples/s x{rel['samples_per_s']:.2f} | memory/sample "
+            f"ours/OpenCLIP: MFU x{fmt(rel['mfu'], '.2f')} | TFLOP/s x{rel['tflops']:.2f} | "
+            f"samples/s x{rel['samples_per_s']:.2f} | memory/sample "
             f"x{fmt(rel['memory_per_sample'], '.2f')} (encoder passes x{rel['encoder_passes']:.2f}; per pass "
             f"x{fmt(rel['memory_per_sample_per_pass'], '.2f')})"
         )
