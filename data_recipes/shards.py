@@ -512,11 +512,11 @@ def write_outputs(
     """
     outputs = chosen_outputs(args)
     sinks: list[ShardSink | EvalSetWriter] = []
-    if outputs in ("shards", "both"):
-        sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
-    if outputs in ("evalset", "both"):
-        sinks.append(EvalSetWriter(args.out / "eval", args.split, group_by=group_by))
-    try:
+    try:  # a sink made before a later one fails to start is aborted too (it may have made its staging folder)
+        if outputs in ("shards", "both"):
+            sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
+        if outputs in ("evalset", "both"):
+            sinks.append(EvalSetWriter(args.out / "eval", args.split, group_by=group_by))
         write_records(jobs, prepare, sinks, skips, args.workers, total, desc=args.split)
         if all(sink.empty for sink in sinks):
             raise RecipeError(nothing_written(source, skips))

@@ -124,6 +124,17 @@ def test_a_failed_run_keeps_nothing_and_leaves_the_earlier_output_as_it_was(tmp_
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(earlier[out])
 
 
+def test_an_eval_set_that_cannot_start_leaves_no_staged_shards(tmp_path):
+    """The shard sink has made its staging folder when the eval-set writer fails to start (its folder is a
+    file): the run removes the staging folder too."""
+    (tmp_path / "eval").write_text("a file where the eval set would go")
+    args = argparse.Namespace(out=tmp_path, split="val", shard_size=2, shard_bytes=10**9, outputs="both",
+                              workers=1)
+    with pytest.raises(OSError):
+        write_outputs(range(3), _record, SkipCounter(), args, total=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
 def _new_record(i: int) -> ImageRecord:
     return _record(10 + i)
 
