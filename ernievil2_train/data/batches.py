@@ -4,7 +4,7 @@ Bad data never stops the stream: every failure is counted per reason (`SKIP_REAS
 where it happens, by the same `SkipCounter` the collate of that worker uses, and each batch carries
 `batch["skipped"]`: LongTensor[len(SKIP_REASONS)], the skips that worker saw since its previous batch.
 Summing `batch["skipped"]` over an epoch (and over ranks) gives the epoch's skip counts, whatever the number
-of workers; `skip_metrics(batch)` names them for `self.log(..., reduce_fx="sum")`.
+of workers.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ _LOGGED_PER_REASON = 5
 class SkipCounter:
     """Per-process skip counts; used as the webdataset exception handler (warn, count, continue)."""
 
-    def __init__(self, stage: str = "sample") -> None:
-        self.stage = stage
+    def __init__(self) -> None:
         self.pending = [0] * len(SKIP_REASONS)
         self.total = [0] * len(SKIP_REASONS)
 
@@ -85,12 +84,6 @@ def trim_text_ids(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         length = padded_length(*(batch[key] for key in keys))
         batch.update({key: batch[key][:, :length] for key in keys})
     return batch
-
-
-def skip_metrics(batch: dict[str, torch.Tensor], prefix: str = "data/skipped_") -> dict[str, torch.Tensor]:
-    """`{prefix + reason: count}` from `batch["skipped"]`, ready for `self.log_dict(..., reduce_fx="sum")`."""
-    counts = batch[SKIPPED_KEY]
-    return {prefix + reason: counts[i] for i, reason in enumerate(SKIP_REASONS)}
 
 
 def normalize_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
