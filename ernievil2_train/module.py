@@ -6,7 +6,6 @@ import contextlib
 import functools
 import inspect
 import math
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,10 +31,10 @@ from ernievil2_train.losses.multiview import (
     required_batch_keys,
 )
 from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cosine
+from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ranks, set_rng_state
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
-RngState = dict[str, Any]  # Python's, torch's and the CUDA device's generator states
 PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
@@ -129,7 +128,7 @@ class ErnieVil2Module(pl.LightningModule):
         self._window_samples = 0
         self._skipped: torch.Tensor | None = None
         self._restored_skips: dict[str, Any] | None = None
-        self._restored_rng: dict[str, Any] | None = None
+        self._restored_rng: list[GeneratorStates] | GeneratorStates | None = None
         self._val_sums: torch.Tensor | None = None  # the validation epoch's sums, set at its start
 
     def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
@@ -456,38 +455,3 @@ class ErnieVil2Module(pl.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def rng_state(device: torch.device) -> RngState:
-    """The states of Python's, torch's and (on a CUDA device) that device's random generators."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def rng_states_of_ranks(device: torch.device) -> list[RngState]:
-    """Every rank's `rng_state`, in rank order (every rank saves a checkpoint together). The ranks' states
-    part after the first step: each trims its text to its own batch's length, so dropout draws differ."""
-    rank_state = rng_state(device)
-    _, size = world()
-    if size == 1:
-        return [rank_state]
-    states: list[Any] = [None] * size
-    torch.distributed.all_gather_object(states, rank_state)
-    return states
-
-
-def own_rng_state(saved: list[RngState] | RngState, rank: int, size: int) -> RngState | None:
-    """This rank's states from a checkpoint's `rng_states_of_ranks`; None when it was saved by another number
-    of ranks (the run is then not resumed exactly anyway). A checkpoint of one state (older ones) gives it."""
-    if isinstance(saved, dict):
-        return saved
-    return saved[rank] if len(saved) == size else None
-
-
-def set_rng_state(state: RngState, device: torch.device) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

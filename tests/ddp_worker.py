@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ernievil2_train import distributed
-from ernievil2_train.module import ErnieVil2Module, own_rng_state, rng_states_of_ranks, set_rng_state
+from ernievil2_train.module import ErnieVil2Module
+from ernievil2_train.rng import own_rng_state, rng_states_of_ranks, set_rng_state
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 
 Batch = dict[str, torch.Tensor]

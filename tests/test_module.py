@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.losses import MAX_LOG_SCALE, symmetric_infonce
-from ernievil2_train.module import ErnieVil2Module, TrainingConfigError, own_rng_state
+from ernievil2_train.module import ErnieVil2Module, TrainingConfigError
 from ernievil2_train.perf import HostSyncCounter
 from tests.training_helpers import ALL_PAIRS, SyncWatch, make_batch, tiny_model
 
@@ -425,11 +425,3 @@ def test_validation_treats_captions_of_one_image_as_positives():
     soft, hard = (results[m]["val/loss_image_caption"] for m in (True, False))
     assert abs(soft - hard) > 1e-3 * hard
 
-
-def test_a_rank_takes_its_own_random_state_from_a_checkpoint() -> None:
-    """Each rank's own states; none from a checkpoint of another number of ranks; the one state of an older
-    checkpoint for every rank."""
-    states = [{"torch": torch.tensor([r])} for r in range(2)]
-    assert own_rng_state(states, 1, 2) is states[1] and own_rng_state(states, 0, 2) is states[0]
-    assert own_rng_state(states, 0, 4) is None
-    assert own_rng_state(states[0], 3, 4) is states[0]
