@@ -18,7 +18,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from ernievil2_train.cli import INTERRUPTED_EXIT, TERMINATED_EXIT
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.loggers import is_first_process
+from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resolvers import register_resolvers
 
 register_resolvers()

@@ -1,6 +1,6 @@
 """Collectives for the contrastive loss: an all-gather that carries gradients, and world info.
 
-The gradient contract (DESIGN §4): every rank computes its LOCAL rows against ALL gathered columns and
+The gradient contract: every rank computes its LOCAL rows against ALL gathered columns and
 normalises its loss so that the mean of the per-rank losses is the global-batch loss. The backward of
 `all_gather_with_grad` sums the incoming gradient over ranks (all_reduce SUM) and keeps this rank's slice,
 so rank r's parameters receive d(sum_s loss_s)/d(params_r). DDP then divides by the world size, which gives
@@ -9,8 +9,19 @@ exactly d(global loss)/d(params) = d(mean_s loss_s)/d(params).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+# Rank variables of the launchers: torchrun (RANK, LOCAL_RANK), Lightning's own (LOCAL_RANK, NODE_RANK) and
+# srun (SLURM_PROCID; srun starts every task at once, before Lightning sets any of the others).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_first_process() -> bool:
+    """True unless a launcher's rank variable says this process is not the first (global rank 0)."""
+    return all(os.environ.get(name, "0").strip() in ("", "0") for name in RANK_VARIABLES)
 
 
 def world() -> tuple[int, int]:

@@ -14,17 +14,9 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from ernievil2_train.distributed import is_first_process
+
 RUN_ID_FILE = "wandb_run_id.txt"
-# Rank variables of the launchers: torchrun (RANK, LOCAL_RANK), Lightning's own (LOCAL_RANK, NODE_RANK) and
-# srun (SLURM_PROCID; srun starts every task at once, before Lightning sets any of the others).
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
-
-
-def is_first_process() -> bool:
-    """True unless a launcher's rank variable says this process is not the first (global rank 0)."""
-    return all(os.environ.get(name, "0").strip() in ("", "0") for name in RANK_VARIABLES)
-
-
 def wandb_has_credentials() -> bool:
     """True when an API key is configured (environment variable or `wandb login`'s netrc entry)."""
     if os.environ.get("WANDB_API_KEY"):

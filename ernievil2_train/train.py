@@ -22,7 +22,7 @@ from omegaconf.errors import InterpolationResolutionError
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_checkpoint
 from ernievil2_train.checkpoints.paddle import CheckpointError
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
-from ernievil2_train.loggers import is_first_process
+from ernievil2_train.distributed import is_first_process
 from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 from ernievil2_train.warnings_filter import quiet_known_warnings

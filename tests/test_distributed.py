@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ernievil2_train.distributed import RANK_VARIABLES, is_first_process
 from tests.ddp_helpers import run_ranks
 from tests.ddp_worker import CASES, VARIANTS, build_module, global_batch, grads, worker
 
@@ -101,3 +102,15 @@ def test_each_rank_resumes_with_its_own_random_state(ranks):
         assert rng["saved"] == WORLD
         torch.testing.assert_close(rng["after_restore"], rng["after_save"], rtol=0, atol=0)
     assert not torch.equal(ranks[0]["rng"]["after_save"][0], ranks[1]["rng"]["after_save"][0])
+
+
+def test_the_first_process_is_the_one_no_launcher_calls_another_rank(monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert is_first_process()
+    for name in RANK_VARIABLES:
+        monkeypatch.setenv(name, "0")
+        assert is_first_process()
+        monkeypatch.setenv(name, "1")
+        assert not is_first_process()
+        monkeypatch.setenv(name, "")
