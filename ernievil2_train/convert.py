@@ -32,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="official .pdparams file")
     parser.add_argument("out_dir", help="output checkpoint folder")
     parser.add_argument(
-        "--vision-heads", type=positive_int, default=None, help="ViT attention heads (default: width/64)"
+        "--vision-heads",
+        type=positive_int,
+        default=None,
+        help="ViT attention heads (default: width/64, else the nearest count dividing the width)",
     )
     parser.add_argument(
-        "--text-heads", type=positive_int, default=None, help="ERNIE attention heads (default: width/64)"
+        "--text-heads", type=positive_int, default=None, help="ERNIE attention heads (default: as the ViT's)"
     )
     parser.add_argument("--vocab", default=None, help="vocab.txt to copy into the checkpoint folder")
     return parser

@@ -213,8 +213,18 @@ def _count_layers(arrays: dict[str, np.ndarray], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def default_heads(width: int) -> int:
+    """width // 64 heads (at least 1; every official model has heads of 64 channels) when that divides the
+    width, else the head count nearest to width / 64 that does (the fewer on a tie)."""
+    heads = max(width // HEAD_DIM, 1)
+    if width % heads == 0:
+        return heads
+    divisors = [h for h in range(1, width + 1) if width % h == 0]
+    return min(divisors, key=lambda h: (abs(h - width / HEAD_DIM), h))
+
+
 def _heads(width: int, heads: int | None, tower: str, source: str) -> int:
-    heads = heads if heads is not None else max(width // HEAD_DIM, 1)
+    heads = heads if heads is not None else default_heads(width)
     if heads <= 0:
         raise CheckpointError(f"{source}: {tower} heads must be a positive integer, got {heads}")
     if width % heads:
@@ -244,7 +254,7 @@ def infer_config(
     text_heads: int | None = None,
     source: str = "",
 ) -> DualEncoderConfig:
-    """Architecture read off the tensor shapes; heads default to width / 64."""
+    """Architecture read off the tensor shapes; heads default to `default_heads(width)`."""
     width, patch, image_size = _image_size(arrays, source)
     hidden = _shape(arrays, "visual.blocks.0.mlp.fc1.weight", source, 2)[-1]
     vocab, text_width = _shape(arrays, "text_model.word_emb.weight", source, 2)

@@ -13,6 +13,7 @@ from ernievil2_train.checkpoints import CheckpointError, load_pdparams, read_pdp
 from ernievil2_train.checkpoints.paddle import (
     BIG_PARAM_KEY,
     NAME_TABLE_KEY,
+    default_heads,
     infer_config,
     map_name,
     paddle_names,
@@ -98,9 +99,13 @@ def test_infers_architecture_from_shapes(paddle_ref: Path, arrays: dict[str, np.
     assert (cfg.text.vocab_size, cfg.text.intermediate_size) == (t["vocab_size"], t["intermediate_size"])
     assert cfg.text.max_position_embeddings == t["max_position_embeddings"]
     default = infer_config(arrays)
-    assert default.vision.heads == max(v["width"] // 64, 1) and default.text.heads == max(
-        t["hidden_size"] // 64, 1
-    )
+    assert default.vision.heads == default_heads(v["width"])
+    assert default.text.heads == default_heads(t["hidden_size"])
+
+
+def test_heads_default_to_64_channels_or_the_nearest_count_that_divides_the_width() -> None:
+    assert [default_heads(w) for w in (768, 1024, 512, 64, 48, 96)] == [12, 16, 8, 1, 1, 1]
+    assert [default_heads(w) for w in (200, 224, 7)] == [4, 4, 1]  # 3 and 3 do not divide; 7 is prime
 
 
 def test_key_map_covers_the_model_exactly(arrays: dict[str, np.ndarray]) -> None:
