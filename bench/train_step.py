@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import warnings
 from collections.abc import Callable
@@ -253,7 +254,7 @@ def measure(system: System, args: argparse.Namespace, ceiling: float | None) -> 
     loss = float(losses[-1])
     if not math.isfinite(loss):
         raise RuntimeError(f"{system.name}: the training loss is {loss}")
-    seconds = perf.median(times)
+    seconds = statistics.median(times)
     if args.profile:
         write_profile(step, system.name, args)
     peak = perf.peak_memory_bytes(args.device)

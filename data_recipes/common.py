@@ -3,8 +3,6 @@ and grouping caption rows by image."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
 import hashlib
 import io
@@ -19,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_recipes.shards import ImageRecord, RecipeError, Skip, SkipCounter
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS  # PIL only: the recipes never import torch
+from ernievil2_train.data.decode import decode_base64 as _strict_base64
 from ernievil2_train.imaging import to_rgb
 
 # MPO (the multi-picture JPEG of many cameras and phones) starts with a plain baseline JPEG that every JPEG
@@ -74,16 +73,11 @@ def line_skip(reason: str, index: int) -> Skip:
 
 
 def decode_base64(text: str) -> bytes:
-    """Strict base64 to bytes (standard or Chinese-CLIP's URL-safe alphabet); raises `BadImage`."""
-    text = text.strip().replace("-", "+").replace("_", "/")
+    """`ernievil2_train.data.decode.decode_base64`, raising `BadImage("bad base64")` on bad input."""
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError) as err:
+        return _strict_base64(text)
+    except ValueError as err:
         raise BadImage("bad base64") from err
-
-
-def encode_base64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def prepare_image(data: bytes, max_size: int | None = None, quality: int = 95) -> tuple[str, bytes]:

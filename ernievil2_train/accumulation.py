@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ernievil2_train.losses.multiview import float32_or_wider
+
 
 @dataclass
 class RngState:
@@ -44,11 +46,6 @@ class RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.cuda_device)
             yield
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float32 (float64 stays) so that feature gradients do not lose precision under mixed precision."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 Batch = dict[str, torch.Tensor]
@@ -87,7 +84,7 @@ def feature_cache_step(
             cached.append(encode(mb, None))
     names = list(cached[0])
     replayed = [n for n in names if n not in frozen_features]
-    leaves = {n: _wide(torch.cat([c[n] for c in cached])).requires_grad_(True) for n in names}
+    leaves = {n: float32_or_wider(torch.cat([c[n] for c in cached])).requires_grad_(True) for n in names}
     out = compute_loss(leaves)
     params = [p for p in loss_params if p.requires_grad]
     grads = torch.autograd.grad(out["loss"], [leaves[n] for n in names] + params, allow_unused=True)

@@ -15,6 +15,8 @@ from braceexpand import braceexpand
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ernievil2_train.data.decode import is_remote
+
 # Config leaves holding an input path that must exist before training starts.
 PATH_KEYS = (
     "vocab_file",
@@ -108,7 +110,7 @@ def check_config(cfg: DictConfig) -> None:
         if key.rsplit(".", 1)[-1] not in PATH_KEYS:
             continue
         resolved = OmegaConf.select(cfg, key)
-        remote = isinstance(resolved, str) and ("://" in resolved or resolved.startswith("pipe:"))
+        remote = isinstance(resolved, str) and is_remote(resolved)
         if isinstance(resolved, str) and resolved and not remote and not _path_exists(resolved):
             raise ConfigError(f"config key '{key}': path not found: {resolved}")
 

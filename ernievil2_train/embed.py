@@ -34,6 +34,7 @@ from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.text.vocab import check_vocab_fits
 from ernievil2_train.vision import ImageDecodeError, eval_transform
 
@@ -175,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
     )
     parser.add_argument(
-        "--max-len", type=int, default=48, help="text length incl. [CLS]/[SEP] (official: 48)"
+        "--max-len",
+        type=int,
+        default=OFFICIAL_MAX_LEN,
+        help=f"text length incl. [CLS]/[SEP] (official: {OFFICIAL_MAX_LEN})",
     )
     parser.add_argument(
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decode threads"

@@ -27,7 +27,8 @@ from ernievil2_train.metrics.files import (
     read_feature_jsonl,
     read_ground_truth,
 )
-from ernievil2_train.metrics.retrieval import KS, any_positive, ernie_protocol
+from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE, KS, any_positive, ernie_protocol
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 
 PROTOCOLS = ("ernie", "any_positive")
 
@@ -177,14 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval set: Chinese-CLIP folder, shard index folder, .tar or brace pattern")
     p.add_argument("--split", default="valid", help="eval-set split (default: valid)")
     p.add_argument("--vocab", help="vocab file (default: the checkpoint's vocab.txt)")
-    p.add_argument("--max-len", type=int, default=48, help="text length in tokens (default: 48)")
+    p.add_argument("--max-len", type=int, default=OFFICIAL_MAX_LEN,
+                   help=f"text length in tokens (default: {OFFICIAL_MAX_LEN})")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="image decoding workers (default: 0)")
     p.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast on GPU")
     p.add_argument("--protocol", choices=PROTOCOLS,
                    help="ernie (row-paired, embeddings files only; their default) or any_positive")
     p.add_argument("--device", help="torch device for scoring / encoding (default: cuda if available)")
-    p.add_argument("--chunk-size", type=int, default=4096, help="query rows scored at once (default: 4096)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"query rows scored at once (default: {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--no-progress", action="store_true", help="hide the encoding progress bars")
     p.add_argument("--json", action="store_true", help="print all metrics as one JSON object")
     return p

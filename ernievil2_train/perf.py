@@ -3,7 +3,6 @@ counter of the operations that make the host wait for the device."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -91,10 +90,6 @@ def time_steps(step: Callable[[int], object], steps: int, device: torch.device) 
     events[-1].record()
     events[-1].synchronize()
     return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

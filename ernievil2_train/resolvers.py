@@ -18,9 +18,9 @@ def demo_data(cache_dir: str) -> str:
 
 def vocab_size(vocab_file: str) -> int:
     """`${vocab_size:FILE}`: the embedding-table size a vocab needs (largest id + 1)."""
-    from ernievil2_train.text import ErnieTokenizer
+    from ernievil2_train.text.vocab import load_vocab
 
-    return ErnieTokenizer(vocab_file).vocab_size
+    return max(load_vocab(vocab_file).values()) + 1
 
 
 def slurm_tasks_per_node(devices: Any) -> int:

@@ -28,9 +28,8 @@ from ernievil2_train.embed import (
 )
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision import ImageDecodeError, eval_transform
-
-MAX_LEN = 48  # the official text length
 
 
 @torch.inference_mode()
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         _check_images(args.images)
         model = load_checkpoint(args.checkpoint, device)
-        max_len = min(MAX_LEN, model.config.text.max_position_embeddings)
+        max_len = min(OFFICIAL_MAX_LEN, model.config.text.max_position_embeddings)
         tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, max_len)
         probs, cosine = similarity(model, tokenizer, args.images, args.texts)
     except (CheckpointError, ValueError, OSError) as err:

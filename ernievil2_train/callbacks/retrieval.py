@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ernievil2_train.metrics.encode import drop_images, encode_images, encode_te
 from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE
 from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision import eval_transform
 
 log = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ class StrategyEncoder:
 
 
 @contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode for every submodule, restoring each one's own previous mode (frozen towers stay eval)."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
@@ -161,7 +163,7 @@ class RetrievalCallback(pl.Callback):
         max_items: int | None = None,
         log_examples: bool = True,
         num_examples: int = 4,
-        max_len: int = 48,
+        max_len: int = OFFICIAL_MAX_LEN,
         num_workers: int = 0,
         progress: bool = True,
         at_start: bool = True,

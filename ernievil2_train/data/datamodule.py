@@ -27,6 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from ernievil2_train import distributed
 from ernievil2_train.cli import ignore_stop_signals
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.batches import Collate, SkipCounter, normalize_batch, with_final_skips
@@ -44,6 +45,7 @@ from ernievil2_train.data.epochs import (
 )
 from ernievil2_train.data.sources import read_shards, resolve_shards
 from ernievil2_train.data.views import SampleTransform, ViewConfig
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision.augment import TrainViews
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,7 @@ log = logging.getLogger(__name__)
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
     if trainer is not None:
         return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return distributed.world()
 
 
 def check_augment(augment: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class MultiViewDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         shard_shuffle: int = 100,
         resampled: bool = False,
-        text_max_len: int = 48,
+        text_max_len: int = OFFICIAL_MAX_LEN,
         views: ViewConfig | dict[str, Any] | None = None,
         augment: dict[str, Any] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,

@@ -18,6 +18,8 @@ reason (see `ernievil2_train.data.batches`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import io
 import json
@@ -60,6 +62,20 @@ class RawSample:
     image_id: str
     captions: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64 to bytes (standard or Chinese-CLIP's URL-safe alphabet); raises ValueError."""
+    text = text.strip().replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as err:
+        raise ValueError("bad base64") from err
+
+
+def is_remote(url: str) -> bool:
+    """Whether `url` names a remote source (`scheme://...` or a `pipe:` command) rather than a local path."""
+    return "://" in url or url.startswith("pipe:")
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, key: str = "") -> Image.Image:
@@ -150,7 +166,7 @@ def data_set_image_id(url: str, image_id: str) -> str:
 def shard_folder(url: str) -> str:
     """The folder of shard `url`: resolved for a local path (`d/./x.tar` and `d/x.tar` are one data set), as
     written for a remote one."""
-    if "://" in url or url.startswith("pipe:"):
+    if is_remote(url):
         return url.rpartition("/")[0]
     return os.path.dirname(os.path.realpath(url))
 

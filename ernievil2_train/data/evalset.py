@@ -15,8 +15,6 @@ with a one-line message naming the file (and line).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -25,9 +23,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from ernievil2_train.data.decode import data_set_image_id
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set_image_id, decode_base64
 
 
 @dataclass
@@ -70,14 +66,6 @@ def load_evalset(path: str | Path | Sequence[str | Path], split: str = "valid") 
     raise FileNotFoundError(f"eval set not found: {path} (expected a folder, a .tar or a brace pattern)")
 
 
-def _decode_b64(value: str, where: str) -> bytes:
-    value = value.strip().replace("-", "+").replace("_", "/")
-    try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError) as err:
-        raise ValueError(f"{where}: bad base64 image") from err
-
-
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file (a byte-order mark is dropped); a line that is not UTF-8 is an
     error naming it."""
@@ -108,7 +96,10 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
             raise ValueError(f"{imgs}:{n}: duplicate image id {image_id!r}")
         index[image_id] = len(images)
         image_ids.append(image_id)
-        images.append(_decode_b64(parts[1], f"{imgs}:{n}"))
+        try:
+            images.append(decode_base64(parts[1]))
+        except ValueError as err:
+            raise ValueError(f"{imgs}:{n}: bad base64 image") from err
     text_ids: list[str] = []
     text_list: list[str] = []
     positives: list[list[int]] = []
@@ -154,7 +145,7 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
     for path in paths:
         for key, fields in _read_samples(path):
             where = f"{path}:{key}"
-            image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+            image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
             if image is None or "txt" not in fields or "json" not in fields:
                 raise ValueError(f"{where}: sample needs an image, a txt and a json field")
             try:
@@ -181,9 +172,10 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
     return result
 
 
-def _read_samples(path: Path):
+def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield `(key, {ext: bytes})` per sample of a WebDataset tar (members grouped by key, in order)."""
-    key, fields = None, {}
+    key: str | None = None
+    fields: dict[str, bytes] = {}
     try:
         with tarfile.open(path) as tar:
             for member in tar:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import webdataset as wds
 
 from ernievil2_train.data.batches import SkipCounter
+from ernievil2_train.data.decode import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +23,16 @@ INDEX_TIMEOUT_S = 30  # reading a remote shard index
 VALIDATION_SPLITS = ("val", "valid", "validation")  # the names recipes give a validation split
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
 def shard_key(url: str) -> str:
     """How shard sizes are keyed: the canonical path of a local shard, the url itself of a remote one."""
-    return url if _is_remote(url) else os.path.realpath(url)
+    return url if is_remote(url) else os.path.realpath(url)
 
 
 def _indexed_sizes(urls: list[str], split: str) -> dict[str, int]:
     """`{shard_key: samples}` from the `{split}.json` index (written by `data_recipes`) beside each local
     shard, for the shards it lists; however the shards were named (directory, list, pattern)."""
     sizes: dict[str, int] = {}
-    folders = {os.path.dirname(shard_key(url)) for url in urls if not _is_remote(url)}
+    folders = {os.path.dirname(shard_key(url)) for url in urls if not is_remote(url)}
     for folder in sorted(folders):
         index = Path(folder) / f"{split}.json"
         if index.is_file():
@@ -54,7 +51,7 @@ class ShardSet(NamedTuple):
 
 def _read_index(source: str, name: str) -> ShardSet:
     """The shards a `data_recipes` index (`{split}.json`, a local file or an http(s) url) lists beside it."""
-    remote = _is_remote(source)
+    remote = is_remote(source)
     try:
         if remote:
             with urllib.request.urlopen(source, timeout=INDEX_TIMEOUT_S) as response:
@@ -140,9 +137,9 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
         return ShardSet(urls, None if None in counts else sum(counts), sizes)
     spec = str(spec)
     if spec.endswith(".json"):
-        if spec.startswith("pipe:") or ("://" in spec and not spec.startswith(("http://", "https://"))):
+        if is_remote(spec) and not spec.startswith(("http://", "https://")):
             raise ValueError(f"{name}: a shard index is read from a local file or an http(s) url, not {spec}")
-        shards = _read_index(spec if _is_remote(spec) else str(Path(spec).expanduser()), name)
+        shards = _read_index(spec if is_remote(spec) else str(Path(spec).expanduser()), name)
         if not shards.urls:
             raise FileNotFoundError(f"{name}: shard index {spec} lists no shards")
         return shards
@@ -155,7 +152,7 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
         if not urls:
             raise FileNotFoundError(f"{name}: shard list {spec} is empty")
         return _without_index(urls, split)
-    if _is_remote(spec):
+    if is_remote(spec):
         return ShardSet(list(wds.shardlists.expand_urls(spec)), None, {})
     urls = [u for pattern in wds.shardlists.expand_urls(spec) for u in sorted(glob.glob(pattern))]
     if not urls:

@@ -33,6 +33,7 @@ from ernievil2_train.config_checks import check_fields
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, RawSample, SkipSample, parse_sample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision.augment import CenterView, TrainViews
 
 TEXT_VIEW_MODES: tuple[str, ...] = ("dropout", "second_caption", "token_drop", "none")
@@ -68,7 +69,7 @@ class SampleTransform:
         self,
         vocab_file: str,
         image_size: int = 224,
-        text_max_len: int = 48,
+        text_max_len: int = OFFICIAL_MAX_LEN,
         views: ViewConfig | dict[str, Any] | None = None,
         augment: dict[str, Any] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,

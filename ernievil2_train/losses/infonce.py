@@ -7,7 +7,7 @@ Image↔caption pairs `caption` with image view `caption_image_view` (1 or 2) an
 image view `tags_image_view`; both default to view 1. Image↔image pairs view 1 with view 2, text↔text pairs
 `caption` with `text_view`.
 
-Distributed contract (DESIGN §4): the loss receives the GATHERED, L2-normalised features of the global batch
+Distributed contract: the loss receives the GATHERED, L2-normalised features of the global batch
 (rank-major) and computes this rank's local rows against all columns, normalised so that the mean of the
 per-rank losses equals the global-batch loss (see `ernievil2_train.distributed`).
 """
@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernievil2_train.config_checks import check_fields
-from ernievil2_train.models.dual_encoder import accept_zero_dim_temperatures, temperature_parameter
+from ernievil2_train.models.dual_encoder import (
+    OFFICIAL_LOGIT_SCALE_INIT,
+    accept_zero_dim_temperatures,
+    temperature_parameter,
+)
 
-OFFICIAL_LOG_SCALE_INIT = 2.65926
 MAX_LOG_SCALE = math.log(100.0)
 PAIRS = ("image_caption", "image_tags", "image_image", "text_text")
 TEMPERATURE_MODES = ("per_pair", "shared", "fixed")
@@ -49,7 +52,7 @@ class LossConfig:
 
     weights: dict[str, float] = field(default_factory=lambda: {"image_caption": 1.0})
     temperature: str = "per_pair"
-    temperature_init: float = OFFICIAL_LOG_SCALE_INIT
+    temperature_init: float = OFFICIAL_LOGIT_SCALE_INIT
     multi_positive: bool = False
     caption_image_view: int = 1
     tags_image_view: int = 1
@@ -223,7 +226,8 @@ class MultiViewInfoNCE(nn.Module):
         rank: int = 0,
         world_size: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """Gathered normalised features [N, D] and metadata [N] -> {"loss", "loss_<pair>", "acc_<pair>"}."""
+        """Gathered normalised features [N, D] and metadata [N] -> {"loss", "loss_<pair>", "acc_<pair>"}.
+        `has_tags` is only read by the image↔tags pair (None will do when it is off)."""
         n = image_key.shape[0]
         if n % world_size:
             raise ValueError(f"global batch {n} is not a multiple of world size {world_size}")

@@ -60,7 +60,8 @@ def batch_metadata(batch: dict[str, torch.Tensor], size: int, device: torch.devi
     return torch.stack([c.to(device=device, dtype=torch.long) for c in columns], dim=1)
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
+def float32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float32 (float64 stays), so feature gradients keep their precision under mixed precision."""
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -76,7 +77,7 @@ def gathered_losses(
     equal-size check across steps (a fresh one checks with a collective)."""
     rank, world_size = world()
     (local_size or LocalBatchSize()).check(metadata.shape[0], metadata.device)
-    normed = {n: F.normalize(_wide(f), dim=-1) for n, f in local_features.items()}
+    normed = {n: F.normalize(float32_or_wider(f), dim=-1) for n, f in local_features.items()}
     feats = all_gather_features(normed)
     meta = all_gather_metadata(metadata)
     return loss(feats, meta[:, 0], meta[:, 1], meta[:, 2].bool(), model_log_scale, rank, world_size)

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ernievil2_train.cli import ignore_stop_signals
 from ernievil2_train.models.text import trim_padding
+
+if TYPE_CHECKING:
+    from ernievil2_train.models.dual_encoder import DualEncoderConfig
+
+
+class Encoder(Protocol):
+    """What encoding needs of a model: a `DualEncoder`, or a wrapper such as the retrieval callback's."""
+
+    @property
+    def config(self) -> DualEncoderConfig: ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    def encode_image(self, pixels: Tensor, /) -> Tensor: ...
+
+    def encode_text(self, input_ids: Tensor, /) -> Tensor: ...
 
 
 class _Images(Dataset):
@@ -38,7 +56,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def encode_texts(
-    model: nn.Module,
+    model: Encoder,
     texts: Sequence[str],
     tokenizer: Callable[[list[str]], dict[str, Tensor]],
     batch_size: int,
@@ -60,7 +78,7 @@ def encode_texts(
 
 @torch.no_grad()
 def encode_images(
-    model: nn.Module,
+    model: Encoder,
     images: Sequence[bytes],
     transform: Callable[[bytes], Tensor],
     batch_size: int,

@@ -70,6 +70,7 @@ def unsafe_char_pattern() -> re.Pattern[str]:
 
 
 def fast_path_exact(text: str) -> bool:
+    """Whether the fast path tokenizes `text` exactly like the reference (every character is safe)."""
     return unsafe_char_pattern().search(text) is None
 
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ernievil2_train.text import reference
-from ernievil2_train.text.fast import build_fast_tokenizer, unsafe_char_pattern
+from ernievil2_train.text.fast import build_fast_tokenizer, fast_path_exact
 from ernievil2_train.text.vocab import load_vocab
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+OFFICIAL_MAX_LEN = 48  # text length (tokens, with [CLS] and [SEP]) of the official ERNIE-ViL 2.0 models
 
 
 class ErnieTokenizer:
@@ -21,19 +26,20 @@ class ErnieTokenizer:
     through it; all others (and every text when `fast=False`) go through the pure-Python reference.
     """
 
-    def __init__(self, vocab_file: str | Path, max_len: int = 48, fast: bool = True) -> None:
+    _unk = "[UNK]"
+
+    def __init__(self, vocab_file: str | Path, max_len: int = OFFICIAL_MAX_LEN, fast: bool = True) -> None:
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 (room for [CLS] and [SEP]), got {max_len}")
         self.vocab_file = str(vocab_file)
         self.max_len = max_len
         self.fast = fast
         self.vocab = load_vocab(vocab_file)
-        self._setup()
+        self._backend = self._build_backend()
 
-    def _setup(self) -> None:
-        self._unk = "[UNK]"
-        self._backend = build_fast_tokenizer(self.vocab, self._unk) if self.fast else None
-        self._unsafe = unsafe_char_pattern() if self.fast else None
+    def _build_backend(self) -> Tokenizer | None:
+        """The Rust tokenizer when `fast` (not pickled: rebuilt on unpickling), else None."""
+        return build_fast_tokenizer(self.vocab, self._unk) if self.fast else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -42,7 +48,7 @@ class ErnieTokenizer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._backend = build_fast_tokenizer(self.vocab, self._unk) if self.fast else None
+        self._backend = self._build_backend()
 
     @property
     def vocab_size(self) -> int:
@@ -62,10 +68,10 @@ class ErnieTokenizer:
 
     @property
     def unk_id(self) -> int:
-        return self.vocab["[UNK]"]
+        return self.vocab[self._unk]
 
     def _uses_backend(self, text: str) -> bool:
-        return self._backend is not None and self._unsafe.search(text) is None
+        return self._backend is not None and fast_path_exact(text)
 
     def tokenize(self, text: str) -> list[str]:
         """Word pieces of `text`, without special tokens."""

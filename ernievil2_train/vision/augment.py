@@ -31,9 +31,7 @@ import torch
 from PIL import Image
 
 from ernievil2_train.imaging import to_rgb
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from ernievil2_train.vision.transforms import MEAN, STD
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

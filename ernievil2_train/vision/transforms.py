@@ -17,8 +17,8 @@ from PIL import Image, ImageOps
 
 from ernievil2_train.imaging import to_rgb
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
+MEAN = (0.485, 0.456, 0.406)  # the official normalisation, also used by the training views
+STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
 
 ImageInput = bytes | bytearray | memoryview | Image.Image | str | Path
@@ -91,8 +91,9 @@ def crop_offsets(width: int, height: int, size: int) -> tuple[int, int]:
 def _normalize_table() -> np.ndarray:
     """[3, 256] float32 output for every (channel, uint8 value), by the official float32 / float64 recipe."""
     x = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255)
-    x = (x[None, :].astype(np.float64) - MEAN[:, None]).astype(np.float32)
-    return (x.astype(np.float64) / STD[:, None]).astype(np.float32)
+    mean, std = np.array(MEAN, dtype=np.float64), np.array(STD, dtype=np.float64)
+    x = (x[None, :].astype(np.float64) - mean[:, None]).astype(np.float32)
+    return (x.astype(np.float64) / std[:, None]).astype(np.float32)
 
 
 _TABLE = _normalize_table()
