@@ -14,7 +14,14 @@ from ernievil2_train import similarity
 from ernievil2_train.checkpoints import load_pretrained, save_pretrained
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.vocab import load_vocab
-from tests.checkpoints.reference import ATOL, RTOL, convert_reference, load_npz, preprocessed_rows
+from tests.checkpoints.reference import (
+    ATOL,
+    RTOL,
+    convert_reference,
+    load_npz,
+    preprocessed_rows,
+    tokenizer_config,
+)
 from tests.models.tiny import tiny_model
 
 
@@ -33,9 +40,9 @@ def test_matrix_matches_the_reference_embeddings(paddle_ref: Path, ckpt: Path) -
     texts = [str(t) for t in load_npz(paddle_ref / "inputs.npz")["texts"]]
     row, name = next(iter(preprocessed_rows(paddle_ref).items()))
     image = paddle_ref / name
-    probs, cosine = similarity.similarity(
-        load_pretrained(ckpt), ErnieTokenizer(paddle_ref / "vocab.txt"), [image, image], texts
-    )
+    max_len = tokenizer_config(paddle_ref)["max_text_seqlen"]
+    tokenizer = ErnieTokenizer(paddle_ref / "vocab.txt", max_len=max_len)
+    probs, cosine = similarity.similarity(load_pretrained(ckpt), tokenizer, [image, image], texts)
     out = {k: torch.from_numpy(v) for k, v in load_npz(paddle_ref / "outputs.npz").items()}
     want = out["image_embeds_norm"][row] @ out["text_pooled_norm"].T
     torch.testing.assert_close(cosine, torch.stack([want, want]), atol=ATOL, rtol=RTOL)

@@ -20,6 +20,7 @@ KS = (1, 5, 10)
 DEFAULT_CHUNK_SIZE = 4096
 COMPARE_ROWS = 32
 PARALLEL_COMPARE = 1 << 22  # scores per chunk from which the CPU compare passes use all threads
+KEEP_SCORES_BYTES = 1 << 30  # all chunks' scores up to this size are kept between the two passes
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -104,37 +105,44 @@ def rank_positives(
 ) -> tuple[Tensor, Tensor]:
     """0-based ranks of the best positive: per text over all images, per image over all texts.
 
-    `pair_text` must be sorted. Images with no positive text get rank -1. The score of each positive pair is
-    computed once and written into every chunk's matrix, so a positive can never outrank itself through
-    rounding differences between the matmul and the pairwise dot product.
+    `pair_text` must be sorted. Images with no positive text get rank -1. A positive pair's score is read
+    from the same matrix product it is compared in, as the official script does: a candidate equal to the
+    correct one (the same image on several rows) then ties with it instead of beating it by a rounding
+    step. The first pass over the chunks takes the positive scores; the second compares (with the chunks'
+    scores kept from the first when all of them fit in `KEEP_SCORES_BYTES`, else computed again).
     """
     num_texts, num_images = text_emb.shape[0], image_emb.shape[0]
     device, threads = text_emb.device, torch.get_num_threads()
+    image_t = image_emb.T
+
+    def chunk_scores(start: int) -> Tensor:
+        with _cpu_threads(device, threads), _full_float32():
+            return text_emb[start : start + chunk_size] @ image_t
+
     with _cpu_threads(device, 1):
         pair_text, pair_image = pair_text.to(device), pair_image.to(device)
-        pos_score = torch.cat(
-            [
-                (text_emb[pair_text[s : s + chunk_size]] * image_emb[pair_image[s : s + chunk_size]]).sum(1)
-                for s in range(0, pair_text.numel(), chunk_size)
-            ]
-        )
+        starts = list(range(0, num_texts, chunk_size))
+        bounds = torch.searchsorted(pair_text, torch.tensor([*starts, num_texts], device=device)).tolist()
+        keep = num_texts * num_images * 4 <= KEEP_SCORES_BYTES
+        kept: dict[int, Tensor] = {}
+        pos_score = torch.empty(pair_text.numel(), device=device)
+        for c, start in enumerate(starts):
+            scores = chunk_scores(start)
+            lo, hi = bounds[c], bounds[c + 1]
+            pos_score[lo:hi] = scores[pair_text[lo:hi] - start, pair_image[lo:hi]]
+            if keep:
+                kept[c] = scores
         best_text = torch.full((num_texts,), -torch.inf, device=device)
         best_text.scatter_reduce_(0, pair_text, pos_score, "amax")
         best_image = torch.full((num_images,), -torch.inf, device=device)
         best_image.scatter_reduce_(0, pair_image, pos_score, "amax")
 
-        chunk_starts = torch.arange(0, num_texts + chunk_size, chunk_size, device=device)
-        bounds = torch.searchsorted(pair_text, chunk_starts).tolist()
         text_rank = torch.empty(num_texts, dtype=torch.int32, device=device)
         image_rank = torch.zeros(num_images, dtype=torch.int32, device=device)
-        image_t = image_emb.T
         workers = threads if device.type == "cpu" else 1
         with ThreadPoolExecutor(max(workers - 1, 1)) as helpers:
-            for c, start in enumerate(range(0, num_texts, chunk_size)):
-                with _cpu_threads(device, threads), _full_float32():
-                    scores = text_emb[start : start + chunk_size] @ image_t
-                lo, hi = bounds[c], bounds[c + 1]
-                scores[pair_text[lo:hi] - start, pair_image[lo:hi]] = pos_score[lo:hi]
+            for c, start in enumerate(starts):
+                scores = kept.pop(c) if keep else chunk_scores(start)
                 row_blocks = list(range(0, scores.shape[0], COMPARE_ROWS))
                 # Large CPU chunks: one slice of row blocks per thread (this one and helpers), one-thread ops.
                 parallel = scores.numel() >= PARALLEL_COMPARE

@@ -75,6 +75,27 @@ def test_parallel_compare_passes_give_the_same_numbers(monkeypatch):
     assert got == expected
 
 
+@pytest.mark.parametrize("keep_scores", [True, False])
+@pytest.mark.parametrize("dim", [16, 48, 768])
+def test_an_image_on_several_rows_ties_with_itself(monkeypatch, keep_scores, dim):
+    """The official eval file repeats an image on the row of each of its captions. Real-valued embeddings
+    (not exact in float32): a repeat of the correct image must tie with it, as in the official single
+    matrix product, not beat it by a rounding step of a separately computed dot product."""
+    from ernievil2_train.metrics import retrieval
+
+    if not keep_scores:
+        monkeypatch.setattr(retrieval, "KEEP_SCORES_BYTES", 0)  # the second pass computes the scores again
+    rng = np.random.default_rng(dim)
+    unique = rng.standard_normal((12, dim)).astype(np.float32)
+    unique /= np.linalg.norm(unique, axis=1, keepdims=True)
+    image = np.repeat(unique, 5, axis=0)  # 5 captions per image, one row each
+    text = image + 0.1 * rng.standard_normal(image.shape).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    expected = dense_reference(text, image, [[i] for i in range(len(text))])
+    assert ernie_protocol(text, image, chunk_size=16, device="cpu") == expected
+    assert expected["t2i/r@1"] > 0.9  # the repeats tie with the correct image instead of outranking it
+
+
 def test_ties_favour_the_correct_item():
     text = np.ones((4, 3), np.float32)
     image = np.ones((4, 3), np.float32)
