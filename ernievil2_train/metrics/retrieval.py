@@ -1,7 +1,8 @@
 """Chunked image-text retrieval metrics: the official row-paired protocol and the any-positive protocol.
 
 Scores are float32 `text @ image.T`, computed one chunk of text rows at a time, so memory stays
-O(chunk_size * num_images) whatever the pool size. A query's rank is the number of candidates whose score is
+O(chunk_size * num_images) whatever the pool size (beyond the `KEEP_SCORES_BYTES` of scores kept between
+the two passes of `rank_positives` when they fit). A query's rank is the number of candidates whose score is
 strictly greater than the score of its (best) correct candidate, so ties favour the correct item.
 """
 
