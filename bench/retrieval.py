@@ -123,13 +123,15 @@ def bare_matmul(n: int, dim: int) -> tuple[float, float]:
     return clock.phases()[0]
 
 
-def compare(sizes: list[int], dim: int, repeats: int, workdir: Path) -> None:
+def compare(sizes: list[int], dim: int, repeats: int, workdir: Path) -> bool:
+    """Time both evaluators at each size; True when they reported the same numbers at every size."""
     print(f"torch threads {torch.get_num_threads()}; best of {repeats} (runs interleaved); seconds")
     head = (f"{'n':>6} {'clock':>5} | {'official parse':>14} {'score+rank':>10} {'total':>7} | "
             f"{'ours parse':>10} {'score+rank':>10} {'total':>7} | {'matmul':>7} | "
             f"{'e2e x':>6} {'parse x':>7} {'rank/matmul':>11} | same")
     print(head)
     print("-" * len(head))
+    agreed = True
     for n in sizes:
         path = write_file(workdir / f"emb_n{n}_d{dim}.txt", n, dim)
         official, ours, floors = [], [], []
@@ -147,6 +149,8 @@ def compare(sizes: list[int], dim: int, repeats: int, workdir: Path) -> None:
                   f"{op / up:>7.2f} {urank / floor:>11.2f} | {'yes' if same else 'NO'}")
         if not same:
             print("   official:", official[0][0], "\n   ours:    ", ours[0][0])
+            agreed = False
+    return agreed
 
 
 def _big_child(n: int, dim: int, out: mp.Queue) -> None:
@@ -181,7 +185,7 @@ def big(n: int, dim: int) -> None:
     print(f"big: peak RSS {peak_gib:.2f} GiB (a dense {n}x{n} float32 score matrix is {dense_gib:.1f} GiB)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000], help="rows; multiples of 10")
     p.add_argument("--dim", type=int, default=768)
@@ -190,14 +194,15 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="also run the 100k x 100k memory-bounded evaluation")
     p.add_argument("--big-n", type=int, default=100_000)
     p.add_argument("--big-dim", type=int, default=256)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if any(n % 10 for n in args.sizes):
         p.error("--sizes must be multiples of 10 (the official method splits the rows into 10 chunks)")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    compare(args.sizes, args.dim, args.repeats, args.workdir)
+    agreed = compare(args.sizes, args.dim, args.repeats, args.workdir)
     if args.big:
         big(args.big_n, args.big_dim)
+    return 0 if agreed else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
