@@ -16,10 +16,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from ernievil2_train.cli import INTERRUPTED_EXIT, TERMINATED_EXIT
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resolvers import register_resolvers
+from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT
 
 register_resolvers()
 

@@ -10,7 +10,7 @@ import sys
 
 from ernievil2_train.checkpoints import CheckpointError, load_pdparams, save_pretrained
 from ernievil2_train.checkpoints.io import check_output
-from ernievil2_train.cli import run
+from ernievil2_train.stopping import run
 
 
 def positive_int(text: str) -> int:

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pretrained
-from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.models import DualEncoder, trim_padding
+from ernievil2_train.stopping import run
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.text.vocab import check_vocab_fits

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.metrics.files import (
     EvalInputError,
@@ -28,6 +27,7 @@ from ernievil2_train.metrics.files import (
     read_ground_truth,
 )
 from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE, KS, any_positive, ernie_protocol
+from ernievil2_train.stopping import run
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 
 PROTOCOLS = ("ernie", "any_positive")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ernievil2_train.checkpoints import CheckpointError, load_training_checkpoint, save_pretrained
 from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output
-from ernievil2_train.cli import run
+from ernievil2_train.stopping import run
 
 
 def run_vocab(checkpoint: Path) -> Path | None:

@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ernievil2_train.checkpoints import CheckpointError
-from ernievil2_train.cli import run
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.embed import (
     load_checkpoint,
@@ -27,6 +26,7 @@ from ernievil2_train.embed import (
     resolve_vocab,
 )
 from ernievil2_train.models import DualEncoder, trim_padding
+from ernievil2_train.stopping import run
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision import ImageDecodeError, eval_transform

@@ -28,7 +28,6 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from ernievil2_train import distributed
-from ernievil2_train.cli import ignore_stop_signals
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.batches import Collate, SkipCounter, normalize_batch, with_final_skips
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS
@@ -45,6 +44,7 @@ from ernievil2_train.data.epochs import (
 )
 from ernievil2_train.data.sources import read_shards, resolve_shards
 from ernievil2_train.data.views import SampleTransform, ViewConfig
+from ernievil2_train.stopping import ignore_stop_signals
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision.augment import TrainViews
 

@@ -11,8 +11,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ernievil2_train.cli import ignore_stop_signals
 from ernievil2_train.models.text import trim_padding
+from ernievil2_train.stopping import ignore_stop_signals
 
 if TYPE_CHECKING:
     from ernievil2_train.models.dual_encoder import DualEncoderConfig

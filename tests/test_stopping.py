@@ -1,0 +1,48 @@
+"""How the tools stop: Ctrl-C and SIGTERM end `main` with one line and the shell's status for the signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT, ignore_stop_signals, run
+
+
+def test_ctrl_c_ends_main_with_one_line_and_status_130(capsys: pytest.CaptureFixture[str]) -> None:
+    def main() -> int:
+        raise KeyboardInterrupt
+
+    assert run(main, "tool") == INTERRUPTED_EXIT == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+
+
+def test_sigterm_ends_main_with_one_line_and_status_143(capsys: pytest.CaptureFixture[str]) -> None:
+    cleaned = []
+
+    def main() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+        finally:
+            cleaned.append(True)  # `finally` blocks run, as on Ctrl-C
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run(main, "tool") == TERMINATED_EXIT == 143
+    assert capsys.readouterr().err == "tool: stopped by SIGTERM\n" and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_a_finished_main_keeps_its_status() -> None:
+    assert run(lambda: 3, "tool") == 3
+
+
+def test_loader_workers_ignore_both_stop_signals() -> None:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in previous)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
