@@ -47,10 +47,10 @@ from data_recipes.common import (
     unique,
 )
 from data_recipes.options import (
-    add_writer_args,
+    add_importer_args,
+    check_input,
     check_writer_args,
     fail,
-    positive_int,
     reported,
 )
 from data_recipes.shards import (
@@ -287,17 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--input", type=Path, required=True, help="Chinese-CLIP folder or 3-column TSV file")
+    add_importer_args(parser, "Chinese-CLIP folder or 3-column TSV file")
     parser.add_argument(
         "--coco-instances", type=Path, action="append", default=[], help="COCO instances json"
     )
-    parser.add_argument(
-        "--max-size", type=positive_int, help="re-encode images whose longer side exceeds this"
-    )
-    add_writer_args(parser, outputs=True)
     args = parser.parse_args(argv)
-    if not args.input.exists():
-        fail(parser, f"--input not found: {args.input}")
+    check_input(parser, args.input)
     split = clip_layout_split(args.input) if args.input.is_file() else None
     if split is not None:
         fail(

@@ -82,6 +82,23 @@ def add_writer_args(
     )
 
 
+def add_importer_args(parser: argparse.ArgumentParser, input_help: str) -> None:
+    """An importer's options: `--input`, `--max-size`, and the writer's (with `--split` and `--outputs`)."""
+    parser.add_argument("--input", type=Path, required=True, help=input_help)
+    parser.add_argument(
+        "--max-size", type=positive_int, help="re-encode images whose longer side exceeds this"
+    )
+    add_writer_args(parser, outputs=True)
+
+
+def check_input(parser: argparse.ArgumentParser, path: Path, file_only: bool = False) -> None:
+    """Exit with a one-line error (status 2) when `--input` does not exist, or with `file_only` is no file."""
+    if not path.exists():
+        fail(parser, f"--input not found: {path}")
+    if file_only and not path.is_file():
+        fail(parser, f"--input {path} is not a file")
+
+
 def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with status 2 after a one-line error on stderr (no usage text)."""
     print(f"{parser.prog}: error: {short_text(message, limit=1000)}", file=sys.stderr)

@@ -34,10 +34,9 @@ from data_recipes.common import (
     unique,
 )
 from data_recipes.options import (
-    add_writer_args,
+    add_importer_args,
+    check_input,
     check_writer_args,
-    fail,
-    positive_int,
     reported,
 )
 from data_recipes.shards import (
@@ -135,16 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--input", type=Path, required=True, help="a .tsv file or a .jsonl file")
-    parser.add_argument(
-        "--max-size", type=positive_int, help="re-encode images whose longer side exceeds this"
-    )
-    add_writer_args(parser, outputs=True)
+    add_importer_args(parser, "a .tsv file or a .jsonl file")
     args = parser.parse_args(argv)
-    if not args.input.exists():
-        fail(parser, f"--input not found: {args.input}")
-    if not args.input.is_file():
-        fail(parser, f"--input {args.input} is not a file")
+    check_input(parser, args.input, file_only=True)
     check_writer_args(parser, args)
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
     skips = SkipCounter()
