@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import wandb
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import WandbLogger
@@ -18,14 +15,10 @@ from omegaconf import OmegaConf
 
 from ernievil2_train.callbacks.requeue import RequeueExit
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.models import create_model
-from ernievil2_train.module import ErnieVil2Module
 from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.train import (
     build,
-    check_checkpoint_fits,
     check_data_fits_model,
-    resume_checkpoint,
     settle_accumulation,
     wandb_run_finished,
 )
@@ -184,77 +177,6 @@ def test_micro_batches_are_refused_under_fsdp(strategy) -> None:
         settle_accumulation(cfg)
     cfg.trainer.strategy = "ddp"
     settle_accumulation(cfg)
-
-
-def test_resume_picks_the_newest_checkpoint_of_the_run_folder(tmp_path: Path) -> None:
-    assert resume_checkpoint(None, tmp_path) is None
-    with pytest.raises(ConfigError, match="ckpt_path"):
-        resume_checkpoint("last", tmp_path)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.parent.mkdir()
-    torch.save({}, last)
-    assert resume_checkpoint(None, tmp_path) == str(last)
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    torch.save({}, hpc)
-    now = time.time()
-    os.utime(last, (now - 10, now - 10))
-    assert resume_checkpoint(None, tmp_path) == str(hpc)
-    assert resume_checkpoint("last", tmp_path) == str(hpc)
-    with pytest.raises(ConfigError, match="not found"):
-        resume_checkpoint(str(tmp_path / "other.ckpt"), tmp_path)
-
-
-def test_an_unreadable_checkpoint_is_refused_before_training(tmp_path: Path) -> None:
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.parent.mkdir()
-    torch.save({"state_dict": {"w": torch.zeros(1000)}}, last)
-    last.write_bytes(last.read_bytes()[:-100])  # cut short, as by a full disk or a kill mid-write
-    message = f"run folder checkpoint {last}; delete it or set ckpt_path"
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        resume_checkpoint(None, tmp_path)
-    with pytest.raises(ConfigError, match=re.escape(f"config key 'ckpt_path': {last}: not a readable")):
-        resume_checkpoint(str(last), tmp_path)
-    sharded = tmp_path / "sharded.ckpt"
-    sharded.mkdir()
-    assert resume_checkpoint(str(sharded), tmp_path) == str(sharded)
-
-
-def _saved_module(path: Path, model: torch.nn.Module) -> Path:
-    """A training checkpoint of `model` as `ErnieVil2Module` saves it (weights and model config)."""
-    module = ErnieVil2Module(model)
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
-
-
-def test_a_checkpoint_of_another_model_size_is_refused_before_training(tmp_path: Path) -> None:
-    larger = {**TINY, "text": {**TINY["text"], "layers": 3, "intermediate_size": 96}}
-    saved = _saved_module(tmp_path / "large.ckpt", create_model(larger))
-    module = ErnieVil2Module(tiny_model())
-    what = "config key 'ckpt_path'"
-    differing = "text.layers 3 there, 2 here; text.intermediate_size 96 there, 64 here)"
-    message = f"{what}: {saved}: holds another model than this run's ({differing}"
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        check_checkpoint_fits(str(saved), module, what)
-    check_checkpoint_fits(str(_saved_module(tmp_path / "same.ckpt", tiny_model())), module, what)
-    older = torch.load(tmp_path / "same.ckpt")  # temperatures were 0-dim tensors before: still resumable
-    older["state_dict"]["model.logit_scale"] = older["state_dict"]["model.logit_scale"].reshape(())
-    torch.save(older, tmp_path / "older.ckpt")
-    check_checkpoint_fits(str(tmp_path / "older.ckpt"), module, what)
-    module.load_state_dict(older["state_dict"])
-
-
-def test_a_checkpoint_without_model_config_names_the_first_mismatch(tmp_path: Path) -> None:
-    deeper = {**TINY, "vision": {**TINY["vision"], "layers": 3}}
-    path = tmp_path / "deep.ckpt"
-    torch.save({"state_dict": ErnieVil2Module(create_model(deeper)).state_dict()}, path)
-    first = r"deep\.ckpt: holds another model than this run's \(model\.vision\.blocks\.2\."
-    with pytest.raises(ConfigError, match=first):
-        check_checkpoint_fits(str(path), ErnieVil2Module(tiny_model()), "config key 'ckpt_path'")
-    torch.save({"weights": {}}, path)
-    with pytest.raises(ConfigError, match="not a Lightning training checkpoint"):
-        check_checkpoint_fits(str(path), ErnieVil2Module(tiny_model()), "config key 'ckpt_path'")
 
 
 def test_a_trainer_the_machine_cannot_run_is_a_config_error() -> None:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ernievil2_train.callbacks import requeue
 from ernievil2_train.callbacks.requeue import SlurmRequeue
-from ernievil2_train.train import resume_checkpoint
+from ernievil2_train.resume import resume_checkpoint
 
 BATCHES = 10
 SIGNAL_AT = 3  # the signal arrives during batch 3 of epoch 0

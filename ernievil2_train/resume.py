@@ -1,0 +1,102 @@
+"""Resuming a run: which checkpoint it continues from, whether that checkpoint fits the run's model, and
+what a Ctrl-C leaves to resume from."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_checkpoint
+from ernievil2_train.checkpoints.paddle import CheckpointError
+from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.models.dual_encoder import loadable_shape
+
+
+def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint to resume from.
+
+    `None`: the newest of the run folder's SLURM requeue checkpoint (`hpc_ckpt_*.ckpt`) and
+    `checkpoints/last.ckpt`, if any; `"last"`: the run folder's last checkpoint, which must exist;
+    anything else: that path. A checkpoint is a file, or a folder when FSDP saves it sharded.
+    """
+    newest = newest_checkpoint(output_dir)
+    if ckpt_path is None:
+        return _readable(newest, f"run folder checkpoint {newest}; delete it or set ckpt_path")
+    if ckpt_path == "last":
+        if newest is None:
+            raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir}")
+        return _readable(newest, f"config key 'ckpt_path': {newest}")
+    if not Path(ckpt_path).exists():
+        raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")
+    return _readable(ckpt_path, f"config key 'ckpt_path': {ckpt_path}")
+
+
+def newest_checkpoint(output_dir: Path) -> str | None:
+    """The newer of the run folder's SLURM requeue checkpoint (`hpc_ckpt_*.ckpt`) and its
+    `checkpoints/last.ckpt`; None without either."""
+    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
+    existing = [path for path in candidates if path.exists()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the training (Lightning shut it down and exited); the message says how to resume."""
+
+
+def interrupted(output_dir: Path) -> TrainingInterrupted:
+    """What a Ctrl-C leaves: the run folder's newest checkpoint, which `ckpt_path=last` resumes from."""
+    newest = newest_checkpoint(output_dir)
+    if newest is None:
+        return TrainingInterrupted("no checkpoint was saved yet")
+    return TrainingInterrupted(f"ckpt_path=last hydra.run.dir={output_dir} resumes from {newest}")
+
+
+def _readable(path: str | None, what: str) -> str | None:
+    """`path`, unless it is a file `torch.save` cannot have written whole (every such file is a zip archive;
+    a truncated one has lost its directory at the end). Folders (sharded FSDP checkpoints) pass."""
+    if path is not None and Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise ConfigError(f"{what}: not a readable checkpoint (truncated, or not written by torch.save)")
+    return path
+
+
+def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: str) -> None:
+    """Refuse a training checkpoint whose weights this run's module cannot load (another model size or
+    preset), naming the model settings that differ; `source` says where the path came from. Reads the file
+    memory-mapped: no tensor data is read. Folders (sharded FSDP checkpoints) are left to Lightning."""
+    if Path(ckpt_path).is_dir():
+        return
+    try:
+        checkpoint = read_training_checkpoint(ckpt_path)
+    except CheckpointError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    saved = checkpoint["state_dict"]
+    wanted = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    found = {name: loadable_shape(getattr(value, "shape", ())) for name, value in saved.items()}
+    if wanted == found:
+        return
+    config = getattr(getattr(module, "model", None), "config", None)
+    differing = _differing_settings(checkpoint.get(MODEL_CONFIG_KEY), config.to_dict() if config else None)
+    if differing:
+        raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({differing})")
+    name = sorted(set(wanted) ^ set(found) or {n for n in wanted if wanted[n] != found[n]})[0]
+    there, here = found.get(name, "missing"), wanted.get(name, "missing")
+    raise ConfigError(
+        f"{source}: {ckpt_path}: holds another model than this run's ({name}: {there} there, {here} here)"
+    )
+
+
+def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
+    """`'vision.width 64 there, 32 here; ...'` for the model settings two config dicts disagree on."""
+    if not isinstance(saved, dict) or current is None:
+        return ""
+    changes = []
+    for tower, settings in current.items():
+        old = saved.get(tower)
+        if not isinstance(settings, dict) or not isinstance(old, dict):
+            continue
+        changes += [f"{tower}.{k} {old.get(k)} there, {v} here"
+                    for k, v in settings.items() if old.get(k) != v]
+    return "; ".join(changes)
