@@ -56,8 +56,8 @@ from data_recipes.options import (
 from data_recipes.shards import (
     SKIP_EXAMPLES,
     RecipeError,
+    RecipeSkips,
     Skip,
-    SkipCounter,
     chosen_outputs,
     short_error,
     write_outputs,
@@ -148,7 +148,7 @@ def chinese_clip_jobs(
     folder: Path,
     split: str,
     coco_tags: dict[int, list[str]],
-    skips: SkipCounter,
+    skips: RecipeSkips,
     keep_uncaptioned: bool = False,
 ) -> tuple[int, Iterator[ImageJob | Skip]]:
     """(image lines, jobs) for the Chinese-CLIP layout; counts bad text rows and unknown image ids.
@@ -190,7 +190,7 @@ def chinese_clip_jobs(
     return lines, jobs()
 
 
-def _captions(texts: Path, skips: SkipCounter) -> dict[str, list[tuple[str, str]]]:
+def _captions(texts: Path, skips: RecipeSkips) -> dict[str, list[tuple[str, str]]]:
     """Image id -> `(text_id, text)` of its captions in a `{split}_texts.jsonl`; counts bad lines.
 
     A line needs a string or integer `text_id`, a string `text` and a non-empty list of string or integer
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(--input {args.input.parent} --split {split})",
         )
     check_writer_args(parser, args)
-    skips = SkipCounter()
+    skips = RecipeSkips()
     with reported(parser, args.input, args.out):
         unnamed: Counter[int] = Counter()
         coco_tags = load_coco_tags(args.coco_instances, unnamed)

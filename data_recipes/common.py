@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_recipes.shards import ImageRecord, RecipeError, Skip, SkipCounter
+from data_recipes.shards import ImageRecord, RecipeError, RecipeSkips, Skip
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS  # PIL only: the recipes never import torch
 from ernievil2_train.data.decode import decode_base64 as _strict_base64
 from ernievil2_train.imaging import to_rgb
@@ -186,7 +186,7 @@ def _source_digest(row: Row) -> bytes:
 
 
 def group_rows(
-    read_rows: Callable[[], Iterator[Row | Skip]], skips: SkipCounter
+    read_rows: Callable[[], Iterator[Row | Skip]], skips: RecipeSkips
 ) -> tuple[int, Iterator[ImageJob]]:
     """Group caption rows by image in two passes over the input, so image data is never held in memory.
 

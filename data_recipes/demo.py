@@ -35,8 +35,8 @@ from data_recipes.options import (
 from data_recipes.shards import (
     EvalSetWriter,
     ImageRecord,
+    RecipeSkips,
     ShardSink,
-    SkipCounter,
     summary,
     write_records,
 )
@@ -266,7 +266,7 @@ def build(
         ("eval", params.eval_images, lambda: EvalSetWriter(out / "eval", "valid", group_by="text")),
     ]
     for split, count, make_sink in splits:
-        skips = SkipCounter()
+        skips = RecipeSkips()
         with make_sink() as sink:
             jobs = make_jobs(split, count, params)
             write_records(jobs, _prepare, [sink], skips, workers, count, f"demo {split}", progress=verbose)

@@ -73,7 +73,7 @@ class Skip:
     example: str = ""
 
 
-class SkipCounter(Counter):
+class RecipeSkips(Counter):
     """Counts skipped inputs per reason, and keeps the first few examples of each reason."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -202,7 +202,7 @@ class ShardSink(_Writer):
         split: str,
         shard_size: int = DEFAULT_SHARD_SIZE,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
-        skips: SkipCounter | None = None,
+        skips: RecipeSkips | None = None,
     ) -> None:
         if shard_size < 1 or shard_bytes < 1:
             raise ValueError("shard size and shard bytes must be positive")
@@ -211,7 +211,7 @@ class ShardSink(_Writer):
         self.shard_size = shard_size
         self.shard_bytes = shard_bytes
         self.shards: list[dict[str, Any]] = []
-        self.skips = skips if skips is not None else SkipCounter()
+        self.skips = skips if skips is not None else RecipeSkips()
         self.images = 0
         self.removed = 0
         self._writer: tarfile.TarFile | None = None
@@ -454,7 +454,7 @@ def write_records(
     jobs: Iterable[Any],
     prepare: Callable[[Any], ImageRecord | Skip],
     sinks: Sequence[ShardSink | EvalSetWriter],
-    skips: SkipCounter,
+    skips: RecipeSkips,
     workers: int = 1,
     total: int | None = None,
     desc: str = "images",
@@ -475,7 +475,7 @@ def write_records(
             bar.update(1)
 
 
-def summary(sinks: Sequence[ShardSink | EvalSetWriter], skips: SkipCounter, label: str) -> str:
+def summary(sinks: Sequence[ShardSink | EvalSetWriter], skips: RecipeSkips, label: str) -> str:
     """A short human summary: what each sink wrote, and skipped inputs per reason."""
     lines = [sink.describe() for sink in sinks]
     total = sum(skips.values())
@@ -484,7 +484,7 @@ def summary(sinks: Sequence[ShardSink | EvalSetWriter], skips: SkipCounter, labe
     return "\n".join(lines)
 
 
-def nothing_written(source: Path | str, skips: SkipCounter) -> str:
+def nothing_written(source: Path | str, skips: RecipeSkips) -> str:
     """The error for a run that wrote nothing: the input and the main skip reason."""
     total = sum(skips.values())
     if not total:
@@ -498,7 +498,7 @@ def nothing_written(source: Path | str, skips: SkipCounter) -> str:
 def write_outputs(
     jobs: Iterable[Any],
     prepare: Callable[[Any], ImageRecord | Skip],
-    skips: SkipCounter,
+    skips: RecipeSkips,
     args: argparse.Namespace,
     total: int | None,
     group_by: str = "text_id",

@@ -40,8 +40,8 @@ from data_recipes.options import (
     reported,
 )
 from data_recipes.shards import (
+    RecipeSkips,
     Skip,
-    SkipCounter,
     write_outputs,
 )
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     check_input(parser, args.input, file_only=True)
     check_writer_args(parser, args)
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
-    skips = SkipCounter()
+    skips = RecipeSkips()
     with reported(parser, args.input, args.out):
         total, jobs = group_rows(reader(args.input), skips)
         prepare = partial(prepare_job, max_size=args.max_size)

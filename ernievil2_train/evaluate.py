@@ -54,7 +54,7 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join([line(header), separator, *(line(r) for r in rows)]) + "\n"
 
 
-def _unique_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _dedupe_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique rows in first-seen order and, per input row, the index of its unique row."""
     _, first, inverse = np.unique(vectors, axis=0, return_index=True, return_inverse=True)
     order = np.argsort(first)
@@ -65,8 +65,8 @@ def _unique_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> dict[str, float]:
     """any_positive on a row-paired file: identical vectors are the same text / image."""
-    texts, text_of_row = _unique_rows(text)
-    images, image_of_row = _unique_rows(image)
+    texts, text_of_row = _dedupe_rows(text)
+    images, image_of_row = _dedupe_rows(image)
     positives: list[set[int]] = [set() for _ in range(len(texts))]
     for t, i in zip(text_of_row.tolist(), image_of_row.tolist(), strict=True):
         positives[t].add(i)

@@ -13,7 +13,7 @@ from torchmetrics.utilities import dim_zero_cat
 from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE, any_positive, ernie_protocol
 
 
-def _unique_rows(emb: Tensor, index: Tensor, expected: int, what: str) -> Tensor:
+def _rows_by_index(emb: Tensor, index: Tensor, expected: int, what: str) -> Tensor:
     """Order gathered rows by their global index, dropping duplicates (padding from uneven splits)."""
     index_np = index.cpu().numpy()
     values, first = np.unique(index_np, return_index=True)
@@ -74,8 +74,8 @@ class ZeroShotRetrieval(Metric):
         text_idx, image_idx = dim_zero_cat(self.text_idx), dim_zero_cat(self.image_idx)
         num_texts = self.num_texts if self.num_texts is not None else int(text_idx.max()) + 1
         num_images = self.num_images if self.num_images is not None else int(image_idx.max()) + 1
-        text = _unique_rows(dim_zero_cat(self.text_emb), text_idx, num_texts, "texts")
-        image = _unique_rows(dim_zero_cat(self.image_emb), image_idx, num_images, "images")
+        text = _rows_by_index(dim_zero_cat(self.text_emb), text_idx, num_texts, "texts")
+        image = _rows_by_index(dim_zero_cat(self.image_emb), image_idx, num_images, "images")
         return text, image
 
     def score(self, text: Tensor, image: Tensor) -> dict[str, float]:

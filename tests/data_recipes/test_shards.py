@@ -20,9 +20,9 @@ from data_recipes.common import ImageJob, prepare_job
 from data_recipes.shards import (
     EvalSetWriter,
     ImageRecord,
+    RecipeSkips,
     ShardSink,
     Skip,
-    SkipCounter,
     json_id,
     nothing_written,
     summary,
@@ -117,7 +117,7 @@ def test_a_failed_run_keeps_nothing_and_leaves_the_earlier_output_as_it_was(tmp_
     assert sorted(earlier["old"]) == ["train-000000.tar", "train-000001.tar", "train.json"]
     assert json.loads(earlier["old"]["train.json"])["images"] == 3
     for out in ("old", "new"):
-        skips = SkipCounter()
+        skips = RecipeSkips()
         with pytest.raises(RuntimeError), ShardSink(tmp_path / out, "train", 2, skips=skips) as sink:
             write_records(range(10), failing, [sink], skips, progress=False)
         assert _files(tmp_path / out) == earlier[out]
@@ -131,7 +131,7 @@ def test_an_eval_set_that_cannot_start_leaves_no_staged_shards(tmp_path):
     args = argparse.Namespace(out=tmp_path, split="val", shard_size=2, shard_bytes=10**9, outputs="both",
                               workers=1)
     with pytest.raises(OSError):
-        write_outputs(range(3), _record, SkipCounter(), args, total=3)
+        write_outputs(range(3), _record, RecipeSkips(), args, total=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 
@@ -144,7 +144,7 @@ def test_a_failure_while_finishing_leaves_every_earlier_output_as_it_was(tmp_pat
     disk while writing the last file (the eval texts) leaves the earlier shards, index and eval set."""
     args = argparse.Namespace(out=tmp_path, split="val", shard_size=2, shard_bytes=10**9, outputs="both",
                               workers=1)
-    write_outputs(range(3), _record, SkipCounter(), args, total=3)
+    write_outputs(range(3), _record, RecipeSkips(), args, total=3)
     earlier = _files(tmp_path)
     assert {"val-000000.tar", "val.json", "eval/val_imgs.tsv", "eval/val_texts.jsonl"} <= set(earlier)
     write_bytes = Path.write_bytes
@@ -156,7 +156,7 @@ def test_a_failure_while_finishing_leaves_every_earlier_output_as_it_was(tmp_pat
 
     monkeypatch.setattr(Path, "write_bytes", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        write_outputs(range(5), _new_record, SkipCounter(), args, total=5)
+        write_outputs(range(5), _new_record, RecipeSkips(), args, total=5)
     assert _files(tmp_path) == earlier
 
 
@@ -167,7 +167,7 @@ def test_write_records_counts_skips_in_parallel(tmp_path):
         ImageJob("gone", str(tmp_path / "missing.jpg"), True, (("3", "z"),)),
         Skip("malformed line", 2),
     ]
-    skips = SkipCounter()
+    skips = RecipeSkips()
     with ShardSink(tmp_path, "train", skips=skips) as sink:
         write_records(jobs, prepare_job, [sink], skips, workers=2, progress=False)
     assert skips == {"undecodable image": 1, "bad base64": 1, "missing file": 1, "malformed line": 2}
@@ -179,7 +179,7 @@ def test_write_records_counts_skips_in_parallel(tmp_path):
 def test_skip_examples_are_kept_for_the_summary_and_the_error(tmp_path):
     jobs = [ImageJob(str(i), str(tmp_path / f"gone{i}.jpg"), True, (("1", "x"),)) for i in range(5)]
     jobs += [ImageJob("bad", "@@@", False, (("2", "y"),))]
-    skips = SkipCounter()
+    skips = RecipeSkips()
     with ShardSink(tmp_path, "train", skips=skips) as sink:
         write_records(jobs, prepare_job, [sink], skips, workers=2, progress=False)
     first = ", ".join(str(tmp_path / f"gone{i}.jpg") for i in range(3))
@@ -188,8 +188,8 @@ def test_skip_examples_are_kept_for_the_summary_and_the_error(tmp_path):
         f"nothing written from in.tsv: every input was skipped, missing file: 5 (first: {first}); "
         "1 more for other reasons"
     )
-    assert nothing_written("in.tsv", SkipCounter()) == "nothing written: in.tsv holds no samples"
-    long = SkipCounter()
+    assert nothing_written("in.tsv", RecipeSkips()) == "nothing written: in.tsv holds no samples"
+    long = RecipeSkips()
     long.add("missing file", example="x" * 10_000)
     assert len(long.describe("missing file")) < 250
 
