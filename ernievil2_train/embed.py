@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -115,10 +115,15 @@ class Embedder:
 
 
 def embed_file(
-    embedder: Embedder, image_size: int, src: Path, out: TextIO | _Output, batch_size: int, workers: int
+    embedder: Embedder,
+    transform: Callable[[bytes], torch.Tensor],
+    src: Path,
+    out: TextIO | _Output,
+    batch_size: int,
+    workers: int,
 ) -> tuple[int, Skipped]:
-    """Embed every good row of `src` into `out`; returns (rows written, skipped rows)."""
-    transform = eval_transform(image_size)
+    """Embed every good row of `src` into `out` (images through `transform`); returns (rows written, skipped
+    rows)."""
 
     def decode(row: Row) -> torch.Tensor | ImageDecodeError:
         try:
@@ -180,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=OFFICIAL_MAX_LEN,
         help=f"text length incl. [CLS]/[SEP] (official: {OFFICIAL_MAX_LEN})",
+    )
+    parser.add_argument(
+        "--short-size",
+        type=int,
+        default=None,
+        help="scale the short side to this before the center crop (default: the model's image size)",
     )
     parser.add_argument(
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decode threads"
@@ -261,7 +272,9 @@ def _setup(args: argparse.Namespace) -> tuple[Embedder, DualEncoder]:
     return Embedder(model, tokenizer, device, bf16), model
 
 
-def _embed_to_output(args: argparse.Namespace, embedder: Embedder, image_size: int) -> tuple[int, Skipped]:
+def _embed_to_output(
+    args: argparse.Namespace, embedder: Embedder, transform: Callable[[bytes], torch.Tensor]
+) -> tuple[int, Skipped]:
     """Embed into a temporary file beside --output, moved there only when at least one row was written."""
     src, out = Path(args.input), Path(args.output)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -271,7 +284,7 @@ def _embed_to_output(args: argparse.Namespace, embedder: Embedder, image_size: i
         except OSError as err:
             raise ValueError(f"--output {out}: cannot write into {out.parent} ({err.strerror})") from None
         try:
-            written, skipped = embed_file(embedder, image_size, src, _Output(fh, out), args.batch_size,
+            written, skipped = embed_file(embedder, transform, src, _Output(fh, out), args.batch_size,
                                           args.workers)
         finally:
             with _naming_output(out):
@@ -315,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         embedder, model = _setup(args)
-        written, skipped = _embed_to_output(args, embedder, model.config.vision.image_size)
+        try:
+            transform = eval_transform(model.config.vision.image_size, short_size=args.short_size)
+        except ValueError as err:
+            raise ValueError(f"--short-size: {err}") from None
+        written, skipped = _embed_to_output(args, embedder, transform)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

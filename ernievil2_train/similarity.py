@@ -34,11 +34,16 @@ from ernievil2_train.vision import ImageDecodeError, eval_transform
 
 @torch.inference_mode()
 def similarity(
-    model: DualEncoder, tokenizer: ErnieTokenizer, images: list[Path], texts: list[str]
+    model: DualEncoder,
+    tokenizer: ErnieTokenizer,
+    images: list[Path],
+    texts: list[str],
+    short_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities [I, T] softmaxed over texts, cosine similarities [I, T])."""
+    """(probabilities [I, T] softmaxed over texts, cosine similarities [I, T]); images scaled to `short_size`
+    on the short side before the center crop (default: the model's image size)."""
     device = model.logit_scale.device
-    transform = eval_transform(model.config.vision.image_size)
+    transform = eval_transform(model.config.vision.image_size, short_size=short_size)
     pixels = torch.stack([_pixels(transform, path) for path in images]).to(device)
     ids = trim_padding(tokenizer(texts)["input_ids"]).to(device)
     cosine = model.encode_image(pixels, normalize=True) @ model.encode_text(ids, normalize=True).T
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
     )
+    parser.add_argument(
+        "--short-size",
+        type=int,
+        default=None,
+        help="scale the short side to this before the center crop (default: the model's image size)",
+    )
     parser.add_argument("--cosine", action="store_true", help="also print the raw cosine similarities")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     return parser
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.checkpoint, device)
         max_len = min(OFFICIAL_MAX_LEN, model.config.text.max_position_embeddings)
         tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, max_len)
-        probs, cosine = similarity(model, tokenizer, args.images, args.texts)
+        probs, cosine = similarity(model, tokenizer, args.images, args.texts, args.short_size)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from tests.checkpoints.reference import (
     RTOL,
     load_npz,
     preprocessed_rows,
+    preprocessing_config,
     reference_heads,
     tokenizer_config,
 )
@@ -78,8 +79,9 @@ def test_convert_embed_evaluate_match_the_reference(paddle_ref: Path, tmp_path: 
     tsv = _write_tsv(tmp_path / "pairs.tsv", [*good[:2], *bad, *good[2:]])
     out = tmp_path / "emb.txt"
     max_len = tokenizer_config(paddle_ref)["max_text_seqlen"]
+    short_size = preprocessing_config(paddle_ref)["short_size"]
     run = _run("ernievil2_train.embed", "--checkpoint", ckpt, "--input", tsv, "--output", out,
-               "--batch-size", "3", "--device", "cpu", "--max-len", max_len)
+               "--batch-size", "3", "--device", "cpu", "--max-len", max_len, "--short-size", short_size)
     assert run.returncode == 0, run.stderr
     assert f"wrote {len(texts)} row(s)" in run.stderr and "skipped 4 row(s)" in run.stderr
     assert "wrong column count: 2" in run.stderr and "undecodable image: 1" in run.stderr
@@ -156,6 +158,8 @@ def test_user_errors(
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--batch-size", "0"], "must be positive"),
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--max-len", "64"],
          "--max-len 64: must be between 2 and the checkpoint's 16 text positions (max_position_embeddings)"),
+        (["--checkpoint", tiny_ckpt, "--input", tsv, "--short-size", "8", "--max-len", "16"],
+         "--short-size: short_size 8 is smaller than the crop size"),
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--output", folder], f"--output {folder}: is a folder"),
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--output", missing / "o.txt"],
          f"--output {missing / 'o.txt'}: folder {missing} does not exist"),

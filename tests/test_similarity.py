@@ -20,6 +20,7 @@ from tests.checkpoints.reference import (
     convert_reference,
     load_npz,
     preprocessed_rows,
+    preprocessing_config,
     tokenizer_config,
 )
 from tests.models.tiny import tiny_model
@@ -42,7 +43,8 @@ def test_matrix_matches_the_reference_embeddings(paddle_ref: Path, ckpt: Path) -
     image = paddle_ref / name
     max_len = tokenizer_config(paddle_ref)["max_text_seqlen"]
     tokenizer = ErnieTokenizer(paddle_ref / "vocab.txt", max_len=max_len)
-    probs, cosine = similarity.similarity(load_pretrained(ckpt), tokenizer, [image, image], texts)
+    short_size = preprocessing_config(paddle_ref)["short_size"]
+    probs, cosine = similarity.similarity(load_pretrained(ckpt), tokenizer, [image, image], texts, short_size)
     out = {k: torch.from_numpy(v) for k, v in load_npz(paddle_ref / "outputs.npz").items()}
     want = out["image_embeds_norm"][row] @ out["text_pooled_norm"].T
     torch.testing.assert_close(cosine, torch.stack([want, want]), atol=ATOL, rtol=RTOL)

@@ -53,3 +53,8 @@ def preprocessed_rows(ref: Path) -> dict[int, str]:
 def tokenizer_config(ref: Path) -> dict:
     """The `tokenizer` section of config.json (ids, text length, vocabulary facts)."""
     return json.loads((ref / "config.json").read_text())["tokenizer"]
+
+
+def preprocessing_config(ref: Path) -> dict:
+    """The `preprocessing` section of config.json (short side, crop size, mean, std)."""
+    return json.loads((ref / "config.json").read_text())["preprocessing"]
