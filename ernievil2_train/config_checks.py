@@ -9,7 +9,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from braceexpand import braceexpand
 from hydra.utils import get_object
@@ -33,6 +33,8 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; reported as one line, exit code 2."""
 
 
+T = TypeVar("T")
+
 def check_fields(cls: type, data: Any, section: str) -> dict[str, Any]:
     """`data` as a dict, after checking that it is a mapping whose every key is a field of the dataclass
     `cls`."""
@@ -43,6 +45,16 @@ def check_fields(cls: type, data: Any, section: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown {section} config field(s): {', '.join(unknown)}")
     return data
+
+
+def dataclass_from(cls: type[T], value: T | Mapping[str, Any] | None, section: str) -> T:
+    """`value` as a `cls`: None gives the defaults, an instance is taken as it is, a mapping is checked field
+    by field (`check_fields`)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    return cls(**check_fields(cls, value, section))
 
 
 def check_positive_int(value: Any, key: str) -> None:

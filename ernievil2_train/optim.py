@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ernievil2_train.config_checks import ConfigError, check_fields
+from ernievil2_train.config_checks import ConfigError, dataclass_from
 
 # No weight decay, by name: biases, norm weights, temperatures, embedding tables and tokens. For the two
 # towers these are exactly their 0/1-dim parameters plus the embeddings; the names decide alone when the
@@ -101,11 +101,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_any(cls, value: ScheduleConfig | dict[str, Any] | None) -> ScheduleConfig:
-        if value is None:
-            return cls()
-        if isinstance(value, ScheduleConfig):
-            return value
-        return cls(**check_fields(cls, dict(value), "scheduler"))
+        return dataclass_from(cls, value, "scheduler")
 
     def warmup(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps` optimizer steps; a warmup as long as the run is refused (the

@@ -154,7 +154,7 @@ class MultiViewDataModule(L.LightningDataModule):
         self.shard_shuffle = shard_shuffle
         self.resampled = resampled
         self.text_max_len = text_max_len
-        self.views = ViewConfig.of(views)
+        self.views = ViewConfig.from_any(views)
         self.augment = check_augment(augment, image_size)
         self.max_image_pixels = max_image_pixels
         self.pin_memory = pin_memory

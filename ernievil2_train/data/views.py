@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ernievil2_train.config_checks import check_fields
+from ernievil2_train.config_checks import dataclass_from
 from ernievil2_train.data.decode import DEFAULT_MAX_IMAGE_PIXELS, RawSample, SkipSample, parse_sample
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer
@@ -56,10 +56,8 @@ class ViewConfig:
             raise ValueError(f"views.token_drop_p must be in [0, 1), got {self.token_drop_p}")
 
     @classmethod
-    def of(cls, value: ViewConfig | dict[str, Any] | None) -> ViewConfig:
-        if isinstance(value, cls):
-            return value
-        return cls(**check_fields(cls, dict(value or {}), "views"))
+    def from_any(cls, value: ViewConfig | dict[str, Any] | None) -> ViewConfig:
+        return dataclass_from(cls, value, "views")
 
 
 class SampleTransform:
@@ -77,7 +75,7 @@ class SampleTransform:
         uint8_images: bool = False,
     ) -> None:
         self.tokenizer = ErnieTokenizer(vocab_file, max_len=text_max_len)
-        self.views = ViewConfig.of(views)
+        self.views = ViewConfig.from_any(views)
         self._separator_pieces = self.tokenizer.encode(TAG_SEPARATOR)
         self.train = train
         self.max_image_pixels = max_image_pixels

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernievil2_train.config_checks import check_fields
+from ernievil2_train.config_checks import dataclass_from
 from ernievil2_train.models.dual_encoder import (
     OFFICIAL_LOGIT_SCALE_INIT,
     accept_zero_dim_temperatures,
@@ -92,11 +92,7 @@ class LossConfig:
 
     @classmethod
     def from_any(cls, value: LossConfig | dict[str, Any] | None) -> LossConfig:
-        if value is None:
-            return cls()
-        if isinstance(value, LossConfig):
-            return value
-        return cls(**check_fields(cls, dict(value), "loss"))
+        return dataclass_from(cls, value, "loss")
 
     def active_pairs(self) -> list[str]:
         return [p for p in PAIRS if self.weights.get(p, 0.0) > 0]

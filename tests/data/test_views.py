@@ -150,7 +150,7 @@ def test_bad_view_config_is_refused():
 
 def test_unknown_view_field_is_named() -> None:
     with pytest.raises(ValueError, match="unknown views config field"):
-        ViewConfig.of({"image_view3": True})
+        ViewConfig.from_any({"image_view3": True})
 
 
 def test_tag_pieces_equal_the_joined_tags_encoded(paddle_ref) -> None:
