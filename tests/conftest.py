@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,10 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     ensure_demo(cache / "demo")
     return cache
+
+
+def with_ctrl_c() -> None:
+    """A `preexec_fn` for a child that a test stops with SIGINT: Ctrl-C back to its default, which Python then
+    turns into KeyboardInterrupt. A background job (a CI script's, say) starts with SIGINT ignored, and its
+    children would inherit that and never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -29,6 +29,7 @@ from tests.checkpoints.reference import (
     reference_heads,
     tokenizer_config,
 )
+from tests.conftest import with_ctrl_c
 from tests.models.tiny import tiny_model
 
 
@@ -279,7 +280,7 @@ def test_an_interrupted_run_ends_with_one_line_and_keeps_the_old_output(
     argv = [sys.executable, "-m", "ernievil2_train.embed", "--checkpoint", str(tiny_ckpt),
             "--input", str(tsv), "--output", str(out), "--max-len", "16", "--batch-size", "2",
             "--workers", "1"]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, preexec_fn=with_ctrl_c)
     deadline = time.monotonic() + 120
     while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
         assert process.poll() is None and time.monotonic() < deadline, "no row was written"

@@ -15,6 +15,7 @@ import torch
 
 from ernievil2_train import load_pretrained
 from ernievil2_train.data.decode import SKIP_REASONS
+from tests.conftest import with_ctrl_c
 
 TINY = [
     "data.image_size=32",
@@ -279,7 +280,8 @@ def test_ctrl_c_ends_training_with_one_line_and_the_resume_command(demo_cache: P
     with 130, as every tool, and one line saying what `ckpt_path=last` resumes from."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cli(run_dir, *LONG_EPOCH, "trainer.max_steps=64"), env=_env(demo_cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=with_ctrl_c)
     _wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
