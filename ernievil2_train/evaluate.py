@@ -127,7 +127,7 @@ def _from_features(args: argparse.Namespace) -> tuple[dict[str, float], int, int
 
 def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, int]:
     from ernievil2_train.data.evalset import load_evalset
-    from ernievil2_train.embed import load_checkpoint, load_tokenizer, resolve_vocab
+    from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
     from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
     from ernievil2_train.vision import eval_transform
 

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from ernievil2_train.checkpoints.errors import state_mismatch
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import DualEncoder, create_model
 
@@ -91,16 +92,9 @@ def load_tower_weights(model: DualEncoder, tower: str, path: str | Path) -> None
         state, folded = _ernie_keys(state)
     left_out = sorted(k for k in state if k not in expected and LEFT_OUT[tower].search(k))
     state = {k: v for k, v in state.items() if k not in left_out}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ConfigError(
-            f"config key 'model.{key}': {path} does not fit the {tower} tower "
-            f"(missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, wrong shape {wrong[:8]})"
-        )
+    mismatch = state_mismatch(expected, state)
+    if mismatch:
+        raise ConfigError(f"config key 'model.{key}': {path} does not fit the {tower} tower ({mismatch})")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     log.info(
         "model.%s: loaded all %d %s tower tensors from %s%s%s", key, len(expected), tower, path,

@@ -9,10 +9,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from ernievil2_train.checkpoints.errors import CheckpointError, state_mismatch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_checkpoint
-from ernievil2_train.checkpoints.paddle import CheckpointError
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.models.dual_encoder import loadable_shape
 
 
 def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -72,20 +71,12 @@ def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: st
         checkpoint = read_training_checkpoint(ckpt_path)
     except CheckpointError as error:
         raise ConfigError(f"{source}: {error}") from None
-    saved = checkpoint["state_dict"]
-    wanted = {name: tuple(value.shape) for name, value in module.state_dict().items()}
-    found = {name: loadable_shape(getattr(value, "shape", ())) for name, value in saved.items()}
-    if wanted == found:
+    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if not mismatch:
         return
     config = getattr(getattr(module, "model", None), "config", None)
     differing = _differing_settings(checkpoint.get(MODEL_CONFIG_KEY), config.to_dict() if config else None)
-    if differing:
-        raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({differing})")
-    name = sorted(set(wanted) ^ set(found) or {n for n in wanted if wanted[n] != found[n]})[0]
-    there, here = found.get(name, "missing"), wanted.get(name, "missing")
-    raise ConfigError(
-        f"{source}: {ckpt_path}: holds another model than this run's ({name}: {there} there, {here} here)"
-    )
+    raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({differing or mismatch})")
 
 
 def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:

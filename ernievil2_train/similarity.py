@@ -20,11 +20,7 @@ from rich.table import Table
 
 from ernievil2_train.checkpoints import CheckpointError
 from ernievil2_train.devices import resolve_device
-from ernievil2_train.embed import (
-    load_checkpoint,
-    load_tokenizer,
-    resolve_vocab,
-)
+from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.stopping import run
 from ernievil2_train.text import ErnieTokenizer

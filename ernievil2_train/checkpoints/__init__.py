@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ernievil2_train.checkpoints.errors import CheckpointError
 from ernievil2_train.checkpoints.io import (
     find_vocab,
     load_pretrained,
     load_training_checkpoint,
     save_pretrained,
 )
-from ernievil2_train.checkpoints.paddle import CheckpointError, load_pdparams, read_pdparams
+from ernievil2_train.checkpoints.paddle import load_pdparams, read_pdparams
 
 __all__ = [
     "CheckpointError",

@@ -13,9 +13,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ernievil2_train.checkpoints.paddle import ZIP_MAGIC, CheckpointError, file_head, short_reason
+from ernievil2_train.checkpoints.errors import (
+    ZIP_MAGIC,
+    CheckpointError,
+    file_head,
+    short_reason,
+    state_mismatch,
+)
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
-from ernievil2_train.models.dual_encoder import loadable_shape
 from ernievil2_train.text.vocab import check_vocab_fits
 
 WEIGHTS_NAME = "model.safetensors"
@@ -114,15 +119,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
     except Exception as err:
         reason = short_reason(err)
         raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({reason})") from None
-    expected = model.state_dict()
-    missing_keys = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and loadable_shape(state[k].shape) != expected[k].shape]
-    if missing_keys or unexpected or wrong:
-        raise CheckpointError(
-            f"{folder / WEIGHTS_NAME}: weights do not match config.json "
-            f"(missing {missing_keys}, unexpected {unexpected}, wrong shape {wrong})"
-        )
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME}: weights do not match config.json ({mismatch})")
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -140,12 +139,6 @@ def _build_model(config: Any, source: Path) -> DualEncoder:
     except (ValueError, TypeError) as err:
         message = " ".join(str(err).split())
         raise CheckpointError(f"{source}: invalid model config ({message})") from None
-
-
-def _loadable(value: Any) -> tuple[int, ...] | None:
-    """The parameter shape a saved tensor loads into (`loadable_shape`); None for anything else a checkpoint
-    may hold."""
-    return loadable_shape(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 MODEL_CONFIG_KEY = "model_config"  # the `DualEncoderConfig` dict that training checkpoints carry
@@ -211,11 +204,8 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
     weights = checkpoint["state_dict"].items()
     state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    wrong = [k for k in expected if k in state and _loadable(state[k]) != expected[k].shape]
-    if missing or wrong:
-        raise CheckpointError(
-            f"{path}: weights do not match its model config (missing {missing[:8]}, wrong shape {wrong[:8]})"
-        )
+    mismatch = state_mismatch(expected, state, extra_ok=True)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match its model config ({mismatch})")
     model.load_state_dict({k: state[k] for k in expected})
     return model.eval()

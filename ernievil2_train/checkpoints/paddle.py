@@ -17,24 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ernievil2_train.checkpoints.errors import ZIP_MAGIC, CheckpointError, file_head, listing, short_reason
 from ernievil2_train.models import DualEncoder, DualEncoderConfig, TextConfig, VisionConfig
 
 NAME_TABLE_KEY = "StructuredToParameterName@@"
 BIG_PARAM_KEY = "UnpackBigParamInfor@@"
 IGNORED_PREFIXES = ("visual.classfy.",)
 HEAD_DIM = 64
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model (message is one line)."""
-
-
-def short_reason(err: BaseException, limit: int = 120) -> str:
-    """`err`'s type and the first line (first sentence) of its message, shortened to about `limit` chars."""
-    lines = str(err).strip().splitlines()
-    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    text = text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _reconstruct(subtype: type, shape: Any, dtype: Any) -> np.ndarray:
@@ -72,19 +61,6 @@ class _ArrayUnpickler(pickle.Unpickler):
         if allowed is None:
             raise _RefusedGlobal(f"{module}.{name}")
         return allowed
-
-
-ZIP_MAGIC = b"PK\x03\x04"
-
-
-def file_head(path: Path) -> bytes:
-    """The file's first bytes (as many as `ZIP_MAGIC`, what `torch.save` files start with); an unreadable
-    file is a `CheckpointError`."""
-    try:
-        with path.open("rb") as f:
-            return f.read(len(ZIP_MAGIC))
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read file ({err.strerror or err})") from None
 
 
 def _unpickle(path: Path) -> Any:
@@ -306,11 +282,6 @@ def paddle_names(config: DualEncoderConfig) -> list[str]:
     return [*names, "contrastive_loss_mm.temperature_b"]
 
 
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return f"[{shown}{f', ... (+{len(names) - limit} more)' if len(names) > limit else ''}]"
-
-
 def to_state_dict(
     arrays: dict[str, np.ndarray], model: DualEncoder, source: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -321,7 +292,7 @@ def to_state_dict(
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: checkpoint does not fit the inferred architecture: "
-            f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}"
+            f"missing keys {listing(missing)}; unexpected keys {listing(unexpected)}"
         )
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}

@@ -1,0 +1,51 @@
+"""What the command-line tools (embed, evaluate, similarity) load from a checkpoint folder: the model, its
+vocabulary and the tokenizer, each refused with one line naming the flag when it does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ernievil2_train.checkpoints import find_vocab, load_pretrained
+from ernievil2_train.models import DualEncoder
+from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.vocab import check_vocab_fits
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
+    """`load_pretrained`, with a clear message when --checkpoint is a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"--checkpoint {path}: is a file, not a checkpoint folder")
+    return load_pretrained(path, device=device)
+
+
+def resolve_vocab(checkpoint: str | Path, vocab: str | Path | None) -> Path:
+    """The --vocab file if given, else the checkpoint folder's vocab.txt (ValueError if there is none)."""
+    if vocab is None:
+        found = find_vocab(checkpoint)
+        if found is None:
+            raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {checkpoint}")
+        return found
+    path = Path(vocab)
+    if path.is_dir():
+        raise ValueError(f"--vocab {path}: is a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"--vocab {path}: file not found")
+    return path
+
+
+def load_tokenizer(vocab: Path, model: DualEncoder, max_len: int) -> ErnieTokenizer:
+    """The tokenizer of `vocab` for `model` (ValueError naming the file or --max-len when they do not fit)."""
+    limit = model.config.text.max_position_embeddings
+    message = (
+        f"--max-len {max_len}: must be between 2 and the checkpoint's {limit} text positions "
+        "(max_position_embeddings)"
+    )
+    if max_len < 2:
+        raise ValueError(message)
+    tokenizer = ErnieTokenizer(vocab, max_len=max_len)
+    check_vocab_fits(vocab, model.config.text.vocab_size)
+    if max_len > limit:
+        raise ValueError(message)
+    return tokenizer

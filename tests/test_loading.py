@@ -1,0 +1,62 @@
+"""What the tools load from a checkpoint folder: the model, its vocabulary and a tokenizer that fits both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernievil2_train.checkpoints import CheckpointError, save_pretrained
+from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
+from tests.data.shard_helpers import write_vocab
+from tests.models.tiny import TINY, tiny_model
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A converted checkpoint folder of the tiny model, with the vocabulary beside its weights."""
+    vocab = write_vocab(tmp_path / "vocab.txt", chars="一二三四五")
+    return save_pretrained(tiny_model(), tmp_path / "ckpt", vocab_file=vocab)
+
+
+def test_a_folder_loads_and_a_file_is_refused_naming_the_flag(folder: Path) -> None:
+    model = load_checkpoint(folder, torch.device("cpu"))
+    assert not model.training and model.config.text.vocab_size == TINY["text"]["vocab_size"]
+    with pytest.raises(ValueError, match=r"^--checkpoint .*model\.safetensors: is a file, not a checkpoint"):
+        load_checkpoint(folder / "model.safetensors", torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_checkpoint(folder / "nope", torch.device("cpu"))
+
+
+def test_the_vocabulary_is_the_flag_or_the_folders_own(folder: Path, tmp_path: Path) -> None:
+    assert resolve_vocab(folder, None) == folder / "vocab.txt"
+    other = write_vocab(tmp_path / "other.txt")
+    assert resolve_vocab(folder, other) == other
+    (folder / "vocab.txt").unlink()
+    with pytest.raises(ValueError, match=r"no vocabulary: pass --vocab or put vocab.txt into .*ckpt"):
+        resolve_vocab(folder, None)
+    with pytest.raises(ValueError, match=r"^--vocab .*: is a folder, not a file$"):
+        resolve_vocab(folder, tmp_path)
+    with pytest.raises(ValueError, match=r"^--vocab .*missing\.txt: file not found$"):
+        resolve_vocab(folder, tmp_path / "missing.txt")
+
+
+def test_a_text_length_beyond_the_positions_or_below_two_is_refused(folder: Path) -> None:
+    model = load_checkpoint(folder, torch.device("cpu"))
+    positions = model.config.text.max_position_embeddings
+    vocab = folder / "vocab.txt"
+    tokenizer = load_tokenizer(vocab, model, positions)
+    assert tokenizer(["一二"])["input_ids"].shape == (1, positions)
+    for bad in (positions + 1, 1):
+        with pytest.raises(ValueError, match=rf"^--max-len {bad}: must be between 2 and .* {positions} text"):
+            load_tokenizer(vocab, model, bad)
+
+
+def test_a_vocabulary_larger_than_the_embedding_table_is_refused(folder: Path, tmp_path: Path) -> None:
+    model = load_checkpoint(folder, torch.device("cpu"))
+    chars = "".join(chr(0x4E00 + i) for i in range(model.config.text.vocab_size))
+    large = write_vocab(tmp_path / "large.txt", chars=chars)
+    top = model.config.text.vocab_size + 4  # the four special tokens before the characters
+    with pytest.raises(ValueError, match=rf"large\.txt: ids go up to {top} but the model's text vocab_size"):
+        load_tokenizer(large, model, 8)
