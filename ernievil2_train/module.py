@@ -109,7 +109,8 @@ class ErnieVil2Module(pl.LightningModule):
         self.layer_decay = float(layer_decay)
         self.accumulate_microbatches = int(accumulate_microbatches)
         self.gradient_clip_val = gradient_clip_val
-        self.frozen = self._check_flags(freeze_vision, freeze_text)
+        self._check_numbers()
+        self.frozen = self._frozen_towers(freeze_vision, freeze_text)
         for tower in self.frozen:
             getattr(self.model, tower).requires_grad_(False).eval()
         mode, active = self.loss_fn.config.temperature, self.loss_fn.config.active_pairs()
@@ -131,13 +132,8 @@ class ErnieVil2Module(pl.LightningModule):
         self._restored_rng: list[GeneratorStates] | GeneratorStates | None = None
         self._val_sums: torch.Tensor | None = None  # the validation epoch's sums, set at its start
 
-    def _check_flags(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
-        """Refuse combinations that would train nothing or give wrong gradients; return the frozen towers."""
-        active = self.loss_fn.config.active_pairs()
-        if freeze_vision and freeze_text:
-            raise TrainingConfigError(
-                "module.freeze_vision and module.freeze_text are both set: nothing would train"
-            )
+    def _check_numbers(self) -> None:
+        """Refuse micro-batch counts, clipping norms and layer decays that would give wrong gradients."""
         k = self.accumulate_microbatches
         if k < 1:
             raise TrainingConfigError(f"module.accumulate_microbatches must be >= 1, got {k}")
@@ -154,6 +150,15 @@ class ErnieVil2Module(pl.LightningModule):
             )
         if not 0.0 < self.layer_decay <= 1.0:
             raise TrainingConfigError(f"module.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+    def _frozen_towers(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
+        """The towers that do not train: the frozen ones, and any that no active loss reaches. Refuses
+        freezing both, and freezing the only tower a single-tower loss (image↔image, text↔text) trains."""
+        if freeze_vision and freeze_text:
+            raise TrainingConfigError(
+                "module.freeze_vision and module.freeze_text are both set: nothing would train"
+            )
+        active = self.loss_fn.config.active_pairs()
         checks = ((freeze_vision, "vision", "image_image"), (freeze_text, "text", "text_text"))
         for frozen, tower, pair in checks:
             if frozen and pair in active:
