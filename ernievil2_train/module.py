@@ -18,6 +18,7 @@ from ernievil2_train.accumulation import feature_cache_step, split_batch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.decode import SKIP_REASONS
+from ernievil2_train.data.lockstep import shards_parameters
 from ernievil2_train.distributed import LocalBatchSize, world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
 from ernievil2_train.losses.multiview import (
@@ -395,6 +396,8 @@ class ErnieVil2Module(pl.LightningModule):
             sums[3] += 1
             sums[4:] += skipped.reshape(-1).to(sums)
         if "image" not in batch:
+            if self._in_lockstep():
+                self._throwaway_forward()
             return
         feats = encode_views(self.model, batch, ["image", "caption"])
         img, txt = (nn.functional.normalize(feats[k].float(), dim=-1) for k in ("image", "caption"))
@@ -404,6 +407,21 @@ class ErnieVil2Module(pl.LightningModule):
         sums[0] += loss.float() * size
         sums[1] += acc.float() * size
         sums[2] += size
+
+    def _in_lockstep(self) -> bool:
+        """Whether the ranks validate in step (`data.lockstep`): several ranks, parameters sharded."""
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1 and shards_parameters(trainer.strategy)
+
+    def _throwaway_forward(self) -> None:
+        """Both towers on a one-sample placeholder, the output dropped: a validation step without samples
+        (padding, or only skip counts) still joins the other ranks' parameter gathers."""
+        size = self.model.config.vision.image_size
+        placeholder = {
+            "image": torch.zeros(1, 3, size, size, device=self.device),
+            "caption_ids": torch.ones(1, 2, dtype=torch.long, device=self.device),
+        }
+        encode_views(self.model, placeholder, ["image", "caption"])
 
     def on_validation_epoch_end(self) -> None:
         """Every rank joins one all-reduce of the epoch's sums, whatever its number of batches (none, say,

@@ -6,13 +6,17 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
+from ernievil2_train.data.datamodule import MultiViewDataModule
+from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.fsdp import block_wrap_policy
 from ernievil2_train.module import ErnieVil2Module
-from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
+from tests.training_helpers import ALL_PAIRS, IMAGE_SIZE, make_batch, tiny_model
 
 GLOBAL_BATCH = 8
 
@@ -48,3 +52,60 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.save({"loss": float(loss), "before": before, "after": after}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class CpuFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP strategy on CPU processes: Lightning refuses FSDP without a GPU accelerator and wraps
+    the module for a CUDA device, so the module is wrapped here for the CPU (as `trainer=fsdp` configures
+    it: a unit per block), and everything else is Lightning's own."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        policy = self.kwargs.pop("auto_wrap_policy")
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"), **self.kwargs,
+        )
+        return super()._setup_model(wrapped)
+
+
+class StepRecorder(L.Callback):
+    """Counts this rank's validation steps and the padding steps among them."""
+
+    def __init__(self) -> None:
+        self.steps = self.padding = 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.steps += 1
+        self.padding += int(batch.get("padding", False))
+
+
+def _fit_and_validate(data: Path, strategy: L.pytorch.strategies.Strategy | str) -> dict:
+    """One training step of the tiny module, then one validation pass; the logged validation metrics and
+    this rank's step counts."""
+    datamodule = MultiViewDataModule(
+        train_shards=str(data / "train-*.tar"), vocab_file=str(data / "vocab.txt"),
+        val_shards=str(data / "val-*.tar"), epoch_samples=8, image_size=IMAGE_SIZE, batch_size=4,
+        val_batch_size=3, num_workers=0, text_max_len=16, persistent_workers=False,
+    )
+    recorder = StepRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[recorder], max_steps=1,
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    trainer.fit(ErnieVil2Module(tiny_model()), datamodule=datamodule)
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return {"metrics": metrics, "steps": recorder.steps, "padding": recorder.padding}
+
+
+def lightning_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str) -> None:
+    """The same run under Lightning's FSDP strategy (sharded as `trainer=fsdp`) and under DDP."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    data = Path(data_dir)
+    fsdp = CpuFSDPStrategy(auto_wrap_policy=block_wrap_policy(), use_orig_params=True,
+                           state_dict_type="full")
+    results = {"fsdp": _fit_and_validate(data, fsdp), "ddp": _fit_and_validate(data, "ddp")}
+    results["reasons"] = list(SKIP_REASONS)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")

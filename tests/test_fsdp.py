@@ -1,4 +1,5 @@
-"""FSDP sharding of the training module (2 gloo processes on CPU; Lightning runs FSDP on GPUs only)."""
+"""FSDP sharding of the training module, in 2 gloo processes on CPU: torch's FSDP, and Lightning's FSDP
+strategy (made to wrap for the CPU) through a training step and a validation pass."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.ddp_helpers import run_ranks
-from tests.fsdp_worker import worker
+from tests.fsdp_worker import lightning_worker, worker
 
 WORLD = 2
 
@@ -22,3 +24,27 @@ def test_the_module_shards_and_trains_its_temperatures_under_fsdp(tmp_path: Path
     assert ranks[0]["after"] == ranks[1]["after"]
     assert len(ranks[0]["after"]) == 4  # the model's logit_scale and the loss's three per-pair scales
     assert all(a != b for a, b in zip(ranks[0]["after"], ranks[0]["before"], strict=True))
+
+
+def test_lightning_fsdp_validates_shards_of_unequal_length_as_ddp_does(tmp_path: Path) -> None:
+    """Under FSDP every forward gathers parameters from all ranks. Rank 0's validation shard holds only
+    undecodable images (one batch of skip counts), rank 1's gives four batches. Both ranks make four
+    validation steps (rank 0 pads three), nobody waits forever, and the logged metrics are DDP's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_vocab(data / "vocab.txt")
+    for s in range(WORLD):
+        write_shard(data / f"train-{s:06d}.tar", [sample(s * 4 + i) for i in range(4)])
+    corrupt = [{**sample(100 + i), "jpg": b"not a jpeg"} for i in range(2)]
+    write_shard(data / "val-000000.tar", corrupt)
+    write_shard(data / "val-000001.tar", [sample(40 + i) for i in range(11)])
+    run_ranks(lightning_worker, WORLD, (str(data), str(tmp_path)), timeout_s=240)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [(rank["fsdp"]["steps"], rank["fsdp"]["padding"]) for rank in ranks] == [(4, 3), (4, 0)]
+    assert [rank["ddp"]["steps"] for rank in ranks] == [1, 4]
+    sharded, plain = ranks[0]["fsdp"]["metrics"], ranks[0]["ddp"]["metrics"]
+    assert ranks[1]["fsdp"]["metrics"] == sharded
+    assert sharded.keys() == plain.keys()
+    for name, value in plain.items():
+        assert math.isclose(sharded[name], value, rel_tol=1e-5, abs_tol=1e-6), name
+    assert sharded["val/skipped_bad_image"] == 2

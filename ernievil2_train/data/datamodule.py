@@ -8,7 +8,8 @@ worker -> `DataLoader(batch_size=None)`. Where shards come from: `sources`; virt
 Validation is one pass over the validation shards, split the same way: each rank reads every `world`-th
 shard from its rank, and its loader workers share those (a rank or worker may get none). A worker that
 skipped samples but gave no batch (all its samples were bad) ends with a batch holding only `skipped`, so
-every skip is reported.
+every skip is reported. Under a strategy that shards the parameters (FSDP) the ranks' passes run in step
+(`lockstep`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ernievil2_train.data.epochs import (
     resampled_shards,
     trainer_position,
 )
+from ernievil2_train.data.lockstep import Lockstep, shards_parameters
 from ernievil2_train.data.sources import read_shards, resolve_shards
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.stopping import ignore_stop_signals
@@ -302,8 +304,9 @@ class MultiViewDataModule(L.LightningDataModule):
         stream.collate = Collate(counter)
         return self._loader(stream)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """One pass over this rank's share of the validation shards (see the module docstring)."""
+    def val_dataloader(self) -> DataLoader | Lockstep | list:
+        """One pass over this rank's share of the validation shards (see the module docstring); in step
+        with the other ranks' passes when the strategy shards the parameters (`Lockstep`)."""
         if not self.val_urls:
             return []
         rank, world_size = _rank_and_world(self.trainer)
@@ -314,4 +317,7 @@ class MultiViewDataModule(L.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=Collate(counter), partial=True),
             functools.partial(with_final_skips, counter=counter),
         )
-        return self._loader(dataset)
+        loader = self._loader(dataset)
+        if world_size > 1 and shards_parameters(getattr(self.trainer, "strategy", None)):
+            return Lockstep(loader, self.trainer.strategy.root_device)
+        return loader
