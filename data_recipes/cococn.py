@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -139,15 +141,26 @@ def _read_json(file: Path) -> Any:
         ) from err
 
 
-def _tags_for(image_id: str, coco_tags: dict[int, list[str]]) -> tuple[str, ...]:
-    cid = coco_id(image_id)
-    return tuple(coco_tags.get(cid, [])) if cid is not None else ()
+@dataclass
+class CocoTags:
+    """Tags from COCO instances files by COCO image id, and the ids the input's images matched."""
+
+    by_image: dict[int, list[str]]
+    matched: set[int] = field(default_factory=set)
+
+    def of(self, image_id: str) -> tuple[str, ...]:
+        """The tags of the input's image `image_id` (none when the instances files do not annotate it)."""
+        cid = coco_id(image_id)
+        if cid is None or cid not in self.by_image:
+            return ()
+        self.matched.add(cid)
+        return tuple(self.by_image[cid])
 
 
 def chinese_clip_jobs(
     folder: Path,
     split: str,
-    coco_tags: dict[int, list[str]],
+    coco_tags: CocoTags,
     skips: RecipeSkips,
     keep_uncaptioned: bool = False,
 ) -> tuple[int, Iterator[ImageJob | Skip]]:
@@ -184,7 +197,7 @@ def chinese_clip_jobs(
             else:
                 seen.add(image_id)
                 yield ImageJob(
-                    image_id, b64, False, tuple(captions.get(image_id, ())), _tags_for(image_id, coco_tags)
+                    image_id, b64, False, tuple(captions.get(image_id, ())), coco_tags.of(image_id)
                 )
 
     return lines, jobs()
@@ -259,7 +272,7 @@ def clip_layout_split(path: Path) -> str | None:
     return split if (path.parent / partner).is_file() else None
 
 
-def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
+def ernie_rows(tsv: Path, coco_tags: CocoTags):
     """A reader of the 3-column TSV rows (for `group_rows`)."""
 
     def read() -> Iterator[Row | Skip]:
@@ -276,7 +289,7 @@ def ernie_rows(tsv: Path, coco_tags: dict[int, list[str]]):
             if problem:
                 yield line_skip(problem, index)
                 continue
-            yield Row(index, image_id, b64, False, text, list(_tags_for(image_id, coco_tags)))
+            yield Row(index, image_id, b64, False, text, list(coco_tags.of(image_id)))
 
     return read
 
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     skips = RecipeSkips()
     with reported(parser, args.input, args.out):
         unnamed: Counter[int] = Counter()
-        coco_tags = load_coco_tags(args.coco_instances, unnamed)
+        coco_tags = CocoTags(load_coco_tags(args.coco_instances, unnamed))
         if args.input.is_dir():
             keep = chosen_outputs(args) != "shards"
             total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips, keep_uncaptioned=keep)
@@ -314,8 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             group_by = "text"
         prepare = partial(prepare_job, max_size=args.max_size)
         print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by, source=args.input))
-    if coco_tags:
-        print(f"{args.split}: tags from COCO instances for {len(coco_tags)} annotated images")
+    if args.coco_instances:
+        found = len(coco_tags.matched)
+        print(f"{args.split}: tags from COCO instances for {found} of the input's images "
+              f"({len(coco_tags.by_image)} annotated in the instances files)")
+        if not found:
+            print(f"{args.split}: no input image id is annotated in the instances files (another split's "
+                  "file?); every sample has no tags", file=sys.stderr)
     if unnamed:
         cats = ", ".join(str(c) for c in sorted(unnamed)[:SKIP_EXAMPLES])
         print(

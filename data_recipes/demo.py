@@ -34,9 +34,11 @@ from data_recipes.options import (
 )
 from data_recipes.shards import (
     EvalSetWriter,
+    FilesWriter,
     ImageRecord,
     RecipeSkips,
     ShardSink,
+    all_or_nothing,
     summary,
     write_records,
 )
@@ -246,8 +248,9 @@ def vocab_tokens() -> list[str]:
     return [*SPECIALS_HEAD, *chars, "[UNK]"]
 
 
-def write_vocab(path: Path) -> None:
-    path.write_text("\n".join(f"{tok}\t{i}" for i, tok in enumerate(vocab_tokens())) + "\n", encoding="utf-8")
+def vocab_text() -> str:
+    """The demo vocabulary file: a `token<TAB>id` line per token."""
+    return "\n".join(f"{tok}\t{i}" for i, tok in enumerate(vocab_tokens())) + "\n"
 
 
 def build(
@@ -258,23 +261,29 @@ def build(
     shard_bytes: int = 1_000_000_000,
     verbose: bool = True,
 ) -> None:
-    """Write the whole demo set into `out`."""
+    """Write the whole demo set into `out`: all of it, or (on a failure or interruption) none of it, the
+    earlier contents of `out` left as they were."""
     out = Path(out)
     splits = [
         ("train", params.train_images, lambda: ShardSink(out, "train", shard_size, shard_bytes)),
         ("val", params.val_images, lambda: ShardSink(out, "val", shard_size, shard_bytes)),
         ("eval", params.eval_images, lambda: EvalSetWriter(out / "eval", "valid", group_by="text")),
     ]
-    for split, count, make_sink in splits:
-        skips = RecipeSkips()
-        with make_sink() as sink:
+    reports = []
+    with all_or_nothing() as writers:
+        for split, count, make_sink in splits:
+            skips = RecipeSkips()
+            sink = make_sink()
+            writers.append(sink)
             jobs = make_jobs(split, count, params)
             write_records(jobs, _prepare, [sink], skips, workers, count, f"demo {split}", progress=verbose)
-        if verbose:
-            print(summary([sink], skips, split))
-    write_vocab(out / "vocab.txt")
-    (out / "params.json").write_text(json.dumps({"version": VERSION, **asdict(params)}, indent=1))
+            reports.append(([sink], skips, split))
+        files = {"vocab.txt": vocab_text().encode("utf-8"),
+                 "params.json": json.dumps({"version": VERSION, **asdict(params)}, indent=1).encode("utf-8")}
+        writers.append(FilesWriter(out, files))
     if verbose:
+        for report in reports:
+            print(summary(*report))
         print(f"vocab: {len(vocab_tokens())} tokens in {out / 'vocab.txt'}")
 
 

@@ -32,7 +32,7 @@ import shutil
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -155,12 +155,11 @@ _W = TypeVar("_W", bound="_Writer")
 
 
 class _Writer:
-    """A context manager that keeps its output on success (`close`) and removes its unfinished files on error
-    (`abort`, which never raises); Ctrl-C and SIGTERM are held while it does either.
+    """A writer that keeps its output on success (`stage` then `publish`) and removes its unfinished files on
+    error (`abort`, which never raises). As a context manager it does either on exit (see `all_or_nothing`).
 
-    `close` is `stage` (finish every file under a temporary name, synced to disk: whatever can fail for want
-    of space fails here) then `publish` (renames only). Several writers stage all, then publish all, so a
-    failure leaves none of their new files in place."""
+    `stage` finishes every file under a temporary name, synced to disk: whatever can fail for want of space
+    fails here; `publish` only renames."""
 
     out_dir: Path
 
@@ -170,10 +169,6 @@ class _Writer:
     def publish(self) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        self.stage()
-        self.publish()
-
     def abort(self) -> None:
         raise NotImplementedError
 
@@ -181,15 +176,44 @@ class _Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            abort_all([self])
+        else:
+            commit([self])
+
+
+def abort_all(writers: Sequence[_Writer]) -> None:
+    """Remove every writer's unfinished files, with Ctrl-C and SIGTERM held."""
+    with signals_held():
+        for writer in writers:
+            writer.abort()
+
+
+def commit(writers: Sequence[_Writer]) -> None:
+    """Stage every writer, then publish every writer, with Ctrl-C and SIGTERM held: a failure while staging
+    leaves none of their new files in place (all are aborted)."""
+    try:
         with signals_held():
-            if exc_type is not None:
-                self.abort()
-                return
-            try:
-                self.close()
-            except BaseException:
-                self.abort()
-                raise
+            for writer in writers:
+                writer.stage()
+            for writer in writers:
+                writer.publish()
+    except BaseException:
+        abort_all(writers)
+        raise
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[list[_Writer]]:
+    """A list to put writers in as they are made: all of them commit when the block completes, all abort
+    when it fails or is interrupted (those made before a failing one included)."""
+    writers: list[_Writer] = []
+    try:
+        yield writers
+    except BaseException:
+        abort_all(writers)
+        raise
+    commit(writers)
 
 
 class ShardSink(_Writer):
@@ -440,6 +464,34 @@ class EvalSetWriter(_Writer):
         )
 
 
+class FilesWriter(_Writer):
+    """Whole small files (name -> bytes) for `out_dir`, staged beside their place as `.{name}.tmp`."""
+
+    def __init__(self, out_dir: Path, files: dict[str, bytes]) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.files = files
+
+    def _tmp(self, name: str) -> Path:
+        return self.out_dir / f".{name}.tmp"
+
+    @_names_output
+    def stage(self) -> None:
+        for name, data in self.files.items():
+            self._tmp(name).write_bytes(data)
+            sync(self._tmp(name))
+
+    @_names_output
+    def publish(self) -> None:
+        for name in self.files:
+            move_into_place(self._tmp(name), self.out_dir / name)
+
+    def abort(self) -> None:
+        for name in self.files:
+            with contextlib.suppress(OSError):
+                self._tmp(name).unlink(missing_ok=True)
+
+
 class _PassSkips:
     """Wraps a prepare function so that `Skip` items among the jobs pass straight through."""
 
@@ -511,8 +563,7 @@ def write_outputs(
     `RecipeError` when every input of `source` was skipped.
     """
     outputs = chosen_outputs(args)
-    sinks: list[ShardSink | EvalSetWriter] = []
-    try:  # a sink made before a later one fails to start is aborted too (it may have made its staging folder)
+    with all_or_nothing() as sinks:
         if outputs in ("shards", "both"):
             sinks.append(ShardSink(args.out, args.split, args.shard_size, args.shard_bytes, skips=skips))
         if outputs in ("evalset", "both"):
@@ -520,16 +571,6 @@ def write_outputs(
         write_records(jobs, prepare, sinks, skips, args.workers, total, desc=args.split)
         if all(sink.empty for sink in sinks):
             raise RecipeError(nothing_written(source, skips))
-        with signals_held():
-            for sink in sinks:
-                sink.stage()
-            for sink in sinks:
-                sink.publish()
-    except BaseException:
-        with signals_held():
-            for sink in sinks:
-                sink.abort()
-        raise
     return summary(sinks, skips, args.split)
 
 

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ViT attention heads (default: width/64, else the nearest count dividing the width)",
     )
     parser.add_argument(
-        "--text-heads", type=positive_int, default=None, help="ERNIE attention heads (default: as the ViT's)"
+        "--text-heads", type=positive_int, default=None,
+        help="ERNIE attention heads (default: text width/64, else the nearest count dividing the width)",
     )
     parser.add_argument("--vocab", default=None, help="vocab.txt to copy into the checkpoint folder")
     return parser

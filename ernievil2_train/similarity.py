@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ernievil2_train.checkpoints import CheckpointError
 from ernievil2_train.devices import resolve_device
@@ -58,10 +59,10 @@ def _pixels(transform: Callable[[Path], torch.Tensor], path: Path) -> torch.Tens
 def render(title: str, values: torch.Tensor, images: list[Path], texts: list[str]) -> Table:
     table = Table(title=title)
     table.add_column("image \\ text")
-    for text in texts:
-        table.add_column(text if len(text) <= 24 else text[:23] + "…", justify="right")
+    for text in texts:  # as Text, not markup: a caption or file name with [brackets] shows as it is
+        table.add_column(Text(text if len(text) <= 24 else text[:23] + "…"), justify="right")
     for path, row in zip(images, values.tolist(), strict=True):
-        table.add_row(path.name, *(f"{v:.4f}" for v in row))
+        table.add_row(Text(path.name), *(f"{v:.4f}" for v in row))
     return table
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from ernievil2_train import similarity
 from ernievil2_train.checkpoints import load_pretrained, save_pretrained
@@ -133,3 +135,12 @@ def test_cuda_without_a_gpu_is_one_line(ckpt: Path, paddle_ref: Path) -> None:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip() == "error: --device cuda requested but no CUDA device is available"
+
+
+def test_captions_and_file_names_print_as_written_not_as_markup() -> None:
+    """Square brackets in a caption or a file name are text: no markup error, nothing dropped."""
+    texts, images = ["猫[/b]", "[red]狗"], [Path("[bold]a.jpg")]
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(similarity.render("scores", torch.zeros(1, 2), images, texts))
+    shown = console.export_text()
+    assert all(text in shown for text in texts) and "[bold]a.jpg" in shown

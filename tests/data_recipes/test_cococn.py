@@ -108,6 +108,7 @@ def test_chinese_clip_layout_to_shards_and_evalset(tmp_path, instances):
     }
     for reason, n in index["skipped"].items():
         assert f"{reason}: {n}" in proc.stdout
+    assert "valid: tags from COCO instances for 2 of the input's images (3 annotated" in proc.stdout
     groups = _by_image(samples)
     assert list(groups) == ["101", "COCO_val2014_000000000102", "103"]
     red, green, blue = groups.values()
@@ -271,6 +272,19 @@ def test_a_chinese_clip_file_instead_of_its_folder_is_an_error(tmp_path, name):
         f"pass its folder (--input {src} --split valid)"
     )
     assert proc.stderr.count("\n") == 1
+
+
+def test_instances_of_no_input_image_are_reported(tmp_path, instances):
+    """An instances file of another split annotates none of the input's images: the run says so."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"7\t{_b64(RED)}\n")
+    (src / "valid_texts.jsonl").write_text(json.dumps({"text_id": 1, "text": "红", "image_ids": [7]}) + "\n")
+    proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(tmp_path / "out"),
+                      "--coco-instances", str(instances))
+    assert proc.returncode == 0, proc.stderr
+    assert "tags from COCO instances for 0 of the input's images (3 annotated" in proc.stdout
+    assert "no input image id is annotated in the instances files" in proc.stderr
 
 
 def test_bad_coco_instances_give_a_short_error(tmp_path):

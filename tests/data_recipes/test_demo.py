@@ -217,6 +217,25 @@ def test_rebuild_into_the_same_folder_removes_stale_shards(tmp_path):
     assert len(read_shards(tmp_path, "train")) == index["samples"]
 
 
+def _every_file(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_rebuild_leaves_the_earlier_set_as_it_was(tmp_path):
+    """The eval set of a second build cannot start (its staging file's name is taken by a folder) after its
+    train and val splits are written: none of them replace the earlier set's, nor do its vocab and params."""
+    build(tmp_path, DemoParams(train_images=4, val_images=2, eval_images=2, image_size=32), verbose=False)
+    before = _every_file(tmp_path)
+    blocker = tmp_path / "eval" / "valid_imgs.tsv.tmp"
+    blocker.mkdir()
+    other = DemoParams(train_images=6, val_images=3, eval_images=2, image_size=32, seed=9)
+    with pytest.raises(IsADirectoryError):
+        build(tmp_path, other, shard_size=2, verbose=False)
+    blocker.rmdir()
+    assert _every_file(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_vocab_tokenizes_every_demo_text_without_unknowns(tmp_path):
     from ernievil2_train.text import ErnieTokenizer
 
