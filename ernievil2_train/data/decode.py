@@ -79,7 +79,10 @@ def is_remote(url: str) -> bool:
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, key: str = "") -> Image.Image:
-    """Open image bytes lazily; refuse them when the header announces more than `max_pixels` pixels."""
+    """Open image bytes lazily; refuse them when the header announces more than `max_pixels` pixels. A limit
+    above PIL's own (`Image.MAX_IMAGE_PIXELS`, which PIL enforces while opening) raises PIL's to it."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exn:
@@ -103,7 +106,8 @@ def _text(data: bytes, key: str) -> str:
 
 
 def _strings(meta: dict, name: str, key: str) -> list[str]:
-    values = meta.get(name) or []
+    values = meta.get(name)
+    values = [] if values is None else values  # absent or null: none
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise SkipSample("bad_json", f"{key}: json field {name!r} must be a list of strings")
     return [v.strip() for v in values if v.strip()]
@@ -127,8 +131,8 @@ def _image_id(meta: dict, key: str) -> str | None:
     if "image_id" not in meta:
         return None
     image_id = meta["image_id"]
-    if isinstance(image_id, bool) or not isinstance(image_id, str | int):
-        raise SkipSample("bad_json", f"{key}: json field 'image_id' must be a string or an integer")
+    if isinstance(image_id, bool) or not isinstance(image_id, str | int) or not str(image_id).strip():
+        raise SkipSample("bad_json", f"{key}: json field 'image_id' must be a non-empty string or an integer")
     return str(image_id)
 
 

@@ -141,6 +141,9 @@ def _json_records(path: Path, keys: tuple[str, str]) -> Iterator[tuple[str, list
         yield where, values
 
 
+_NUMBER_TYPES = {int, float}  # JSON numbers; not true/false (bool), strings, null or nested lists
+
+
 def read_feature_jsonl(path: str | Path, id_key: str) -> Features:
     """Read a Chinese-CLIP feature file: one `{"<id_key>": ..., "feature": [...]}` object per line."""
     path = Path(path)
@@ -149,7 +152,7 @@ def read_feature_jsonl(path: str | Path, id_key: str) -> Features:
     seen: set[str] = set()
     for where, (item_id, feature) in _json_records(path, (id_key, "feature")):
         item_id = str(item_id)
-        if not isinstance(feature, list) or not feature:
+        if not isinstance(feature, list) or not feature or not {type(v) for v in feature} <= _NUMBER_TYPES:
             raise EvalInputError(f"{where}: 'feature' must be a non-empty list of numbers")
         if rows and len(feature) != len(rows[0]):
             raise EvalInputError(
@@ -164,7 +167,7 @@ def read_feature_jsonl(path: str | Path, id_key: str) -> Features:
         raise EvalInputError(f"{path}: no features")
     try:
         vectors = np.array(rows, dtype=np.float64).astype(np.float32)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise EvalInputError(f"{path}: features must be lists of numbers ({err})") from None
     return Features(ids, vectors, path)
 

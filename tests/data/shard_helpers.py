@@ -57,6 +57,21 @@ def sample(index: int, width: int = 96, height: int = 72, tags: list[str] | None
             "txt": captions[0].encode("utf-8"), "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
 
 
+def caption_of(index: int) -> str:
+    return CHARS[index % 12 : index % 12 + 3 + index % 5]
+
+
+def img2dataset_sample(index: int) -> dict:
+    """A sample as img2dataset writes it: `{key}.jpg`, `{key}.txt`, `{key}.json` with its own fields."""
+    key = f"{index:09d}"
+    image = jpeg_bytes(smooth_image(96, 72, index))
+    meta = {"url": f"https://example.com/{index}.jpg", "key": key, "status": "success", "error_message": None,
+            "caption": caption_of(index), "width": 96, "height": 72, "original_width": 960,
+            "original_height": 720, "exif": "{}", "sha256": f"{index:064x}", "similarity": 0.31}
+    return {"__key__": key, "jpg": image, "txt": caption_of(index).encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+
+
 def write_shard(path: Path, samples: list[dict]) -> Path:
     with wds.TarWriter(str(path)) as sink:
         for item in samples:

@@ -243,8 +243,3 @@ def test_resampled_draws_are_counted_from_the_last_usable_sample(tmp_path, monke
     alone = _resampled(str(garbage), vocab)
     error = error_within(lambda: list(alone.train_dataloader()), seconds=60)
     assert error.startswith("NoUsableSample: train_shards: 6 shards drawn in a row gave no usable sample")
-
-
-def test_the_draw_limit_grows_with_the_shards() -> None:
-    assert epochs.barren_draw_limit(1) == epochs.barren_draw_limit(10) >= 200  # shuffle buffer fill
-    assert epochs.barren_draw_limit(10_000) == 40_000

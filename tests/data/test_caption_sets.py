@@ -11,12 +11,13 @@ import torch
 
 from ernievil2_train.data.batches import SKIPPED_KEY
 from ernievil2_train.data.datamodule import MultiViewDataModule
-from ernievil2_train.data.decode import SkipSample, own_image_id, parse_sample
+from ernievil2_train.data.decode import own_image_id
 from ernievil2_train.data.keys import stable_key
 from ernievil2_train.text import ErnieTokenizer
 from tests.data.shard_helpers import (
-    CHARS,
+    caption_of,
     image_key,
+    img2dataset_sample,
     jpeg_bytes,
     sample,
     smooth_image,
@@ -26,21 +27,6 @@ from tests.data.shard_helpers import (
 
 SIZE = 32
 PER_SHARD = 6
-
-
-def caption_of(index: int) -> str:
-    return CHARS[index % 12 : index % 12 + 3 + index % 5]
-
-
-def img2dataset_sample(index: int) -> dict:
-    """A sample as img2dataset writes it: `{key}.jpg`, `{key}.txt`, `{key}.json` with its own fields."""
-    key = f"{index:09d}"
-    image = jpeg_bytes(smooth_image(96, 72, index))
-    meta = {"url": f"https://example.com/{index}.jpg", "key": key, "status": "success", "error_message": None,
-            "caption": caption_of(index), "width": 96, "height": 72, "original_width": 960,
-            "original_height": 720, "exif": "{}", "sha256": f"{index:064x}", "similarity": 0.31}
-    return {"__key__": key, "jpg": image, "txt": caption_of(index).encode("utf-8"),
-            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
 
 
 def bare_sample(index: int) -> dict:
@@ -150,39 +136,6 @@ def test_the_same_key_in_two_caption_sets_is_two_images(tmp_path: Path) -> None:
     dm = module(tmp_path, train_shards=shards, val_shards=shards, views={"tags": False, "text_view": "none"})
     keys = torch.cat([b["image_key"] for b in dm.val_dataloader()]).tolist()
     assert len(keys) == len(set(keys)) == 2 * PER_SHARD
-
-
-def _without(item: dict, *names: str) -> dict:
-    return {k: v for k, v in item.items() if k not in names}
-
-
-@pytest.mark.parametrize(
-    ("change", "reason"),
-    [
-        ({"json": b"{'url': 'not json'}"}, "bad_json"),
-        ({"json": b'["a list", "not an object"]'}, "bad_json"),
-        ({"json": b'"just a string"'}, "bad_json"),
-        ({"json": json.dumps({"key": "000000001", "image_id": True}).encode()}, "bad_json"),
-        ({"json": json.dumps({"key": "000000001", "image_id": {"id": 1}}).encode()}, "bad_json"),
-        ({"txt": None}, "missing_field"),
-        ({"jpg": None}, "missing_field"),
-    ],
-)
-def test_broken_caption_set_samples_are_skipped_with_their_reason(change: dict, reason: str) -> None:
-    item = img2dataset_sample(1)
-    item = {**_without(item, *change), **{k: v for k, v in change.items() if v is not None}}
-    with pytest.raises(SkipSample) as caught:
-        parse_sample(item)
-    assert caught.value.reason == reason
-
-
-def test_a_caption_set_sample_parses_to_its_own_image() -> None:
-    for item in (img2dataset_sample(2), _without(img2dataset_sample(2), "json")):
-        raw = parse_sample(item)
-        assert (raw.image_id, raw.caption, raw.captions, raw.tags) == ("000000002", caption_of(2),
-                                                                      [caption_of(2)], [])
-    with_id = {**img2dataset_sample(2), "json": json.dumps({"image_id": 7, "tags": ["狗"]}).encode()}
-    assert (parse_sample(with_id).image_id, parse_sample(with_id).tags) == ("7", ["狗"])
 
 
 def test_two_data_sets_numbering_their_images_alike_stay_apart(tmp_path: Path) -> None:
