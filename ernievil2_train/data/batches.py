@@ -42,7 +42,8 @@ class SkipCounter:
             log.warning("skipped a sample (%s): %s", reason, message)
 
     def tar_handler(self, exn: Exception) -> bool:
-        """Handler for grouping files into samples (e.g. duplicate names): counted as a bad tar."""
+        """Handler for grouping tar members into samples: counted as a bad tar (`read_shards` has already
+        left out samples with a duplicate member)."""
         self.count("bad_tar", f"{type(exn).__name__}: {exn}")
         return True
 

@@ -160,30 +160,56 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
     return _without_index(urls, split)
 
 
+def _member_key(member: dict[str, Any]) -> str | None:
+    """The sample key of a tar member (`s00001` of `s00001.jpg`); None for a name without an extension."""
+    return wds.tariterators.base_plus_ext(member["fname"])[0]
+
+
+def _unambiguous(sample: list[dict[str, Any]], counter: SkipCounter) -> list[dict[str, Any]]:
+    """The members of one sample; none, counted as a `bad_tar`, when it has two members of one name
+    (extensions compared in lower case, as samples are built)."""
+    seen: set[str] = set()
+    for member in sample:
+        name = member["fname"].lower()
+        key = _member_key(member)
+        if name in seen and key is not None:
+            where = f"{member['__url__']}: sample {key}"
+            counter.count("bad_tar", f"{where}: two members named {member['fname']}")
+            return []
+        seen.add(name)
+    return sample
+
+
 def read_shards(
     sources: Iterable[dict[str, Any]], counter: SkipCounter, expected: dict[str, int] | None = None
 ) -> Iterator[dict[str, Any]]:
     """`{"url"}` dicts -> tar member dicts, `{}` after each shard. A shard that cannot be opened or read to
-    its end (missing, truncated, corrupt) counts one `bad_tar`; the members read before the error are kept.
+    its end (missing, truncated, corrupt) counts one `bad_tar`; the samples read before the error are kept.
+    A sample with two members of one name (two captions, say: which is it?) is left out as a `bad_tar`.
     `expected`: samples per shard (`ShardSet.sizes`); a shard read to its end with fewer samples counts the
     missing ones as `short_shard` (a tar cut at a member boundary otherwise reads as a valid, shorter tar)."""
     expected = expected or {}
     for source in sources:
         url = source["url"]
-        samples, last_key = 0, None
+        samples = 0
+        sample: list[dict[str, Any]] = []  # the members of the sample being read
         try:
             stream = wds.gopen(url)
             try:
                 for member in wds.tariterators.tar_file_iterator(stream):
-                    key = wds.tariterators.base_plus_ext(member["fname"])[0]
-                    if key is not None and key != last_key:
-                        samples, last_key = samples + 1, key
                     member["__url__"] = url
-                    yield member
+                    if sample and _member_key(member) != _member_key(sample[0]):
+                        samples += _member_key(sample[0]) is not None
+                        yield from _unambiguous(sample, counter)
+                        sample = []
+                    sample.append(member)
             finally:
                 stream.close()
         except Exception as exn:
             counter.count("bad_tar", f"{url}: {type(exn).__name__}: {exn}")
+        if sample:  # the last sample, or the one read up to an error
+            samples += _member_key(sample[0]) is not None
+            yield from _unambiguous(sample, counter)
         wanted = expected.get(shard_key(url), 0)
         if samples < wanted:
             message = f"{url}: holds {samples} of the {wanted} samples its index lists"

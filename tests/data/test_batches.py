@@ -114,7 +114,11 @@ def test_a_real_stream_counts_every_corrupt_sample_and_shard_once(tmp_path: Path
     assert torch.equal(counter.take(), expected)
 
 
-def test_a_duplicate_member_counts_one_bad_tar_and_the_shard_reads_on(tmp_path: Path) -> None:
+def test_a_sample_with_a_duplicate_member_is_left_out_and_the_shard_reads_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two captions under one name: which is the sample's is unknown, so the sample is skipped (not read
+    with the first of them), counted once as a bad tar, and the message names the shard and the member."""
     members = [("s1.jpg", sample(1)["jpg"]), ("s1.txt", "一只狗".encode()), ("s1.txt", "两个人".encode()),
                ("s2.jpg", sample(2)["jpg"]), ("s2.txt", "一只猫".encode())]
     with tarfile.open(tmp_path / "dup.tar", "w") as tar:
@@ -123,9 +127,12 @@ def test_a_duplicate_member_counts_one_bad_tar_and_the_shard_reads_on(tmp_path: 
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     counter = SkipCounter()
-    raws = list(pipeline([str(tmp_path / "dup.tar")], counter, wds.map(parse_sample)))
-    assert raws[-1].key == "s2" and raws[-1].caption == "一只猫"
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        raws = list(pipeline([str(tmp_path / "dup.tar")], counter, wds.map(parse_sample)))
+    assert [(raw.key, raw.caption) for raw in raws] == [("s2", "一只猫")]
     assert torch.equal(counter.take(), counts(bad_tar=1))
+    assert caplog.messages == [f"skipped a sample (bad_tar): {tmp_path / 'dup.tar'}: sample s1: two members "
+                               "named s1.txt"]
 
 
 def test_collate_stacks_samples_and_carries_the_skips_since_the_last_batch(vocab: str) -> None:
