@@ -376,9 +376,13 @@ class ErnieVil2Module(pl.LightningModule):
         self._skipped = None
 
     def on_train_epoch_end(self) -> None:
-        if self._skipped is None:
-            return
-        for reason, count in zip(SKIP_REASONS, self._skipped, strict=False):
+        """The epoch's training skip counts, summed over ranks. Every rank logs them, zeros when it saw none
+        (a run resumed at an epoch's end has no batch left, and only rank 0 holds the restored counts): the
+        sum is a collective that every rank must join."""
+        skipped = self._skipped
+        if skipped is None:
+            skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
+        for reason, count in zip(SKIP_REASONS, skipped, strict=True):
             self.log(f"data/skipped_{reason}", count.float(), reduce_fx="sum", sync_dist=True)
 
     # ---- validation ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from types import FrameType
+from types import FrameType, TracebackType
 
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 TERMINATED_EXIT = 128 + signal.SIGTERM
@@ -39,6 +39,19 @@ def run(main: Callable[[], int], prog: str) -> int:
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader `worker_init_fn`: Ctrl-C and SIGTERM are for the main process, which then stops its
     workers itself. A scheduler's SIGTERM reaches the whole process group; a worker it ended would make the
-    main process fail (and print torch's "worker killed" traceback) before it saved and stopped."""
+    main process fail (and print torch's "worker killed" traceback) before it saved and stopped. The worker
+    then stays quiet about the connection to the main process closing (`quiet_when_the_parent_hangs_up`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = quiet_when_the_parent_hangs_up
+
+
+def quiet_when_the_parent_hangs_up(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    """A loader worker's `sys.excepthook`: a lost connection to the main process is not reported. When the
+    main process stops (Ctrl-C), the thread that hands it a batch's shared memory can find the connection
+    closed, and would print a traceback of that; any other error prints as usual."""
+    if isinstance(value, ConnectionError | EOFError):
+        return
+    sys.__excepthook__(kind, value, tb)

@@ -9,11 +9,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
+from ernievil2_train.callbacks.export import ExportBestModel
 from ernievil2_train.data.datamodule import MultiViewDataModule
-from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.fsdp import block_wrap_policy
 from ernievil2_train.module import ErnieVil2Module
 from tests.training_helpers import ALL_PAIRS, IMAGE_SIZE, make_batch, tiny_model
@@ -79,33 +80,47 @@ class StepRecorder(L.Callback):
         self.padding += int(batch.get("padding", False))
 
 
-def _fit_and_validate(data: Path, strategy: L.pytorch.strategies.Strategy | str) -> dict:
-    """One training step of the tiny module, then one validation pass; the logged validation metrics and
-    this rank's step counts."""
+def _fit(data: Path, out: Path, strategy: Strategy | str, steps: int, resume: Path | None = None) -> dict:
+    """`steps` training steps of the tiny module (one an epoch, each followed by a validation pass), saving
+    the last checkpoint into `out/ckpt` and exporting the final model into `out/export`; the logged
+    validation metrics and this rank's step counts of the last pass."""
     datamodule = MultiViewDataModule(
         train_shards=str(data / "train-*.tar"), vocab_file=str(data / "vocab.txt"),
         val_shards=str(data / "val-*.tar"), epoch_samples=8, image_size=IMAGE_SIZE, batch_size=4,
         val_batch_size=3, num_workers=0, text_max_len=16, persistent_workers=False,
     )
     recorder = StepRecorder()
+    callbacks = [recorder, ModelCheckpoint(dirpath=out / "ckpt", save_last=True),
+                 ExportBestModel(str(out / "export"))]
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[recorder], max_steps=1,
-        num_sanity_val_steps=0, use_distributed_sampler=False,
+        enable_model_summary=False, callbacks=callbacks, max_steps=steps, num_sanity_val_steps=0,
+        use_distributed_sampler=False,
     )
-    trainer.fit(ErnieVil2Module(tiny_model()), datamodule=datamodule)
+    module = ErnieVil2Module(tiny_model(), scheduler={"total_steps": 4})  # one schedule for every run
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return {"metrics": metrics, "steps": recorder.steps, "padding": recorder.padding}
 
 
+def _fsdp() -> CpuFSDPStrategy:
+    """Sharded as `trainer=fsdp` configures it: a unit per block, sharded checkpoints."""
+    return CpuFSDPStrategy(auto_wrap_policy=block_wrap_policy(), use_orig_params=True,
+                           state_dict_type="sharded")
+
+
 def lightning_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str) -> None:
-    """The same run under Lightning's FSDP strategy (sharded as `trainer=fsdp`) and under DDP."""
+    """One step under Lightning's FSDP strategy and under DDP; then the FSDP run resumed from its sharded
+    checkpoint for a second step, and two DDP steps."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    data = Path(data_dir)
-    fsdp = CpuFSDPStrategy(auto_wrap_policy=block_wrap_policy(), use_orig_params=True,
-                           state_dict_type="full")
-    results = {"fsdp": _fit_and_validate(data, fsdp), "ddp": _fit_and_validate(data, "ddp")}
-    results["reasons"] = list(SKIP_REASONS)
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    data, out = Path(data_dir), Path(out_dir)
+    results = {
+        "fsdp": _fit(data, out / "fsdp", _fsdp(), steps=1),
+        "ddp": _fit(data, out / "ddp", "ddp", steps=1),
+        "fsdp_resumed": _fit(data, out / "fsdp_resumed", _fsdp(), steps=2,
+                             resume=out / "fsdp" / "ckpt" / "last.ckpt"),
+        "ddp_two_steps": _fit(data, out / "ddp_two_steps", "ddp", steps=2),
+    }
+    torch.save(results, out / f"rank{rank}.pt")

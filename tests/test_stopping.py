@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 
-from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT, ignore_stop_signals, run
+from ernievil2_train.stopping import (
+    INTERRUPTED_EXIT,
+    TERMINATED_EXIT,
+    ignore_stop_signals,
+    quiet_when_the_parent_hangs_up,
+    run,
+)
 
 
 def test_ctrl_c_ends_main_with_one_line_and_status_130(capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,9 +47,22 @@ def test_a_finished_main_keeps_its_status() -> None:
 
 def test_loader_workers_ignore_both_stop_signals() -> None:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.excepthook
     try:
         ignore_stop_signals(0)
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in previous)
+        assert sys.excepthook is quiet_when_the_parent_hangs_up
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.excepthook = hook
+
+
+def test_a_worker_is_quiet_about_its_parent_hanging_up_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """The main process stopping closes the connection a worker hands batches over: no traceback of that.
+    Any other uncaught error in a worker still prints."""
+    for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), EOFError()):
+        quiet_when_the_parent_hangs_up(type(error), error, None)
+    assert capsys.readouterr().err == ""
+    quiet_when_the_parent_hangs_up(ValueError, ValueError("a real bug"), None)
+    assert "ValueError: a real bug" in capsys.readouterr().err
