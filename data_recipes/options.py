@@ -15,6 +15,13 @@ from typing import Any, NoReturn
 from data_recipes.shards import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, RecipeError, short_error, short_text
 
 
+def nonempty_path(value: str) -> Path:
+    """An argparse type: a path that is not the empty string (which would mean the current folder)."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(value)
+
+
 def int_range(low: int = 1, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in `[low, high]` (no upper bound when `high` is None)."""
     wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
@@ -61,7 +68,7 @@ def add_writer_args(
             help="write shards, an eval set (Chinese-CLIP layout in OUT/eval) or both "
             "(default: shards for split 'train', both otherwise)",
         )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=nonempty_path, required=True, help="output folder")
     parser.add_argument(
         "--workers",
         type=positive_int,

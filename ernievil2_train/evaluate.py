@@ -75,21 +75,32 @@ def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> dict[str,
 
 NON_FINITE = "has NaN or infinite values"
 ALL_ZEROS = "is all zeros (not an embedding)"
+NORM_RANGE = (1e-12, 1e12)  # vector lengths whose float32 scores neither overflow nor underflow
+OUT_OF_RANGE = ("has length {norm:.3g}, beyond what float32 scores resolve (1e-12 to 1e12; embeddings "
+                "are usually L2-normalized)")
 
 
 def _first_invalid(vectors: np.ndarray, chunk: int = 1 << 14) -> tuple[int, str] | None:
-    """(index, reason) of the first row that has a NaN or infinite value or is all zeros (None if none).
+    """(index, reason) of the first row that has a NaN or infinite value, is all zeros, or is too long or too
+    short to be scored in float32 (None if none).
 
     A zero vector scores 0 against everything, so under the strict-greater rank rule it ties with every
-    candidate and would count as a hit: it is refused like a non-finite one.
+    candidate and would count as a hit: it is refused like a non-finite one. So are vectors whose float32
+    scores (the official scorer's type) would overflow to infinity or underflow to ties of 0.
     """
+    low, high = NORM_RANGE
     for start in range(0, len(vectors), chunk):
         block = vectors[start : start + chunk]
-        bad = ~np.isfinite(block).all(axis=1) | ~block.any(axis=1)
-        rows = np.flatnonzero(bad)
+        finite = np.isfinite(block).all(axis=1)
+        norms = np.linalg.norm(np.where(finite[:, None], block, 0).astype(np.float64), axis=1)
+        rows = np.flatnonzero(~finite | (norms == 0) | (norms < low) | (norms > high))
         if rows.size:
             row = int(rows[0])
-            return start + row, NON_FINITE if not np.isfinite(block[row]).all() else ALL_ZEROS
+            if not finite[row]:
+                return start + row, NON_FINITE
+            if norms[row] == 0:
+                return start + row, ALL_ZEROS
+            return start + row, OUT_OF_RANGE.format(norm=norms[row])
     return None
 
 

@@ -15,6 +15,8 @@ from ernievil2_train.text.vocab import check_vocab_fits
 
 def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
     """`load_pretrained`, with a clear message when --checkpoint is a file."""
+    if not str(path):
+        raise ValueError("--checkpoint: empty path")
     if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"--checkpoint {path}: is a file, not a checkpoint folder")
     return load_pretrained(path, device=device)

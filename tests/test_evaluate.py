@@ -155,6 +155,8 @@ def run_error(capsys, argv: list[str]) -> str:
         ("1 2\t0.0 -0.0\t1\n", ":1: image vector (column 2) is all zeros (not an embedding)"),
         ("1 2\t3 4\t1\n0 0\t3 4\t1\n1 nan\t3 4\t1\n", ":2: text vector (column 1) is all zeros"),
         ("1 2\t3 4\t1\n1 inf\t3 4\t1\n0 0\t3 4\t1\n", ":2: text vector (column 1) has NaN or infinite"),
+        ("1 2\t3 4\t1\n3e-31 4e-31\t3 4\t1\n", ":2: text vector (column 1) has length 5e-31, beyond what"),
+        ("1 2\t3e30 4e30\t1\n", ":1: image vector (column 2) has length 5e+30, beyond what float32 scores"),
     ],
 )
 def test_embeddings_file_errors(tmp_path, capsys, content, match):

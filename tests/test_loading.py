@@ -25,6 +25,8 @@ def test_a_folder_loads_and_a_file_is_refused_naming_the_flag(folder: Path) -> N
     assert not model.training and model.config.text.vocab_size == TINY["text"]["vocab_size"]
     with pytest.raises(ValueError, match=r"^--checkpoint .*model\.safetensors: is a file, not a checkpoint"):
         load_checkpoint(folder / "model.safetensors", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^--checkpoint: empty path$"):
+        load_checkpoint("", torch.device("cpu"))
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         load_checkpoint(folder / "nope", torch.device("cpu"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,23 +57,35 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write weights, config (and a copy of the vocabulary, checked first) into `out_dir`; returns the folder.
-    `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards)."""
+    `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards).
+    Every file is written under a temporary name first and renamed into place once all are: a failure
+    leaves the files an earlier save wrote as they were."""
+    if not str(out_dir):
+        raise CheckpointError("the checkpoint folder path is empty")
     out = Path(out_dir)
     if vocab_file is not None:
         check_vocab(vocab_file, model.config.text.vocab_size)
     weights = model.state_dict() if state_dict is None else state_dict
     state = {name: t.detach().to("cpu").contiguous() for name, t in weights.items()}
-    vocab = out / VOCAB_NAME
+    staged = {name: out / f".{name}.tmp" for name in (WEIGHTS_NAME, VOCAB_NAME, CONFIG_NAME)}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if vocab_file is not None and not (vocab.exists() and vocab.samefile(vocab_file)):
-            shutil.copyfile(vocab_file, vocab)
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        _readable_as_umask_allows(out / WEIGHTS_NAME)
-        (out / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(staged[WEIGHTS_NAME]), metadata={"format": "pt"})
+        _readable_as_umask_allows(staged[WEIGHTS_NAME])
+        if vocab_file is not None:
+            shutil.copyfile(vocab_file, staged[VOCAB_NAME])
+        config = json.dumps(model.config.to_dict(), indent=2) + "\n"
+        staged[CONFIG_NAME].write_text(config, encoding="utf-8")
+        for name, tmp in staged.items():
+            if tmp.exists():
+                os.replace(tmp, out / name)
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or short_reason(err)
         raise CheckpointError(f"{out}: cannot write the checkpoint folder ({reason})") from None
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return out
 
 

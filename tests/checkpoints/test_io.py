@@ -19,6 +19,7 @@ from ernievil2_train.checkpoints import (
     save_pretrained,
 )
 from ernievil2_train.checkpoints.io import _current_umask
+from tests.data.shard_helpers import write_vocab
 from tests.models.tiny import TINY, tiny_model
 
 SPECIALS = "[PAD]\t0\n[CLS]\t1\n[SEP]\t2\n[UNK]\t3\n"
@@ -225,3 +226,24 @@ def test_a_folder_with_a_zero_dim_logit_scale_still_loads(tmp_path: Path) -> Non
     save_file(state, str(folder / "model.safetensors"))
     model = load_pretrained(folder)
     assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 3.5
+
+
+def test_a_failed_save_leaves_the_earlier_checkpoint_as_it_was(tmp_path: Path) -> None:
+    """The config cannot be staged (its temporary name is taken by a folder) after the weights are: the
+    folder still holds the earlier save's files, all of them, and nothing of the failed one."""
+    vocab = write_vocab(tmp_path / "vocab.txt", chars="一二三")
+    out = save_pretrained(tiny_model(), tmp_path / "ckpt", vocab_file=vocab)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    blocker = out / ".config.json.tmp"
+    blocker.mkdir()
+    other = tiny_model()
+    torch.nn.init.ones_(other.vision.patch_embed.proj.weight)
+    with pytest.raises(CheckpointError, match=r"ckpt: cannot write the checkpoint folder"):
+        save_pretrained(other, out, vocab_file=vocab)
+    blocker.rmdir()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_empty_folder_path_is_refused() -> None:
+    with pytest.raises(CheckpointError, match="the checkpoint folder path is empty"):
+        save_pretrained(tiny_model(), "")

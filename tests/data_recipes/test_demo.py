@@ -195,6 +195,7 @@ def test_ensure_demo_concurrent_callers_share_one_build(tmp_path):
         (["--image-size", "100000"], "--image-size: must be an integer from 16 to 1024, got '100000'"),
         (["--workers", "0"], "argument --workers: must be an integer >= 1"),
         (["--shard-size", "-1"], "argument --shard-size: must be"),
+        (["--out", ""], "argument --out: empty path"),
     ],
 )
 def test_cli_rejects_bad_arguments(tmp_path, argv, message, capsys):
