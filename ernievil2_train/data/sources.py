@@ -151,13 +151,24 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
         urls = [ln for ln in lines if ln and not ln.startswith("#")]
         if not urls:
             raise FileNotFoundError(f"{name}: shard list {spec} is empty")
+        _refuse_missing([url for url in urls if not is_remote(url) and not Path(url).is_file()], spec, name)
         return _without_index(urls, split)
     if is_remote(spec):
         return ShardSet(list(wds.shardlists.expand_urls(spec)), None, {})
-    urls = [u for pattern in wds.shardlists.expand_urls(spec) for u in sorted(glob.glob(pattern))]
-    if not urls:
+    patterns = list(wds.shardlists.expand_urls(spec))
+    matches = {pattern: sorted(glob.glob(pattern)) for pattern in patterns}
+    if not any(matches.values()):
         raise FileNotFoundError(f"{name}: no shards match {spec}")
-    return _without_index(urls, split)
+    _refuse_missing([pattern for pattern, found in matches.items() if not found], spec, name)
+    return _without_index([url for found in matches.values() for url in found], split)
+
+
+def _refuse_missing(missing: list[str], spec: str, name: str) -> None:
+    """A `FileNotFoundError` naming the shards of `spec` that are not there (a run would quietly train on
+    fewer), if any."""
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{name}: {spec} names shards that are not there: {missing[0]}{more}")
 
 
 def _member_key(member: dict[str, Any]) -> str | None:

@@ -8,6 +8,7 @@ import random
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -107,21 +108,31 @@ def good_keys(batches) -> list[int]:
     return sorted(torch.cat([b["image_key"] for b in batches]).tolist())
 
 
+def _shard_gone_after_start(data: Path, **kwargs: object) -> MultiViewDataModule:
+    """A data module over `shards.txt`, whose `gone.tar` is there when the module starts (a list naming a
+    missing shard is refused then) and is gone when its shards are read."""
+    write_shard(data / "gone.tar", [])
+    dm = MultiViewDataModule(**kwargs)
+    (data / "gone.tar").unlink()
+    return dm
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_bad_sample_is_counted_once_and_good_ones_pass(data, num_workers):
     shards = str(data / "shards.txt")
-    dm = MultiViewDataModule(shards, str(data / "vocab.txt"), val_shards=shards,
-                             image_size=32, batch_size=3, num_workers=num_workers, epoch_samples=8,
-                             max_image_pixels=MAX_PIXELS, persistent_workers=False)
+    dm = _shard_gone_after_start(data, train_shards=shards, vocab_file=str(data / "vocab.txt"),
+                                 val_shards=shards, image_size=32, batch_size=3, num_workers=num_workers,
+                                 epoch_samples=8, max_image_pixels=MAX_PIXELS, persistent_workers=False)
     batches = list(dm.val_dataloader())
     assert counts_of(batches) == EXPECTED
     assert good_keys(batches) == sorted(image_key(data / "part-0.tar", f"img{i}") for i in GOOD)
 
 
 def test_training_stream_counts_the_same(data):
-    dm = MultiViewDataModule(str(data / "shards.txt"), str(data / "vocab.txt"), image_size=32, batch_size=1,
-                             num_workers=0, epoch_samples=len(GOOD) + 1, shuffle_buffer=0, shard_shuffle=0,
-                             max_image_pixels=MAX_PIXELS)
+    shards = str(data / "shards.txt")
+    dm = _shard_gone_after_start(data, train_shards=shards, vocab_file=str(data / "vocab.txt"), image_size=32,
+                                 batch_size=1, num_workers=0, epoch_samples=len(GOOD) + 1, shuffle_buffer=0,
+                                 shard_shuffle=0, max_image_pixels=MAX_PIXELS)
     batches = list(dm.train_dataloader())
     # one sample more than a pass holds: the epoch reads past gone.tar into the next pass (img0 first)
     assert good_keys(batches) == sorted(image_key(data / "part-0.tar", f"img{i}") for i in [*GOOD, 0])
@@ -170,8 +181,9 @@ def test_broken_index_is_a_clear_error(tmp_path):
 
 def test_image_limit_is_configurable(data):
     shards = str(data / "shards.txt")
-    dm = MultiViewDataModule(shards, str(data / "vocab.txt"), val_shards=shards,
-                             image_size=32, batch_size=4, num_workers=0, epoch_samples=8)
+    dm = _shard_gone_after_start(data, train_shards=shards, vocab_file=str(data / "vocab.txt"),
+                                 val_shards=shards, image_size=32, batch_size=4, num_workers=0,
+                                 epoch_samples=8)
     batches = list(dm.val_dataloader())
     assert counts_of(batches)["image_too_large"] == 1
     assert len(good_keys(batches)) == len(GOOD) + 1
@@ -180,9 +192,9 @@ def test_image_limit_is_configurable(data):
 def test_skip_counts_reach_the_training_modules_logs(data):
     """Validation through `ErnieVil2Module`: every skip of every reason reaches `val/skipped_<reason>`."""
     shards = str(data / "shards.txt")
-    dm = MultiViewDataModule(shards, str(data / "vocab.txt"), val_shards=shards,
-                             image_size=32, batch_size=2, num_workers=0, epoch_samples=8,
-                             max_image_pixels=MAX_PIXELS)
+    dm = _shard_gone_after_start(data, train_shards=shards, vocab_file=str(data / "vocab.txt"),
+                                 val_shards=shards, image_size=32, batch_size=2, num_workers=0,
+                                 epoch_samples=8, max_image_pixels=MAX_PIXELS)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     (metrics,) = trainer.validate(ErnieVil2Module(tiny_model()), datamodule=dm, verbose=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from ernievil2_train.data.sources import resolve_shards
 from tests.data.shard_helpers import PER_SHARD, sample, write_shard, write_split
 
@@ -32,3 +34,21 @@ def test_resolve_shards_in_every_form(tmp_path):
     bare.mkdir()
     write_shard(bare / "train-000000.tar", [sample(0)])
     assert resolve_shards(str(bare), "train", "k") == ([str(bare / "train-000000.tar")], None, {})
+
+
+def test_a_pattern_or_list_naming_missing_shards_is_refused(tmp_path):
+    """A brace pattern or a list that names shards which are not there would train on the others without a
+    word: refused, naming the first missing shard and how many more."""
+    write_split(tmp_path, "train", 2, 0)
+    pattern = str(tmp_path / "train-{000000..000004}.tar")
+    with pytest.raises(FileNotFoundError) as caught:
+        resolve_shards(pattern, "train", "data.train_shards")
+    missing = tmp_path / "train-000002.tar"
+    expected = f"data.train_shards: {pattern} names shards that are not there: {missing} and 2 more"
+    assert str(caught.value) == expected
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"{tmp_path / 'train-000000.tar'}\n{missing}\n")
+    with pytest.raises(FileNotFoundError, match=rf"{listing} names shards that are not there: {missing}$"):
+        resolve_shards(str(listing), "train", "data.train_shards")
+    listing.write_text(f"{tmp_path / 'train-000000.tar'}\nhttp://example.invalid/train-000009.tar\n")
+    assert len(resolve_shards(str(listing), "train", "k").urls) == 2  # remote shards are read when used
