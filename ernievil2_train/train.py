@@ -53,7 +53,8 @@ def _build_group(name: str, group: DictConfig | None) -> list[Any]:
 
 
 def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = None) -> None:
-    """Refuse data the model cannot take: another image size, token ids beyond its embedding table (a
+    """Refuse data the model cannot take: another image size, texts longer than its positions, token ids
+    beyond its embedding table (a
     pretrained model keeps the sizes of its checkpoint), or a vocabulary other than the `checkpoint` folder's
     own `vocab.txt` (its ids would mean other tokens to the model)."""
     config = getattr(model, "config", None)
@@ -64,6 +65,12 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
         raise ConfigError(
             f"config key 'data.image_size': {image_size}, but the model takes {wanted}-pixel images "
             f"(set data.image_size={wanted})"
+        )
+    text_len, positions = getattr(datamodule, "text_max_len", None), config.text.max_position_embeddings
+    if text_len is not None and text_len > positions:
+        raise ConfigError(
+            f"config key 'data.datamodule.text_max_len': {text_len}, but the model has {positions} text "
+            f"positions (max_position_embeddings; set it to {positions} or less)"
         )
     vocab_file = getattr(datamodule, "vocab_file", None)
     if vocab_file is not None:

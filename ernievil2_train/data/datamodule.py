@@ -155,6 +155,9 @@ class MultiViewDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.shard_shuffle = shard_shuffle
         self.resampled = resampled
+        if isinstance(text_max_len, bool) or not isinstance(text_max_len, int) or text_max_len < 2:
+            wanted = "an integer of at least 2 ([CLS] and [SEP])"
+            raise ValueError(f"text_max_len: must be {wanted}, got {text_max_len!r}")
         self.text_max_len = text_max_len
         self.views = ViewConfig.from_any(views)
         self.augment = check_augment(augment, image_size)

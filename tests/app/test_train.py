@@ -119,6 +119,13 @@ def test_data_must_fit_the_model(tmp_path: Path) -> None:
     big.write_text("\n".join(tokens))
     with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*big\.txt: ids go up to"):
         check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=big), model)
+    positions = TINY["text"]["max_position_embeddings"]
+    fits = SimpleNamespace(image_size=size, vocab_file=vocab, text_max_len=positions)
+    check_data_fits_model(fits, model)
+    longer = SimpleNamespace(image_size=size, vocab_file=vocab, text_max_len=positions + 1)
+    message = rf"'data.datamodule.text_max_len': {positions + 1}, but the model has {positions} text"
+    with pytest.raises(ConfigError, match=message):
+        check_data_fits_model(longer, model)
 
 
 def test_data_must_read_the_vocabulary_of_the_checkpoint(tmp_path: Path) -> None:

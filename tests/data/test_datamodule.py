@@ -466,3 +466,9 @@ def test_uint8_transfer_then_normalize_equals_float_batches(data):
     as_float = next(iter(module(data, val_shards=str(data), uint8_transfer=False).val_dataloader()))
     assert as_uint8["image"].dtype == torch.uint8 and as_float["image"].dtype == torch.float32
     torch.testing.assert_close(normalize_batch(as_uint8)["image"], as_float["image"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 0, 2.5, True])
+def test_a_text_length_without_room_for_cls_and_sep_is_refused_at_start(data, length):
+    with pytest.raises(ValueError, match=rf"^text_max_len: must be an integer of at least 2 .*{length!r}$"):
+        module(data, text_max_len=length)
