@@ -100,7 +100,8 @@ def load_coco_tags(files: list[Path], unnamed: Counter[int] | None = None) -> di
         data = _read_json(Path(file))
         try:
             for cat in data.get("categories", []):
-                names.setdefault(int(cat["id"]), str(cat["name"]))
+                if isinstance(cat["name"], str) and cat["name"].strip():  # else: no name (never "None")
+                    names.setdefault(int(cat["id"]), cat["name"].strip())
             for ann in data["annotations"]:
                 image, cat = int(ann["image_id"]), int(ann["category_id"])
                 areas[image][cat] += float(ann.get("area", 0.0))

@@ -143,6 +143,8 @@ def prepare_job(job: ImageJob, max_size: int | None = None) -> ImageRecord | Ski
     try:
         if job.is_path:
             try:
+                if Path(job.source).exists() and not Path(job.source).is_file():
+                    return Skip("unreadable file", example=job.source)  # a folder, pipe or device
                 data = Path(job.source).read_bytes()
             except FileNotFoundError:
                 return Skip("missing file", example=job.source)

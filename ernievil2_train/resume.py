@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from ernievil2_train.checkpoints.errors import CheckpointError, state_mismatch
-from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, read_training_checkpoint
+from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, SHARDED_META_NAME, read_training_checkpoint
 from ernievil2_train.config_checks import ConfigError
 
 
@@ -55,8 +55,17 @@ def interrupted(output_dir: Path) -> TrainingInterrupted:
 
 def _readable(path: str | None, what: str) -> str | None:
     """`path`, unless it is a file `torch.save` cannot have written whole (every such file is a zip archive;
-    a truncated one has lost its directory at the end). Folders (sharded FSDP checkpoints) pass."""
-    if path is not None and Path(path).is_file() and not zipfile.is_zipfile(path):
+    a truncated one has lost its directory at the end), not a regular file (a pipe would be waited on for
+    ever), or a folder other than a sharded FSDP checkpoint."""
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        if not (Path(path) / SHARDED_META_NAME).is_file():
+            raise ConfigError(f"{what}: a folder, not a checkpoint (a .ckpt file, or the folder FSDP saves)")
+        return path
+    if not Path(path).is_file():
+        raise ConfigError(f"{what}: not a regular file")
+    if not zipfile.is_zipfile(path):
         raise ConfigError(f"{what}: not a readable checkpoint (truncated, or not written by torch.save)")
     return path
 

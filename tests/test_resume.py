@@ -48,7 +48,14 @@ def test_an_unreadable_checkpoint_is_refused_before_training(tmp_path: Path) -> 
         resume_checkpoint(str(last), tmp_path)
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()
+    with pytest.raises(ConfigError, match=r"sharded\.ckpt: a folder, not a checkpoint \(a \.ckpt file"):
+        resume_checkpoint(str(sharded), tmp_path)
+    (sharded / "meta.pt").write_bytes(b"")  # what Lightning's FSDP strategy saves beside the shards
     assert resume_checkpoint(str(sharded), tmp_path) == str(sharded)
+    pipe = tmp_path / "pipe.ckpt"
+    os.mkfifo(pipe)  # opening it would wait for a writer for ever
+    with pytest.raises(ConfigError, match=r"pipe\.ckpt: not a regular file$"):
+        resume_checkpoint(str(pipe), tmp_path)
 
 
 def _saved_module(path: Path, model: torch.nn.Module) -> Path:

@@ -103,6 +103,7 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
     text_ids: list[str] = []
     text_list: list[str] = []
     positives: list[list[int]] = []
+    seen: set[str] = set()
     for n, line in _text_lines(texts):
         if not line.strip():
             continue
@@ -116,6 +117,9 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
         unknown = [i for i in ids if str(i) not in index]
         if unknown:
             raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]!r} (not in {imgs.name})")
+        if text_id in seen:
+            raise ValueError(f"{texts}:{n}: duplicate text_id {text_id!r} (it would count as two queries)")
+        seen.add(text_id)
         text_ids.append(text_id)
         text_list.append(text)
         positives.append(list(dict.fromkeys(index[str(i)] for i in ids)))

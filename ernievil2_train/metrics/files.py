@@ -180,12 +180,16 @@ def read_ground_truth(
     image_index, text_index = images.index(), texts.index()
     text_rows: list[int] = []
     positives: list[list[int]] = []
+    seen: set[str] = set()
     for where, (text_id, image_ids) in _json_records(path, ("text_id", "image_ids")):
         text_id = str(text_id)
         if not isinstance(image_ids, list) or not image_ids:
             raise EvalInputError(f"{where}: 'image_ids' must be a non-empty list")
         if text_id not in text_index:
             raise EvalInputError(f"{where}: text_id {text_id!r} has no feature in {texts.path}")
+        if text_id in seen:
+            raise EvalInputError(f"{where}: duplicate text_id {text_id!r} (it would count as two queries)")
+        seen.add(text_id)
         unknown = [i for i in image_ids if str(i) not in image_index]
         if unknown:
             raise EvalInputError(f"{where}: image id {unknown[0]!r} has no feature in {images.path}")

@@ -141,6 +141,14 @@ def test_unknown_image_id_names_id_and_line(tmp_path):
         load_evalset(tmp_path)
 
 
+def test_a_repeated_text_id_is_refused_naming_the_line(tmp_path):
+    """A text listed twice would be two queries of one text: refused, as images listed twice are."""
+    _write_chinese_clip(tmp_path, [*TEXTS, {**TEXTS[0], "text": "又一次"}])
+    first = TEXTS[0]["text_id"]
+    with pytest.raises(ValueError, match=rf"valid_texts.jsonl:{len(TEXTS) + 1}: duplicate text_id '{first}'"):
+        load_evalset(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("imgs", "texts", "message"),
     [

@@ -482,3 +482,14 @@ def test_a_utf16_texts_file_is_a_one_line_error(tmp_path, capsys):
     assert err.value.code == 2
     expected = f"python -m data_recipes.cococn: error: {texts}: not UTF-8 text (UTF-16?)\n"
     assert capsys.readouterr().err == expected
+
+
+@pytest.mark.parametrize("name", [None, "", "  ", 5])
+def test_a_category_without_a_usable_name_gives_no_tag(tmp_path, name):
+    """A null, blank or non-string name is no name: never a tag "None" or "5"."""
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"categories": [{"id": 999, "name": name}],
+                                "annotations": [{"image_id": 8, "category_id": 999, "area": 5.0}]}))
+    unnamed: Counter[int] = Counter()
+    assert cococn.load_coco_tags([path], unnamed) == {}
+    assert unnamed == {999: 1}

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_recipes.common import TOO_LARGE, BadImage, decode_base64, prepare_image
+from data_recipes.common import TOO_LARGE, BadImage, ImageJob, decode_base64, prepare_image, prepare_job
+from data_recipes.shards import Skip
 from tests.data_recipes.helpers import image_bytes
 
 RED = image_bytes((250, 0, 0))
@@ -101,3 +104,12 @@ def test_16_bit_images_are_scaled_to_8_bit_jpeg(fmt):
     img = Image.open(io.BytesIO(data))
     assert ext == "jpg" and img.format == "JPEG" and img.mode == "RGB" and img.size == (256, 8)
     assert abs(np.asarray(img, dtype=np.float64).mean() - 127.5) < 1
+
+
+def test_an_image_path_that_is_no_regular_file_is_skipped_without_reading_it(tmp_path):
+    """A pipe would be waited on for ever and a device read without end: both are unreadable files."""
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    for source in (pipe, Path("/dev/zero"), tmp_path):
+        job = ImageJob("img", str(source), True, (("t1", "一只猫"),))
+        assert prepare_job(job) == Skip("unreadable file", example=str(source))

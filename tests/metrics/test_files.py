@@ -195,8 +195,11 @@ def test_ground_truth_maps_ids_onto_feature_rows(tmp_path: Path) -> None:
         ([{"text_id": "a", "image_ids": [10]}, {"text_id": "z", "image_ids": [10]}],
          ":2: text_id 'z' has no feature in {texts}"),
         ([{"text_id": "a", "image_ids": [10, 99]}], ":1: image id 99 has no feature in {images}"),
+        ([{"text_id": "a", "image_ids": [10]}, {"text_id": "a", "image_ids": [10]}],
+         ":2: duplicate text_id 'a' (it would count as two queries)"),
     ],
-    ids=["empty-image-ids", "image-ids-not-a-list", "no-image-ids", "unknown-text", "unknown-image"],
+    ids=["empty-image-ids", "image-ids-not-a-list", "no-image-ids", "unknown-text", "unknown-image",
+         "duplicate-text"],
 )
 def test_ground_truth_errors_name_file_and_line(tmp_path: Path, rows: list[object], message: str) -> None:
     images = features(tmp_path, "img.jsonl", [10, 11])
