@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.checkpoint, device)
         max_len = min(OFFICIAL_MAX_LEN, model.config.text.max_position_embeddings)
         tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, max_len)
+        try:
+            eval_transform(model.config.vision.image_size, short_size=args.short_size)
+        except ValueError as err:
+            raise ValueError(f"--short-size: {err}") from None
         probs, cosine = similarity(model, tokenizer, args.images, args.texts, args.short_size)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

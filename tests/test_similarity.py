@@ -117,6 +117,7 @@ def test_checkpoint_vocab_and_device_errors(
         (["--checkpoint", small_vocab, "--vocab", paddle_ref / "vocab.txt"],
          f"ids go up to {max_id} but the model's text vocab_size is 50"),
         (["--checkpoint", small_vocab], f"no vocabulary: pass --vocab or put vocab.txt into {small_vocab}"),
+        (["--checkpoint", ckpt, "--short-size", "0"], "error: --short-size: short_size 0 is smaller than"),
     ]
     for args, message in cases:
         argv = [*map(str, args), "--images", str(image), "--texts", "x", "--device", "cpu"]

@@ -129,6 +129,8 @@ class MultiViewDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if Path(vocab_file).is_dir():
+            raise FileNotFoundError(f"vocab_file: {vocab_file} is a folder, not a vocabulary file")
         if not Path(vocab_file).is_file():
             raise FileNotFoundError(f"vocab_file: {vocab_file} not found")
         if batch_size < 1:
@@ -137,6 +139,9 @@ class MultiViewDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be 0 (load in this process) or more, got {num_workers}")
         if epoch_samples is not None and epoch_samples < 1:
             raise ValueError(f"epoch_samples must be positive, got {epoch_samples}")
+        for name, value in (("shuffle_buffer", shuffle_buffer), ("shard_shuffle", shard_shuffle)):
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (no shuffling) or more, got {value}")
         train = resolve_shards(train_shards, train_split, "train_shards")
         val = resolve_shards(val_shards, val_split, "val_shards") if val_shards else None
         self.train_urls, self.val_urls = train.urls, val.urls if val else None

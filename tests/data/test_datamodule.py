@@ -472,3 +472,14 @@ def test_uint8_transfer_then_normalize_equals_float_batches(data):
 def test_a_text_length_without_room_for_cls_and_sep_is_refused_at_start(data, length):
     with pytest.raises(ValueError, match=rf"^text_max_len: must be an integer of at least 2 .*{length!r}$"):
         module(data, text_max_len=length)
+
+
+@pytest.mark.parametrize("field", ["shuffle_buffer", "shard_shuffle"])
+def test_a_negative_shuffle_size_is_refused(data, field):
+    with pytest.raises(ValueError, match=rf"^{field} must be 0 \(no shuffling\) or more, got -5$"):
+        module(data, **{field: -5})
+
+
+def test_a_folder_given_as_vocabulary_is_named_as_a_folder(data):
+    with pytest.raises(FileNotFoundError, match=r"^vocab_file: .* is a folder, not a vocabulary file$"):
+        module(data, vocab_file=str(data))
