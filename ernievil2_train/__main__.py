@@ -51,6 +51,7 @@ def composition_message(error: CompactHydraException) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from ernievil2_train.callbacks.retrieval import TrainingDiverged
     from ernievil2_train.train import train
 
     try:
@@ -61,6 +62,9 @@ def main(cfg: DictConfig) -> None:
     except InterpolationResolutionError as error:
         print(f"error: {config_key_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as stop:
         if is_first_process():
             print(f"interrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)

@@ -52,6 +52,10 @@ AUTOCAST = {
 }
 
 
+class TrainingDiverged(RuntimeError):
+    """The model's weights went NaN or infinite during training (the message is one line)."""
+
+
 def eval_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the eval encoding: the training precision's on CUDA; elsewhere only for the
     "-true" precisions (their weights are half precision, float32 inputs would not run), else float32."""
@@ -259,6 +263,7 @@ class RetrievalCallback(pl.Callback):
                 autocast_dtype=amp,
             )
         text, image, valid = text[:n_text], image[:n_image], valid[:n_image]
+        self._check_finite(trainer, text, image, device)
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
         text_idx, image_idx = text_idx[:n_text], image_idx[:n_image]
         # which images every rank could decode (each marks its slice); all ranks agree on what to leave out
@@ -282,6 +287,17 @@ class RetrievalCallback(pl.Callback):
             if self.log_examples and trainer.is_global_zero:
                 self._top = self._top_images(text_all, image_all)
         return self.last
+
+    @staticmethod
+    def _check_finite(trainer: pl.Trainer, text: Tensor, image: Tensor, device: torch.device) -> None:
+        """Stop with `TrainingDiverged` on every rank when any rank's embeddings are NaN or infinite."""
+        finite = torch.tensor(int(bool(text.isfinite().all() and image.isfinite().all())), device=device)
+        if not bool(trainer.strategy.reduce(finite, reduce_op="min")):
+            raise TrainingDiverged(
+                f"the model gives NaN or infinite embeddings after {trainer.global_step} steps: the training "
+                "diverged (lower module.optimizer.lr, or clip with trainer.gradient_clip_val); its "
+                "checkpoints hold those weights, so start a new run rather than resume this one"
+            )
 
     def _without_undecodable(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              decoded: list[bool]) -> dict[str, float]:

@@ -339,3 +339,14 @@ def test_resampled_shards_with_no_usable_sample_stop_with_one_line(demo_cache: P
     assert errors == ["error: train_shards: 256 shards drawn in a row gave no usable sample (every shard "
                       "corrupt, or no sample with an image and a caption)"], result.stderr[-3000:]
     assert result.stderr.rstrip().splitlines()[-1] == errors[0]
+
+
+def test_a_diverged_training_ends_with_one_line(demo_cache: Path, tmp_path: Path) -> None:
+    """A learning rate that sends the weights to NaN: the epoch's retrieval finds NaN embeddings and the run
+    ends with one line saying what happened and what to do, exit status 1."""
+    run = _run(_cli(tmp_path / "run", "module.optimizer.lr=1e30", "trainer.max_epochs=1", "logger=csv"),
+               _env(demo_cache))
+    assert run.returncode == 1, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the model gives NaN or infinite embeddings after "), run.stderr[-3000:]
+    assert "Traceback" not in run.stderr

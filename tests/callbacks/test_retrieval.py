@@ -17,7 +17,13 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ernievil2_train.callbacks.progress import LossProgressBar
-from ernievil2_train.callbacks.retrieval import RetrievalCallback, cap_evalset, eval_mode, rank_slice
+from ernievil2_train.callbacks.retrieval import (
+    RetrievalCallback,
+    TrainingDiverged,
+    cap_evalset,
+    eval_mode,
+    rank_slice,
+)
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import load_evalset
 from ernievil2_train.evaluate import main as evaluate_main
@@ -297,3 +303,16 @@ def test_bars_are_drawn_under_the_epoch_bar_and_erased(setup, capsys):
     epoch_end = out[out.index("Epoch 0: 100%") :]
     assert "\n\rRetrieval:" in epoch_end
     assert re.match(r"[^\n]*\n\r +\x1b\[A", epoch_end[epoch_end.rindex("Retrieval") :])
+
+
+def test_nan_weights_stop_the_run_with_one_line(tmp_path):
+    """Weights gone NaN (a diverged training) give NaN embeddings: the run stops saying so, not with the
+    metric's complaint about its inputs."""
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    write_evalset(tmp_path / "evalset")
+    with torch.no_grad():
+        model.text.ernie.embeddings.word_embeddings.weight.fill_(float("nan"))
+    callback = RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", max_len=MAX_LEN,
+                                 progress=False)
+    with pytest.raises(TrainingDiverged, match=r"^the model gives NaN or infinite embeddings after 0 steps"):
+        fit_one_epoch(model, callback)
