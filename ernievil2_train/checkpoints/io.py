@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ernievil2_train.checkpoints.errors import (
@@ -24,6 +26,7 @@ from ernievil2_train.checkpoints.errors import (
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
 from ernievil2_train.text.vocab import check_vocab_fits
 
+_T = TypeVar("_T")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 VOCAB_NAME = "vocab.txt"
@@ -126,15 +129,14 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise CheckpointError(f"{config_file}: invalid model config (must be a JSON object, not a {kind})")
-    model = _build_model(data, config_file)
+    weights = folder / WEIGHTS_NAME
     try:
-        state = load_file(str(folder / WEIGHTS_NAME))
-    except Exception as err:
-        reason = short_reason(err)
-        raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({reason})") from None
-    mismatch = state_mismatch(model.state_dict(), state)
-    if mismatch:
-        raise CheckpointError(f"{folder / WEIGHTS_NAME}: weights do not match config.json ({mismatch})")
+        with safe_open(str(weights), "pt") as header:  # names and shapes only: no tensor is read
+            saved = {name: _shaped(header.get_slice(name).get_shape()) for name in header.keys()}  # noqa: SIM118
+        model = _build_model(data, config_file, saved, f"{weights}: weights do not match config.json")
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({short_reason(err)})") from None
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -145,13 +147,45 @@ def find_vocab(path: str | Path) -> Path | None:
     return vocab if vocab.is_file() else None
 
 
-def _build_model(config: Any, source: Path) -> DualEncoder:
-    """The `DualEncoder` of a config dict; an invalid config is a `CheckpointError` naming `source`."""
+def _build_model(
+    config: Any, source: Path, saved: dict[str, Any], mismatch_message: str, extra_ok: bool = False
+) -> DualEncoder:
+    """The `DualEncoder` of a config dict, once its weight names and shapes are found to be those `saved`
+    holds; checked before any memory is taken (a config of other sizes than its weights, mistyped say, could
+    ask for more than the machine has). An invalid config is a `CheckpointError` naming `source`, weights
+    that do not fit are one starting with `mismatch_message`."""
+    model_config = _checked(lambda: DualEncoderConfig.from_dict(config), source)
+    for tower, pattern in _LAYER_NAMES.items():
+        held = len({match.group(1) for name in saved if (match := pattern.match(name))})
+        wanted = getattr(model_config, tower).layers
+        if held != wanted:
+            raise CheckpointError(f"{mismatch_message} ({tower}.layers is {wanted}, the weights hold {held})")
+    with torch.device("meta"):
+        shell = _checked(lambda: DualEncoder(model_config), source)
+    mismatch = state_mismatch(shell.state_dict(), saved, extra_ok=extra_ok)
+    if mismatch:
+        raise CheckpointError(f"{mismatch_message} ({mismatch})")
+    return DualEncoder(model_config)
+
+
+def _checked(build: Callable[[], _T], source: Path) -> _T:
+    """`build()`, whose `ValueError` or `TypeError` (a config field out of range) is a `CheckpointError`."""
     try:
-        return DualEncoder(DualEncoderConfig.from_dict(config))
+        return build()
     except (ValueError, TypeError) as err:
         message = " ".join(str(err).split())
         raise CheckpointError(f"{source}: invalid model config ({message})") from None
+
+
+_LAYER_NAMES = {  # the transformer blocks of each tower, numbered
+    "vision": re.compile(r"^vision\.blocks\.(\d+)\."),
+    "text": re.compile(r"^text\.ernie\.encoder\.layer\.(\d+)\."),
+}
+
+
+def _shaped(shape: list[int]) -> torch.Tensor:
+    """A tensor of `shape` that holds no memory, standing for a saved one in `state_mismatch`."""
+    return torch.empty(shape, device="meta")
 
 
 MODEL_CONFIG_KEY = "model_config"  # the `DualEncoderConfig` dict that training checkpoints carry
@@ -213,12 +247,9 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
     checkpoint = read_training_checkpoint(path)
     if MODEL_CONFIG_KEY not in checkpoint:
         raise CheckpointError(f"{path}: no model config in the checkpoint (not written by ErnieVil2Module)")
-    model = _build_model(checkpoint[MODEL_CONFIG_KEY], path)
     weights = checkpoint["state_dict"].items()
     state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
-    expected = model.state_dict()
-    mismatch = state_mismatch(expected, state, extra_ok=True)
-    if mismatch:
-        raise CheckpointError(f"{path}: weights do not match its model config ({mismatch})")
-    model.load_state_dict({k: state[k] for k in expected})
+    message = f"{path}: weights do not match its model config"
+    model = _build_model(checkpoint[MODEL_CONFIG_KEY], path, state, message, extra_ok=True)
+    model.load_state_dict({k: state[k] for k in model.state_dict()})
     return model.eval()

@@ -247,3 +247,25 @@ def test_a_failed_save_leaves_the_earlier_checkpoint_as_it_was(tmp_path: Path) -
 def test_an_empty_folder_path_is_refused() -> None:
     with pytest.raises(CheckpointError, match="the checkpoint folder path is empty"):
         save_pretrained(tiny_model(), "")
+
+
+@pytest.mark.parametrize(
+    ("tower", "field", "value", "message"),
+    [
+        ("vision", "layers", 100_000, "vision.layers is 100000, the weights hold 2"),
+        ("text", "intermediate_size", 10**9, "wrong shape [text.ernie.encoder.layer.0.intermediate.dense"),
+    ],
+)
+def test_a_config_of_other_sizes_than_its_weights_is_refused_before_building(
+    tmp_path: Path, tower: str, field: str, value: int, message: str
+) -> None:
+    """A mistyped size could ask for more memory than the machine has (or build for hours): the config is
+    checked against the weights' names and shapes, read from the file's header, before anything is built."""
+    out = save_pretrained(tiny_model(), tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    config[tower][field] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as caught:
+        load_pretrained(out)
+    assert str(caught.value).startswith(f"{out / 'model.safetensors'}: weights do not match config.json (")
+    assert message in str(caught.value)
