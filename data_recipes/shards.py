@@ -217,8 +217,8 @@ def all_or_nothing() -> Iterator[list[_Writer]]:
 
 
 class ShardSink(_Writer):
-    """Writes samples into size-limited shards `{split}-%06d.tar`, staged in `.{split}.partial/` until `close`
-    moves them into place and writes `{split}.json`."""
+    """Writes samples into size-limited shards `{split}-%06d.tar`, staged in `.{split}.partial/` with their
+    index `{split}.json` until `publish` moves them into place."""
 
     def __init__(
         self,
@@ -386,7 +386,7 @@ class EvalSetWriter(_Writer):
 
     Images are streamed to the tsv (those without captions too: they stay in the gallery as distractors, as in
     MUGE's eval sets); texts are grouped by `text_id` (or, with `group_by="text"`, by the text itself, so
-    identical captions of different images become one query with several positives) and written at `close()`.
+    identical captions of different images become one query with several positives) and written at `stage()`.
     Both files are complete under temporary names before either is renamed into place. Ids written as decimal
     integers (`139`, not `0139`) are json numbers in `{split}_texts.jsonl`, as in Chinese-CLIP's own files,
     whose tools compare them with the integer image ids they read from `{split}_imgs.tsv`.
