@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ernievil2_train.checkpoints.errors import CheckpointError, state_mismatch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, SHARDED_META_NAME, read_training_checkpoint
@@ -100,3 +102,39 @@ def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
         changes += [f"{tower}.{k} {old.get(k)} there, {v} here"
                     for k, v in settings.items() if old.get(k) != v]
     return "; ".join(changes)
+
+
+RUN_CONFIG_DIR = ".hydra"  # where a run folder records its config (written once a run is accepted)
+RESTORED_SETTINGS = ("module.optimizer",)  # what a resume takes from the checkpoint, whatever the config says
+
+
+def settings_a_resume_ignores(cfg: DictConfig, output_dir: Path) -> list[str]:
+    """This run's optimizer settings that differ from those the run folder's recorded config
+    (`.hydra/config.yaml`) holds, as `'module.optimizer.lr 0.001 there, 0.01 here'`: a resumed run continues
+    with the optimizer state its checkpoint saved, learning rate, weight decay and betas included."""
+    recorded = output_dir / RUN_CONFIG_DIR / "config.yaml"
+    if not recorded.is_file():
+        return []
+    try:
+        before = OmegaConf.load(recorded)
+    except (OSError, ValueError, OmegaConfBaseException):
+        return []
+    changes = []
+    for key in RESTORED_SETTINGS:
+        old, new = (_leaves(OmegaConf.select(config, key, default=None)) for config in (before, cfg))
+        changes += [f"{key}.{name} {old.get(name)} there, {new.get(name)} here"
+                    for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+    return changes
+
+
+def _leaves(node: Any) -> dict[str, Any]:
+    """A config node's values by dotted name (`{}` for a missing node; interpolations left unresolved)."""
+    if not isinstance(node, DictConfig):
+        return {}
+    flat: dict[str, Any] = {}
+    for name, value in OmegaConf.to_container(node, resolve=False).items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{sub}": v for sub, v in _leaves(OmegaConf.create(value)).items()})
+        else:
+            flat[str(name)] = value
+    return flat

@@ -20,12 +20,17 @@ from omegaconf.errors import InterpolationResolutionError
 
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.distributed import is_first_process
-from ernievil2_train.resume import check_checkpoint_fits, interrupted, resume_checkpoint
+from ernievil2_train.resume import (
+    RUN_CONFIG_DIR,
+    check_checkpoint_fits,
+    interrupted,
+    resume_checkpoint,
+    settings_a_resume_ignores,
+)
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 from ernievil2_train.warnings_filter import quiet_known_warnings
 
 log = logging.getLogger(__name__)
-RUN_CONFIG_DIR = ".hydra"
 # what a constructor raises for a bad setting (ImportError: an accelerator or strategy not installed)
 SETTING_ERRORS = (FileNotFoundError, ImportError, ValueError, TypeError, MisconfigurationException)
 
@@ -148,6 +153,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"
         check_checkpoint_fits(ckpt_path, module, what)
         log.info("resuming from %s", ckpt_path)
+        ignored = settings_a_resume_ignores(cfg, output_dir)
+        if ignored:
+            log.warning("resuming keeps the optimizer state of %s (learning rate, weight decay and betas "
+                        "included); changed settings have no effect: %s (start a new run folder to use them)",
+                        ckpt_path, "; ".join(ignored))
     callbacks = _build_group("callbacks", cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

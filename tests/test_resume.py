@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import create_model
 from ernievil2_train.module import ErnieVil2Module
-from ernievil2_train.resume import check_checkpoint_fits, interrupted, resume_checkpoint
+from ernievil2_train.resume import (
+    check_checkpoint_fits,
+    interrupted,
+    resume_checkpoint,
+    settings_a_resume_ignores,
+)
 from tests.models.tiny import TINY, tiny_model
 
 
@@ -102,3 +108,20 @@ def test_an_interruption_names_what_resumes_it(tmp_path: Path) -> None:
     last.parent.mkdir()
     torch.save({}, last)
     assert str(interrupted(tmp_path)) == f"ckpt_path=last hydra.run.dir={tmp_path} resumes from {last}"
+
+
+def test_optimizer_settings_a_resume_would_ignore_are_named(tmp_path: Path) -> None:
+    """A resume restores the optimizer's state, learning rate included: the settings this run changed against
+    the run folder's recorded config are named (none without a record)."""
+    optimizer = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "betas": [0.9, 0.98]}
+    run = OmegaConf.create({"module": {"optimizer": optimizer, "scheduler": {"warmup_steps": 5}}})
+    assert settings_a_resume_ignores(run, tmp_path) == []
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(run, tmp_path / ".hydra" / "config.yaml")
+    assert settings_a_resume_ignores(run, tmp_path) == []
+    changed = OmegaConf.merge(run, {"module": {"optimizer": {"lr": 1e30, "weight_decay": 0.1},
+                                               "scheduler": {"warmup_steps": 9}}})
+    assert settings_a_resume_ignores(changed, tmp_path) == [
+        "module.optimizer.lr 0.001 there, 1e+30 here",
+        "module.optimizer.weight_decay None there, 0.1 here",
+    ]
