@@ -49,8 +49,13 @@ def composition_message(error: CompactHydraException) -> str:
     return text
 
 
+_started = False  # whether Hydra got as far as calling `main` (it makes the run folder and log file first)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    global _started
+    _started = True
     from ernievil2_train.callbacks.retrieval import TrainingDiverged
     from ernievil2_train.train import train
 
@@ -82,6 +87,13 @@ def run() -> None:
     os.environ[FULL_ERROR] = "1"  # Hydra then raises instead of printing and exiting itself
     try:
         main()
+    except OSError as error:
+        if _started or full_report:  # raised by the run itself: not a run folder that cannot be made
+            raise
+        reason = error.strerror or type(error).__name__
+        print(f"error: hydra.run.dir: cannot create the run folder or its log ({error.filename}: {reason})",
+              file=sys.stderr)
+        sys.exit(2)
     except CompactHydraException as error:
         if full_report or isinstance(error, InstantiationException):
             raise

@@ -103,8 +103,8 @@ def _path_exists(value: str) -> bool:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer, or the first local
-    input path that does not exist."""
+    """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer, a negative
+    gradient clipping norm (Lightning would not clip), or the first local input path that does not exist."""
     missing = missing_keys(cfg)
     if len(missing) == 1:
         key = missing[0]
@@ -118,6 +118,13 @@ def check_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int | None):
         raise ConfigError(f"config key 'seed': expected an integer, got {seed!r}")
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    number = isinstance(clip, int | float) and not isinstance(clip, bool)
+    if clip is not None and (not number or not 0 <= clip < math.inf):
+        raise ConfigError(
+            f"config key 'trainer.gradient_clip_val': must be 0 or more and finite (0 or null: no clipping), "
+            f"got {clip!r}"
+        )
     for key in _leaf_keys(cfg):
         if key.rsplit(".", 1)[-1] not in PATH_KEYS:
             continue

@@ -350,3 +350,13 @@ def test_a_diverged_training_ends_with_one_line(demo_cache: Path, tmp_path: Path
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the model gives NaN or infinite embeddings after "), run.stderr[-3000:]
     assert "Traceback" not in run.stderr
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(demo_cache: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run = _run(_cli(blocker / "run"), _env(demo_cache), timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip() == (
+        f"error: hydra.run.dir: cannot create the run folder or its log ({blocker / 'run'}: Not a directory)"
+    )

@@ -128,6 +128,13 @@ def test_a_seed_that_is_not_an_integer_names_the_key(seed: str, demo_cache: Path
         check_config(cfg)
 
 
+@pytest.mark.parametrize("clip", ["-1", "inf", "abc"])
+def test_a_clipping_norm_below_zero_names_the_key(clip: str, demo_cache: Path, tmp_path: Path) -> None:
+    cfg = _compose([f"trainer.gradient_clip_val={clip}", f"paths.cache_dir={demo_cache}"], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("config key 'trainer.gradient_clip_val': must be 0 or")):
+        check_config(cfg)
+
+
 def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose(
         ["+experiment=finetune_cococn", "data.train_shards='/no/such/{000..009}.tar'", "data.eval_set=/e",
