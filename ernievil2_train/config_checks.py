@@ -95,6 +95,16 @@ def _leaf_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
             yield f"{prefix}{key}"
 
 
+def _made_from(cfg: DictConfig, key: str) -> str:
+    """` (made from ${model.checkpoint}/vocab.txt)` when the value of `key` is an interpolation: the key to
+    fix is then the one it names."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or not OmegaConf.is_interpolation(parent, leaf):
+        return ""
+    return f" (made from {OmegaConf.to_container(parent, resolve=False)[leaf]})"
+
+
 def _path_exists(value: str) -> bool:
     for pattern in braceexpand(value):
         if Path(pattern).exists() or (glob.has_magic(pattern) and glob.glob(pattern)):
@@ -131,7 +141,7 @@ def check_config(cfg: DictConfig) -> None:
         resolved = OmegaConf.select(cfg, key)
         remote = isinstance(resolved, str) and is_remote(resolved)
         if isinstance(resolved, str) and resolved and not remote and not _path_exists(resolved):
-            raise ConfigError(f"config key '{key}': path not found: {resolved}")
+            raise ConfigError(f"config key '{key}': path not found: {resolved}{_made_from(cfg, key)}")
 
 
 def _is_tensor(annotation: Any) -> bool:

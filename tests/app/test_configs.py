@@ -135,6 +135,18 @@ def test_a_clipping_norm_below_zero_names_the_key(clip: str, demo_cache: Path, t
         check_config(cfg)
 
 
+def test_a_missing_path_made_from_another_key_names_that_key(demo_cache: Path, tmp_path: Path) -> None:
+    """`model.checkpoint` given as a file: the vocabulary path made from it is not there, and the error says
+    which key it was made from."""
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_text("")
+    cfg = _compose(["model=pretrained", f"model.checkpoint={checkpoint}", f"paths.cache_dir={demo_cache}"],
+                   tmp_path)
+    message = f"'data.vocab_file': path not found: {checkpoint}/vocab.txt (made from ${{model.checkpoint}}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(cfg)
+
+
 def test_missing_path_names_the_key(demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose(
         ["+experiment=finetune_cococn", "data.train_shards='/no/such/{000..009}.tar'", "data.eval_set=/e",
