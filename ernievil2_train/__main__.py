@@ -81,19 +81,12 @@ def main(cfg: DictConfig) -> None:
 
 
 def run() -> None:
-    """`main`, with Hydra's own composition errors as one line and exit status 2 (`HYDRA_FULL_ERROR=1`
-    keeps Hydra's full report)."""
+    """`main`, with Hydra's own composition errors, and a run folder it cannot make, as one line and exit
+    status 2 (`HYDRA_FULL_ERROR=1` keeps Hydra's full report)."""
     full_report = os.environ.get(FULL_ERROR) == "1"
     os.environ[FULL_ERROR] = "1"  # Hydra then raises instead of printing and exiting itself
     try:
         main()
-    except OSError as error:
-        if _started or full_report:  # raised by the run itself: not a run folder that cannot be made
-            raise
-        reason = error.strerror or type(error).__name__
-        print(f"error: hydra.run.dir: cannot create the run folder or its log ({error.filename}: {reason})",
-              file=sys.stderr)
-        sys.exit(2)
     except CompactHydraException as error:
         if full_report or isinstance(error, InstantiationException):
             raise
@@ -103,6 +96,13 @@ def run() -> None:
         if full_report:
             raise
         print(f"error: {config_key_message(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # after Hydra's own errors, some of which are OSErrors
+        if _started or full_report:  # raised by the run itself: not a run folder that cannot be made
+            raise
+        reason = error.strerror or type(error).__name__
+        print(f"error: hydra.run.dir: cannot create the run folder or its log ({error.filename}: {reason})",
+              file=sys.stderr)
         sys.exit(2)
 
 
