@@ -35,6 +35,7 @@ class ConfigError(ValueError):
 
 T = TypeVar("T")
 
+
 def check_fields(cls: type, data: Any, section: str) -> dict[str, Any]:
     """`data` as a dict, after checking that it is a mapping whose every key is a field of the dataclass
     `cls`."""

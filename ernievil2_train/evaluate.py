@@ -93,7 +93,7 @@ def _first_invalid(vectors: np.ndarray, chunk: int = 1 << 14) -> tuple[int, str]
         block = vectors[start : start + chunk]
         finite = np.isfinite(block).all(axis=1)
         norms = np.linalg.norm(np.where(finite[:, None], block, 0).astype(np.float64), axis=1)
-        rows = np.flatnonzero(~finite | (norms == 0) | (norms < low) | (norms > high))
+        rows = np.flatnonzero(~finite | (norms < low) | (norms > high))  # a zero vector's norm < low
         if rows.size:
             row = int(rows[0])
             if not finite[row]:

@@ -129,12 +129,15 @@ def settings_a_resume_ignores(cfg: DictConfig, output_dir: Path) -> list[str]:
 
 def _leaves(node: Any) -> dict[str, Any]:
     """A config node's values by dotted name (`{}` for a missing node; interpolations left unresolved)."""
-    if not isinstance(node, DictConfig):
-        return {}
+    return _flat(OmegaConf.to_container(node, resolve=False)) if isinstance(node, DictConfig) else {}
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict by dotted name."""
     flat: dict[str, Any] = {}
-    for name, value in OmegaConf.to_container(node, resolve=False).items():
+    for name, value in values.items():
         if isinstance(value, dict):
-            flat.update({f"{name}.{sub}": v for sub, v in _leaves(OmegaConf.create(value)).items()})
+            flat.update(_flat(value, f"{prefix}{name}."))
         else:
-            flat[str(name)] = value
+            flat[f"{prefix}{name}"] = value
     return flat

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from ernievil2_train.checkpoints.errors import (
     state_mismatch,
 )
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
+from ernievil2_train.optim import count_layers
 from ernievil2_train.text.vocab import check_vocab_fits
 
 _T = TypeVar("_T")
@@ -155,8 +155,8 @@ def _build_model(
     ask for more than the machine has). An invalid config is a `CheckpointError` naming `source`, weights
     that do not fit are one starting with `mismatch_message`."""
     model_config = _checked(lambda: DualEncoderConfig.from_dict(config), source)
-    for tower, pattern in _LAYER_NAMES.items():
-        held = len({match.group(1) for name in saved if (match := pattern.match(name))})
+    for tower in ("vision", "text"):
+        held = count_layers([name for name in saved if name.startswith(f"{tower}.")])
         wanted = getattr(model_config, tower).layers
         if held != wanted:
             raise CheckpointError(f"{mismatch_message} ({tower}.layers is {wanted}, the weights hold {held})")
@@ -175,12 +175,6 @@ def _checked(build: Callable[[], _T], source: Path) -> _T:
     except (ValueError, TypeError) as err:
         message = " ".join(str(err).split())
         raise CheckpointError(f"{source}: invalid model config ({message})") from None
-
-
-_LAYER_NAMES = {  # the transformer blocks of each tower, numbered
-    "vision": re.compile(r"^vision\.blocks\.(\d+)\."),
-    "text": re.compile(r"^text\.ernie\.encoder\.layer\.(\d+)\."),
-}
 
 
 def _shaped(shape: list[int]) -> torch.Tensor:

@@ -176,14 +176,15 @@ def _member_key(member: dict[str, Any]) -> str | None:
     return wds.tariterators.base_plus_ext(member["fname"])[0]
 
 
-def _unambiguous(sample: list[dict[str, Any]], counter: SkipCounter) -> list[dict[str, Any]]:
-    """The members of one sample; none, counted as a `bad_tar`, when it has two members of one name
-    (extensions compared in lower case, as samples are built)."""
+def _unambiguous(sample: list[dict[str, Any]], key: str | None, counter: SkipCounter) -> list[dict[str, Any]]:
+    """The members of the sample `key`; none, counted as a `bad_tar`, when it has two members of one name
+    (extensions compared in lower case, as samples are built). Members without a key pass as they are."""
+    if key is None:
+        return sample
     seen: set[str] = set()
     for member in sample:
         name = member["fname"].lower()
-        key = _member_key(member)
-        if name in seen and key is not None:
+        if name in seen:
             where = f"{member['__url__']}: sample {key}"
             counter.count("bad_tar", f"{where}: two members named {member['fname']}")
             return []
@@ -204,23 +205,26 @@ def read_shards(
         url = source["url"]
         samples = 0
         sample: list[dict[str, Any]] = []  # the members of the sample being read
+        key: str | None = None  # their sample key
         try:
             stream = wds.gopen(url)
             try:
                 for member in wds.tariterators.tar_file_iterator(stream):
                     member["__url__"] = url
-                    if sample and _member_key(member) != _member_key(sample[0]):
-                        samples += _member_key(sample[0]) is not None
-                        yield from _unambiguous(sample, counter)
+                    member_key = _member_key(member)
+                    if sample and member_key != key:
+                        samples += key is not None
+                        yield from _unambiguous(sample, key, counter)
                         sample = []
+                    key = member_key
                     sample.append(member)
             finally:
                 stream.close()
         except Exception as exn:
             counter.count("bad_tar", f"{url}: {type(exn).__name__}: {exn}")
         if sample:  # the last sample, or the one read up to an error
-            samples += _member_key(sample[0]) is not None
-            yield from _unambiguous(sample, counter)
+            samples += key is not None
+            yield from _unambiguous(sample, key, counter)
         wanted = expected.get(shard_key(url), 0)
         if samples < wanted:
             message = f"{url}: holds {samples} of the {wanted} samples its index lists"
