@@ -23,6 +23,7 @@ from ernievil2_train.checkpoints.errors import (
     state_mismatch,
 )
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
+from ernievil2_train.models.memory import check_fits_in_memory
 from ernievil2_train.optim import count_layers
 from ernievil2_train.text.vocab import check_vocab_fits
 
@@ -165,6 +166,10 @@ def _build_model(
     mismatch = state_mismatch(shell.state_dict(), saved, extra_ok=extra_ok)
     if mismatch:
         raise CheckpointError(f"{mismatch_message} ({mismatch})")
+    try:
+        check_fits_in_memory(model_config)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
     return DualEncoder(model_config)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ernievil2_train.models.dual_encoder import DualEncoder, DualEncoderConfig
+from ernievil2_train.models.memory import check_fits_in_memory
 
 _ERNIE_TEXT = {"vocab_size": 40000, "max_position_embeddings": 2048}
 
@@ -35,6 +36,7 @@ def create_model(model: str | DualEncoderConfig | dict[str, Any], **overrides: A
     """Build a `DualEncoder` from a preset name, a config or a config dict.
 
     `overrides` are merged into the config dict, e.g. `create_model("ernie_vil2_base", vision={"layers": 2})`.
+    Sizes whose weights could not fit in the memory available are a ValueError before any is allocated.
     """
     if isinstance(model, str):
         if model not in PRESETS:
@@ -47,4 +49,6 @@ def create_model(model: str | DualEncoderConfig | dict[str, Any], **overrides: A
     else:
         kind = type(model).__name__
         raise TypeError(f"create_model expects a preset name, DualEncoderConfig or dict, not {kind}")
-    return DualEncoder(DualEncoderConfig.from_dict(_merge(data, overrides)))
+    config = DualEncoderConfig.from_dict(_merge(data, overrides))
+    check_fits_in_memory(config)
+    return DualEncoder(config)

@@ -169,6 +169,7 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
         ("module.optimizer.lr=-1", "module.optimizer: Invalid learning rate: -1"),
         ("module.optimizer.lr=abc", "config key 'module.optimizer.lr': expected float, got 'abc'"),
         ("module.accumulate_microbatches=3", "config key 'module.accumulate_microbatches': 3 does not"),
+        ("data.image_size=320000", "config key 'model': the model's weights need"),
         ("data.datamodule.train_shards={garbage}", "train_shards: a pass over this worker's shards gave no"),
     ],
 )
