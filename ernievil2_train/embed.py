@@ -206,14 +206,24 @@ def _check_paths(src: Path, out: Path, checkpoint: Path, vocab: Path | None) -> 
         raise ValueError(f"--input {src}: no such file")
     if out.is_dir():
         raise ValueError(f"--output {out}: is a folder, not a file")
-    if not out.parent.is_dir():
-        raise ValueError(f"--output {out}: folder {out.parent} does not exist")
+    target = _destination(out)
+    if not target.parent.is_dir():
+        raise ValueError(f"--output {out}: folder {target.parent} does not exist")
     read = [("--input", src), ("--vocab", vocab)]
     if checkpoint.is_dir():
         read += [("--checkpoint", file) for file in checkpoint.iterdir() if file.is_file()]
     for flag, file in read:
         if file is not None and _same_file(out, file):
             raise ValueError(f"--output {out} is the same file as {flag} {file} (it would be overwritten)")
+
+
+def _destination(out: Path) -> Path:
+    """The file --output's rows replace: the one a symbolic link names (the link stays a link); a file
+    without any write permission is refused rather than replaced."""
+    target = out.resolve() if out.is_symlink() else out
+    if target.is_file() and (not target.stat().st_mode & 0o222 or not os.access(target, os.W_OK)):
+        raise ValueError(f"--output {out}: is read-only")
+    return target
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -239,12 +249,13 @@ def _embed_to_output(
 ) -> tuple[int, Skipped]:
     """Embed into a temporary file beside --output, moved there only when at least one row was written."""
     src, out = Path(args.input), Path(args.output)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    target = _destination(out)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         try:
             fh = tmp.open("x", encoding="utf-8")
         except OSError as err:
-            raise ValueError(f"--output {out}: cannot write into {out.parent} ({err.strerror})") from None
+            raise ValueError(f"--output {out}: cannot write into {target.parent} ({err.strerror})") from None
         try:
             written, skipped = embed_file(embedder, transform, src, _Output(fh, out), args.batch_size,
                                           args.workers)
@@ -255,7 +266,7 @@ def _embed_to_output(
             why = f"no row could be embedded; {skipped.summary()}" if skipped.counts else "no rows in it"
             raise ValueError(f"--input {src}: nothing written to --output ({why})")
         with _naming_output(out):
-            os.replace(tmp, out)
+            os.replace(tmp, target)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

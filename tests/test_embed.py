@@ -331,3 +331,35 @@ def test_undecodable_images_are_reported_without_object_reprs(
     assert "line 3: undecodable image (not a recognised image (5 bytes))" in summary
     assert "BytesIO" not in err and " at 0x" not in err
     assert len(_parse(out)) == 1
+
+
+def test_a_symlinked_output_writes_the_file_it_names_and_stays_a_link(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path
+) -> None:
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}"])
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "emb.txt"
+    target.write_text("previous run\n", encoding="utf-8")
+    link = tmp_path / "latest.txt"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.txt"
+    dangling.symlink_to(tmp_path / "store" / "new.txt")
+    for out in (link, dangling):
+        argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--max-len", "16"]
+        assert embed.main([str(a) for a in argv]) == 0
+        assert out.is_symlink() and len(_parse(out)) == 1
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["emb.txt", "new.txt"]
+
+
+def test_a_read_only_output_is_refused_and_kept(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}"])
+    out = tmp_path / "emb.txt"
+    out.write_text("previous run\n", encoding="utf-8")
+    out.chmod(0o444)
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", out, "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --output {out}: is read-only"
+    assert out.read_text(encoding="utf-8") == "previous run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.txt", "p.tsv"]
