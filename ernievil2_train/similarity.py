@@ -35,12 +35,12 @@ def similarity(
     tokenizer: ErnieTokenizer,
     images: list[Path],
     texts: list[str],
-    short_size: int | None = None,
+    transform: Callable[[Path], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities [I, T] softmaxed over texts, cosine similarities [I, T]); images scaled to `short_size`
-    on the short side before the center crop (default: the model's image size)."""
+    """(probabilities [I, T] softmaxed over texts, cosine similarities [I, T]); images read by `transform`
+    (default: the official eval transform at the model's image size)."""
     device = model.logit_scale.device
-    transform = eval_transform(model.config.vision.image_size, short_size=short_size)
+    transform = transform or eval_transform(model.config.vision.image_size)
     pixels = torch.stack([_pixels(transform, path) for path in images]).to(device)
     ids = trim_padding(tokenizer(texts)["input_ids"]).to(device)
     cosine = model.encode_image(pixels, normalize=True) @ model.encode_text(ids, normalize=True).T
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         max_len = min(OFFICIAL_MAX_LEN, model.config.text.max_position_embeddings)
         tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, max_len)
         try:
-            eval_transform(model.config.vision.image_size, short_size=args.short_size)
+            transform = eval_transform(model.config.vision.image_size, short_size=args.short_size)
         except ValueError as err:
             raise ValueError(f"--short-size: {err}") from None
-        probs, cosine = similarity(model, tokenizer, args.images, args.texts, args.short_size)
+        probs, cosine = similarity(model, tokenizer, args.images, args.texts, transform)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

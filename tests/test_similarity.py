@@ -16,6 +16,7 @@ from ernievil2_train import similarity
 from ernievil2_train.checkpoints import load_pretrained, save_pretrained
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.vocab import load_vocab
+from ernievil2_train.vision import eval_transform
 from tests.checkpoints.reference import (
     ATOL,
     RTOL,
@@ -46,7 +47,9 @@ def test_matrix_matches_the_reference_embeddings(paddle_ref: Path, ckpt: Path) -
     max_len = tokenizer_config(paddle_ref)["max_text_seqlen"]
     tokenizer = ErnieTokenizer(paddle_ref / "vocab.txt", max_len=max_len)
     short_size = preprocessing_config(paddle_ref)["short_size"]
-    probs, cosine = similarity.similarity(load_pretrained(ckpt), tokenizer, [image, image], texts, short_size)
+    model = load_pretrained(ckpt)
+    transform = eval_transform(model.config.vision.image_size, short_size=short_size)
+    probs, cosine = similarity.similarity(model, tokenizer, [image, image], texts, transform)
     out = {k: torch.from_numpy(v) for k, v in load_npz(paddle_ref / "outputs.npz").items()}
     want = out["image_embeds_norm"][row] @ out["text_pooled_norm"].T
     torch.testing.assert_close(cosine, torch.stack([want, want]), atol=ATOL, rtol=RTOL)
