@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from ernievil2_train.checkpoints.errors import CheckpointError, state_mismatch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, SHARDED_META_NAME, read_training_checkpoint
@@ -72,22 +70,42 @@ def _readable(path: str | None, what: str) -> str | None:
     return path
 
 
-def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: str) -> None:
-    """Refuse a training checkpoint whose weights this run's module cannot load (another model size or
-    preset), naming the model settings that differ; `source` says where the path came from. Reads the file
-    memory-mapped: no tensor data is read. Folders (sharded FSDP checkpoints) are left to Lightning."""
+def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: str) -> list[str]:
+    """Refuse a training checkpoint this run's module cannot continue from: weights of another model size or
+    preset (naming the model settings that differ), or an optimizer state of other parameter groups (a tower
+    frozen or unfrozen, layer-wise lr decay turned on or off); `source` says where the path came from.
+    Returns the optimizer settings the checkpoint's state keeps over this run's config (see
+    `_optimizer_settings_kept`). Reads the file memory-mapped: no tensor data is read. Folders (sharded FSDP
+    checkpoints) are left to Lightning."""
     if Path(ckpt_path).is_dir():
-        return
+        return []
     try:
         checkpoint = read_training_checkpoint(ckpt_path)
     except CheckpointError as error:
         raise ConfigError(f"{source}: {error}") from None
-    mismatch = state_mismatch(module.state_dict(), checkpoint["state_dict"])
-    if not mismatch:
-        return
-    config = getattr(getattr(module, "model", None), "config", None)
-    differing = _differing_settings(checkpoint.get(MODEL_CONFIG_KEY), config.to_dict() if config else None)
-    raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({differing or mismatch})")
+    here, there = module.state_dict(), checkpoint["state_dict"]
+    mismatch = state_mismatch(_part(here, loss=False), _part(there, loss=False))
+    if mismatch:
+        config = getattr(getattr(module, "model", None), "config", None)
+        saved = checkpoint.get(MODEL_CONFIG_KEY)
+        differing = _differing_settings(saved, config.to_dict() if config else None)
+        reason = differing or mismatch
+        raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({reason})")
+    mismatch = state_mismatch(_part(here, loss=True), _part(there, loss=True))
+    if mismatch:
+        raise ConfigError(
+            f"{source}: {ckpt_path}: was trained with other losses than this run's ({mismatch}): resume with "
+            f"the module.loss.weights it was trained with, or start a new run folder"
+        )
+    return _optimizer_settings_kept(checkpoint, module, f"{source}: {ckpt_path}")
+
+
+LOSS_PREFIX = "loss_fn."  # the loss's own state (one learned temperature per active loss)
+
+
+def _part(state: dict[str, Any], loss: bool) -> dict[str, Any]:
+    """The loss's entries of a module state dict, or (loss=False) all the others."""
+    return {name: value for name, value in state.items() if name.startswith(LOSS_PREFIX) == loss}
 
 
 def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
@@ -104,40 +122,63 @@ def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:
     return "; ".join(changes)
 
 
-RUN_CONFIG_DIR = ".hydra"  # where a run folder records its config (written once a run is accepted)
-RESTORED_SETTINGS = ("module.optimizer",)  # what a resume takes from the checkpoint, whatever the config says
+OPTIMIZER_STATES = "optimizer_states"  # where a Lightning checkpoint keeps its optimizers' state dicts
+# Parameter-group entries that are not settings a config chooses (`lr` is compared as the scheduler's base).
+NOT_SETTINGS = frozenset(
+    {"params", "param_names", "name", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
+)
 
 
-def settings_a_resume_ignores(cfg: DictConfig, output_dir: Path) -> list[str]:
-    """This run's optimizer settings that differ from those the run folder's recorded config
-    (`.hydra/config.yaml`) holds, as `'module.optimizer.lr 0.001 there, 0.01 here'`: a resumed run continues
-    with the optimizer state its checkpoint saved, learning rate, weight decay and betas included."""
-    recorded = output_dir / RUN_CONFIG_DIR / "config.yaml"
-    if not recorded.is_file():
-        return []
+def _fresh_param_groups(module: pl.LightningModule) -> list[dict[str, Any]] | None:
+    """The parameter groups of the optimizer this run's config makes, as its state dict holds them; None for
+    a module without `optimizer_factory` and `param_groups`, or settings the optimizer refuses (reported
+    when training starts)."""
+    factory, groups = getattr(module, "optimizer_factory", None), getattr(module, "param_groups", None)
+    if factory is None or groups is None:
+        return None
     try:
-        before = OmegaConf.load(recorded)
-    except (OSError, ValueError, OmegaConfBaseException):
+        return factory(groups()).state_dict()["param_groups"]
+    except (ValueError, TypeError):
+        return None
+
+
+def _optimizer_settings_kept(checkpoint: dict[str, Any], module: pl.LightningModule, what: str) -> list[str]:
+    """A resume loads the optimizer state the checkpoint saved, learning rates, weight decay and betas
+    included: this run's settings that differ from the saved ones, as `'lr 0.001 there, 0.01 here (all 6
+    groups)'`. Parameter groups that differ in number, names or sizes cannot be loaded: `ConfigError`."""
+    states, current = checkpoint.get(OPTIMIZER_STATES), _fresh_param_groups(module)
+    saved = states[0].get("param_groups") if isinstance(states, list) and len(states) == 1 else None
+    if current is None or not isinstance(saved, list) or not all(isinstance(g, dict) for g in saved):
         return []
-    changes = []
-    for key in RESTORED_SETTINGS:
-        old, new = (_leaves(OmegaConf.select(config, key, default=None)) for config in (before, cfg))
-        changes += [f"{key}.{name} {old.get(name)} there, {new.get(name)} here"
-                    for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
-    return changes
+    if [(g.get("name"), len(g.get("params", ()))) for g in saved] != [
+        (g.get("name"), len(g["params"])) for g in current
+    ]:
+        raise ConfigError(
+            f"{what}: its optimizer state has other parameter groups than this run's ({len(saved)} there, "
+            f"{len(current)} here): resume with the module.freeze_vision, module.freeze_text and "
+            f"module.layer_decay it was trained with, or start a new run folder"
+        )
+    differing: dict[tuple[str, str, str], list[str]] = {}
+    for old, new in zip(saved, current, strict=True):
+        for key in ["lr", *sorted(new.keys() - NOT_SETTINGS)]:
+            before = old.get("initial_lr", old.get("lr")) if key == "lr" else old.get(key)
+            if _setting(before) != _setting(new.get(key)):
+                pair = (key, str(_setting(before)), str(_setting(new.get(key))))
+                differing.setdefault(pair, []).append(str(new.get("name")))
+    return [f"{key} {before} there, {after} here ({_groups(names, len(current))})"
+            for (key, before, after), names in differing.items()]
 
 
-def _leaves(node: Any) -> dict[str, Any]:
-    """A config node's values by dotted name (`{}` for a missing node; interpolations left unresolved)."""
-    return _flat(OmegaConf.to_container(node, resolve=False)) if isinstance(node, DictConfig) else {}
+def _setting(value: Any) -> Any:
+    """A group setting in a comparable form: sequences (betas) as tuples, tensors as numbers."""
+    if isinstance(value, list | tuple):
+        return tuple(_setting(v) for v in value)
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict by dotted name."""
-    flat: dict[str, Any] = {}
-    for name, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
+def _groups(names: list[str], total: int) -> str:
+    """`all 6 groups`, or the names of the groups, the first three and a count of the rest."""
+    if len(names) == total:
+        return f"all {total} groups" if total > 1 else names[0]
+    shown = ", ".join(names[:3])
+    return f"{shown} and {len(names) - 3} more" if len(names) > 3 else shown

@@ -21,16 +21,15 @@ from omegaconf.errors import InterpolationResolutionError
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resume import (
-    RUN_CONFIG_DIR,
     check_checkpoint_fits,
     interrupted,
     resume_checkpoint,
-    settings_a_resume_ignores,
 )
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
-from ernievil2_train.warnings_filter import quiet_known_warnings
+from ernievil2_train.warnings_filter import quiet_known_warnings, quiet_resume_warnings
 
 log = logging.getLogger(__name__)
+RUN_CONFIG_DIR = ".hydra"  # where a run folder records its config (written once a run is accepted)
 # what a constructor raises for a bad setting (ImportError: an accelerator or strategy not installed)
 SETTING_ERRORS = (FileNotFoundError, ImportError, ValueError, TypeError, MisconfigurationException)
 
@@ -151,9 +150,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path:
         what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"
-        check_checkpoint_fits(ckpt_path, module, what)
+        ignored = check_checkpoint_fits(ckpt_path, module, what)
         log.info("resuming from %s", ckpt_path)
-        ignored = settings_a_resume_ignores(cfg, output_dir)
+        quiet_resume_warnings()
         if ignored:
             log.warning("resuming keeps the optimizer state of %s (learning rate, weight decay and betas "
                         "included); changed settings have no effect: %s (start a new run folder to use them)",

@@ -16,6 +16,13 @@ KNOWN_WARNINGS = (
     # the data module's loaders have a length on purpose: it makes the virtual epochs
     (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\."),
 )
+# Lightning's notices on resuming, a resume being this package's way of continuing a run
+RESUME_WARNINGS = (
+    # the data module saves and restores its own stream: a run resumed mid-epoch continues exactly
+    (r"You're resuming from a checkpoint that ended before the epoch ended", UserWarning, r"lightning\."),
+    # the resumed run saves into the checkpoint folder of the run it continues
+    (r"Checkpoint directory .* exists and is not empty", UserWarning, r"lightning\."),
+)
 # Lightning's advertisement for its LitLogger, logged on every run without one
 LITLOGGER_TIP = re.compile(r"\W*Tip: .*\blitlogger\b")
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
@@ -28,8 +35,17 @@ def _not_litlogger_tip(record: logging.LogRecord) -> bool:
 def quiet_known_warnings() -> None:
     """Ignore `KNOWN_WARNINGS` (unless warnings were asked for with `python -W` or `PYTHONWARNINGS`) and drop
     Lightning's LitLogger tip."""
-    if not sys.warnoptions:
-        for message, category, module in KNOWN_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    _ignore(KNOWN_WARNINGS)
     for name in RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(_not_litlogger_tip)
+
+
+def quiet_resume_warnings() -> None:
+    """Ignore `RESUME_WARNINGS` (unless warnings were asked for): for a run that resumes."""
+    _ignore(RESUME_WARNINGS)
+
+
+def _ignore(known: tuple[tuple[str, type[Warning], str], ...]) -> None:
+    if not sys.warnoptions:
+        for message, category, module in known:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -3,6 +3,7 @@ Ctrl-C leaves to resume from."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import create_model
@@ -19,7 +19,6 @@ from ernievil2_train.resume import (
     check_checkpoint_fits,
     interrupted,
     resume_checkpoint,
-    settings_a_resume_ignores,
 )
 from tests.models.tiny import TINY, tiny_model
 
@@ -110,18 +109,51 @@ def test_an_interruption_names_what_resumes_it(tmp_path: Path) -> None:
     assert str(interrupted(tmp_path)) == f"ckpt_path=last hydra.run.dir={tmp_path} resumes from {last}"
 
 
-def test_optimizer_settings_a_resume_would_ignore_are_named(tmp_path: Path) -> None:
-    """A resume restores the optimizer's state, learning rate included: the settings this run changed against
-    the run folder's recorded config are named (none without a record)."""
-    optimizer = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "betas": [0.9, 0.98]}
-    run = OmegaConf.create({"module": {"optimizer": optimizer, "scheduler": {"warmup_steps": 5}}})
-    assert settings_a_resume_ignores(run, tmp_path) == []
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(run, tmp_path / ".hydra" / "config.yaml")
-    assert settings_a_resume_ignores(run, tmp_path) == []
-    changed = OmegaConf.merge(run, {"module": {"optimizer": {"lr": 1e30, "weight_decay": 0.1},
-                                               "scheduler": {"warmup_steps": 9}}})
-    assert settings_a_resume_ignores(changed, tmp_path) == [
-        "module.optimizer.lr 0.001 there, 1e+30 here",
-        "module.optimizer.weight_decay None there, 0.1 here",
+def _trained_module_checkpoint(path: Path, module: ErnieVil2Module) -> Path:
+    """A checkpoint of `module` with the optimizer state and scheduler base learning rates training saves."""
+    optimizer = module.optimizer_factory(module.param_groups())
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # the scheduled lr is not the setting
+    checkpoint = {"state_dict": module.state_dict(), "optimizer_states": [optimizer.state_dict()]}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def _module(lr: float = 1e-3, **settings: object) -> ErnieVil2Module:
+    factory = functools.partial(torch.optim.AdamW, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    return ErnieVil2Module(tiny_model(), optimizer=factory, **settings)
+
+
+def test_optimizer_settings_a_resume_keeps_are_named(tmp_path: Path) -> None:
+    """A resume loads the saved optimizer state, learning rates included: this run's settings that differ from
+    it are named, with the parameter groups they concern."""
+    saved = str(_trained_module_checkpoint(tmp_path / "last.ckpt", _module()))
+    assert check_checkpoint_fits(saved, _module(), "ckpt") == []
+    names = [group["name"] for group in _module().param_groups()]
+    text = [name for name in names if name.startswith("text/")]
+    others = [name for name in names if name not in text]
+    assert text and 0 < len(others) <= 3  # few enough to be listed by name
+    assert check_checkpoint_fits(saved, _module(lr=1e-2, text_lr=0.5), "ckpt") == [
+        f"lr 0.001 there, 0.01 here ({', '.join(others)})",
+        f"lr 0.001 there, 0.5 here ({', '.join(text)})",
     ]
+    betas = functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.05)
+    assert check_checkpoint_fits(saved, ErnieVil2Module(tiny_model(), optimizer=betas), "ckpt") == [
+        f"betas (0.9, 0.98) there, (0.9, 0.99) here (all {len(names)} groups)"
+    ]
+
+
+def test_other_parameter_groups_or_losses_are_refused_before_training(tmp_path: Path) -> None:
+    """Groups that differ (layer-wise decay turned on, a tower frozen) cannot take the saved optimizer state;
+    another set of losses has other learned temperatures."""
+    saved = str(_trained_module_checkpoint(tmp_path / "last.ckpt", _module()))
+    groups = len(_module().param_groups())
+    for settings in ({"layer_decay": 0.8}, {"freeze_text": True}):
+        changed = _module(**settings)
+        message = (f"ckpt: {saved}: its optimizer state has other parameter groups than this run's ({groups} "
+                   f"there, {len(changed.param_groups())} here): resume with the module.freeze_vision")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_checkpoint_fits(saved, changed, "ckpt")
+    message = f"ckpt: {saved}: was trained with other losses than this run's (missing [loss_fn.log_scales."
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_checkpoint_fits(saved, _module(loss={"weights": {"image_caption": 1, "image_tags": 1}}), "ckpt")

@@ -7,8 +7,9 @@ import sys
 import warnings
 
 import pytest
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from ernievil2_train.warnings_filter import RANK_ZERO_LOGGERS, quiet_known_warnings
+from ernievil2_train.warnings_filter import RANK_ZERO_LOGGERS, quiet_known_warnings, quiet_resume_warnings
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +29,14 @@ ITERABLE_LEN = ("Your `IterableDataset` has `__len__` defined. In combination wi
                 "loading (when num_workers > 1), `__len__` could be inaccurate")
 
 
-def _shown(message: str, category: type[Warning], module: str) -> bool:
-    """Whether a warning attributed to `module` gets through, after `quiet_known_warnings`."""
+def _shown(message: str, category: type[Warning], module: str, resuming: bool = False) -> bool:
+    """Whether a warning attributed to `module` gets through, after `quiet_known_warnings` (and
+    `quiet_resume_warnings` when `resuming`)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_known_warnings()
+        if resuming:
+            quiet_resume_warnings()
         warnings.warn_explicit(message, category, "file.py", 1, module=module)
     return bool(caught)
 
@@ -53,6 +57,25 @@ def _shown(message: str, category: type[Warning], module: str) -> bool:
 def test_only_known_warnings_are_ignored(message, category, module, shown, monkeypatch):
     monkeypatch.setattr(sys, "warnoptions", [])
     assert _shown(message, category, module) is shown
+
+
+NOT_RESUMABLE = ("You're resuming from a checkpoint that ended before the epoch ended and your dataloader "
+                 "is not resumable. This can cause unreliable results if further training is done.")
+FOLDER_NOT_EMPTY = "Checkpoint directory /runs/a/checkpoints exists and is not empty."
+
+
+@pytest.mark.parametrize(
+    ("message", "category", "module"),
+    [
+        (NOT_RESUMABLE, PossibleUserWarning, "lightning.pytorch.loops.training_epoch_loop"),
+        (FOLDER_NOT_EMPTY, UserWarning, "lightning.pytorch.callbacks.model_checkpoint"),
+    ],
+)
+def test_lightnings_resume_notices_are_ignored_only_when_resuming(message, category, module, monkeypatch):
+    monkeypatch.setattr(sys, "warnoptions", [])
+    assert _shown(message, category, module)
+    assert not _shown(message, category, module, resuming=True)
+    assert _shown(message, category, "my_project.train", resuming=True)
 
 
 def test_warnings_asked_for_on_the_command_line_are_kept(monkeypatch):

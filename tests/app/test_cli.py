@@ -153,6 +153,25 @@ def test_a_refused_resume_leaves_the_runs_config_record_alone(demo_cache: Path, 
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml"]
 
 
+def test_a_resume_names_the_optimizer_settings_it_keeps_and_refuses_other_groups(demo_cache: Path,
+                                                                                 tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _run(_cli(run_dir, "logger=csv", "trainer.max_steps=1"), _env(demo_cache))
+    assert first.returncode == 0, first.stderr[-3000:]
+    changed = _run(_cli(run_dir, "logger=csv", "trainer.max_steps=2", "module.optimizer.lr=0.01"),
+                   _env(demo_cache))
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    output = changed.stdout + changed.stderr
+    assert "changed settings have no effect: lr 0.001 there, 0.01 here (all " in output
+    assert "not resumable" not in output and "exists and is not empty" not in output  # Lightning's notices
+    refused = _run(_cli(run_dir, "logger=csv", "trainer.max_steps=3", "module.layer_decay=0.8"),
+                   _env(demo_cache))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run folder checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}: its "
+                           f"optimizer state has other parameter groups than this run's"), last
+
+
 def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:
     result = _run([sys.executable, "-m", "ernievil2_train", "+experiment=finetune_cococn",
                    f"hydra.run.dir={tmp_path}"], _env(demo_cache))
