@@ -81,8 +81,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def run() -> None:
-    """`main`, with Hydra's own composition errors, and a run folder it cannot make, as one line and exit
-    status 2 (`HYDRA_FULL_ERROR=1` keeps Hydra's full report)."""
+    """`main`, with Hydra's own composition errors, flags it cannot take together, and a run folder it cannot
+    make, as one line and exit status 2 (`HYDRA_FULL_ERROR=1` keeps Hydra's full report)."""
     full_report = os.environ.get(FULL_ERROR) == "1"
     os.environ[FULL_ERROR] = "1"  # Hydra then raises instead of printing and exiting itself
     try:
@@ -96,6 +96,11 @@ def run() -> None:
         if full_report:
             raise
         print(f"error: {config_key_message(error)}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as error:  # Hydra's own flags, used together when they cannot be
+        if _started or full_report:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # after Hydra's own errors, some of which are OSErrors
         if _started or full_report:  # raised by the run itself: not a run folder that cannot be made

@@ -218,6 +218,9 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
         (["-m", "hydra/launcher=slurm", "trainer=ddp", "module.optimizer.lr=1e-5,2e-5"],
          "error: trainer.devices is 'auto': the SLURM launcher needs the GPUs per node as a number "
          "(set trainer.devices=N)"),
+        (["--cfg", "hydra", "-m", "trainer.max_epochs=1,2"],
+         "error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified"),
+        (["--resolve"], "error: The --resolve flag can only be used in conjunction with --cfg or --help"),
     ],
 )
 def test_config_errors_of_hydra_are_one_line_and_exit_2(overrides: list[str], line: str, demo_cache: Path,
