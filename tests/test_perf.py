@@ -39,7 +39,8 @@ def test_device_side_work_is_not_a_host_sync() -> None:
 
     def step() -> None:
         x[index]  # integer indexing: the shape is known without reading values
-        x[x > 0] = 0.0  # a masked fill, with no shape that depends on the data
+        x.masked_fill_(x > 0, 0.0)  # no shape that depends on the data
+        x[:, 0].fill_(1.0)  # a fill of a view (assigning a Python number copies a new tensor from the host)
         torch.where(x > 0, x, 0.0).softmax(-1).sum()
 
     assert perf.count_host_syncs(lambda: step()) == {}

@@ -101,7 +101,7 @@ def key_mask(input_ids: torch.Tensor) -> torch.Tensor:
     without tags, left out of its loss) then stays finite on every attention kernel instead of depending on
     how a kernel treats a row with no key at all."""
     keep = input_ids != PAD_ID
-    keep[:, 0] = True
+    keep[:, 0].fill_(True)  # a fill, not an assignment: that copies a new scalar tensor from host memory
     return keep
 
 
