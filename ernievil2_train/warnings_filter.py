@@ -15,6 +15,8 @@ KNOWN_WARNINGS = (
     (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", FutureWarning, r"lightning\."),
     # the data module's loaders have a length on purpose: it makes the virtual epochs
     (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\."),
+    # a run without val_shards has no validation loader on purpose: the zero-shot retrieval callback evaluates
+    (r"Total length of `list` across ranks is zero", UserWarning, r"lightning\."),
 )
 # Lightning's notices on resuming, a resume being this package's way of continuing a run
 RESUME_WARNINGS = (
@@ -26,18 +28,26 @@ RESUME_WARNINGS = (
 # Lightning's advertisement for its LitLogger, logged on every run without one
 LITLOGGER_TIP = re.compile(r"\W*Tip: .*\blitlogger\b")
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# torch's note, when `torch.compile` builds CPU kernels with the CUDA build of torch, that there is no GPU
+NO_CUDA_RUNTIME = re.compile(r"No CUDA runtime is found")
+CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
 
 
 def _not_litlogger_tip(record: logging.LogRecord) -> bool:
     return not LITLOGGER_TIP.match(record.getMessage())
 
 
+def _not_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    return not NO_CUDA_RUNTIME.match(record.getMessage())
+
+
 def quiet_known_warnings() -> None:
     """Ignore `KNOWN_WARNINGS` (unless warnings were asked for with `python -W` or `PYTHONWARNINGS`) and drop
-    Lightning's LitLogger tip."""
+    Lightning's LitLogger tip and torch's no-CUDA-runtime note."""
     _ignore(KNOWN_WARNINGS)
     for name in RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(_not_litlogger_tip)
+    logging.getLogger(CPP_EXTENSION_LOGGER).addFilter(_not_no_cuda_runtime)
 
 
 def quiet_resume_warnings() -> None:

@@ -9,13 +9,19 @@ import warnings
 import pytest
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from ernievil2_train.warnings_filter import RANK_ZERO_LOGGERS, quiet_known_warnings, quiet_resume_warnings
+from ernievil2_train.warnings_filter import (
+    CPP_EXTENSION_LOGGER,
+    RANK_ZERO_LOGGERS,
+    quiet_known_warnings,
+    quiet_resume_warnings,
+)
 
 
 @pytest.fixture(autouse=True)
 def _keep_logger_filters():
     """`quiet_known_warnings` adds a filter to Lightning's loggers: remove it after each test."""
-    kept = {logger: list(logger.filters) for logger in map(logging.getLogger, RANK_ZERO_LOGGERS)}
+    names = (*RANK_ZERO_LOGGERS, CPP_EXTENSION_LOGGER)
+    kept = {logger: list(logger.filters) for logger in map(logging.getLogger, names)}
     yield
     for logger, filters in kept.items():
         logger.filters[:] = filters
@@ -27,6 +33,8 @@ ALL_GATHER = ("torch.distributed.nn.functional.all_gather is deprecated, use "
               "torch.distributed._functional_collectives.all_gather_single instead.")
 ITERABLE_LEN = ("Your `IterableDataset` has `__len__` defined. In combination with multi-process data "
                 "loading (when num_workers > 1), `__len__` could be inaccurate")
+
+NO_VALIDATION = "Total length of `list` across ranks is zero. Please make sure this was your intention."
 
 
 def _shown(message: str, category: type[Warning], module: str, resuming: bool = False) -> bool:
@@ -47,6 +55,9 @@ def _shown(message: str, category: type[Warning], module: str, resuming: bool = 
         (LEAFSPEC, FutureWarning, "lightning.pytorch.utilities._pytree", False),
         (ALL_GATHER, FutureWarning, "lightning.fabric.utilities.distributed", False),
         (ITERABLE_LEN, UserWarning, "lightning.pytorch.utilities.data", False),
+        (NO_VALIDATION, UserWarning, "lightning.pytorch.utilities.data", False),
+        # an empty validation loader that is not the no-validation `[]`
+        ("Total length of `DataLoader` across ranks is zero.", UserWarning, "lightning.pytorch.data", True),
         (ALL_GATHER, FutureWarning, "my_project.losses", True),  # the user's own call
         (ITERABLE_LEN, DeprecationWarning, "lightning.pytorch.utilities.data", True),
         ("`Trainer(foo=...)` is deprecated", FutureWarning, "lightning.pytorch.trainer", True),
@@ -103,3 +114,15 @@ def test_the_litlogger_tip_is_dropped_and_other_rank_zero_messages_kept():
     finally:
         logger.removeHandler(handler)
     assert handler.messages == ["GPU available: False, used: False"]
+
+
+def test_torchs_no_cuda_runtime_note_is_dropped_and_its_other_messages_kept():
+    logger, handler = logging.getLogger(CPP_EXTENSION_LOGGER), _Records()
+    logger.addHandler(handler)
+    try:
+        quiet_known_warnings()
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("Error checking compiler version for %s", "c++")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.messages == ["Error checking compiler version for c++"]

@@ -175,6 +175,20 @@ class MultiViewDataModule(L.LightningDataModule):
         self._read_epoch = UNKNOWN  # the epoch `_read` belongs to
         self._read: list[int] = []  # per stream of this rank: samples read by its last trained batch
 
+    def setup(self, stage: str) -> None:
+        """Fewer loader workers when the training shards cannot give every worker of every rank shards of its
+        own (a worker reads whole shards): a small data set of a few shards then trains as it is. Runs before
+        a resumed run restores where each worker's stream stood."""
+        rank, world_size = _rank_and_world(self.trainer)
+        usable = len(self.train_urls) // world_size
+        if self.resampled or not 1 <= usable < self.num_workers:
+            return
+        if rank == 0:
+            log.info("train_shards: %d shard(s) for %d rank(s): loading with %d worker(s) per rank instead "
+                     "of num_workers=%d (each worker reads whole shards)", len(self.train_urls), world_size,
+                     usable, self.num_workers)
+        self.num_workers = usable
+
     def batches_per_worker(self, world_size: int) -> int:
         """Training batches each worker yields per epoch (at least 1)."""
         per_rank = max(1, self.epoch_samples // (self.batch_size * world_size))
@@ -284,11 +298,11 @@ class MultiViewDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = _rank_and_world(self.trainer)
-        streams = world_size * max(1, self.num_workers)
-        if not self.resampled and len(self.train_urls) < streams:
+        if not self.resampled and len(self.train_urls) < world_size * max(1, self.num_workers):
             raise ConfigError(
-                f"train_shards: {len(self.train_urls)} shards for {world_size} ranks x {self.num_workers} "
-                "workers; every worker needs a shard (set resampled=true or use fewer workers)"
+                f"train_shards: {len(self.train_urls)} shard(s) for {world_size} rank(s) x "
+                f"{max(1, self.num_workers)} worker(s); every worker needs a shard (set resampled=true, "
+                "write smaller shards or train on fewer devices)"
             )
         counter = SkipCounter()
         per_worker = self.batches_per_worker(world_size)

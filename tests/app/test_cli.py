@@ -15,7 +15,9 @@ import torch
 
 from ernievil2_train import load_pretrained
 from ernievil2_train.data.decode import SKIP_REASONS
+from tests.app_helpers import TINY_MODEL, tiny_checkpoint
 from tests.conftest import with_ctrl_c
+from tests.data_recipes.helpers import image_bytes
 
 TINY = [
     "data.image_size=32",
@@ -170,6 +172,39 @@ def test_a_resume_names_the_optimizer_settings_it_keeps_and_refuses_other_groups
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: run folder checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}: its "
                            f"optimizer state has other parameter groups than this run's"), last
+
+
+def test_fine_tuning_on_a_few_pairs_of_your_own_runs_as_the_readme_says(demo_cache: Path,
+                                                                          tmp_path: Path) -> None:
+    """The README's steps: a TSV per split, a recipe run per split, the fine-tuning experiment on CPU; a set
+    of one shard with the experiment's 8 loader workers and its warmup."""
+    demo_root = next(p for p in (demo_cache / "demo").iterdir() if p.is_dir() and not p.name.startswith("."))
+    for split, count in (("train", 12), ("valid", 6)):
+        rows = []
+        for i in range(count):
+            image = tmp_path / f"{split}{i}.png"
+            image.write_bytes(image_bytes((20 * i, 250 - 20 * i, 90), fmt="PNG"))
+            rows.append(f"{image}\t一只猫 {split} {i}\t猫\n")
+        (tmp_path / f"{split}.tsv").write_text("".join(rows), encoding="utf-8")
+        split_flag = ["--split", split] if split != "train" else []
+        recipe = _run([sys.executable, "-m", "data_recipes.tsv", "--input", str(tmp_path / f"{split}.tsv"),
+                       "--out", str(tmp_path / "mine"), *split_flag], _env(demo_cache))
+        assert recipe.returncode == 0, recipe.stderr[-3000:]
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", demo_root / "vocab.txt")
+    run_dir = tmp_path / "run"
+    result = _run([sys.executable, "-m", "ernievil2_train", "+experiment=finetune_cococn",
+                   f"model.checkpoint={checkpoint}", f"data.train_shards={tmp_path / 'mine'}",
+                   f"data.eval_set={tmp_path / 'mine' / 'eval'}", "trainer=cpu", "logger=csv",
+                   "trainer.max_epochs=1", f"data.image_size={TINY_MODEL['vision']['image_size']}",
+                   "module.compile=false",  # torch.compile would spend a minute building CPU kernels
+                   "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"],
+                  _env(demo_cache), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "loading with 1 worker(s) per rank instead of num_workers=8" in output
+    assert "across ranks is zero" not in output  # no validation shards: Lightning's note is not shown
+    assert len(_metric_rows(run_dir, "retrieval/mean_recall")) == 2  # the baseline and the epoch
+    assert (run_dir / "export" / "model.safetensors").is_file()
 
 
 def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:

@@ -86,8 +86,33 @@ def test_clear_errors(data, tmp_path):
         module(data, vocab_file=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match=r"views\.text_view"):
         module(data, views={"text_view": "nonsense"})
-    with pytest.raises(ValueError, match="train_shards: 4 shards for 1 ranks x 5 workers"):
-        module(data, num_workers=5).train_dataloader()
+    with pytest.raises(ValueError, match=r"train_shards: 4 shard\(s\) for 1 rank\(s\) x 5 worker\(s\)"):
+        module(data, num_workers=5).train_dataloader()  # outside a trainer's `setup`
+    few = module(data, num_workers=3)
+    few.trainer = SimpleNamespace(global_rank=0, world_size=5)
+    few.setup("fit")
+    with pytest.raises(ValueError, match=r"train_shards: 4 shard\(s\) for 5 rank\(s\) x 3 worker\(s\)"):
+        few.train_dataloader()
+
+
+def test_a_few_shards_train_with_as_many_workers_as_they_give_each_rank(data, caplog):
+    """Each worker reads whole shards: with fewer shards than workers, `setup` lowers the worker count to
+    what the shards give every rank, and the epoch still trains every batch it should."""
+    assert SHARDS == 4
+    for world_size, workers, expected in ((1, 8, 4), (2, 8, 2), (2, 1, 1), (1, 0, 0), (3, 2, 1)):
+        dm = module(data, num_workers=workers)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=world_size)
+        with caplog.at_level(logging.INFO, logger="ernievil2_train.data.datamodule"):
+            dm.setup("fit")
+        assert dm.num_workers == expected
+        lowered = f"loading with {expected} worker(s) per rank instead of num_workers={workers}"
+        assert (lowered in caplog.text) == (expected != workers)
+        caplog.clear()
+    dm = module(data, num_workers=8, persistent_workers=False)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == dm.batches_per_worker(1) * 4
 
 
 def test_patterns_over_indexed_shards_know_their_sample_count(data, tmp_path):
