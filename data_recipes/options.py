@@ -118,12 +118,17 @@ def _terminated(signum: int, frame: Any) -> NoReturn:
 
 @contextlib.contextmanager
 def reported(parser: argparse.ArgumentParser, source: Path | str, out: Path) -> Iterator[None]:
-    """Run the block; a `RecipeError` or an `OSError` in it ends the run through `fail` (one line, status 2),
-    an `OSError` naming its file, else `source`. Ctrl-C or SIGTERM (a `KeyboardInterrupt` in the block) ends
-    it with one line and status 130 or 143, once the writers have removed their unfinished files."""
+    """Make `out` and run the block; a `RecipeError` or an `OSError` in it ends the run through `fail` (one
+    line, status 2), an `OSError` naming its file, else `source`. Ctrl-C or SIGTERM (a `KeyboardInterrupt` in
+    the block) ends it with one line and status 130 or 143, once the writers have removed their unfinished
+    files. A run that does not finish removes the folders it made, if they stayed empty."""
     previous = signal.signal(signal.SIGTERM, _terminated)
+    new = new_folders(out)
+    finished = False
     try:
+        out.mkdir(parents=True, exist_ok=True)
         yield
+        finished = True
     except RecipeError as err:
         fail(parser, str(err))
     except OSError as err:
@@ -137,18 +142,37 @@ def reported(parser: argparse.ArgumentParser, source: Path | str, out: Path) -> 
         raise SystemExit(128 + (err.args[0] if err.args else signal.SIGINT)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if not finished:  # a run that wrote nothing leaves no folder of its own behind
+            remove_if_empty(new)
 
 
 def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Create `--out` (exit with a one-line error, code 2, when it is a file or cannot be written)."""
+    """Exit with a one-line error, code 2, when `--out` is a file or cannot be made or written. Folders it
+    makes to find out are removed again: `reported` makes them for the run."""
     out: Path = args.out
+    new = new_folders(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        fail(parser, f"--out {out} is a file, not a folder")
-    except OSError as err:
-        fail(parser, f"--out {out} cannot be created: {short_error(err)}")
-    if not out.is_dir():
-        fail(parser, f"--out {out} is not a folder")
-    if not os.access(out, os.W_OK | os.X_OK):
-        fail(parser, f"--out {out} is not writable")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            fail(parser, f"--out {out} is a file, not a folder")
+        except OSError as err:
+            fail(parser, f"--out {out} cannot be created: {short_error(err)}")
+        if not out.is_dir():
+            fail(parser, f"--out {out} is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            fail(parser, f"--out {out} is not writable")
+    finally:
+        remove_if_empty(new)
+
+
+def new_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    return [folder for folder in (out, *out.parents) if not folder.exists() and not folder.is_symlink()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (deepest first) that is empty; leave the others."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

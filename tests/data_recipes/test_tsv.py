@@ -240,7 +240,7 @@ def test_a_utf16_or_utf32_input_is_a_one_line_error(folder, encoding, capsys):
         tsv.main(["--input", str(src), "--out", str(folder / "out"), "--workers", "2"])
     assert err.value.code == 2
     assert capsys.readouterr().err == f"python -m data_recipes.tsv: error: {src}: not UTF-8 text (UTF-16?)\n"
-    assert not list((folder / "out").iterdir())
+    assert not (folder / "out").exists()
 
 
 def test_a_nul_in_a_path_and_captions_without_text_are_skipped(folder):
