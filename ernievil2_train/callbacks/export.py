@@ -18,7 +18,10 @@ def model_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[st
     wrapper = trainer.strategy.model
     if not isinstance(wrapper, FSDP):
         return None
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    # gathered into host memory from a GPU; on CPU there is nothing to offload (and torch 2.13's CPU
+    # offload of a gathered state dict crashes the process)
+    offload = trainer.strategy.root_device.type != "cpu"
+    config = FullStateDictConfig(offload_to_cpu=offload, rank0_only=True)
     with FSDP.state_dict_type(wrapper, StateDictType.FULL_STATE_DICT, config):
         full = wrapper.state_dict()
     return {name.removeprefix("model."): t for name, t in full.items() if name.startswith("model.")}
