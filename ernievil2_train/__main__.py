@@ -12,12 +12,10 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from ernievil2_train.config_checks import ConfigError
-from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT
 
@@ -56,7 +54,11 @@ _started = False  # whether Hydra got as far as calling `main` (it makes the run
 def main(cfg: DictConfig) -> None:
     global _started
     _started = True
+    # imported once Hydra has composed the config: a config it cannot compose is reported without them
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from ernievil2_train.callbacks.retrieval import TrainingDiverged
+    from ernievil2_train.distributed import is_first_process
     from ernievil2_train.train import train
 
     try:

@@ -187,10 +187,19 @@ def test_feature_cache_accumulation_logs_the_scales_its_losses_used():
 
 def test_log_every_n_steps_zero_logs_no_step(tmp_path):
     """Lightning takes 0 as "no step logging"; the throughput report follows it."""
+    logged: list[tuple[int | None, set[str]]] = []
+
+    class RecordingLogger(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            logged.append((step, set(metrics)))
+            super().log_metrics(metrics, step)
+
     module = _module()
-    trainer = _trainer(max_steps=3, log_every_n_steps=0, logger=CSVLogger(tmp_path))
+    trainer = _trainer(max_steps=3, log_every_n_steps=0, logger=RecordingLogger(tmp_path))
     trainer.fit(module, train_dataloaders=_loader())
     assert module.trainer.global_step == 3
+    per_step = [(step, names) for step, names in logged if any(n.startswith("train/") for n in names)]
+    assert per_step == []
 
 
 def test_skip_counts_are_summed_per_epoch():

@@ -209,11 +209,31 @@ def test_remote_shards_are_not_checked_as_paths(demo_cache: Path, tmp_path: Path
         check_config(_compose(overrides, tmp_path))
 
 
-@pytest.mark.parametrize("group_option", ["trainer=ddp", "trainer=fsdp", "trainer=gpu", "logger=tensorboard",
-                                          "logger=csv", "loss=clip", "model=ernie_vil2_large"])
-def test_group_options_compose(group_option: str, demo_cache: Path, tmp_path: Path) -> None:
+def _option_node(group: str, option: str) -> DictConfig:
+    """A group option's YAML as Hydra places it: the same group's defaults first, then the file itself."""
+    node = OmegaConf.load(CONF / group / f"{option}.yaml")
+    merged = OmegaConf.create()
+    for parent in node.pop("defaults", []):
+        if parent != "_self_":
+            merged = OmegaConf.merge(merged, _option_node(group, parent))
+    return OmegaConf.merge(merged, node)
+
+
+@pytest.mark.parametrize(("group_option", "package"), [
+    ("trainer=ddp", "trainer"), ("trainer=fsdp", "trainer"), ("trainer=gpu", "trainer"),
+    ("logger=tensorboard", "logger"), ("logger=csv", "logger"), ("loss=clip", "module.loss"),
+    ("model=ernie_vil2_large", "model"),
+])
+def test_group_options_compose(group_option: str, package: str, demo_cache: Path, tmp_path: Path) -> None:
+    """The chosen option's file, and nothing of the default option's, lands where the code reads it."""
     cfg = _compose([group_option, f"paths.cache_dir={demo_cache}"], tmp_path)
     assert OmegaConf.to_container(cfg, resolve=True)
+    group, option = group_option.split("=")
+    expected = OmegaConf.to_container(_option_node(group, option))
+    assert OmegaConf.to_container(OmegaConf.select(cfg, package)) == expected
+    chosen = {k: v for entry in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(entry, DictConfig)
+              for k, v in entry.items()}
+    assert expected != OmegaConf.to_container(_option_node(group, chosen[group]))  # the option changes things
 
 
 def test_slurm_launcher_config_composes(demo_cache: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,8 +203,11 @@ def test_the_wandb_run_is_finished_with_how_training_ended(ending, exit_code, tm
     _ = logger.experiment
     finished: list[int] = []
     monkeypatch.setattr(wandb, "finish", lambda exit_code=None: finished.append(exit_code))
-    with contextlib.suppress(BaseException), wandb_run_finished([logger]):
-        if ending is not None:
+    if ending is None:
+        with wandb_run_finished([logger]):
+            pass
+    else:
+        with pytest.raises(ending), wandb_run_finished([logger]):
             raise ending()
     assert finished == [exit_code]
     wandb.run.finish()

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
 
@@ -179,14 +180,32 @@ def test_ernie_protocol_needs_paired_rows():
         ernie_protocol(np.ones((3, 2), np.float32), np.ones((4, 2), np.float32), device="cpu")
 
 
+class MatmulPrecisionLog(TorchFunctionMode):
+    """Records `torch.get_float32_matmul_precision()` at every matrix product run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in {"matmul", "__matmul__", "mm", "addmm", "bmm"}:
+            self.seen.append(torch.get_float32_matmul_precision())
+        return func(*args, **(kwargs or {}))
+
+
 def test_scores_stay_full_float32_under_reduced_matmul_precision():
+    """A caller's "medium" (TF32 / bf16 kernels) becomes "highest" for the score products, then comes back."""
     rng = np.random.default_rng(8)
-    text, image = quantised(rng, 30), quantised(rng, 30)
-    expected = ernie_protocol(text, image, device="cpu")
+    text = rng.standard_normal((30, 64)).astype(np.float32)
+    image = (text + rng.standard_normal((30, 64))).astype(np.float32)
+    expected = dense_reference(text, image, [[i] for i in range(30)])
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert ernie_protocol(text, image, device="cpu") == expected
+        with MatmulPrecisionLog() as log:
+            got = ernie_protocol(text, image, chunk_size=8, device="cpu")
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(previous)
+    assert log.seen and set(log.seen) == {"highest"}, log.seen
+    assert got == expected

@@ -162,12 +162,18 @@ def test_exif_orientation_is_applied(fmt: str):
     assert (a - b).abs().mean() < 0.1 < (wrong - b).abs().mean()
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK"])
 def test_other_modes_become_rgb(mode):
-    image = smooth_image(50, 40, 9).convert(mode)
-    fmt = "PNG" if mode in ("RGBA", "P") else "JPEG"
-    (x,) = TrainViews(image_size=24, num_views=1)(lazy(image, fmt))
-    assert x.shape == (3, 24, 24) and torch.isfinite(x).all()
+    """A whole-image view at the image's own size, no augmentation: exactly PIL's RGB conversion."""
+    image = smooth_image(40, 40, 9).convert(mode)
+    if mode in ("LA", "RGBA"):  # a varying alpha, which the conversion drops
+        image.putalpha(Image.linear_gradient("L").resize(image.size))
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    expected = np.asarray(lazy(image, fmt).convert("RGB"), np.float32)
+    views = TrainViews(image_size=40, num_views=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), **PLAIN)
+    (x,) = views(lazy(image, fmt))
+    assert x.shape == (3, 40, 40)
+    assert np.abs(denormalize(x) - expected).max() < 1e-3
 
 
 def test_center_view_crops_the_middle():
