@@ -31,7 +31,7 @@ from ernievil2_train.losses.multiview import (
     gathered_losses,
     required_batch_keys,
 )
-from ernievil2_train.optim import ScheduleConfig, tower_param_groups, warmup_cosine
+from ernievil2_train.optim import ScheduleConfig, clip_grad_norm, tower_param_groups, warmup_cosine
 from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ranks, set_rng_state
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
@@ -80,7 +80,8 @@ class ErnieVil2Module(pl.LightningModule):
     compile: `torch.compile` both towers (true, or a mode such as "max-autotune").
     freeze_vision / freeze_text: LiT-style (tower in eval mode, no grads, not optimized); a tower no active
     loss uses is frozen the same way. accumulate_microbatches = k > 1: feature-cache accumulation over k
-    chunks of each batch (manual optimization; clip with `gradient_clip_val` here, not in the Trainer).
+    chunks of each batch (manual optimization). gradient_clip_val: the global gradient norm to clip at, here
+    rather than by the Trainer (a run moves `trainer.gradient_clip_val` here).
     """
 
     def __init__(
@@ -139,10 +140,6 @@ class ErnieVil2Module(pl.LightningModule):
         if k < 1:
             raise TrainingConfigError(f"module.accumulate_microbatches must be >= 1, got {k}")
         clip = self.gradient_clip_val
-        if clip is not None and k == 1:
-            raise TrainingConfigError(
-                "module.gradient_clip_val is for accumulate_microbatches > 1; use trainer.gradient_clip_val"
-            )
         if clip is not None and (
             isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
         ):
@@ -282,10 +279,10 @@ class ErnieVil2Module(pl.LightningModule):
         return None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip with `gradient_clip_val` (feature-cache accumulation). Lightning calls this hook after the
+        """Clip the gradients' global norm at `gradient_clip_val`. Lightning calls this hook after the
         mixed-precision grad scaler has unscaled the gradients, so the norm is that of the true gradient."""
-        if not self.automatic_optimization and self.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, self.gradient_clip_val, gradient_clip_algorithm="norm")
+        if self.gradient_clip_val is not None:
+            clip_grad_norm(self.trainer.strategy.model, self.gradient_clip_val)
 
     def global_metrics(self, out: Batch, batch: Batch) -> Batch:
         """The global batch's loss, loss terms and top-1 accuracies from this rank's `out` (detached).

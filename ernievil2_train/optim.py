@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ernievil2_train.config_checks import ConfigError, dataclass_from
 
@@ -120,3 +122,12 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global norm of `model`'s gradients at `max_norm`: a sharded (FSDP) model's own clipping,
+    whose norm spans every rank's shards, else torch's. No host sync: the scale is applied on the device."""
+    if isinstance(model, FullyShardedDataParallel):
+        return model.clip_grad_norm_(max_norm)
+    grads = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm)

@@ -92,9 +92,8 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
 
 
 def settle_accumulation(cfg: DictConfig) -> None:
-    """With `module.accumulate_microbatches` k > 1 (manual optimization, where Lightning cannot clip): not
-    under FSDP, the batch size must split into k equal micro-batches, and `trainer.gradient_clip_val` moves to
-    `module.gradient_clip_val`, which clips the same gradient at the same point."""
+    """With `module.accumulate_microbatches` k > 1: not under FSDP, and the batch size must split into k
+    equal micro-batches."""
     k = cfg.module.get("accumulate_microbatches", 1)
     if not isinstance(k, int) or k <= 1:
         return
@@ -112,13 +111,28 @@ def settle_accumulation(cfg: DictConfig) -> None:
             f"config key 'module.accumulate_microbatches': {k} does not divide data.datamodule.batch_size="
             f"{batch_size} into equal micro-batches"
         )
+
+
+def settle_clipping(cfg: DictConfig) -> None:
+    """Move `trainer.gradient_clip_val` to `module.gradient_clip_val`: the module clips every way it trains,
+    where Lightning cannot (feature-cache accumulation), refuses to (a fused optimizer under mixed precision,
+    norm clipping under FSDP) or can. Refuse a fused optimizer with fp16 mixed precision and clipping: it
+    unscales the gradients inside its step, after the clipping."""
     clip = cfg.trainer.get("gradient_clip_val")
-    if clip is not None:
-        if cfg.module.get("gradient_clip_val") is None:
-            cfg.module.gradient_clip_val = clip
+    if clip is None or clip == 0:
         cfg.trainer.gradient_clip_val = None
-        log.info("accumulate_microbatches=%d: gradients clipped by the module at %s", k,
-                 cfg.module.gradient_clip_val)
+        return
+    fused = OmegaConf.select(cfg, "module.optimizer.fused", default=False)
+    if fused is True and str(cfg.trainer.get("precision", "")).startswith("16"):
+        raise ConfigError(
+            f"config key 'module.optimizer.fused': a fused optimizer unscales fp16 gradients inside its "
+            f"step, after trainer.gradient_clip_val={clip} would clip them; use "
+            f"trainer.precision=bf16-mixed, module.optimizer.fused=false or trainer.gradient_clip_val=null"
+        )
+    if cfg.module.get("gradient_clip_val") is None:
+        cfg.module.gradient_clip_val = clip
+    cfg.trainer.gradient_clip_val = None
+    log.info("gradients clipped by the module at %s", cfg.module.gradient_clip_val)
 
 
 def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
@@ -140,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_known_warnings()
     check_config(cfg)
     settle_accumulation(cfg)
+    settle_clipping(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

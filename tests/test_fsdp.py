@@ -41,8 +41,8 @@ def test_lightning_fsdp_trains_validates_exports_and_resumes_as_ddp(tmp_path: Pa
     """Lightning's FSDP strategy, sharded as `trainer=fsdp`: every forward gathers parameters from all ranks.
     Rank 0's validation shard holds only undecodable images (one batch of skip counts), rank 1's gives four
     batches: both ranks make four validation steps (rank 0 pads three), nobody waits forever, and the logged
-    metrics are DDP's. The exported weights after a step are DDP's; resumed from its sharded checkpoint
-    for a second step, the run exports what two DDP steps give."""
+    metrics are DDP's. The exported weights after a step, gradients clipped, are DDP's; resumed from its
+    sharded checkpoint for a second step, the run exports what two DDP steps give."""
     data = tmp_path / "data"
     data.mkdir()
     write_vocab(data / "vocab.txt")

@@ -133,10 +133,13 @@ def test_ddp_run_on_two_cpu_processes(demo_cache: Path, tmp_path: Path) -> None:
     assert len(last["rng_state"]) == 2  # every rank's generators
 
 
-def test_feature_cache_accumulation_runs_with_the_default_trainer_clipping(demo_cache: Path,
-                                                                            tmp_path: Path) -> None:
-    overrides = ["logger=csv", "trainer.max_steps=2", "module.accumulate_microbatches=2"]
-    result = _run(_cli(tmp_path / "run", *overrides), _env(demo_cache))
+@pytest.mark.parametrize("overrides", [
+    ["module.accumulate_microbatches=2"],
+    ["trainer.precision=bf16-mixed", "+module.optimizer.fused=true"],  # as the experiments train on a GPU
+])
+def test_the_default_clipping_runs_where_lightning_would_not_clip(overrides: list[str], demo_cache: Path,
+                                                                  tmp_path: Path) -> None:
+    result = _run(_cli(tmp_path / "run", "logger=csv", "trainer.max_steps=2", *overrides), _env(demo_cache))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gradients clipped by the module at 1.0" in result.stdout + result.stderr
 

@@ -230,7 +230,9 @@ def test_group_options_compose(group_option: str, package: str, demo_cache: Path
     assert OmegaConf.to_container(cfg, resolve=True)
     group, option = group_option.split("=")
     expected = OmegaConf.to_container(_option_node(group, option))
-    assert OmegaConf.to_container(OmegaConf.select(cfg, package)) == expected
+    placed = OmegaConf.select(cfg, package)
+    assert placed is not None, f"{group_option}: nothing at {package}"
+    assert OmegaConf.to_container(placed) == expected
     chosen = {k: v for entry in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(entry, DictConfig)
               for k, v in entry.items()}
     assert expected != OmegaConf.to_container(_option_node(group, chosen[group]))  # the option changes things

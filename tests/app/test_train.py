@@ -19,6 +19,7 @@ from ernievil2_train.train import (
     build,
     check_data_fits_model,
     settle_accumulation,
+    settle_clipping,
     wandb_run_finished,
 )
 from tests.data.shard_helpers import sample, write_shard, write_vocab
@@ -158,13 +159,33 @@ def _accumulating(k: int, batch_size: int = 64, trainer_clip: float | None = 1.0
                              "data": {"datamodule": {"batch_size": batch_size}}})
 
 
-def test_feature_cache_accumulation_takes_over_the_trainers_clipping() -> None:
-    """Lightning cannot clip under manual optimization: the trainer's value moves to the module (a value
-    set on the module wins); without accumulation both stay as they are."""
-    for k, module_clip, expected in ((2, None, (None, 1.0)), (2, 0.5, (None, 0.5)), (1, None, (1.0, None))):
-        cfg = _accumulating(k, module_clip=module_clip)
-        settle_accumulation(cfg)
+def test_the_module_takes_over_the_trainers_clipping() -> None:
+    """The module clips in every case (Lightning cannot under manual optimization and refuses to for a fused
+    optimizer under mixed precision or under FSDP): the trainer's value moves to the module, a value set on
+    the module wins, and 0 or null clips nowhere."""
+    cases = ((2, 1.0, None, (None, 1.0)), (2, 1.0, 0.5, (None, 0.5)), (1, 1.0, None, (None, 1.0)),
+             (1, 0, None, (None, None)), (1, None, None, (None, None)))
+    for k, trainer_clip, module_clip, expected in cases:
+        cfg = _accumulating(k, trainer_clip=trainer_clip, module_clip=module_clip)
+        settle_clipping(cfg)
         assert (cfg.trainer.gradient_clip_val, cfg.module.gradient_clip_val) == expected
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16", "bf16-mixed", "32-true"])
+def test_a_fused_optimizer_clips_except_under_fp16_mixed_precision(precision: str) -> None:
+    """A fused optimizer unscales fp16 gradients inside its step, after the clipping: refused; bf16 has no
+    grad scaler."""
+    cfg = _accumulating(1)
+    cfg.trainer.precision = precision
+    cfg.module.optimizer = {"_target_": "torch.optim.AdamW", "fused": True}
+    if precision.startswith("16"):
+        with pytest.raises(ConfigError, match=r"'module.optimizer.fused': a fused optimizer unscales fp16"):
+            settle_clipping(cfg)
+    else:
+        settle_clipping(cfg)
+        assert cfg.module.gradient_clip_val == 1.0
+    cfg.trainer.gradient_clip_val = None  # without clipping, nothing to refuse
+    settle_clipping(cfg)
 
 
 def test_micro_batches_must_split_the_batch_evenly() -> None:
