@@ -13,11 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from ernievil2_train.callbacks.retrieval import PREFIX as RETRIEVAL_PREFIX
+from ernievil2_train.callbacks.retrieval import RetrievalCallback
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
 from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resume import (
@@ -135,6 +137,20 @@ def settle_clipping(cfg: DictConfig) -> None:
     log.info("gradients clipped by the module at %s", cfg.module.gradient_clip_val)
 
 
+def without_retrieval_checkpoints(callbacks: list[Any]) -> list[Any]:
+    """`callbacks`, less the checkpoints that keep the best epoch by a `retrieval/` metric when no zero-shot
+    evaluation logs it (no eval set): Lightning would stop the run at the first epoch end. The last
+    checkpoint stays, and the export is the final model."""
+    if any(isinstance(c, RetrievalCallback) and c.eval_set is not None for c in callbacks):
+        return callbacks
+    unmonitored = [c for c in callbacks
+                   if isinstance(c, ModelCheckpoint) and str(c.monitor or "").startswith(RETRIEVAL_PREFIX)]
+    if unmonitored:
+        log.info("no eval set: no checkpoint of the best epoch by %s (the last checkpoint is kept, the final "
+                 "model exported)", unmonitored[0].monitor)
+    return [c for c in callbacks if not any(c is u for u in unmonitored)]
+
+
 def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
     """Write the run's config into `<run folder>/.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra
     writes them) once the run is accepted, from the first process only. Hydra's own early writing is off
@@ -172,10 +188,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("resuming keeps the optimizer state of %s (learning rate, weight decay and betas "
                         "included); changed settings have no effect: %s (start a new run folder to use them)",
                         ckpt_path, "; ".join(ignored))
-    callbacks = _build_group("callbacks", cfg.get("callbacks"))
+    callbacks = without_retrieval_checkpoints(_build_group("callbacks", cfg.get("callbacks")))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _build_group("logger", cfg.get("logger"))
+    if not loggers:  # Lightning refuses a learning-rate monitor without a logger to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     save_run_config(cfg, output_dir)
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # the recall lines, for the run's log file: the Hydra config sends this logger to the file only (the console
 # gets the plain line above the progress bar)
 report_log = logging.getLogger("ernievil2_train.retrieval_report")
+PREFIX = "retrieval/"  # of every metric the callback logs
 LOGGED = ("t2i/r@1", "t2i/r@5", "t2i/r@10", "i2t/r@1", "i2t/r@5", "i2t/r@10", "mean_recall")
 PROTOCOLS = ("any_positive", "ernie")
 AUTOCAST = {
@@ -205,7 +206,7 @@ class RetrievalCallback(pl.Callback):
             return
         metrics = self.evaluate(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics({f"retrieval/{k}": metrics[k] for k in LOGGED}, step=trainer.global_step)
+            logger.log_metrics({f"{PREFIX}{k}": metrics[k] for k in LOGGED}, step=trainer.global_step)
         self._report(trainer, pl_module, "zero-shot baseline")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,7 +215,7 @@ class RetrievalCallback(pl.Callback):
         metrics = self.evaluate(trainer, pl_module)
         for key in LOGGED:
             # identical on every rank: the sync only keeps Lightning from warning about epoch-level values
-            pl_module.log(f"retrieval/{key}", metrics[key], sync_dist=True)
+            pl_module.log(f"{PREFIX}{key}", metrics[key], sync_dist=True)
         self._report(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:

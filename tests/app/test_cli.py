@@ -210,6 +210,17 @@ def test_fine_tuning_on_a_few_pairs_of_your_own_runs_as_the_readme_says(demo_cac
     assert (run_dir / "export" / "model.safetensors").is_file()
 
 
+def test_a_run_without_eval_set_or_logger_trains_and_exports_the_final_model(demo_cache: Path,
+                                                                              tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run(_cli(run_dir, "data.eval_set=null", "logger=[]", "trainer.max_epochs=1"), _env(demo_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "no eval set: no checkpoint of the best epoch by retrieval/mean_recall" in output
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
 def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_path: Path) -> None:
     result = _run([sys.executable, "-m", "ernievil2_train", "+experiment=finetune_cococn",
                    f"hydra.run.dir={tmp_path}"], _env(demo_cache))

@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import wandb
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 
 from ernievil2_train.callbacks.requeue import RequeueExit
+from ernievil2_train.callbacks.retrieval import RetrievalCallback
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.train import (
@@ -21,6 +23,7 @@ from ernievil2_train.train import (
     settle_accumulation,
     settle_clipping,
     wandb_run_finished,
+    without_retrieval_checkpoints,
 )
 from tests.data.shard_helpers import sample, write_shard, write_vocab
 from tests.models.tiny import TINY, tiny_model
@@ -204,6 +207,19 @@ def test_micro_batches_are_refused_under_fsdp(strategy) -> None:
         settle_accumulation(cfg)
     cfg.trainer.strategy = "ddp"
     settle_accumulation(cfg)
+
+
+def test_checkpoints_of_the_best_retrieval_epoch_need_an_eval_set(tmp_path: Path) -> None:
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="retrieval/mean_recall", mode="max")
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    by_loss = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss_image_caption")
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    evaluating = RetrievalCallback(eval_set=str(tmp_path), split="valid", vocab_file=str(vocab),
+                                   image_size=32)
+    idle = RetrievalCallback(eval_set=None, split="valid", vocab_file=None, image_size=32)
+    assert without_retrieval_checkpoints([evaluating, best, last]) == [evaluating, best, last]
+    assert without_retrieval_checkpoints([idle, best, last, by_loss]) == [idle, last, by_loss]
+    assert without_retrieval_checkpoints([best, last]) == [last]
 
 
 def test_a_trainer_the_machine_cannot_run_is_a_config_error() -> None:
