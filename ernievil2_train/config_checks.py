@@ -114,8 +114,9 @@ def _path_exists(value: str) -> bool:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer, a negative
-    gradient clipping norm (Lightning would not clip), or the first local input path that does not exist."""
+    """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer numpy takes, an
+    empty cache folder, a negative gradient clipping norm (Lightning would not clip), or the first local input
+    path that does not exist."""
     missing = missing_keys(cfg)
     if len(missing) == 1:
         key = missing[0]
@@ -129,6 +130,11 @@ def check_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int | None):
         raise ConfigError(f"config key 'seed': expected an integer, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"config key 'seed': must be from 0 to {2**32 - 1} (numpy's seeds), got {seed}")
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    if cache_dir == "":
+        raise ConfigError("config key 'paths.cache_dir': empty (an empty ERNIEVIL2_CACHE?); set a folder")
     clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
     number = isinstance(clip, int | float) and not isinstance(clip, bool)
     if clip is not None and (not number or not 0 <= clip < math.inf):

@@ -146,6 +146,11 @@ class ErnieVil2Module(pl.LightningModule):
             raise TrainingConfigError(
                 f"module.gradient_clip_val must be positive and finite (null: no clipping), got {clip!r}"
             )
+        for tower, lr in self.lrs.items():
+            if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float)
+                                   or not 0 <= lr < math.inf):
+                raise TrainingConfigError(f"module.{tower}_lr must be 0 or more and finite (null: "
+                                          f"module.optimizer.lr), got {lr!r}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise TrainingConfigError(f"module.layer_decay must be in (0, 1], got {self.layer_decay}")
 

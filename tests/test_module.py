@@ -334,6 +334,8 @@ def test_lightning_gradient_accumulation_is_refused():
     ({"gradient_clip_val": -1.0, "accumulate_microbatches": 2}, "gradient_clip_val must be positive"),
     ({"accumulate_microbatches": 0}, "accumulate_microbatches must be >= 1"),
     ({"layer_decay": 1.5}, "layer_decay"),
+    ({"vision_lr": -1.0}, "module.vision_lr must be 0 or more"),
+    ({"temperature_lr": float("inf")}, "module.temperature_lr must be 0 or more"),
     ({"compile": "fastest"}, "module.compile must be true, false or one of default, reduce-overhead"),
 ])
 def test_flag_combinations_are_refused(kwargs, match):

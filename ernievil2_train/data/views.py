@@ -50,6 +50,9 @@ class ViewConfig:
     token_drop_p: float = 0.15
 
     def __post_init__(self) -> None:
+        for name in ("image_view2", "tags"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"views.{name} must be true or false, got {getattr(self, name)!r}")
         if self.text_view not in TEXT_VIEW_MODES:
             raise ValueError(f"views.text_view must be one of {TEXT_VIEW_MODES}, got {self.text_view!r}")
         if not 0 <= self.token_drop_p < 1:

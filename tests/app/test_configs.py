@@ -128,6 +128,26 @@ def test_a_seed_that_is_not_an_integer_names_the_key(seed: str, demo_cache: Path
         check_config(cfg)
 
 
+@pytest.mark.parametrize(("seed", "taken"), [("-1", False), (str(2**32), False), ("0", True),
+                                             (str(2**32 - 1), True)])
+def test_a_seed_numpy_cannot_take_names_the_key(seed: str, taken: bool, demo_cache: Path,
+                                                tmp_path: Path) -> None:
+    cfg = _compose([f"seed={seed}", f"paths.cache_dir={demo_cache}"], tmp_path)
+    if taken:
+        check_config(cfg)
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'seed': must be from 0 to {2**32 - 1}")):
+        check_config(cfg)
+
+
+def test_an_empty_cache_folder_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty `ERNIEVIL2_CACHE` would put the demo set at the top of the file system."""
+    monkeypatch.setenv("ERNIEVIL2_CACHE", "")
+    cfg = _compose([], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("config key 'paths.cache_dir': empty")):
+        check_config(cfg)
+
+
 @pytest.mark.parametrize("clip", ["-1", "inf", "abc"])
 def test_a_clipping_norm_below_zero_names_the_key(clip: str, demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose([f"trainer.gradient_clip_val={clip}", f"paths.cache_dir={demo_cache}"], tmp_path)

@@ -146,6 +146,10 @@ def test_bad_view_config_is_refused():
         ViewConfig(text_view="shuffle")
     with pytest.raises(ValueError, match="token_drop_p"):
         ViewConfig(token_drop_p=1.0)
+    for name in ("image_view2", "tags"):  # a YAML "no" or a quoted "false" is a string, and strings are true
+        for value in ("no", "false", 1, None):
+            with pytest.raises(ValueError, match=f"views.{name} must be true or false, got {value!r}"):
+                ViewConfig(**{name: value})
 
 
 def test_unknown_view_field_is_named() -> None:
