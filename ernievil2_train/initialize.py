@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from ernievil2_train.checkpoints.errors import state_mismatch
+from ernievil2_train.checkpoints.errors import short_reason, state_mismatch
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import DualEncoder, create_model
 
@@ -48,7 +48,7 @@ def _read_state(path: Path, key: str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"config key 'model.{key}': cannot read {path} ({err})") from None
+        raise ConfigError(f"config key 'model.{key}': cannot read {path} ({short_reason(err)})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"config key 'model.{key}': {path} does not hold a state dict of tensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -79,6 +80,19 @@ def test_source_errors(tmp_path):
         build_model(preset="ernie_vil2_base", checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="checkpoint folder not found"):
         build_model(checkpoint=str(tmp_path / "missing"))
+
+
+
+def test_an_unreadable_weight_file_is_one_line_naming_key_and_file(tmp_path):
+    """A pickle torch's safe loader refuses (a Paddle checkpoint, say) gets a multi-line error from torch:
+    only its first sentence is kept, after the key and the file."""
+    pickled = tmp_path / "model.pdparams"
+    torch.save({"w": torch.zeros(2), "step": np.int64(3)}, pickled)  # a numpy scalar: refused by weights_only
+    with pytest.raises(ConfigError) as refused:
+        build_model(config=TINY, text_weights=str(pickled))
+    message = str(refused.value)
+    assert message.startswith(f"config key 'model.text_weights': cannot read {pickled} (UnpicklingError: ")
+    assert "\n" not in message
 
 
 def _hf_ernie(cls_name: str, text: dict) -> torch.nn.Module:
