@@ -247,13 +247,15 @@ def _setup(args: argparse.Namespace) -> tuple[Embedder, DualEncoder]:
 def _embed_to_output(
     args: argparse.Namespace, embedder: Embedder, transform: Callable[[bytes], torch.Tensor]
 ) -> tuple[int, Skipped]:
-    """Embed into a temporary file beside --output, moved there only when at least one row was written."""
+    """Embed into a temporary file beside --output, moved there only when at least one row was written; an
+    --output that is not a regular file (`/dev/null`, a named pipe) is written as it is, never replaced."""
     src, out = Path(args.input), Path(args.output)
     target = _destination(out)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    direct = target.exists() and not target.is_file()
+    staged = target if direct else target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         try:
-            fh = tmp.open("x", encoding="utf-8")
+            fh = staged.open("w" if direct else "x", encoding="utf-8")
         except OSError as err:
             raise ValueError(f"--output {out}: cannot write into {target.parent} ({err.strerror})") from None
         try:
@@ -265,11 +267,13 @@ def _embed_to_output(
         if not written:
             why = f"no row could be embedded; {skipped.summary()}" if skipped.counts else "no rows in it"
             raise ValueError(f"--input {src}: nothing written to --output ({why})")
-        with _naming_output(out):
-            os.replace(tmp, target)
+        if not direct:
+            with _naming_output(out):
+                os.replace(staged, target)
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if not direct:
+            with contextlib.suppress(OSError):
+                staged.unlink(missing_ok=True)
     return written, skipped
 
 

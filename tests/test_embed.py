@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -363,3 +364,25 @@ def test_a_read_only_output_is_refused_and_kept(
     assert capsys.readouterr().err.strip() == f"error: --output {out}: is read-only"
     assert out.read_text(encoding="utf-8") == "previous run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.txt", "p.tsv"]
+
+
+def test_an_output_that_is_not_a_regular_file_is_written_not_replaced(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path
+) -> None:
+    """`--output /dev/null` (a character device) or a named pipe: written to as they are."""
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}"])
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    reader = subprocess.Popen(["cat", str(pipe)], stdout=subprocess.PIPE, text=True)
+    try:
+        argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", pipe, "--max-len", "16"]
+        assert embed.main([str(a) for a in argv]) == 0
+        rows, _ = reader.communicate(timeout=60)
+    finally:
+        reader.kill()
+    assert len(rows.splitlines()) == 1 and rows.endswith("\t1\n")
+    assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["p.tsv", "pipe"]
+    null = Path(os.devnull)
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", null, "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 0
+    assert null.is_char_device()
