@@ -21,6 +21,9 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     `checkpoints/last.ckpt`, if any; `"last"`: the run folder's last checkpoint, which must exist;
     anything else: that path. A checkpoint is a file, or a folder when FSDP saves it sharded.
     """
+    if ckpt_path == "":
+        raise ConfigError("config key 'ckpt_path': empty; give a checkpoint, last, or null (the run folder's "
+                          "checkpoint if it has one)")
     newest = newest_checkpoint(output_dir)
     if ckpt_path is None:
         return _readable(newest, f"run folder checkpoint {newest}; delete it or set ckpt_path")
@@ -72,8 +75,9 @@ def _readable(path: str | None, what: str) -> str | None:
 
 def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: str) -> list[str]:
     """Refuse a training checkpoint this run's module cannot continue from: weights of another model size or
-    preset (naming the model settings that differ), or an optimizer state of other parameter groups (a tower
-    frozen or unfrozen, layer-wise lr decay turned on or off); `source` says where the path came from.
+    preset (naming the model settings that differ), other losses, weights without an optimizer state, or an
+    optimizer state of other parameter groups (a tower frozen or unfrozen, layer-wise lr decay turned on or
+    off); `source` says where the path came from.
     Returns the optimizer settings the checkpoint's state keeps over this run's config (see
     `_optimizer_settings_kept`). Reads the file memory-mapped: no tensor data is read. Folders (sharded FSDP
     checkpoints) are left to Lightning."""
@@ -96,6 +100,12 @@ def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: st
         raise ConfigError(
             f"{source}: {ckpt_path}: was trained with other losses than this run's ({mismatch}): resume with "
             f"the module.loss.weights it was trained with, or start a new run folder"
+        )
+    if OPTIMIZER_STATES not in checkpoint:
+        raise ConfigError(
+            f"{source}: {ckpt_path}: holds weights only (no optimizer state to resume); to start a new run "
+            f"from them, export it (python -m ernievil2_train.export {ckpt_path} DIR) and set "
+            f"model.checkpoint=DIR"
         )
     return _optimizer_settings_kept(checkpoint, module, f"{source}: {ckpt_path}")
 

@@ -64,9 +64,10 @@ def test_an_unreadable_checkpoint_is_refused_before_training(tmp_path: Path) -> 
 
 
 def _saved_module(path: Path, model: torch.nn.Module) -> Path:
-    """A training checkpoint of `model` as `ErnieVil2Module` saves it (weights and model config)."""
+    """A training checkpoint of `model` as `ErnieVil2Module` saves it (weights, model config, optimizer)."""
     module = ErnieVil2Module(model)
-    checkpoint = {"state_dict": module.state_dict()}
+    optimizer = module.optimizer_factory(module.param_groups())
+    checkpoint = {"state_dict": module.state_dict(), "optimizer_states": [optimizer.state_dict()]}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
@@ -99,6 +100,18 @@ def test_a_checkpoint_without_model_config_names_the_weights_that_differ(tmp_pat
     torch.save({"weights": {}}, path)
     with pytest.raises(ConfigError, match="not a Lightning training checkpoint"):
         check_checkpoint_fits(str(path), ErnieVil2Module(tiny_model()), "config key 'ckpt_path'")
+
+
+def test_a_checkpoint_of_weights_only_is_refused_naming_how_to_start_from_them(tmp_path: Path) -> None:
+    """`ModelCheckpoint(save_weights_only=True)` leaves out the optimizer state a resume restores."""
+    path = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": ErnieVil2Module(tiny_model()).state_dict()}, path)
+    message = (f"ckpt: {path}: holds weights only (no optimizer state to resume); to start a new run from "
+               f"them, export it (python -m ernievil2_train.export {path} DIR) and set model.checkpoint=DIR")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_checkpoint_fits(str(path), ErnieVil2Module(tiny_model()), "ckpt")
+    with pytest.raises(ConfigError, match=re.escape("config key 'ckpt_path': empty; give a checkpoint")):
+        resume_checkpoint("", tmp_path)
 
 
 def test_an_interruption_names_what_resumes_it(tmp_path: Path) -> None:
