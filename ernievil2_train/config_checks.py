@@ -28,6 +28,9 @@ PATH_KEYS = (
     "text_weights",
 )
 
+# Config leaves naming a folder the run writes into (checkpoints, export, loggers).
+OUTPUT_KEYS = ("dirpath", "save_dir")
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; reported as one line, exit code 2."""
@@ -115,8 +118,8 @@ def _path_exists(value: str) -> bool:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer numpy takes, an
-    empty cache folder, a negative gradient clipping norm (Lightning would not clip), or the first local input
-    path that does not exist."""
+    empty cache folder, a negative gradient clipping norm (Lightning would not clip), a validation interval
+    below one epoch, an output folder that is a file, or the first local input path that does not exist."""
     missing = missing_keys(cfg)
     if len(missing) == 1:
         key = missing[0]
@@ -142,8 +145,16 @@ def check_config(cfg: DictConfig) -> None:
             f"config key 'trainer.gradient_clip_val': must be 0 or more and finite (0 or null: no clipping), "
             f"got {clip!r}"
         )
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=None)
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"config key 'trainer.check_val_every_n_epoch': must be 1 or more, got {every!r}")
     for key in _leaf_keys(cfg):
-        if key.rsplit(".", 1)[-1] not in PATH_KEYS:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in OUTPUT_KEYS:
+            folder = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+            if isinstance(folder, str) and folder and Path(folder).exists() and not Path(folder).is_dir():
+                raise ConfigError(f"config key '{key}': {folder} is a file, not a folder")
+        if leaf not in PATH_KEYS:
             continue
         resolved = OmegaConf.select(cfg, key)
         remote = isinstance(resolved, str) and is_remote(resolved)

@@ -41,6 +41,8 @@ class SlurmRequeue(pl.Callback):
     collective); a single process checks its flag after every step at no cost."""
 
     def __init__(self, signal_name: str = "SIGUSR1", check_every_n_steps: int = 1) -> None:
+        if signal_name not in signal.Signals.__members__:
+            raise ValueError(f"signal_name: {signal_name!r} is not a signal name (SLURM's is SIGUSR1)")
         self.signum = signal.Signals[signal_name]
         self.check_every_n_steps = max(1, int(check_every_n_steps))
         self.requested = False

@@ -140,6 +140,25 @@ def test_a_seed_numpy_cannot_take_names_the_key(seed: str, taken: bool, demo_cac
         check_config(cfg)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("trainer.check_val_every_n_epoch=0", "'trainer.check_val_every_n_epoch': must be 1 or more, got 0"),
+    ("callbacks.export.dirpath={file}", "'callbacks.export.dirpath': {file} is a file, not a folder"),
+    ("callbacks.model_checkpoint.dirpath={file}", "'callbacks.model_checkpoint.dirpath': {file} is a file"),
+    ("logger.wandb.save_dir={file}", "'logger.wandb.save_dir': {file} is a file, not a folder"),
+])
+def test_values_lightning_would_stop_on_late_name_the_key(override: str, message: str, demo_cache: Path,
+                                                          tmp_path: Path) -> None:
+    """Refused before training, not at the first validation or the first save."""
+    file = tmp_path / "a_file"
+    file.write_text("")
+    cfg = _compose([override.format(file=file), f"paths.cache_dir={demo_cache}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=re.escape(f"config key {message.format(file=file)}")):
+        check_config(cfg)
+    folder = _compose([override.format(file=tmp_path).replace("=0", "=2"), f"paths.cache_dir={demo_cache}"],
+                      tmp_path / "run")
+    check_config(folder)
+
+
 def test_an_empty_cache_folder_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty `ERNIEVIL2_CACHE` would put the demo set at the top of the file system."""
     monkeypatch.setenv("ERNIEVIL2_CACHE", "")

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -91,3 +92,9 @@ def test_outside_slurm_the_signal_is_left_alone(tmp_path, monkeypatch):
         assert len(module.trained) == 2 * BATCHES and not list((tmp_path / "run").glob("hpc_ckpt_*"))
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_name_that_is_no_signal_is_refused():
+    with pytest.raises(ValueError, match=r"signal_name: 'SIGFOO' is not a signal name"):
+        SlurmRequeue(signal_name="SIGFOO")
+    assert SlurmRequeue(signal_name="SIGUSR2").signum == signal.SIGUSR2
