@@ -33,12 +33,20 @@ NO_CUDA_RUNTIME = re.compile(r"No CUDA runtime is found")
 CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
 
 
-def _not_litlogger_tip(record: logging.LogRecord) -> bool:
-    return not LITLOGGER_TIP.match(record.getMessage())
+class _Dropping(logging.Filter):
+    """A logger filter that drops the records whose message starts with a match of `pattern`."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
 
 
-def _not_no_cuda_runtime(record: logging.LogRecord) -> bool:
-    return not NO_CUDA_RUNTIME.match(record.getMessage())
+# one instance each: a logger takes a filter once, however often `quiet_known_warnings` runs
+_DROP_LITLOGGER_TIP = _Dropping(LITLOGGER_TIP)
+_DROP_NO_CUDA_RUNTIME = _Dropping(NO_CUDA_RUNTIME)
 
 
 def quiet_known_warnings() -> None:
@@ -46,8 +54,8 @@ def quiet_known_warnings() -> None:
     Lightning's LitLogger tip and torch's no-CUDA-runtime note."""
     _ignore(KNOWN_WARNINGS)
     for name in RANK_ZERO_LOGGERS:
-        logging.getLogger(name).addFilter(_not_litlogger_tip)
-    logging.getLogger(CPP_EXTENSION_LOGGER).addFilter(_not_no_cuda_runtime)
+        logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)
+    logging.getLogger(CPP_EXTENSION_LOGGER).addFilter(_DROP_NO_CUDA_RUNTIME)
 
 
 def quiet_resume_warnings() -> None:

@@ -23,7 +23,7 @@ from ernievil2_train.checkpoints.errors import (
     state_mismatch,
 )
 from ernievil2_train.models import DualEncoder, DualEncoderConfig
-from ernievil2_train.models.memory import check_fits_in_memory
+from ernievil2_train.models.memory import check_fits_in_memory, weight_bytes
 from ernievil2_train.optim import count_layers
 from ernievil2_train.text.vocab import check_vocab_fits
 
@@ -167,7 +167,7 @@ def _build_model(
     if mismatch:
         raise CheckpointError(f"{mismatch_message} ({mismatch})")
     try:
-        check_fits_in_memory(model_config)
+        check_fits_in_memory(model_config, weight_bytes(shell))  # the shell is built: count it
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}") from None
     return DualEncoder(model_config)

@@ -64,11 +64,11 @@ def model_bytes(config: DualEncoderConfig) -> int:
     return base + (config.vision.layers - 1) * per_vision_layer + (config.text.layers - 1) * per_text_layer
 
 
-def check_fits_in_memory(config: DualEncoderConfig) -> None:
-    """ValueError when the weights of a model of `config` need more memory than is available: sizes set far
-    too large (a mistyped image size, say) are refused at once rather than by the allocator's traceback or
-    the kernel's out-of-memory kill."""
-    needed, available = model_bytes(config), available_memory()
+def check_fits_in_memory(config: DualEncoderConfig, needed: int | None = None) -> None:
+    """ValueError when the weights of a model of `config` (`needed` bytes, when already counted) need more
+    memory than is available: sizes set far too large (a mistyped image size, say) are refused at once
+    rather than by the allocator's traceback or the kernel's out-of-memory kill."""
+    needed, available = model_bytes(config) if needed is None else needed, available_memory()
     if available is not None and needed > available:
         raise ValueError(
             f"the model's weights need {needed / GIB:,.1f} GiB, more than the {available / GIB:,.1f} GiB of "

@@ -19,6 +19,7 @@ from ernievil2_train.checkpoints import (
     save_pretrained,
 )
 from ernievil2_train.checkpoints.io import _current_umask
+from ernievil2_train.models import DualEncoderConfig, memory
 from tests.data.shard_helpers import write_vocab
 from tests.models.tiny import TINY, tiny_model
 
@@ -269,3 +270,17 @@ def test_a_config_of_other_sizes_than_its_weights_is_refused_before_building(
         load_pretrained(out)
     assert str(caught.value).startswith(f"{out / 'model.safetensors'}: weights do not match config.json (")
     assert message in str(caught.value)
+
+
+def test_weights_beyond_the_available_memory_are_refused_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted on the meta-device model built to check the weights' shapes, before any memory is taken."""
+    folder = save_pretrained(tiny_model(), tmp_path / "ckpt")
+    needed = memory.model_bytes(DualEncoderConfig.from_dict(TINY))
+    monkeypatch.setattr(memory, "available_memory", lambda: needed - 1)
+    refused = f"{folder / 'config.json'}: the model's weights need"
+    with pytest.raises(CheckpointError, match=re.escape(refused)):
+        load_pretrained(folder)
+    monkeypatch.setattr(memory, "available_memory", lambda: needed)
+    load_pretrained(folder)
