@@ -121,41 +121,38 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
         check_config(cfg)
 
 
-@pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
-def test_a_seed_that_is_not_an_integer_names_the_key(seed: str, demo_cache: Path, tmp_path: Path) -> None:
-    cfg = _compose([f"seed={seed}", f"paths.cache_dir={demo_cache}"], tmp_path)
-    with pytest.raises(ConfigError, match=re.escape("config key 'seed': expected an integer, got")):
+@pytest.mark.parametrize(("override", "message"), [
+    *((f"seed={seed}", "'seed': expected an integer, got") for seed in ("abc", "1.5", "true")),
+    *((f"seed={seed}", f"'seed': must be from 0 to {2**32 - 1}") for seed in ("-1", str(2**32))),
+    *((f"trainer.gradient_clip_val={clip}", "'trainer.gradient_clip_val': must be 0 or")
+      for clip in ("-1", "inf", "abc")),
+    ("trainer.check_val_every_n_epoch=0", "'trainer.check_val_every_n_epoch': must be 1 or more, got 0"),
+])
+def test_a_bad_value_names_the_key(override: str, message: str, demo_cache: Path, tmp_path: Path) -> None:
+    cfg = _compose([override, f"paths.cache_dir={demo_cache}"], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"config key {message}")):
         check_config(cfg)
 
 
-@pytest.mark.parametrize(("seed", "taken"), [("-1", False), (str(2**32), False), ("0", True),
-                                             (str(2**32 - 1), True)])
-def test_a_seed_numpy_cannot_take_names_the_key(seed: str, taken: bool, demo_cache: Path,
-                                                tmp_path: Path) -> None:
-    cfg = _compose([f"seed={seed}", f"paths.cache_dir={demo_cache}"], tmp_path)
-    if taken:
-        check_config(cfg)
-        return
-    with pytest.raises(ConfigError, match=re.escape(f"config key 'seed': must be from 0 to {2**32 - 1}")):
-        check_config(cfg)
+@pytest.mark.parametrize("seed", ["0", str(2**32 - 1)])
+def test_every_seed_numpy_takes_is_taken(seed: str, demo_cache: Path, tmp_path: Path) -> None:
+    check_config(_compose([f"seed={seed}", f"paths.cache_dir={demo_cache}"], tmp_path))
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("trainer.check_val_every_n_epoch=0", "'trainer.check_val_every_n_epoch': must be 1 or more, got 0"),
-    ("callbacks.export.dirpath={file}", "'callbacks.export.dirpath': {file} is a file, not a folder"),
-    ("callbacks.model_checkpoint.dirpath={file}", "'callbacks.model_checkpoint.dirpath': {file} is a file"),
-    ("logger.wandb.save_dir={file}", "'logger.wandb.save_dir': {file} is a file, not a folder"),
+    ("callbacks.export.dirpath={path}", "'callbacks.export.dirpath': {path} is a file, not a folder"),
+    ("callbacks.model_checkpoint.dirpath={path}", "'callbacks.model_checkpoint.dirpath': {path} is a file"),
+    ("logger.wandb.save_dir={path}", "'logger.wandb.save_dir': {path} is a file, not a folder"),
 ])
-def test_values_lightning_would_stop_on_late_name_the_key(override: str, message: str, demo_cache: Path,
-                                                          tmp_path: Path) -> None:
-    """Refused before training, not at the first validation or the first save."""
+def test_an_output_folder_that_is_a_file_names_the_key(override: str, message: str, demo_cache: Path,
+                                                       tmp_path: Path) -> None:
+    """Refused before training, not at the first save."""
     file = tmp_path / "a_file"
     file.write_text("")
-    cfg = _compose([override.format(file=file), f"paths.cache_dir={demo_cache}"], tmp_path / "run")
-    with pytest.raises(ConfigError, match=re.escape(f"config key {message.format(file=file)}")):
+    cfg = _compose([override.format(path=file), f"paths.cache_dir={demo_cache}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=re.escape(f"config key {message.format(path=file)}")):
         check_config(cfg)
-    folder = _compose([override.format(file=tmp_path).replace("=0", "=2"), f"paths.cache_dir={demo_cache}"],
-                      tmp_path / "run")
+    folder = _compose([override.format(path=tmp_path), f"paths.cache_dir={demo_cache}"], tmp_path / "run")
     check_config(folder)
 
 
@@ -164,13 +161,6 @@ def test_an_empty_cache_folder_names_the_key(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("ERNIEVIL2_CACHE", "")
     cfg = _compose([], tmp_path)
     with pytest.raises(ConfigError, match=re.escape("config key 'paths.cache_dir': empty")):
-        check_config(cfg)
-
-
-@pytest.mark.parametrize("clip", ["-1", "inf", "abc"])
-def test_a_clipping_norm_below_zero_names_the_key(clip: str, demo_cache: Path, tmp_path: Path) -> None:
-    cfg = _compose([f"trainer.gradient_clip_val={clip}", f"paths.cache_dir={demo_cache}"], tmp_path)
-    with pytest.raises(ConfigError, match=re.escape("config key 'trainer.gradient_clip_val': must be 0 or")):
         check_config(cfg)
 
 
