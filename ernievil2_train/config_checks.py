@@ -119,7 +119,8 @@ def _path_exists(value: str) -> bool:
 def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer numpy takes, an
     empty cache folder, a negative gradient clipping norm (Lightning would not clip), a validation interval
-    below one epoch, an output folder that is a file, or the first local input path that does not exist."""
+    below one epoch, fewer than one batch to accumulate, an output folder that is a file, or the first local
+    input path that does not exist."""
     missing = missing_keys(cfg)
     if len(missing) == 1:
         key = missing[0]
@@ -145,9 +146,10 @@ def check_config(cfg: DictConfig) -> None:
             f"config key 'trainer.gradient_clip_val': must be 0 or more and finite (0 or null: no clipping), "
             f"got {clip!r}"
         )
-    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=None)
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(f"config key 'trainer.check_val_every_n_epoch': must be 1 or more, got {every!r}")
+    for key in ("trainer.check_val_every_n_epoch", "trainer.accumulate_grad_batches"):
+        count = OmegaConf.select(cfg, key, default=None)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ConfigError(f"config key '{key}': must be 1 or more, got {count!r}")
     for key in _leaf_keys(cfg):
         leaf = key.rsplit(".", 1)[-1]
         if leaf in OUTPUT_KEYS:

@@ -208,7 +208,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if exit_.code == 1 and trainer.interrupted:  # how Lightning ends after its shutdown on Ctrl-C
                 raise interrupted(output_dir) from None
             raise
+        except ValueError as error:
+            if "`val_check_interval`" not in str(error):
+                raise
+            raise validation_interval_error(trainer) from None
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def validation_interval_error(trainer: pl.Trainer) -> ConfigError:
+    """Lightning's refusal of a `val_check_interval` above the batches of an epoch (told only once the
+    training data is loaded), as the config keys that fix it."""
+    batches = trainer.fit_loop.max_batches
+    return ConfigError(
+        f"config key 'trainer.val_check_interval': {trainer.val_check_interval} batches is more than the "
+        f"{batches} of an epoch; set at most {batches}, or trainer.check_val_every_n_epoch=null to count "
+        "batches across epochs"
+    )
 
 
 @contextlib.contextmanager

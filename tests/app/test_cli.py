@@ -239,6 +239,8 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
         ("module.accumulate_microbatches=3", "config key 'module.accumulate_microbatches': 3 does not"),
         ("data.image_size=320000", "config key 'model': the model's weights need"),
         ("data.datamodule.train_shards={garbage}", "train_shards: a pass over this worker's shards gave no"),
+        ("trainer.val_check_interval=100000",
+         "config key 'trainer.val_check_interval': 100000 batches is more than the 8 of an epoch"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo_cache: Path,

@@ -127,6 +127,8 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
     *((f"trainer.gradient_clip_val={clip}", "'trainer.gradient_clip_val': must be 0 or")
       for clip in ("-1", "inf", "abc")),
     ("trainer.check_val_every_n_epoch=0", "'trainer.check_val_every_n_epoch': must be 1 or more, got 0"),
+    *((f"+trainer.accumulate_grad_batches={k}",
+       f"'trainer.accumulate_grad_batches': must be 1 or more, got {k}") for k in ("0", "-2")),
 ])
 def test_a_bad_value_names_the_key(override: str, message: str, demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose([override, f"paths.cache_dir={demo_cache}"], tmp_path)
