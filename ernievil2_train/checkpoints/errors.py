@@ -62,3 +62,15 @@ def state_mismatch(
     ]
     found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
     return ", ".join(f"{what} {listing(names)}" for what, names in found if names)
+
+
+def check_finite(state: Mapping[str, Any], source: Path | str) -> None:
+    """`CheckpointError` naming `source` and the tensors of `state` holding NaN or infinite values (weights
+    saved from a diverged training give NaN embeddings and similarities)."""
+    bad = [
+        name for name, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+    if bad:
+        raise CheckpointError(f"{source}: NaN or infinite weights in {listing(bad)} (saved from a diverged "
+                              "training?)")

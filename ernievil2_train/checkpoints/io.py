@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ernievil2_train.checkpoints.errors import (
     ZIP_MAGIC,
     CheckpointError,
+    check_finite,
     file_head,
     short_reason,
     state_mismatch,
@@ -138,6 +139,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({short_reason(err)})") from None
+    check_finite(state, weights)
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -250,5 +252,7 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
     state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
     message = f"{path}: weights do not match its model config"
     model = _build_model(checkpoint[MODEL_CONFIG_KEY], path, state, message, extra_ok=True)
-    model.load_state_dict({k: state[k] for k in model.state_dict()})
+    weights = {k: state[k] for k in model.state_dict()}
+    check_finite(weights, path)
+    model.load_state_dict(weights)
     return model.eval()

@@ -219,6 +219,26 @@ def test_a_folder_is_not_a_training_checkpoint(tmp_path: Path) -> None:
     assert "sharded (FSDP) checkpoint folder" in message and "consolidate_checkpoint" in message
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_of_a_diverged_training_are_refused_naming_the_file(bad: float, tmp_path: Path) -> None:
+    """NaN weights would give NaN embeddings and similarities, written without a word."""
+    folder = save_pretrained(tiny_model(), tmp_path / "diverged")
+    state = load_file(str(folder / "model.safetensors"))
+    state["text.ernie.embeddings.word_embeddings.weight"][3, 1] = bad
+    save_file(state, str(folder / "model.safetensors"))
+    message = _one_line_error(load_pretrained, folder)
+    assert message == (f"{folder / 'model.safetensors'}: NaN or infinite weights in "
+                       "[text.ernie.embeddings.word_embeddings.weight] (saved from a diverged training?)")
+    ckpt = _training_checkpoint(tmp_path / "diverged.ckpt", TINY)
+    saved = torch.load(ckpt, weights_only=True)
+    for name in ("model.logit_scale", "model.vision.pos_embed"):
+        saved["state_dict"][name].view(-1)[0] = bad
+    torch.save(saved, ckpt)
+    message = _one_line_error(load_training_checkpoint, ckpt)
+    assert message.startswith(f"{ckpt}: NaN or infinite weights in [")
+    assert "logit_scale" in message and "vision.pos_embed" in message
+
+
 def test_a_folder_with_a_zero_dim_logit_scale_still_loads(tmp_path: Path) -> None:
     """Folders written while temperatures were 0-dim tensors load into the 1-element parameter."""
     folder = save_pretrained(tiny_model(), tmp_path / "old")
