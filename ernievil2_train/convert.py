@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
     )
     print(f"logit scale exp({model.logit_scale.item():.6g}); {params / 1e6:.2f}M parameters")
-    print(f"wrote {out}" + (" (with vocab.txt)" if args.vocab else ""))
+    print(f"wrote {out}" + (" (with vocab.txt)" if args.vocab else " (no vocab.txt: --vocab adds one)"))
     return 0
 
 

@@ -64,7 +64,8 @@ def save_pretrained(
     """Write weights, config (and a copy of the vocabulary, checked first) into `out_dir`; returns the folder.
     `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards).
     Every file is written under a temporary name first and renamed into place once all are: a failure
-    leaves the files an earlier save wrote as they were."""
+    leaves the files an earlier save wrote as they were. Saved without `vocab_file`, the folder loses the
+    vocabulary of an earlier save (it holds just what this save wrote)."""
     if not str(out_dir):
         raise CheckpointError("the checkpoint folder path is empty")
     out = Path(out_dir)
@@ -84,6 +85,8 @@ def save_pretrained(
         for name, tmp in staged.items():
             if tmp.exists():
                 os.replace(tmp, out / name)
+        if vocab_file is None:
+            (out / VOCAB_NAME).unlink(missing_ok=True)
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or short_reason(err)
         raise CheckpointError(f"{out}: cannot write the checkpoint folder ({reason})") from None

@@ -43,6 +43,17 @@ def test_round_trip_keeps_weights_config_and_vocab(tmp_path: Path) -> None:
         torch.testing.assert_close(model.encode_text(ids), loaded.encode_text(ids))
 
 
+def test_a_save_without_vocabulary_removes_the_earlier_saves(tmp_path: Path) -> None:
+    """The folder holds what the latest save wrote: no vocabulary left from other weights."""
+    vocab = write_vocab(tmp_path / "vocab.txt", chars="一二三")
+    model = tiny_model()
+    out = save_pretrained(model, tmp_path / "ckpt", vocab_file=vocab)
+    assert find_vocab(out) is not None
+    save_pretrained(model, out)
+    assert find_vocab(out) is None
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+
+
 def test_saved_files_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
     """Others on a shared machine can read an exported model as they can its config (safetensors alone
     writes its file owner-only)."""
