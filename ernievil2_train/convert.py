@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ernievil2_train.checkpoints import CheckpointError, load_pdparams, save_pretrained
+from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pdparams, save_pretrained
 from ernievil2_train.checkpoints.io import check_output
 from ernievil2_train.stopping import run
 
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
     )
     print(f"logit scale exp({model.logit_scale.item():.6g}); {params / 1e6:.2f}M parameters")
-    print(f"wrote {out}" + (" (with vocab.txt)" if args.vocab else " (no vocab.txt: --vocab adds one)"))
+    vocab = "with vocab.txt" if args.vocab else "kept its vocab.txt" if find_vocab(out) else "no vocab.txt"
+    print(f"wrote {out} ({vocab})")
     return 0
 
 

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on a CUDA GPU, else fp32",
     )
     parser.add_argument(
-        "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
+        "--vocab", default=None, help="vocab.txt, for a checkpoint folder without one (else its own is used)"
     )
     parser.add_argument(
         "--max-len",

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-set",
                    help="eval set: Chinese-CLIP folder, shard index folder, .tar or brace pattern")
     p.add_argument("--split", default="valid", help="eval-set split (default: valid)")
-    p.add_argument("--vocab", help="vocab file (default: the checkpoint's vocab.txt)")
+    p.add_argument("--vocab", help="vocab file, for a checkpoint folder without one (else its own is used)")
     p.add_argument("--max-len", type=int, default=OFFICIAL_MAX_LEN,
                    help=f"text length in tokens (default: {OFFICIAL_MAX_LEN})")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")

@@ -10,7 +10,7 @@ import torch
 from ernievil2_train.checkpoints import find_vocab, load_pretrained
 from ernievil2_train.models import DualEncoder
 from ernievil2_train.text import ErnieTokenizer
-from ernievil2_train.text.vocab import check_vocab_fits
+from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
@@ -23,9 +23,10 @@ def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
 
 
 def resolve_vocab(checkpoint: str | Path, vocab: str | Path | None) -> Path:
-    """The --vocab file if given, else the checkpoint folder's vocab.txt (ValueError if there is none)."""
+    """The checkpoint folder's vocab.txt, else the --vocab file (ValueError if there is neither, or if
+    --vocab gives other token ids than the folder's own: its weights were trained with that one)."""
+    found = find_vocab(checkpoint)
     if vocab is None:
-        found = find_vocab(checkpoint)
         if found is None:
             raise ValueError(f"no vocabulary: pass --vocab or put vocab.txt into {checkpoint}")
         return found
@@ -34,6 +35,9 @@ def resolve_vocab(checkpoint: str | Path, vocab: str | Path | None) -> Path:
         raise ValueError(f"--vocab {path}: is a folder, not a file")
     if not path.is_file():
         raise ValueError(f"--vocab {path}: file not found")
+    if found is not None and load_vocab(path) != load_vocab(found):
+        raise ValueError(f"--vocab {path}: other token ids than the checkpoint's own {found}, which its "
+                         "weights were trained with; leave --vocab out")
     return path
 
 

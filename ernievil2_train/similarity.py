@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", nargs="+", required=True, type=Path, help="image files")
     parser.add_argument("--texts", nargs="+", required=True, help="captions")
     parser.add_argument(
-        "--vocab", default=None, help="vocab.txt (default: the checkpoint folder's vocab.txt)"
+        "--vocab", default=None, help="vocab.txt, for a checkpoint folder without one (else its own is used)"
     )
     parser.add_argument(
         "--short-size",

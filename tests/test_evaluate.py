@@ -237,7 +237,8 @@ def test_checkpoint_mode_input_errors(tmp_path, paddle_ref, capsys):
         (["--checkpoint", str(missing)], f"{missing}: checkpoint folder not found"),
         (["--checkpoint", str(ckpt), "--vocab", str(missing)], f"--vocab {missing}: file not found"),
         (["--checkpoint", str(ckpt), "--vocab", str(paddle_ref / "vocab.txt")],
-         f"ids go up to {max_id} but the model's text vocab_size is"),
+         f"--vocab {paddle_ref / 'vocab.txt'}: other token ids than the checkpoint's own "
+         f"{ckpt / 'vocab.txt'}"),
         (["--checkpoint", str(ckpt), "--max-len", str(MAX_LEN + 1)],
          f"--max-len {MAX_LEN + 1}: must be between 2 and the checkpoint's {MAX_LEN} text positions"),
         (["--checkpoint", str(ckpt), "--eval-set", str(evalset / "valid_imgs.tsv")],
@@ -252,6 +253,9 @@ def test_checkpoint_mode_input_errors(tmp_path, paddle_ref, capsys):
     texts.write_bytes("".join(lines[:2]).encode("utf-8") + "".join(lines[2:]).encode("gbk"))
     err = run_error(capsys, [*base, "--checkpoint", str(ckpt)])
     assert str(texts) in err and "UTF-8" in err
+    (ckpt / "vocab.txt").unlink()
+    foreign = ["--checkpoint", str(ckpt), "--vocab", str(paddle_ref / "vocab.txt")]
+    assert f"ids go up to {max_id} but the model's text vocab_size is" in run_error(capsys, [*base, *foreign])
 
 
 def test_help(capsys):

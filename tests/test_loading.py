@@ -33,9 +33,15 @@ def test_a_folder_loads_and_a_file_is_refused_naming_the_flag(folder: Path) -> N
 
 def test_the_vocabulary_is_the_flag_or_the_folders_own(folder: Path, tmp_path: Path) -> None:
     assert resolve_vocab(folder, None) == folder / "vocab.txt"
+    same = tmp_path / "same.txt"
+    same.write_bytes((folder / "vocab.txt").read_bytes().replace(b"\n", b"\r\n"))
+    assert resolve_vocab(folder, same) == same
     other = write_vocab(tmp_path / "other.txt")
-    assert resolve_vocab(folder, other) == other
+    with pytest.raises(ValueError, match=r"^--vocab .*other\.txt: other token ids than the checkpoint's own "
+                                         r".*ckpt/vocab\.txt, which its weights were trained with"):
+        resolve_vocab(folder, other)
     (folder / "vocab.txt").unlink()
+    assert resolve_vocab(folder, other) == other
     with pytest.raises(ValueError, match=r"no vocabulary: pass --vocab or put vocab.txt into .*ckpt"):
         resolve_vocab(folder, None)
     with pytest.raises(ValueError, match=r"^--vocab .*: is a folder, not a file$"):

@@ -55,6 +55,14 @@ def check_output(src: str | Path, out_dir: str | Path) -> None:
         raise CheckpointError(f"{out_dir}: the output folder is the input file; choose a new folder")
 
 
+def _vocab_fits(vocab_file: Path, vocab_size: int) -> bool:
+    try:
+        check_vocab(vocab_file, vocab_size)
+    except CheckpointError:
+        return False
+    return True
+
+
 def save_pretrained(
     model: DualEncoder,
     out_dir: str | Path,
@@ -64,13 +72,14 @@ def save_pretrained(
     """Write weights, config (and a copy of the vocabulary, checked first) into `out_dir`; returns the folder.
     `state_dict`: the weights to write instead of `model.state_dict()` (e.g. gathered from FSDP shards).
     Every file is written under a temporary name first and renamed into place once all are: a failure
-    leaves the files an earlier save wrote as they were. Saved without `vocab_file`, the folder loses the
-    vocabulary of an earlier save (it holds just what this save wrote)."""
+    leaves the files an earlier save wrote as they were. Saved without `vocab_file`, the vocabulary of an
+    earlier save stays if its ids fit the model's text vocab size, and is removed otherwise."""
     if not str(out_dir):
         raise CheckpointError("the checkpoint folder path is empty")
     out = Path(out_dir)
     if vocab_file is not None:
         check_vocab(vocab_file, model.config.text.vocab_size)
+    stale_vocab = vocab_file is None and not _vocab_fits(out / VOCAB_NAME, model.config.text.vocab_size)
     weights = model.state_dict() if state_dict is None else state_dict
     state = {name: t.detach().to("cpu").contiguous() for name, t in weights.items()}
     staged = {name: out / f".{name}.tmp" for name in (WEIGHTS_NAME, VOCAB_NAME, CONFIG_NAME)}
@@ -85,7 +94,7 @@ def save_pretrained(
         for name, tmp in staged.items():
             if tmp.exists():
                 os.replace(tmp, out / name)
-        if vocab_file is None:
+        if stale_vocab:
             (out / VOCAB_NAME).unlink(missing_ok=True)
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or short_reason(err)

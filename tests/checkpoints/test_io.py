@@ -19,7 +19,7 @@ from ernievil2_train.checkpoints import (
     save_pretrained,
 )
 from ernievil2_train.checkpoints.io import _current_umask
-from ernievil2_train.models import DualEncoderConfig, memory
+from ernievil2_train.models import DualEncoder, DualEncoderConfig, memory
 from tests.data.shard_helpers import write_vocab
 from tests.models.tiny import TINY, tiny_model
 
@@ -43,14 +43,16 @@ def test_round_trip_keeps_weights_config_and_vocab(tmp_path: Path) -> None:
         torch.testing.assert_close(model.encode_text(ids), loaded.encode_text(ids))
 
 
-def test_a_save_without_vocabulary_removes_the_earlier_saves(tmp_path: Path) -> None:
-    """The folder holds what the latest save wrote: no vocabulary left from other weights."""
+def test_a_save_without_vocabulary_keeps_the_earlier_one_only_if_it_fits(tmp_path: Path) -> None:
+    """Re-saving a model keeps its folder's vocabulary; weights of a smaller vocab size do not get one whose
+    ids they have no embeddings for."""
     vocab = write_vocab(tmp_path / "vocab.txt", chars="一二三")
     model = tiny_model()
     out = save_pretrained(model, tmp_path / "ckpt", vocab_file=vocab)
-    assert find_vocab(out) is not None
     save_pretrained(model, out)
-    assert find_vocab(out) is None
+    assert find_vocab(out).read_bytes() == vocab.read_bytes()
+    smaller = DualEncoderConfig.from_dict({**TINY, "text": {**TINY["text"], "vocab_size": 4}})
+    save_pretrained(DualEncoder(smaller), out)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
 
 
