@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -93,6 +94,17 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
             )
 
 
+def check_run_mode() -> None:
+    """A SLURM launcher submits jobs only in a multirun (`-m`); without it Hydra runs the job right here."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    launcher = hydra_cfg.runtime.choices.get("hydra/launcher") or ""
+    if "slurm" in launcher and hydra_cfg.mode == RunMode.RUN:
+        raise ConfigError(f"hydra/launcher={launcher} submits SLURM jobs only with -m (multirun); without it "
+                          "the run would train here, on this machine")
+
+
 def settle_accumulation(cfg: DictConfig) -> None:
     """With `module.accumulate_microbatches` k > 1: not under FSDP, and the batch size must split into k
     equal micro-batches."""
@@ -169,6 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
     quiet_known_warnings()
     check_config(cfg)
+    check_run_mode()
     settle_accumulation(cfg)
     settle_clipping(cfg)
     pl.seed_everything(cfg.seed, workers=True)

@@ -266,6 +266,9 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
          "error: cannot parse override 'trainer.max_epochs=[1': no viable alternative at input '[1'"),
         (["data.image_size=${nope}"],
          "error: config key 'data.datamodule.image_size': Interpolation key 'nope' not found"),
+        (["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=2"],
+         "error: hydra/launcher=slurm submits SLURM jobs only with -m (multirun); without it the run would "
+         "train here, on this machine"),
         (["-m", "hydra/launcher=slurm", "trainer=ddp", "module.optimizer.lr=1e-5,2e-5"],
          "error: trainer.devices is 'auto': the SLURM launcher needs the GPUs per node as a number "
          "(set trainer.devices=N)"),
