@@ -80,14 +80,18 @@ def decode_base64(text: str) -> bytes:
         raise BadImage("bad base64") from err
 
 
+JPEG_MAX_SIDE = 65_500  # the longest side libjpeg writes
+
+
 def prepare_image(data: bytes, max_size: int | None = None, quality: int = 95) -> tuple[str, bytes]:
     """Check that `data` decodes; return `(ext, bytes)`.
 
     JPEG (MPO included)/PNG/WebP of at most 8 bits per channel within `max_size` keep their original bytes;
     anything else (other formats, 16-bit or float pixels, or images whose longer side exceeds `max_size`) is
-    re-encoded as 8-bit RGB JPEG (high bit depths scaled, not clipped), resized so the longer side is
-    `max_size`. Re-encoding applies the EXIF orientation to the pixels, since the new file carries no EXIF.
-    Images of more pixels than training takes are refused before they are decoded (`TOO_LARGE`).
+    re-encoded as 8-bit RGB JPEG (high bit depths scaled, not clipped), resized so the longer side is at most
+    `max_size` and JPEG's `JPEG_MAX_SIDE`. Re-encoding applies the EXIF orientation to the pixels, since the
+    new file carries no EXIF. Images of more pixels than training takes are refused before they are decoded
+    (`TOO_LARGE`).
     """
     try:
         with warnings.catch_warnings():
@@ -109,8 +113,9 @@ def prepare_image(data: bytes, max_size: int | None = None, quality: int = 95) -
         raise BadImage(TOO_LARGE) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImage("undecodable image") from err
-    if too_big:
-        scale = max_size / max(rgb.size)
+    longest = min(max_size or JPEG_MAX_SIDE, JPEG_MAX_SIDE)
+    if max(rgb.size) > longest:
+        scale = longest / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_recipes.common import TOO_LARGE, BadImage, ImageJob, decode_base64, prepare_image, prepare_job
+from data_recipes.common import (
+    JPEG_MAX_SIDE,
+    TOO_LARGE,
+    BadImage,
+    ImageJob,
+    decode_base64,
+    prepare_image,
+    prepare_job,
+)
 from data_recipes.shards import Skip
 from tests.data_recipes.helpers import image_bytes
 
@@ -37,6 +45,17 @@ def test_prepare_image_keeps_or_reencodes():
         prepare_image(RED[: len(RED) // 2])
     with pytest.raises(BadImage, match="undecodable image"):
         prepare_image(b"")
+
+
+def test_an_image_longer_than_jpeg_allows_is_scaled_down_to_fit():
+    """A 70 000 x 20 BMP (under the pixel limit) stopped the whole recipe: JPEG sides end at 65 500."""
+    out = io.BytesIO()
+    Image.new("RGB", (70_000, 20), (200, 10, 10)).save(out, format="BMP")
+    ext, data = prepare_image(out.getvalue())
+    img = Image.open(io.BytesIO(data))
+    assert ext == "jpg" and img.size == (JPEG_MAX_SIDE, 19)
+    ext, data = prepare_image(out.getvalue(), max_size=100_000)
+    assert Image.open(io.BytesIO(data)).size == (JPEG_MAX_SIDE, 19)
 
 
 def test_decode_base64_accepts_both_alphabets():
