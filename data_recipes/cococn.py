@@ -13,8 +13,9 @@ image id was first seen with other image data is skipped ("conflicting image for
 
 With `--coco-instances` (one or more COCO `instances_*.json`), each image's tags are the Chinese names
 (coco_categories_zh.json) of the object categories annotated in it, deduplicated and ordered by the total area
-of their instances, largest first (ties: by category id). Image ids are matched to COCO ids by their trailing
-digits (`139`, `COCO_val2014_000000000139`).
+of their instances, largest first (ties: by category id). A category a file names otherwise than COCO does
+(another dataset in COCO's format) is tagged with the file's own name, and the run says so. Image ids are
+matched to COCO ids by their trailing digits (`139`, `COCO_val2014_000000000139`).
 
 Outputs in `--out`: shards `{split}-%06d.tar` + `{split}.json`, and/or the eval set
 `eval/{split}_imgs.tsv` + `eval/{split}_texts.jsonl` (`--outputs`, default: shards for train, both otherwise).
@@ -80,28 +81,43 @@ def chinese_category_names() -> dict[int, str]:
     return {int(k): v["zh"] for k, v in table.items()}
 
 
+def english_category_names() -> dict[int, str]:
+    """COCO category id -> COCO's own (English) name, as instances files of COCO itself give it."""
+    table = json.loads(CATEGORY_TABLE.read_text(encoding="utf-8"))
+    return {int(k): v["name"] for k, v in table.items()}
+
+
 def coco_id(image_id: str) -> int | None:
     """The COCO image id in an image id string (its trailing digits), or None."""
     match = _TRAILING_DIGITS.search(Path(image_id).stem)
     return int(match.group(1)) if match else None
 
 
-def load_coco_tags(files: list[Path], unnamed: Counter[int] | None = None) -> dict[int, list[str]]:
+def load_coco_tags(
+    files: list[Path], unnamed: Counter[int] | None = None, renamed: dict[int, str] | None = None
+) -> dict[int, list[str]]:
     """COCO image id -> Chinese category names of its objects, largest total area first.
 
-    The areas of an image are summed over all `files`. A category that is neither in the shipped table nor
-    in any file's `categories` has no name: its annotations give no tag (never a made-up one) and are
-    counted per category in `unnamed`.
+    The areas of an image are summed over all `files`. A category a file names as COCO does (or does not
+    name) gets the shipped table's Chinese name; one a file names otherwise (a dataset in COCO's format with
+    categories of its own) gets the file's name, recorded in `renamed`. A category that is neither in the
+    table nor named by any file has no name: its annotations give no tag (never a made-up one) and are
+    counted per category in `unnamed`. Files that name one category id differently are an `InputError`.
     """
     names = chinese_category_names()
+    english = english_category_names()
+    named: dict[int, str] = {}
     areas: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[int, Counter[int]] = defaultdict(Counter)
     for file in files:
         data = _read_json(Path(file))
+        conflicts = []
         try:
             for cat in data.get("categories", []):
                 if isinstance(cat["name"], str) and cat["name"].strip():  # else: no name (never "None")
-                    names.setdefault(int(cat["id"]), cat["name"].strip())
+                    cid, name = int(cat["id"]), cat["name"].strip()
+                    if named.setdefault(cid, name) != name:
+                        conflicts.append(f"category {cid} {name!r}, an earlier file {named[cid]!r}")
             for ann in data["annotations"]:
                 image, cat = int(ann["image_id"]), int(ann["category_id"])
                 areas[image][cat] += float(ann.get("area", 0.0))
@@ -110,6 +126,13 @@ def load_coco_tags(files: list[Path], unnamed: Counter[int] | None = None) -> di
             raise InputError(
                 f"--coco-instances: {file} is not a COCO instances json ({short_error(err)})"
             ) from err
+        if conflicts:
+            raise InputError(f"--coco-instances: {file} names {conflicts[0]}")
+    for cid, name in named.items():
+        if english.get(cid, "").lower() != name.lower():
+            names[cid] = name
+            if renamed is not None and cid in english:
+                renamed[cid] = name
     tags = {}
     for image, per_cat in areas.items():
         ordered = sorted(per_cat.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -318,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     skips = RecipeSkips()
     with reported(parser, args.input, args.out):
         unnamed: Counter[int] = Counter()
-        coco_tags = CocoTags(load_coco_tags(args.coco_instances, unnamed))
+        renamed: dict[int, str] = {}
+        coco_tags = CocoTags(load_coco_tags(args.coco_instances, unnamed, renamed))
         if args.input.is_dir():
             keep = chosen_outputs(args) != "shards"
             total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips, keep_uncaptioned=keep)
@@ -335,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             print(f"{args.split}: no input image id is annotated in the instances files (another split's "
                   "file?); every sample has no tags", file=sys.stderr)
+    if renamed:
+        cats = ", ".join(f"{c} {renamed[c]!r}" for c in sorted(renamed)[:SKIP_EXAMPLES])
+        print(f"{args.split}: {len(renamed)} categories of the instances files are not COCO's of the same "
+              f"id; their tags are the files' own names (first: {cats})")
     if unnamed:
         cats = ", ".join(str(c) for c in sorted(unnamed)[:SKIP_EXAMPLES])
         print(

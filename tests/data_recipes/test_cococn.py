@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -482,6 +483,37 @@ def test_a_utf16_texts_file_is_a_one_line_error(tmp_path, capsys):
     assert err.value.code == 2
     expected = f"python -m data_recipes.cococn: error: {texts}: not UTF-8 text (UTF-16?)\n"
     assert capsys.readouterr().err == expected
+
+
+def test_categories_a_file_names_otherwise_than_coco_get_the_files_names(tmp_path):
+    """A dataset in COCO's format with categories of its own (id 1 is "cat" there, "person" in COCO) is
+    tagged with its own names, not COCO's Chinese names of the same ids."""
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({
+        "categories": [{"id": 1, "name": "cat"}, {"id": 18, "name": "Dog"}],
+        "annotations": [{"image_id": 139, "category_id": 1, "area": 9.0},
+                        {"image_id": 139, "category_id": 18, "area": 5.0}],
+    }))  # fmt: skip
+    renamed: dict[int, str] = {}
+    assert cococn.load_coco_tags([path], renamed=renamed) == {139: ["cat", "狗"]}
+    assert renamed == {1: "cat"}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"categories": [{"id": 1, "name": "person"}], "annotations": []}))
+    conflict = f"^--coco-instances: {re.escape(str(other))} names category 1 'person', an earlier file 'cat'$"
+    with pytest.raises(cococn.InputError, match=conflict):
+        cococn.load_coco_tags([path, other])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "valid_imgs.tsv").write_text(f"139\t{_b64(RED)}\n")
+    text = {"text_id": 1, "text": "红", "image_ids": [139]}
+    (src / "valid_texts.jsonl").write_text(json.dumps(text) + "\n")
+    out = tmp_path / "out"
+    proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(out),
+                      "--coco-instances", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert ("valid: 1 categories of the instances files are not COCO's of the same id; their tags are the "
+            "files' own names (first: 1 'cat')") in proc.stdout
+    assert [s["json"]["tags"] for s in read_shards(out, "valid")] == [["cat", "狗"]]
 
 
 @pytest.mark.parametrize("name", [None, "", "  ", 5])
