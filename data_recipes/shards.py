@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import functools
 import io
 import json
@@ -182,6 +183,37 @@ class _Writer:
             commit([self])
 
 
+class SplitLock:
+    """`folder/.{split}.lock`, held from creation to `release` (which removes it): a second run writing the
+    same split into the same folder at the same time is refused with a `RecipeError` (their files would mix).
+    The kernel drops the lock of a killed run; its leftover file is taken over and removed by the next."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        self.path = folder / f".{split}.lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RecipeError(f"{folder}: another run is writing split '{split}' there now (it holds "
+                                  f"{self.path.name}); wait for it to end or choose another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:  # not removed by a run ending meanwhile
+                    break
+            os.close(fd)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (again: nothing)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
 def abort_all(writers: Sequence[_Writer]) -> None:
     """Remove every writer's unfinished files, with Ctrl-C and SIGTERM held."""
     with signals_held():
@@ -243,8 +275,14 @@ class ShardSink(_Writer):
         self._bytes = 0
         self._sequence = 0
         self.staging = self.out_dir / f".{split}.partial"
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = SplitLock(self.out_dir, split)
+        try:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir()
+        except BaseException:
+            self._lock.release()
+            raise
 
     @property
     def samples(self) -> int:
@@ -333,6 +371,7 @@ class ShardSink(_Writer):
                 self._writer.close()
             self._writer = None
         shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.release()
 
     @_names_output
     def stage(self) -> None:
@@ -350,6 +389,7 @@ class ShardSink(_Writer):
             move_into_place(self.staging / name, self.out_dir / name)
         self.removed = self.remove_stale_shards()
         self.staging.rmdir()
+        self._lock.release()
 
     def remove_stale_shards(self) -> int:
         """Delete this split's shards (`{split}-%06d.tar`) that the index does not list; returns how many."""
@@ -404,7 +444,12 @@ class EvalSetWriter(_Writer):
         self.texts_path = self.out_dir / f"{split}_texts.jsonl"
         self._images_tmp = self.images_path.with_name(self.images_path.name + ".tmp")
         self._texts_tmp = self.texts_path.with_name(self.texts_path.name + ".tmp")
-        self._file = self._images_tmp.open("w", encoding="utf-8")
+        self._lock = SplitLock(self.out_dir, split)
+        try:
+            self._file = self._images_tmp.open("w", encoding="utf-8")
+        except BaseException:
+            self._lock.release()
+            raise
         self._texts: dict[str, dict[str, Any]] = {}
         self.images = 0
         self.uncaptioned = 0
@@ -444,6 +489,7 @@ class EvalSetWriter(_Writer):
     def publish(self) -> None:
         move_into_place(self._images_tmp, self.images_path)
         move_into_place(self._texts_tmp, self.texts_path)
+        self._lock.release()
 
     def abort(self) -> None:
         """Remove the unfinished files, and the folder if this writer made it and it is left empty."""
@@ -452,6 +498,7 @@ class EvalSetWriter(_Writer):
         for path in (self._images_tmp, self._texts_tmp):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+        self._lock.release()
         if self._made_dir:
             with contextlib.suppress(OSError):
                 self.out_dir.rmdir()  # only when empty

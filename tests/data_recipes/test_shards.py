@@ -7,6 +7,7 @@ import base64
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -20,9 +21,11 @@ from data_recipes.common import ImageJob, prepare_job
 from data_recipes.shards import (
     EvalSetWriter,
     ImageRecord,
+    RecipeError,
     RecipeSkips,
     ShardSink,
     Skip,
+    commit,
     json_id,
     nothing_written,
     summary,
@@ -122,6 +125,34 @@ def test_a_failed_run_keeps_nothing_and_leaves_the_earlier_output_as_it_was(tmp_
             write_records(range(10), failing, [sink], skips, progress=False)
         assert _files(tmp_path / out) == earlier[out]
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(earlier[out])
+
+
+def test_a_second_run_on_the_same_split_and_folder_is_refused_while_the_first_writes(tmp_path):
+    """Two runs at once would mix their shards (the second removed the first's staging folder): the second
+    is refused, the first finishes untouched, and other splits or folders are not held up."""
+    out = tmp_path / "out"
+    first = ShardSink(out, "train", shard_size=2)
+    first.write_record(_record(0))
+    busy = "{}: another run is writing split '{}' there now (it holds .{}.lock)"
+    with pytest.raises(RecipeError, match=re.escape(busy.format(out, "train", "train"))):
+        ShardSink(out, "train")
+    eval_busy = pytest.raises(RecipeError, match=re.escape(busy.format(out / "eval", "valid", "valid")))
+    with eval_busy, EvalSetWriter(out / "eval", "valid"), EvalSetWriter(out / "eval", "valid"):
+        pass
+    with ShardSink(out, "valid") as other, ShardSink(tmp_path / "elsewhere", "train") as elsewhere:
+        other.write_record(_record(1))
+        elsewhere.write_record(_record(2))
+    first.write_record(_record(3))
+    commit([first])
+    expected = [f"图{i}的第{c}句" for i in (0, 3) for c in range(2)]
+    assert [s["txt"] for s in read_shards(out, "train")] == expected
+    assert not list(out.glob(".*")) and not list((out / "eval").glob(".*"))
+    with ShardSink(out, "train") as again:  # the lock ended with the run
+        again.write_record(_record(4))
+    os.close(os.open(out / ".train.lock", os.O_CREAT))  # left by a killed run: taken over, then removed
+    with ShardSink(out, "train") as again:
+        again.write_record(_record(4))
+    assert not (out / ".train.lock").exists()
 
 
 def test_an_eval_set_that_cannot_start_leaves_no_staged_shards(tmp_path):
