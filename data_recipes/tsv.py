@@ -4,7 +4,8 @@ TSV lines: `image<TAB>caption[<TAB>tags]`, tags comma-separated ("," or "，").
 JSONL lines: `{"image", "caption", "tags": [...] or "a,b", "image_id"}` (tags and image_id optional).
 
 `image` is a file path (relative to the input file's folder, or absolute) or the base64-encoded image; a value
-of 64+ characters from the base64 alphabet without a "." is taken as base64. Captions are grouped by image id:
+of 64+ characters from the base64 alphabet without a "." is taken as base64 unless a file of that name exists
+(content-addressed layouts name files by their hash, without extension). Captions are grouped by image id:
 `image_id` when given (any JSON number or string, `0` included), else the path as written, else `b64-` + a
 hash of the base64 text. An image's tags are the union of its rows' tags; a row whose image id was first seen
 with another image is skipped ("conflicting image for id"). Text ids are the 0-based line numbers. Lines that
@@ -52,6 +53,13 @@ def looks_like_base64(value: str) -> bool:
     return "." not in value and _BASE64.fullmatch(value) is not None
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system: base64 text
+        return False
+
+
 def _row(
     index: int, base: Path, image: str, caption: str, tags: list[str], image_id: str | None
 ) -> Row | Skip:
@@ -61,7 +69,7 @@ def _row(
     problem = caption_problem(caption)
     if problem:
         return line_skip(problem, index)
-    if looks_like_base64(image):
+    if looks_like_base64(image) and not _is_file(base / image):
         source, is_path = image, False
         default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import tarfile
 
@@ -201,6 +202,21 @@ def test_base64_detection():
     assert tsv.looks_like_base64(base64.b64encode(RED).decode())
     assert not tsv.looks_like_base64("images/some_long_folder_name/another_long_folder_name/photo0001.jpg")
     assert not tsv.looks_like_base64("short")
+
+
+def test_a_file_named_by_its_hash_is_read_as_a_file_not_as_base64(folder):
+    """Content-addressed layouts name files by a hash, without extension: a name base64 text could be."""
+    digest = hashlib.sha256(RED).hexdigest()
+    (folder / "data" / "cas").mkdir()
+    (folder / "data" / "cas" / digest).write_bytes(RED)
+    assert tsv.looks_like_base64(f"cas/{digest}")
+    src = folder / "data" / "pairs.tsv"
+    src.write_text(f"cas/{digest}\t红色\n")
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    samples = read_shards(out, "train")
+    assert [(s["json"]["image_id"], s["image"]) for s in samples] == [(f"cas/{digest}", RED)]
 
 
 def test_jsonl_image_ids_are_kept_as_given_and_bad_fields_counted(folder):
