@@ -52,6 +52,7 @@ from data_recipes.common import (
 from data_recipes.options import (
     add_importer_args,
     check_input,
+    check_inputs_kept,
     check_writer_args,
     fail,
     reported,
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(--input {args.input.parent} --split {split})",
         )
     check_writer_args(parser, args)
+    read = [args.input / f"{args.split}_{name}" for name in ("imgs.tsv", "texts.jsonl")]
+    check_inputs_kept(parser, args, read if args.input.is_dir() else [args.input])
     skips = RecipeSkips()
     with reported(parser, args.input, args.out):
         unnamed: Counter[int] = Counter()

@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from data_recipes.shards import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, RecipeError, short_error, short_text
+from data_recipes.shards import (
+    DEFAULT_SHARD_BYTES,
+    DEFAULT_SHARD_SIZE,
+    RecipeError,
+    chosen_outputs,
+    short_error,
+    short_text,
+)
 
 
 def nonempty_path(value: str) -> Path:
@@ -164,6 +171,18 @@ def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             fail(parser, f"--out {out} is not writable")
     finally:
         remove_if_empty(new)
+
+
+def check_inputs_kept(parser: argparse.ArgumentParser, args: argparse.Namespace, inputs: list[Path]) -> None:
+    """Exit with a one-line error, code 2, when a file this run writes (per `--out`, `--split`, `--outputs`)
+    is one of its `inputs`, as the eval set of a Chinese-CLIP folder written into that folder would be."""
+    written = [args.out / f"{args.split}.json"] if chosen_outputs(args) != "evalset" else []
+    if chosen_outputs(args) != "shards":
+        written += [args.out / "eval" / f"{args.split}_{name}" for name in ("imgs.tsv", "texts.jsonl")]
+    read = {path.resolve() for path in inputs}
+    for path in written:
+        if path.resolve() in read:
+            fail(parser, f"--out {args.out}: the run would write {path}, which it reads; choose other --out")
 
 
 def new_folders(out: Path) -> list[Path]:

@@ -37,6 +37,7 @@ from data_recipes.common import (
 from data_recipes.options import (
     add_importer_args,
     check_input,
+    check_inputs_kept,
     check_writer_args,
     reported,
 )
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_input(parser, args.input, file_only=True)
     check_writer_args(parser, args)
+    check_inputs_kept(parser, args, [args.input])
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
     skips = RecipeSkips()
     with reported(parser, args.input, args.out):

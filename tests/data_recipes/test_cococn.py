@@ -327,6 +327,26 @@ def test_user_errors_exit_2(tmp_path, extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_eval_set_written_over_its_own_input_is_refused(tmp_path, capsys):
+    """`--input D/eval --out D` would replace the files the run reads with filtered copies."""
+    src = tmp_path / "D" / "eval"
+    src.mkdir(parents=True)
+    (src / "train_imgs.tsv").write_text(f"1\t{_b64(RED)}\n2\tnot an image\n")
+    (src / "train_texts.jsonl").write_text(json.dumps({"text_id": 1, "text": "红", "image_ids": [1]}) + "\n")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    args = ["--input", str(src), "--split", "train", "--out", str(tmp_path / "D"), "--workers", "1"]
+    with pytest.raises(SystemExit) as err:
+        cococn.main([*args, "--outputs", "both"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err == (
+        f"python -m data_recipes.cococn: error: --out {tmp_path / 'D'}: the run would write "
+        f"{src / 'train_imgs.tsv'}, which it reads; choose other --out\n"
+    )
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert cococn.main([*args, "--outputs", "shards"]) == 0
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def test_category_table_and_coco_ids():
     names = cococn.chinese_category_names()
     assert set(names) == COCO_IDS and len(set(names.values())) == 80
