@@ -9,9 +9,10 @@ of 64+ characters from the base64 alphabet without a "." is taken as base64 unle
 `image_id` when given (any JSON number or string, `0` included), else the path as written, else `b64-` + a
 hash of the base64 text. An image's tags are the union of its rows' tags; a row whose image id was first seen
 with another image is skipped ("conflicting image for id"). Text ids are the 0-based line numbers. Lines that
-are not UTF-8 or not in this layout (an image id with a tab or a line break included, a path with a NUL), and
-captions without text (only whitespace, control or format characters), are skipped and counted; a run that
-writes nothing, or an input in UTF-16, is an error (exit status 2).
+are not UTF-8 or not in this layout (an image id with a tab or a line break included, a path with a NUL, a
+carriage return inside a TSV line, as files with old Mac line ends have), and captions without text (only
+whitespace, control or format characters), are skipped and counted; a run that writes nothing, or an input in
+UTF-16, is an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def tsv_rows(path: Path) -> Callable[[], Iterator[Row | Skip]]:
         for index, line in read_lines(path):
             if line is None:
                 yield line_skip("not UTF-8 line", index)
+                continue
+            if "\r" in line:  # old Mac line ends: several rows read as one, a caption running into a path
+                yield line_skip("carriage return inside a line", index)
                 continue
             parts = line.split("\t")
             if len(parts) not in (2, 3):

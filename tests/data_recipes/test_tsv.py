@@ -204,6 +204,22 @@ def test_base64_detection():
     assert not tsv.looks_like_base64("short")
 
 
+def test_carriage_returns_inside_a_line_are_skipped_never_read_into_a_caption(folder, capsys):
+    """Old Mac line ends (a lone CR) made one row of two: caption "red one\rimgs/b.png", tags ["蓝色"]."""
+    src = folder / "data" / "pairs.tsv"
+    src.write_bytes("imgs/a.jpg\t红色\rimgs/b.png\t蓝色\r".encode())
+    with pytest.raises(SystemExit) as err:
+        tsv.main(["--input", str(src), "--out", str(folder / "out"), "--workers", "1"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"python -m data_recipes.tsv: error: nothing written from {src}: every input was skipped, carriage "
+        "return inside a line: 1 (first: line 1)\n"
+    )
+    src.write_bytes("imgs/a.jpg\t红色\r\nimgs/b.png\t蓝\r色\n".encode())  # CRLF line ends are fine
+    assert tsv.main(["--input", str(src), "--out", str(folder / "out"), "--workers", "1"]) == 0
+    assert [s["txt"] for s in read_shards(folder / "out", "train")] == ["红色"]
+
+
 def test_a_file_named_by_its_hash_is_read_as_a_file_not_as_base64(folder):
     """Content-addressed layouts name files by a hash, without extension: a name base64 text could be."""
     digest = hashlib.sha256(RED).hexdigest()
