@@ -100,6 +100,16 @@ def test_ties_favour_the_correct_item():
     assert m["t2i/r@1"] == m["i2t/r@1"] == 1.0 and m["t2i/median_rank"] == 1.0
 
 
+def test_scores_are_float32_products_as_the_official_scripts_are():
+    """Image 1 beats text 0's correct image 0 by 2**-30, below float32's resolution near 1: in float32
+    scores (the official evaluator's) they tie, and ties favour the correct image; float64 would not tie."""
+    text = np.array([[1.0, 2.0**-30], [0.0, 1.0]], np.float32)
+    image = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+    assert float(text[0, 1]) == 2.0**-30 and (text.astype(np.float64) @ image.T.astype(np.float64))[0, 1] > 1
+    assert ernie_protocol(text, image, device="cpu")["t2i/r@1"] == 1.0
+    assert any_positive(text, image, [[0], [1]], device="cpu")["t2i/r@1"] == 1.0
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 50, 4096])
 def test_chunk_size_does_not_change_results(chunk_size):
     rng = np.random.default_rng(7)
