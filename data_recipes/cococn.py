@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             total, jobs = chinese_clip_jobs(args.input, args.split, coco_tags, skips, keep_uncaptioned=keep)
             group_by = "text_id"
         else:
-            total, jobs = group_rows(ernie_rows(args.input, coco_tags), skips)
+            total, jobs = group_rows(ernie_rows(args.input, coco_tags), skips, args.input)
             group_by = "text"
         prepare = partial(prepare_job, max_size=args.max_size)
         print(write_outputs(jobs, prepare, skips, args, total, group_by=group_by, source=args.input))

@@ -193,14 +193,15 @@ def _source_digest(row: Row) -> bytes:
 
 
 def group_rows(
-    read_rows: Callable[[], Iterator[Row | Skip]], skips: RecipeSkips
+    read_rows: Callable[[], Iterator[Row | Skip]], skips: RecipeSkips, source: Path | str = "the input"
 ) -> tuple[int, Iterator[ImageJob]]:
     """Group caption rows by image in two passes over the input, so image data is never held in memory.
 
     The first pass counts skips and collects, per image id, all captions (`text_id` = row index) and the union
     of the tags; the second yields one `ImageJob` per image, at its first row. A row whose image id was first
     seen with another image (other base64 data or another path) is skipped as "conflicting image for id", so
-    its caption is never paired with the wrong picture. Returns (images, jobs).
+    its caption is never paired with the wrong picture. An input `source` that changed between the passes
+    (an image id or image the first did not see) is a `RecipeError`. Returns (images, jobs).
     """
     groups: dict[str, _Group] = {}
     for row in read_rows():
@@ -217,8 +218,14 @@ def group_rows(
 
     def jobs() -> Iterator[ImageJob]:
         for row in read_rows():
-            if isinstance(row, Row) and groups[row.image_id].first == row.index:
-                group = groups[row.image_id]
+            if not isinstance(row, Row):
+                continue
+            group = groups.get(row.image_id)
+            first = group is not None and group.first == row.index
+            if group is None or (first and group.source != _source_digest(row)):
+                raise RecipeError(f"{source}: changed while the recipe read it (line {row.index + 1}); run "
+                                  "it again once the file is complete")
+            if first:
                 yield ImageJob(
                     row.image_id, row.source, row.is_path, tuple(group.captions), tuple(group.tags)
                 )

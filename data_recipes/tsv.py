@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     reader = jsonl_rows if args.input.suffix.lower() in (".jsonl", ".json") else tsv_rows
     skips = RecipeSkips()
     with reported(parser, args.input, args.out):
-        total, jobs = group_rows(reader(args.input), skips)
+        total, jobs = group_rows(reader(args.input), skips, args.input)
         prepare = partial(prepare_job, max_size=args.max_size)
         print(write_outputs(jobs, prepare, skips, args, total, group_by="text", source=args.input))
     return 0

@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import tarfile
 
 import pytest
 
 from data_recipes import tsv
+from data_recipes.common import group_rows
+from data_recipes.shards import RecipeError, RecipeSkips
 from ernievil2_train.data.evalset import load_evalset
 from tests.data_recipes.helpers import error_line, image_bytes, read_shards, run_recipe
 
@@ -218,6 +221,22 @@ def test_carriage_returns_inside_a_line_are_skipped_never_read_into_a_caption(fo
     src.write_bytes("imgs/a.jpg\t红色\r\nimgs/b.png\t蓝\r色\n".encode())  # CRLF line ends are fine
     assert tsv.main(["--input", str(src), "--out", str(folder / "out"), "--workers", "1"]) == 0
     assert [s["txt"] for s in read_shards(folder / "out", "train")] == ["红色"]
+
+
+def test_an_input_that_changes_between_the_two_passes_is_an_error(folder):
+    """Lines appended (or an image replaced) after the first pass would pair captions with images that pass
+    never saw: the run stops with one line instead of a KeyError, or a caption on another picture."""
+    src = folder / "data" / "pairs.tsv"
+    src.write_text("imgs/a.jpg\t红色\n")
+    for changed in ("imgs/a.jpg\t红色\nimgs/b.png\t蓝色\n", "imgs/b.png\t红色\n"):
+        src.write_text("imgs/a.jpg\t红色\n")
+        total, jobs = group_rows(tsv.tsv_rows(src), RecipeSkips(), src)
+        src.write_text(changed)
+        with pytest.raises(RecipeError, match=re.escape(f"{src}: changed while the recipe read it (line")):
+            list(jobs)
+    src.write_text("imgs/a.jpg\t红色\n")
+    total, jobs = group_rows(tsv.tsv_rows(src), RecipeSkips(), src)
+    assert total == 1 and [job.captions for job in jobs] == [(("0", "红色"),)]
 
 
 def test_a_file_named_by_its_hash_is_read_as_a_file_not_as_base64(folder):
