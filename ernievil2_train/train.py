@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from traceback import walk_tb
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -225,6 +229,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if "`val_check_interval`" not in str(error):
                 raise
             raise validation_interval_error(trainer) from None
+        except RuntimeError as error:
+            refusal = out_of_memory_error(error, cfg)
+            if refusal is None:
+                raise
+            raise refusal from None
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
@@ -237,6 +246,28 @@ def validation_interval_error(trainer: pl.Trainer) -> ConfigError:
         f"{batches} of an epoch; set at most {batches}, or trainer.check_val_every_n_epoch=null to count "
         "batches across epochs"
     )
+
+
+def out_of_memory_error(error: RuntimeError, cfg: DictConfig) -> ConfigError | None:
+    """An allocation that failed (torch's out-of-memory error on a GPU, the allocator's `RuntimeError` on
+    CPU) as the batch size that asked for it and what lowers it; None for any other error."""
+    message = str(error)
+    gpu = isinstance(error, torch.OutOfMemoryError)
+    if not gpu and "can't allocate memory" not in message and "not enough memory" not in message:
+        return None
+    retrieval = inspect.getfile(RetrievalCallback)
+    in_retrieval = any(frame.f_code.co_filename == retrieval for frame, _ in walk_tb(error.__traceback__))
+    key = "callbacks.retrieval.batch_size" if in_retrieval else "data.datamodule.batch_size"
+    advice = "lower it" if in_retrieval else (
+        "lower it, or set module.accumulate_microbatches=K to run each batch as K micro-batches (the same "
+        "loss), or module.grad_checkpointing=true"
+    )
+    gib = re.search(r"tried to allocate ([\d.]+ [KMGT]iB)", message, re.IGNORECASE)
+    size = re.search(r"tried to allocate (\d+) bytes", message)
+    asked = gib.group(1) if gib else f"{int(size.group(1)) / 2**20:.0f} MiB" if size else "memory"
+    where = "GPU" if gpu else "CPU"
+    return ConfigError(f"config key '{key}': out of {where} memory at {OmegaConf.select(cfg, key)} samples "
+                       f"per batch (an allocation of {asked} failed); {advice}")
 
 
 @contextlib.contextmanager

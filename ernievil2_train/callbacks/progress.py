@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,5 +53,8 @@ class LossProgressBar(TQDMProgressBar):
         super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, error: BaseException) -> None:
+        """Close the training bar: the one-line error that follows gets a line of its own."""
         self._redirect.close()
+        with suppress(TypeError):  # no bar yet
+            self.train_progress_bar.close()
         super().on_exception(trainer, pl_module, error)

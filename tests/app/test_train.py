@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import wandb
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -20,6 +21,7 @@ from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.train import (
     build,
     check_data_fits_model,
+    out_of_memory_error,
     settle_accumulation,
     settle_clipping,
     wandb_run_finished,
@@ -248,3 +250,26 @@ def test_the_wandb_run_is_finished_with_how_training_ended(ending, exit_code, tm
             raise ending()
     assert finished == [exit_code]
     wandb.run.finish()
+
+
+BATCHES = OmegaConf.create({"data": {"datamodule": {"batch_size": 4096}},
+                            "callbacks": {"retrieval": {"batch_size": 64}}})
+
+
+def test_an_allocation_that_fails_names_the_batch_size_that_asked_for_it() -> None:
+    """The CPU allocator's error (a real one) and torch's GPU out-of-memory error become one line naming
+    the training batch size and what lowers the memory it takes; other errors are left alone."""
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert str(out_of_memory_error(cpu.value, BATCHES)) == (
+        "config key 'data.datamodule.batch_size': out of CPU memory at 4096 samples per batch (an allocation "
+        f"of {2**42} MiB failed); lower it, or set module.accumulate_microbatches=K to run each batch as K "
+        "micro-batches (the same loss), or module.grad_checkpointing=true"
+    )
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
+                                 "capacity of 79.19 GiB of which 3.06 MiB is free.")
+    assert str(out_of_memory_error(gpu, BATCHES)).startswith(
+        "config key 'data.datamodule.batch_size': out of GPU memory at 4096 samples per batch (an allocation "
+        "of 20.00 MiB failed); lower it"
+    )
+    assert out_of_memory_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), BATCHES) is None

@@ -7,6 +7,7 @@ import logging
 import sys
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch.utils.data import DataLoader
@@ -69,3 +70,21 @@ def test_console_log_lines_get_a_line_of_their_own(capsys):
     out = capsys.readouterr().out
     assert out.count("a log line") == 1
     assert out[out.index("a log line") - 1] in "\r\n", out
+
+
+class FailsAtSecondStep(BoringModel):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise RuntimeError("stopped")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_error_in_training_leaves_the_bar_on_a_line_of_its_own(capsys):
+    """The one-line error printed after it starts on a new line, not at the end of the bar."""
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, accelerator="cpu",
+                         logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[LossProgressBar()])
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer.fit(FailsAtSecondStep())
+    out = capsys.readouterr().out
+    assert "Epoch 0" in out and out.endswith("\n"), repr(out[-200:])

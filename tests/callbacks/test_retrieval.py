@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ernievil2_train.callbacks.progress import LossProgressBar
@@ -29,6 +30,7 @@ from ernievil2_train.data.evalset import load_evalset
 from ernievil2_train.evaluate import main as evaluate_main
 from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.train import out_of_memory_error
 from ernievil2_train.vision import eval_transform
 from tests.metrics.evalset_helpers import MAX_LEN, TINY, tiny_checkpoint, write_evalset
 
@@ -303,6 +305,25 @@ def test_bars_are_drawn_under_the_epoch_bar_and_erased(setup, capsys):
     epoch_end = out[out.index("Epoch 0: 100%") :]
     assert "\n\rRetrieval:" in epoch_end
     assert re.match(r"[^\n]*\n\r +\x1b\[A", epoch_end[epoch_end.rindex("Retrieval") :])
+
+
+def test_memory_the_retrieval_pass_cannot_get_names_its_batch_size(setup, monkeypatch):
+    """An allocation that fails while the callback encodes the eval set names the callback's batch size,
+    not the training batch size."""
+    model, callback, _ = setup
+
+    def too_large(pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return torch.empty(2**62, dtype=torch.uint8)  # the CPU allocator refuses it: a real RuntimeError
+
+    monkeypatch.setattr(model, "encode_image", too_large)
+    with pytest.raises(RuntimeError) as error:
+        fit_one_epoch(model, callback)
+    batches = OmegaConf.create({"data": {"datamodule": {"batch_size": 4096}},
+                                "callbacks": {"retrieval": {"batch_size": 4}}})
+    assert str(out_of_memory_error(error.value, batches)) == (
+        "config key 'callbacks.retrieval.batch_size': out of CPU memory at 4 samples per batch (an "
+        f"allocation of {2**42} MiB failed); lower it"
+    )
 
 
 def test_nan_weights_stop_the_run_with_one_line(tmp_path):
