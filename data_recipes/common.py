@@ -144,22 +144,24 @@ class ImageJob:
 
 
 def prepare_job(job: ImageJob, max_size: int | None = None) -> ImageRecord | Skip:
-    """Load, check and (when needed) re-encode a job's image; a `Skip` with the reason when it fails."""
+    """Load, check and (when needed) re-encode a job's image; a `Skip` with the reason (and the captions it
+    loses) when it fails."""
+    lost = len(job.captions)
     try:
         if job.is_path:
             try:
                 if Path(job.source).exists() and not Path(job.source).is_file():
-                    return Skip("unreadable file", example=job.source)  # a folder, pipe or device
+                    return Skip("unreadable file", example=job.source, captions=lost)  # folder, pipe, device
                 data = Path(job.source).read_bytes()
             except FileNotFoundError:
-                return Skip("missing file", example=job.source)
+                return Skip("missing file", example=job.source, captions=lost)
             except OSError:
-                return Skip("unreadable file", example=job.source)
+                return Skip("unreadable file", example=job.source, captions=lost)
         else:
             data = decode_base64(job.source)
         ext, data = prepare_image(data, max_size)
     except BadImage as err:
-        return Skip(str(err), example=job.image_id)
+        return Skip(str(err), example=job.image_id, captions=lost)
     return ImageRecord(job.image_id, ext, data, list(job.captions), list(job.tags))
 
 

@@ -67,30 +67,36 @@ class ImageRecord:
 @dataclass(frozen=True)
 class Skip:
     """An input that was not written, with the reason counted in the summary and an optional example (the
-    missing path, the line number) shown with it."""
+    missing path, the line number) shown with it; a skipped image counts the captions it takes along."""
 
     reason: str
     count: int = 1
     example: str = ""
+    captions: int = 0
 
 
 class RecipeSkips(Counter):
-    """Counts skipped inputs per reason, and keeps the first few examples of each reason."""
+    """Counts skipped inputs per reason, the captions skipped images took along, and keeps the first few
+    examples of each reason."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.examples: dict[str, list[str]] = {}
+        self.captions: Counter[str] = Counter()
 
-    def add(self, reason: str, count: int = 1, example: str = "") -> None:
+    def add(self, reason: str, count: int = 1, example: str = "", captions: int = 0) -> None:
         self[reason] += count
+        self.captions[reason] += captions
         seen = self.examples.setdefault(reason, [])
         if example and len(seen) < SKIP_EXAMPLES:
             seen.append(short_text(example))
 
     def describe(self, reason: str) -> str:
-        """`reason: count`, with its first examples when there are any."""
-        examples = self.examples.get(reason)
-        return f"{reason}: {self[reason]}" + (f" (first: {', '.join(examples)})" if examples else "")
+        """`reason: count`, with its first examples when there are any, and the captions it took along when
+        they are more (images of several captions)."""
+        notes = [f"{self.captions[reason]} captions"] if self.captions[reason] > self[reason] else []
+        notes += [f"first: {', '.join(self.examples[reason])}"] if self.examples.get(reason) else []
+        return f"{reason}: {self[reason]}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def short_text(text: str, limit: int = _ERROR_LIMIT) -> str:
@@ -567,7 +573,7 @@ def write_records(
     with bar, contextlib.closing(parallel_map(_PassSkips(prepare), jobs, workers)) as results:
         for result in results:
             if isinstance(result, Skip):
-                skips.add(result.reason, result.count, result.example)
+                skips.add(result.reason, result.count, result.example, result.captions)
             else:
                 for sink in sinks:
                     sink.write_record(result)

@@ -130,5 +130,5 @@ def test_an_image_path_that_is_no_regular_file_is_skipped_without_reading_it(tmp
     pipe = tmp_path / "pipe.jpg"
     os.mkfifo(pipe)
     for source in (pipe, Path("/dev/zero"), tmp_path):
-        job = ImageJob("img", str(source), True, (("t1", "一只猫"),))
-        assert prepare_job(job) == Skip("unreadable file", example=str(source))
+        job = ImageJob("img", str(source), True, (("t1", "一只猫"), ("t2", "一只白猫")))
+        assert prepare_job(job) == Skip("unreadable file", example=str(source), captions=2)

@@ -239,6 +239,17 @@ def test_an_input_that_changes_between_the_two_passes_is_an_error(folder):
     assert total == 1 and [job.captions for job in jobs] == [(("0", "红色"),)]
 
 
+def test_a_skipped_image_of_several_captions_says_how_many_it_took_along(folder):
+    """Images are counted once, lines once each: the summary tells how many captions went with an image."""
+    src = folder / "data" / "pairs.tsv"
+    src.write_text("imgs/broken.jpg\t坏一\nimgs/broken.jpg\t坏二\nimgs/broken.jpg\t坏三\nimgs/gone.jpg\t无\n"
+                   "imgs/a.jpg\t红色\n")
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(folder / "out"), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "  undecodable image: 1 (3 captions; first: imgs/broken.jpg)\n" in proc.stdout
+    assert f"  missing file: 1 (first: {folder / 'data' / 'imgs' / 'gone.jpg'})\n" in proc.stdout
+
+
 def test_a_file_named_by_its_hash_is_read_as_a_file_not_as_base64(folder):
     """Content-addressed layouts name files by a hash, without extension: a name base64 text could be."""
     digest = hashlib.sha256(RED).hexdigest()
