@@ -162,6 +162,8 @@ def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
+            if out.is_symlink() and not out.exists():
+                fail(parser, f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
             fail(parser, f"--out {out} is a file, not a folder")
         except OSError as err:
             fail(parser, f"--out {out} cannot be created: {short_error(err)}")

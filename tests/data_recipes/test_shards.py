@@ -245,8 +245,11 @@ def test_unusable_out_is_a_one_line_error(tmp_path, recipe):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     inputs = [] if recipe == "demo" else ["--input", str(src)]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
     cases = [
         (a_file, "is a file, not a folder"),
+        (dangling, f"is a symbolic link to {tmp_path / 'gone'}, which does not exist"),
         (a_file / "sub", "cannot be created: Not a directory"),
         ("/proc/no-such-folder/out", "cannot be created: No such file or directory"),
     ]
