@@ -66,6 +66,9 @@ def _row(
     index: int, base: Path, image: str, caption: str, tags: list[str], image_id: str | None
 ) -> Row | Skip:
     image, caption = image.strip(), caption.strip()
+    unwrapped = "".join(image.split())  # MIME base64 (a JSONL string) breaks its text into lines
+    if unwrapped != image and looks_like_base64(unwrapped):
+        image = unwrapped
     if not image or "\0" in image:
         return line_skip("malformed line", index)
     problem = caption_problem(caption)

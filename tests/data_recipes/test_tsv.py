@@ -250,6 +250,16 @@ def test_a_skipped_image_of_several_captions_says_how_many_it_took_along(folder)
     assert f"  missing file: 1 (first: {folder / 'data' / 'imgs' / 'gone.jpg'})\n" in proc.stdout
 
 
+def test_base64_broken_into_lines_is_read_as_base64(folder):
+    """MIME base64 (`base64.encodebytes`, 76 characters a line) in a JSONL string was a malformed line."""
+    src = folder / "data" / "pairs.jsonl"
+    src.write_text(json.dumps({"image": base64.encodebytes(YELLOW).decode(), "caption": "黄色"}) + "\n")
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("黄色", YELLOW)]
+
+
 def test_a_file_named_by_its_hash_is_read_as_a_file_not_as_base64(folder):
     """Content-addressed layouts name files by a hash, without extension: a name base64 text could be."""
     digest = hashlib.sha256(RED).hexdigest()
