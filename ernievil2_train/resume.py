@@ -21,6 +21,8 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
     `checkpoints/last.ckpt`, if any; `"last"`: the run folder's last checkpoint, which must exist;
     anything else: that path. A checkpoint is a file, or a folder when FSDP saves it sharded.
     """
+    if ckpt_path is not None:
+        ckpt_path = str(ckpt_path)  # a file named 123 reaches here as a number
     if ckpt_path == "":
         raise ConfigError("config key 'ckpt_path': empty; give a checkpoint, last, or null (the run folder's "
                           "checkpoint if it has one)")
@@ -73,11 +75,14 @@ def _readable(path: str | None, what: str) -> str | None:
     return path
 
 
-def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: str) -> list[str]:
+def check_checkpoint_fits(
+    ckpt_path: str, module: pl.LightningModule, source: str, max_epochs: int | None = None
+) -> list[str]:
     """Refuse a training checkpoint this run's module cannot continue from: weights of another model size or
-    preset (naming the model settings that differ), other losses, weights without an optimizer state, or an
+    preset (naming the model settings that differ), other losses, weights without an optimizer state, an
     optimizer state of other parameter groups (a tower frozen or unfrozen, layer-wise lr decay turned on or
-    off); `source` says where the path came from.
+    off), or an epoch past `max_epochs` (Lightning would refuse it only after overwriting the checkpoint);
+    `source` says where the path came from.
     Returns the optimizer settings the checkpoint's state keeps over this run's config (see
     `_optimizer_settings_kept`). Reads the file memory-mapped: no tensor data is read. Folders (sharded FSDP
     checkpoints) are left to Lightning."""
@@ -100,6 +105,12 @@ def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule, source: st
         raise ConfigError(
             f"{source}: {ckpt_path}: was trained with other losses than this run's ({mismatch}): resume with "
             f"the module.loss.weights it was trained with, or start a new run folder"
+        )
+    epoch = checkpoint.get("epoch")
+    if isinstance(epoch, int) and max_epochs not in (None, -1) and epoch > max_epochs:
+        raise ConfigError(
+            f"config key 'trainer.max_epochs': {max_epochs}, but {ckpt_path} ({source}) is at epoch {epoch}; "
+            f"resume with trainer.max_epochs={epoch} or more, or start a new run folder"
         )
     if OPTIMIZER_STATES not in checkpoint:
         raise ConfigError(

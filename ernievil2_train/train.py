@@ -198,7 +198,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path:
         what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"
-        ignored = check_checkpoint_fits(ckpt_path, module, what)
+        ignored = check_checkpoint_fits(ckpt_path, module, what, cfg.trainer.get("max_epochs"))
         log.info("resuming from %s", ckpt_path)
         quiet_resume_warnings()
         if ignored:

@@ -156,6 +156,28 @@ def test_optimizer_settings_a_resume_keeps_are_named(tmp_path: Path) -> None:
     ]
 
 
+def test_a_checkpoint_past_max_epochs_is_refused_before_lightning_overwrites_it(tmp_path: Path) -> None:
+    """Lightning refuses it only once restored, and saves a checkpoint without optimizer state on its way
+    out: the run folder's last.ckpt was lost."""
+    saved = _trained_module_checkpoint(tmp_path / "last.ckpt", _module())
+    checkpoint = torch.load(saved, weights_only=True)
+    torch.save({**checkpoint, "epoch": 2}, saved)
+    with pytest.raises(ConfigError, match=re.escape(
+        f"config key 'trainer.max_epochs': 1, but {saved} (ckpt) is at epoch 2; resume with "
+        "trainer.max_epochs=2 or more, or start a new run folder"
+    )):
+        check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs=1)
+    for max_epochs in (2, 10, -1, None):
+        assert check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs=max_epochs) == []
+
+
+def test_a_checkpoint_path_hydra_read_as_a_number_is_a_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "123").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="config key 'ckpt_path': 123: not a readable checkpoint"):
+        resume_checkpoint(123, tmp_path / "run")
+
+
 def test_other_parameter_groups_or_losses_are_refused_before_training(tmp_path: Path) -> None:
     """Groups that differ (layer-wise decay turned on, a tower frozen) cannot take the saved optimizer state;
     another set of losses has other learned temperatures."""
