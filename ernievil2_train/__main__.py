@@ -17,7 +17,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.resolvers import register_resolvers
-from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT
+from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT, stop_children
 
 register_resolvers()
 
@@ -75,10 +75,12 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as stop:
         if is_first_process():
             print(f"interrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
+        stop_children()
         sys.exit(INTERRUPTED_EXIT)
     except SIGTERMException:
         print("stopped by SIGTERM after saving a checkpoint; running the same command again resumes the run",
               file=sys.stderr)
+        stop_children()
         sys.exit(TERMINATED_EXIT)
 
 

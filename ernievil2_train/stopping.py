@@ -3,6 +3,7 @@ DataLoader workers that leave both signals to their parent."""
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import sys
 from collections.abc import Callable
@@ -44,6 +45,14 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.excepthook = quiet_when_the_parent_hangs_up
+
+
+def stop_children(timeout: float = 5.0) -> None:
+    """Kill the child processes still alive (loader workers ignore SIGTERM, see `ignore_stop_signals`): at
+    exit, multiprocessing would send them SIGTERM and then wait for them for ever."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout)
 
 
 def quiet_when_the_parent_hangs_up(

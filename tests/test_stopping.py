@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -66,3 +68,40 @@ def test_a_worker_is_quiet_about_its_parent_hanging_up_only(capsys: pytest.Captu
     assert capsys.readouterr().err == ""
     quiet_when_the_parent_hangs_up(ValueError, ValueError("a real bug"), None)
     assert "ValueError: a real bug" in capsys.readouterr().err
+
+
+EXIT_WITH_A_WORKER = """
+import multiprocessing, sys, time
+from ernievil2_train.stopping import ignore_stop_signals, stop_children
+
+def work():
+    ignore_stop_signals(0)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("fork").Process(target=work, daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    if sys.argv[1] == "stop":
+        stop_children()
+    sys.exit(143)
+"""
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_exiting_with_a_worker_that_ignores_sigterm_does_not_hang(stop: bool) -> None:
+    """At exit, multiprocessing sends its daemon children SIGTERM and waits for them: a loader worker ignores
+    SIGTERM, so the main process waited for ever after a SIGTERM stop. Killing the children first ends it
+    (the control without it still hangs)."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_WITH_A_WORKER, "stop" if stop else "keep"],
+                            start_new_session=True)
+    try:
+        if stop:
+            assert proc.wait(timeout=30) == 143
+        else:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the control's process and its worker
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
