@@ -199,7 +199,8 @@ class RetrievalCallback(pl.Callback):
             self.evalset = cap_evalset(load_evalset(self.eval_set, split=self.split), self.max_items)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"callbacks.retrieval.eval_set: {err}") from None
-        self.tokenizer = ErnieTokenizer(self.vocab_file, max_len=self.max_len)
+        positions = pl_module.model.config.text.max_position_embeddings  # texts longer than that cannot fit
+        self.tokenizer = ErnieTokenizer(self.vocab_file, max_len=min(self.max_len, positions))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.evalset is None or not self.at_start or trainer.global_step > 0:

@@ -307,6 +307,16 @@ def test_bars_are_drawn_under_the_epoch_bar_and_erased(setup, capsys):
     assert re.match(r"[^\n]*\n\r +\x1b\[A", epoch_end[epoch_end.rindex("Retrieval") :])
 
 
+def test_texts_are_cut_to_the_models_positions_when_it_has_fewer_than_the_official_length(setup):
+    """A model of 16 text positions evaluated at the default 48 tokens failed with an IndexError."""
+    model, callback, expected = setup
+    default_length = RetrievalCallback(callback.eval_set, vocab_file=callback.vocab_file, batch_size=4,
+                                       progress=False)
+    assert default_length.max_len > model.config.text.max_position_embeddings
+    fit_one_epoch(model, default_length)
+    assert default_length.last == pytest.approx(expected)
+
+
 def test_memory_the_retrieval_pass_cannot_get_names_its_batch_size(setup, monkeypatch):
     """An allocation that fails while the callback encodes the eval set names the callback's batch size,
     not the training batch size."""
