@@ -307,14 +307,20 @@ def test_bars_are_drawn_under_the_epoch_bar_and_erased(setup, capsys):
     assert re.match(r"[^\n]*\n\r +\x1b\[A", epoch_end[epoch_end.rindex("Retrieval") :])
 
 
-def test_texts_are_cut_to_the_models_positions_when_it_has_fewer_than_the_official_length(setup):
-    """A model of 16 text positions evaluated at the default 48 tokens failed with an IndexError."""
-    model, callback, expected = setup
-    default_length = RetrievalCallback(callback.eval_set, vocab_file=callback.vocab_file, batch_size=4,
-                                       progress=False)
-    assert default_length.max_len > model.config.text.max_position_embeddings
-    fit_one_epoch(model, default_length)
-    assert default_length.last == pytest.approx(expected)
+def test_texts_are_cut_to_the_models_positions_when_it_has_fewer_than_the_official_length(tmp_path):
+    """A model of 16 text positions evaluated at the default 48 tokens failed with an IndexError on an eval
+    text longer than 16 tokens."""
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    write_evalset(tmp_path / "evalset")
+    with (tmp_path / "evalset" / "valid_texts.jsonl").open("a", encoding="utf-8") as fh:
+        long_text = {"text_id": 99, "text": "一二三四五六七八九十" * 4, "image_ids": ["img0"]}
+        fh.write(json.dumps(long_text, ensure_ascii=False) + "\n")
+    callbacks = [RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", batch_size=4,
+                                   progress=False, **length) for length in ({}, {"max_len": MAX_LEN})]
+    assert callbacks[0].max_len > model.config.text.max_position_embeddings == MAX_LEN
+    for callback in callbacks:
+        fit_one_epoch(model, callback)
+    assert callbacks[0].last == callbacks[1].last
 
 
 def test_memory_the_retrieval_pass_cannot_get_names_its_batch_size(setup, monkeypatch):
