@@ -468,13 +468,19 @@ class ErnieVil2Module(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         try:
             optimizer = self.optimizer_factory(self.param_groups())
-        except ValueError as error:  # the optimizer refuses a setting: a negative lr, say
+        except (ValueError, TypeError, IndexError) as error:  # a setting it refuses: a negative lr, one beta
             raise TrainingConfigError(f"module.optimizer: {error}") from None
         total = self.schedule.total_steps or self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
+        if not math.isfinite(total):
             raise TrainingConfigError(
                 "cannot infer the number of training steps for the lr schedule: set trainer.max_steps or "
                 "module.scheduler.total_steps"
+            )
+        if total <= 0:
+            trainer = self.trainer
+            raise TrainingConfigError(
+                f"the run has no training step to schedule (trainer.max_steps={trainer.max_steps}, "
+                f"max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches})"
             )
         lr_lambda = functools.partial(
             warmup_cosine,

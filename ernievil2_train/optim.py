@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from ernievil2_train.config_checks import ConfigError, dataclass_from
+from ernievil2_train.config_checks import ConfigError, check_number, check_positive_int, dataclass_from
 
 # No weight decay, by name: biases, norm weights, temperatures, embedding tables and tokens. For the two
 # towers these are exactly their 0/1-dim parameters plus the embeddings; the names decide alone when the
@@ -94,8 +94,14 @@ class ScheduleConfig:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError("scheduler.warmup_steps must be >= 0 and scheduler.warmup_ratio in [0, 1)")
+        if self.warmup_steps != 0:
+            check_positive_int(self.warmup_steps, "scheduler.warmup_steps")
+        if self.total_steps is not None:
+            check_positive_int(self.total_steps, "scheduler.total_steps")
+        check_number(self.warmup_ratio, "scheduler.warmup_ratio")
+        check_number(self.min_lr_ratio, "scheduler.min_lr_ratio")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"scheduler.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("set either scheduler.warmup_steps or scheduler.warmup_ratio, not both")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -341,6 +342,26 @@ def test_lightning_gradient_accumulation_is_refused():
 def test_flag_combinations_are_refused(kwargs, match):
     with pytest.raises(TrainingConfigError, match=match):
         _module(**kwargs)
+
+
+@pytest.mark.parametrize(("optimizer", "match"), [
+    ({"betas": (0.9,)}, "^module.optimizer: "),
+    ({"betas": "abc"}, "^module.optimizer: "),
+    ({"foo": 1}, "^module.optimizer: .*unexpected keyword argument 'foo'"),
+])
+def test_optimizer_settings_the_optimizer_refuses_name_the_optimizer(optimizer, match):
+    """An IndexError (one beta) or a TypeError (a setting of another optimizer) was a traceback."""
+    module = _module(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, **optimizer))
+    with pytest.raises(TrainingConfigError, match=match):
+        _trainer().fit(module, train_dataloaders=_loader())
+
+
+def test_a_run_without_training_steps_names_the_trainer_settings():
+    with pytest.raises(TrainingConfigError, match=re.escape(
+        "the run has no training step to schedule (trainer.max_steps=-1, max_epochs=1, limit_train_batches=0)"
+    )):
+        trainer = _trainer(max_steps=-1, max_epochs=1, limit_train_batches=0)
+        trainer.fit(_module(), train_dataloaders=_loader())
 
 
 def test_frozen_tower_is_eval_gradless_and_not_optimized():

@@ -111,6 +111,11 @@ def test_warmup_then_cosine_to_min_ratio():
     ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
     ({"warmup": 3}, "unknown scheduler config field"),
+    ({"warmup_ratio": "abc"}, "scheduler.warmup_ratio must be a finite number, got 'abc'"),
+    ({"min_lr_ratio": None}, "scheduler.min_lr_ratio must be a finite number, got None"),
+    ({"warmup_steps": -1}, "scheduler.warmup_steps must be a positive integer, got -1"),
+    ({"total_steps": -5}, "scheduler.total_steps must be a positive integer, got -5"),
+    ({"total_steps": 0}, "scheduler.total_steps must be a positive integer, got 0"),
 ])
 def test_schedule_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
