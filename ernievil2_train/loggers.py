@@ -39,11 +39,15 @@ def wandb_logger(
 ) -> WandbLogger:
     """A `WandbLogger` whose run id is kept in `save_dir`, so a resumed run logs into the same W&B run.
 
-    `offline=None` means: offline unless credentials are configured (or `WANDB_MODE` says otherwise).
+    `offline=None` means: offline unless credentials are configured (or `WANDB_MODE` says otherwise);
+    `offline=False` without credentials is a ValueError (W&B would refuse at its first log).
     """
+    mode = os.environ.get("WANDB_MODE")
     if offline is None:
-        mode = os.environ.get("WANDB_MODE")
         offline = mode in ("offline", "dryrun") if mode else not wandb_has_credentials()
+    elif not offline and mode not in ("offline", "dryrun", "disabled") and not wandb_has_credentials():
+        raise ValueError("offline=false needs a W&B login (`wandb login`, or WANDB_API_KEY); without one, "
+                         "leave it null (offline)")
     id_file = Path(save_dir) / RUN_ID_FILE
     if id_file.is_file():
         run_id = id_file.read_text().strip()

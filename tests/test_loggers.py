@@ -33,6 +33,17 @@ def test_the_run_id_is_written_once_and_read_back(tmp_path, single_process):
     assert wandb_logger(project="p", save_dir=str(tmp_path)).version == written
 
 
+def test_an_online_run_without_a_login_is_refused_before_training(tmp_path, single_process):
+    """W&B refused it with a traceback at the first log, once the run folder and data were set up."""
+    single_process.delenv("WANDB_MODE")
+    single_process.delenv("WANDB_API_KEY", raising=False)
+    single_process.setenv("HOME", str(tmp_path))  # no netrc: no `wandb login`
+    with pytest.raises(ValueError, match=r"^offline=false needs a W&B login \(`wandb login`, or WANDB_API"):
+        wandb_logger(project="p", save_dir=str(tmp_path), offline=False)
+    single_process.setenv("WANDB_MODE", "offline")  # the environment's choice stands
+    assert wandb_logger(project="p", save_dir=str(tmp_path), offline=False) is not None
+
+
 _OFFLINE_RUN = """
 import sys
 from ernievil2_train.loggers import wandb_logger
