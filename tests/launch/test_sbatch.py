@@ -44,13 +44,19 @@ def test_sbatch_renders_the_ddp_command(tmp_path: Path) -> None:
     result = _render(tmp_path, slurm, "+experiment=pretrain_multiview", "data.train_shards='/d/{0..9}.tar'")
     assert result.returncode == 0, result.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
-    assert args[:4] == ["--kill-on-bad-exit=1", "python", "-m", "ernievil2_train"]
+    assert args[:5] == ["--kill-on-bad-exit=1", "--cpus-per-task=12", "python", "-m", "ernievil2_train"]
     assert "trainer=ddp" in args
     assert "trainer.num_nodes=2" in args
     assert "trainer.devices=8" in args
     assert "hydra.run.dir=outputs/slurm/ernievil2-4242" in args
     assert args[-2:] == ["+experiment=pretrain_multiview", "data.train_shards='/d/{0..9}.tar'"]
     assert "restart 1" in result.stdout
+
+
+def test_sbatch_takes_the_gpus_of_the_node_without_tasks_per_node(tmp_path: Path) -> None:
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "j", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "4"}
+    assert _render(tmp_path, slurm).returncode == 0
+    assert "trainer.devices=4" in (tmp_path / "srun.args").read_text().splitlines()
 
 
 def test_sbatch_header_requests_requeue_and_the_pre_timeout_signal() -> None:
