@@ -60,8 +60,8 @@ def interrupted(output_dir: Path) -> TrainingInterrupted:
 
 def _readable(path: str | None, what: str) -> str | None:
     """`path`, unless it is a file `torch.save` cannot have written whole (every such file is a zip archive;
-    a truncated one has lost its directory at the end), not a regular file (a pipe would be waited on for
-    ever), or a folder other than a sharded FSDP checkpoint."""
+    a truncated one has lost its directory at the end; a damaged one fails the members' checksums), not a
+    regular file (a pipe would be waited on for ever), or a folder other than a sharded FSDP checkpoint."""
     if path is None:
         return None
     if Path(path).is_dir():
@@ -72,6 +72,13 @@ def _readable(path: str | None, what: str) -> str | None:
         raise ConfigError(f"{what}: not a regular file")
     if not zipfile.is_zipfile(path):
         raise ConfigError(f"{what}: not a readable checkpoint (truncated, or not written by torch.save)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member: CRC-32 at disk speed
+    except (zipfile.BadZipFile, OSError) as error:
+        damaged = str(error)
+    if damaged:
+        raise ConfigError(f"{what}: damaged ({damaged} fails its checksum); resume from another checkpoint")
     return path
 
 

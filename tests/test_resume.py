@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,22 @@ def test_an_unreadable_checkpoint_is_refused_before_training(tmp_path: Path) -> 
     os.mkfifo(pipe)  # opening it would wait for a writer for ever
     with pytest.raises(ConfigError, match=r"pipe\.ckpt: not a regular file$"):
         resume_checkpoint(str(pipe), tmp_path)
+
+
+def test_a_damaged_checkpoint_is_refused_before_training(tmp_path: Path) -> None:
+    """Bytes overwritten inside a tensor's data keep the file a readable zip: it resumed with weights of
+    1e15. The members' checksums tell."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(100_000)}}, path)
+    assert resume_checkpoint(str(path), tmp_path) == str(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = b"\x7f" * 16
+    path.write_bytes(bytes(data))
+    assert zipfile.is_zipfile(path) and torch.load(path, weights_only=True)["state_dict"]["w"].abs().max() > 1
+    damaged = re.escape(f"config key 'ckpt_path': {path}: damaged (") + r".*data/0 fails its checksum"
+    with pytest.raises(ConfigError, match=damaged):
+        resume_checkpoint(str(path), tmp_path)
 
 
 def _saved_module(path: Path, model: torch.nn.Module) -> Path:
