@@ -199,7 +199,12 @@ class ErnieVil2Module(pl.LightningModule):
             )
 
     def _check_batch(self, batch: dict[str, torch.Tensor]) -> None:
-        missing = {key: pair for key, pair in required_batch_keys(self.loss_fn).items() if key not in batch}
+        self.check_batch_keys(set(batch))
+        self._batch_checked = True
+
+    def check_batch_keys(self, keys: set[str]) -> None:
+        """`TrainingConfigError` naming the first loss pair whose view is not among a batch's `keys`."""
+        missing = {key: pair for key, pair in required_batch_keys(self.loss_fn).items() if key not in keys}
         if missing:
             key, pair = next(iter(missing.items()))
             what = BATCH_KEY_HELP.get(key, key)
@@ -207,7 +212,6 @@ class ErnieVil2Module(pl.LightningModule):
                 f"module.loss.weights.{pair} > 0 needs batch key {key!r} ({what}), which the data pipeline "
                 f"does not produce: turn on that view in the data config or set module.loss.weights.{pair}=0"
             )
-        self._batch_checked = True
 
     def train(self, mode: bool = True) -> ErnieVil2Module:
         super().train(mode)

@@ -26,6 +26,7 @@ from omegaconf.errors import InterpolationResolutionError
 from ernievil2_train.callbacks.retrieval import PREFIX as RETRIEVAL_PREFIX
 from ernievil2_train.callbacks.retrieval import RetrievalCallback
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
+from ernievil2_train.data.views import ViewConfig
 from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resume import (
     check_checkpoint_fits,
@@ -195,6 +196,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build("model", cfg.model)
     check_data_fits_model(datamodule, model, cfg.model.get("checkpoint"))
     module = build("module", cfg.module, model=model)
+    views = getattr(datamodule, "views", None)
+    if isinstance(views, ViewConfig) and hasattr(module, "check_batch_keys"):
+        module.check_batch_keys(views.train_batch_keys())  # before the zero-shot baseline, not at step 1
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path:
         what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"

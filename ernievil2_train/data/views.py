@@ -62,6 +62,13 @@ class ViewConfig:
     def from_any(cls, value: ViewConfig | dict[str, Any] | None) -> ViewConfig:
         return dataclass_from(cls, value, "views")
 
+    def train_batch_keys(self) -> set[str]:
+        """The keys of a training sample (and batch) with these views (`SampleTransform` makes them)."""
+        keys = {"image", "caption_ids", "image_key", "caption_key"}
+        keys |= {"image_view2"} if self.image_view2 else set()
+        keys |= {"text_view_ids"} if self.text_view != "none" else set()
+        return keys | ({"tag_ids", "has_tags"} if self.tags else set())
+
 
 class SampleTransform:
     """Raw sample -> tensors: augmented views and text views (`train`), else one center view."""

@@ -239,6 +239,8 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
         ("module.accumulate_microbatches=3", "config key 'module.accumulate_microbatches': 3 does not"),
         ("data.image_size=320000", "config key 'model': the model's weights need"),
         ("data.datamodule.train_shards={garbage}", "train_shards: a pass over this worker's shards gave no"),
+        ("data.datamodule.views.tags=false",
+         "module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"),
         ("trainer.val_check_interval=100000",
          "config key 'trainer.val_check_interval': 100000 batches is more than the 8 of an epoch"),
     ],
@@ -252,6 +254,8 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert "Traceback" not in result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
+    if "views" in override:  # refused at start-up, before the zero-shot baseline, not at the first step
+        assert "zero-shot baseline" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,16 @@ def test_flags_switch_views_off(vocab):
     assert set(out) == {"image", "caption_ids", "image_key", "caption_key"}
 
 
+@pytest.mark.parametrize("views", [
+    {}, {"image_view2": False}, {"tags": False}, {"text_view": "none"}, {"text_view": "token_drop"},
+    {"image_view2": False, "tags": False, "text_view": "none"},
+])
+def test_the_batch_keys_a_view_config_promises_are_those_a_sample_has(vocab, views):
+    """What the start-up check of views against losses reads, against what the transform makes."""
+    out = SampleTransform(vocab, image_size=SIZE, views=views)(sample(3))
+    assert ViewConfig.from_any(views).train_batch_keys() == set(out)
+
+
 def test_caption_tags_and_keys_match_tokenizer_and_stable_key(vocab):
     item = sample(3, captions=["一只狗在草地上奔跑", "两个人骑自行车"], tags=["狗", "草地"])
     out = SampleTransform(vocab, image_size=SIZE, text_max_len=12)(item)
