@@ -30,6 +30,7 @@ PATH_KEYS = (
 
 # Config leaves naming a folder the run writes into (checkpoints, export, loggers).
 OUTPUT_KEYS = ("dirpath", "save_dir")
+REQUIRED_SECTIONS = ("data", "model", "module", "trainer")  # a run builds each of them
 
 
 class ConfigError(ValueError):
@@ -131,10 +132,14 @@ def check_config(cfg: DictConfig) -> None:
         keys = ", ".join(f"'{key}'" for key in missing)
         raise ConfigError(f"missing required config values {keys}: set them on the command line, e.g. "
                           f"{missing[0]}=/path/to/it")
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int | None):
+    for section in REQUIRED_SECTIONS:
+        if section in cfg and cfg[section] is None:
+            raise ConfigError(f"config key '{section}': null, but a run needs it (leave it out to keep the "
+                              "default)")
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"config key 'seed': expected an integer, got {seed!r}")
-    if seed is not None and not 0 <= seed < 2**32:
+    if not 0 <= seed < 2**32:
         raise ConfigError(f"config key 'seed': must be from 0 to {2**32 - 1} (numpy's seeds), got {seed}")
     cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
     if cache_dir == "":

@@ -122,7 +122,8 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    *((f"seed={seed}", "'seed': expected an integer, got") for seed in ("abc", "1.5", "true")),
+    *((f"seed={seed}", "'seed': expected an integer, got") for seed in ("abc", "1.5", "true", "null")),
+    ("module=null", "'module': null, but a run needs it"),
     *((f"seed={seed}", f"'seed': must be from 0 to {2**32 - 1}") for seed in ("-1", str(2**32))),
     *((f"trainer.gradient_clip_val={clip}", "'trainer.gradient_clip_val': must be 0 or")
       for clip in ("-1", "inf", "abc")),
