@@ -270,6 +270,16 @@ def test_group_options_compose(group_option: str, package: str, demo_cache: Path
     assert expected != OmegaConf.to_container(_option_node(group, chosen[group]))  # the option changes things
 
 
+def test_runs_started_in_the_same_second_get_folders_of_their_own(demo_cache: Path) -> None:
+    """Two runs a script started in one second shared a run folder: interleaved metrics, one export."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.cache_dir={demo_cache}"], return_hydra_config=True)
+    for folder in (Path(cfg.hydra.run.dir).name, Path(cfg.hydra.sweep.dir).name):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", folder), folder
+
+
 def test_slurm_launcher_config_composes(demo_cache: Path) -> None:
     register_resolvers()
     GlobalHydra.instance().clear()
