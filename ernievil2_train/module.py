@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ernievil2_train.accumulation import feature_cache_step, split_batch
@@ -36,6 +37,7 @@ from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ra
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
+SCHEDULE_KEY = "lr_schedule_steps"  # checkpoint entry: the optimizer steps the lr schedule was laid out for
 PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
@@ -132,6 +134,8 @@ class ErnieVil2Module(pl.LightningModule):
         self._skipped: torch.Tensor | None = None
         self._restored_skips: dict[str, Any] | None = None
         self._restored_rng: list[GeneratorStates] | GeneratorStates | None = None
+        self._schedule_steps: int | None = None  # this run's, once the optimizers are configured
+        self._restored_schedule_steps: int | None = None
         self._val_sums: torch.Tensor | None = None  # the validation epoch's sums, set at its start
 
     def _check_numbers(self) -> None:
@@ -225,6 +229,7 @@ class ErnieVil2Module(pl.LightningModule):
         checkpoint[MODEL_CONFIG_KEY] = self.model.config.to_dict()
         checkpoint[EPOCH_SKIPS_KEY] = {"epoch": self.current_epoch, "counts": self._epoch_skips_so_far()}
         checkpoint[RNG_KEY] = rng_states_of_ranks(self.device)
+        checkpoint[SCHEDULE_KEY] = self._schedule_steps
 
     def _epoch_skips_so_far(self) -> list[int]:
         """This epoch's training skip counts, summed over ranks (every rank saves a checkpoint together)."""
@@ -238,6 +243,7 @@ class ErnieVil2Module(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_skips = checkpoint.get(EPOCH_SKIPS_KEY)
         self._restored_rng = checkpoint.get(RNG_KEY)
+        self._restored_schedule_steps = checkpoint.get(SCHEDULE_KEY)
 
     # ---- training --------------------------------------------------------------------------------------
     def _encode(self, batch: Batch, names: list[str] | None = None) -> Batch:
@@ -485,6 +491,14 @@ class ErnieVil2Module(pl.LightningModule):
             raise TrainingConfigError(
                 f"the run has no training step to schedule (trainer.max_steps={trainer.max_steps}, "
                 f"max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches})"
+            )
+        self._schedule_steps = int(total)
+        saved = self._restored_schedule_steps
+        if saved is not None and saved != self._schedule_steps:
+            rank_zero_warn(
+                f"resuming a run whose lr schedule was laid out for {saved} optimizer steps with one of "
+                f"{self._schedule_steps} (trainer.max_epochs or max_steps changed): the learning rate jumps "
+                "to the new schedule's value at the resumed step", category=UserWarning,
             )
         lr_lambda = functools.partial(
             warmup_cosine,
