@@ -63,6 +63,7 @@ from data_recipes.shards import (
     RecipeSkips,
     Skip,
     chosen_outputs,
+    clip_layout_files,
     short_error,
     write_outputs,
 )
@@ -194,7 +195,7 @@ def chinese_clip_jobs(
     Images that no text names are skipped, or with `keep_uncaptioned` (for an eval set, whose gallery keeps
     them as distractors) passed on without captions.
     """
-    imgs, texts = folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
+    imgs, texts = clip_layout_files(folder, split)
     for f in (imgs, texts):
         if not f.is_file():
             raise InputError(f"input file missing: {f} (for --split {split})")
@@ -293,8 +294,7 @@ def clip_layout_split(path: Path) -> str | None:
     if match is None:
         return None
     split = match.group(1)
-    partner = f"{split}_texts.jsonl" if match.group(2) == "imgs.tsv" else f"{split}_imgs.tsv"
-    return split if (path.parent / partner).is_file() else None
+    return split if all(f.is_file() for f in clip_layout_files(path.parent, split)) else None
 
 
 def ernie_rows(tsv: Path, coco_tags: CocoTags):
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(--input {args.input.parent} --split {split})",
         )
     check_writer_args(parser, args)
-    read = [args.input / f"{args.split}_{name}" for name in ("imgs.tsv", "texts.jsonl")]
-    check_inputs_kept(parser, args, read if args.input.is_dir() else [args.input])
+    read = clip_layout_files(args.input, args.split) if args.input.is_dir() else (args.input,)
+    check_inputs_kept(parser, args, read)
     skips = RecipeSkips()
     with reported(parser, args.input, args.out):
         unnamed: Counter[int] = Counter()

@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +17,7 @@ from data_recipes.shards import (
     DEFAULT_SHARD_SIZE,
     RecipeError,
     chosen_outputs,
+    clip_layout_files,
     short_error,
     short_text,
 )
@@ -175,12 +176,15 @@ def check_writer_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         remove_if_empty(new)
 
 
-def check_inputs_kept(parser: argparse.ArgumentParser, args: argparse.Namespace, inputs: list[Path]) -> None:
+def check_inputs_kept(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, inputs: Iterable[Path]
+) -> None:
     """Exit with a one-line error, code 2, when a file this run writes (per `--out`, `--split`, `--outputs`)
     is one of its `inputs`, as the eval set of a Chinese-CLIP folder written into that folder would be."""
-    written = [args.out / f"{args.split}.json"] if chosen_outputs(args) != "evalset" else []
-    if chosen_outputs(args) != "shards":
-        written += [args.out / "eval" / f"{args.split}_{name}" for name in ("imgs.tsv", "texts.jsonl")]
+    outputs = chosen_outputs(args)
+    written = [args.out / f"{args.split}.json"] if outputs != "evalset" else []
+    if outputs != "shards":
+        written += clip_layout_files(args.out / "eval", args.split)
     read = {path.resolve() for path in inputs}
     for path in written:
         if path.resolve() in read:

@@ -427,6 +427,11 @@ def json_id(value: str) -> str | int:
     return int(value) if _DECIMAL.fullmatch(value) else value
 
 
+def clip_layout_files(folder: Path, split: str) -> tuple[Path, Path]:
+    """The two files of a split in Chinese-CLIP's layout: `{split}_imgs.tsv` and `{split}_texts.jsonl`."""
+    return folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
+
+
 class EvalSetWriter(_Writer):
     """Writes records as an eval set in the Chinese-CLIP layout: `{split}_imgs.tsv` + `{split}_texts.jsonl`.
 
@@ -446,8 +451,7 @@ class EvalSetWriter(_Writer):
         self.group_by = group_by
         self._made_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.images_path = self.out_dir / f"{split}_imgs.tsv"
-        self.texts_path = self.out_dir / f"{split}_texts.jsonl"
+        self.images_path, self.texts_path = clip_layout_files(self.out_dir, split)
         self._images_tmp = self.images_path.with_name(self.images_path.name + ".tmp")
         self._texts_tmp = self.texts_path.with_name(self.texts_path.name + ".tmp")
         self._lock = SplitLock(self.out_dir, split)
