@@ -32,7 +32,13 @@ from ernievil2_train.losses.multiview import (
     gathered_losses,
     required_batch_keys,
 )
-from ernievil2_train.optim import ScheduleConfig, clip_grad_norm, tower_param_groups, warmup_cosine
+from ernievil2_train.optim import (
+    OPTIMIZER_REFUSALS,
+    ScheduleConfig,
+    clip_grad_norm,
+    tower_param_groups,
+    warmup_cosine,
+)
 from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ranks, set_rng_state
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
@@ -478,7 +484,7 @@ class ErnieVil2Module(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         try:
             optimizer = self.optimizer_factory(self.param_groups())
-        except (ValueError, TypeError, IndexError) as error:  # a setting it refuses: a negative lr, one beta
+        except OPTIMIZER_REFUSALS as error:
             raise TrainingConfigError(f"module.optimizer: {error}") from None
         total = self.schedule.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
@@ -492,18 +498,18 @@ class ErnieVil2Module(pl.LightningModule):
                 f"the run has no training step to schedule (trainer.max_steps={trainer.max_steps}, "
                 f"max_epochs={trainer.max_epochs}, limit_train_batches={trainer.limit_train_batches})"
             )
-        self._schedule_steps = int(total)
+        steps = self._schedule_steps = int(total)
         saved = self._restored_schedule_steps
-        if saved is not None and saved != self._schedule_steps:
+        if saved is not None and saved != steps:
             rank_zero_warn(
                 f"resuming a run whose lr schedule was laid out for {saved} optimizer steps with one of "
-                f"{self._schedule_steps} (trainer.max_epochs or max_steps changed): the learning rate jumps "
-                "to the new schedule's value at the resumed step", category=UserWarning,
+                f"{steps} (trainer.max_epochs or max_steps changed): the learning rate jumps to the new "
+                "schedule's value at the resumed step", category=UserWarning,
             )
         lr_lambda = functools.partial(
             warmup_cosine,
-            total_steps=int(total),
-            warmup_steps=self.schedule.warmup(int(total)),
+            total_steps=steps,
+            warmup_steps=self.schedule.warmup(steps),
             min_lr_ratio=self.schedule.min_lr_ratio,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

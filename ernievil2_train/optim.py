@@ -84,6 +84,11 @@ def tower_param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
+# what an optimizer raises for a setting it refuses: a negative lr (ValueError), a single beta (IndexError),
+# a setting of another optimizer (TypeError)
+OPTIMIZER_REFUSALS = (ValueError, TypeError, IndexError)
+
+
 @dataclass
 class ScheduleConfig:
     """Linear warmup (steps, or a ratio of the total) then cosine decay to `min_lr_ratio` of the peak."""

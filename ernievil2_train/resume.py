@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from ernievil2_train.checkpoints.errors import CheckpointError, state_mismatch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, SHARDED_META_NAME, read_training_checkpoint
 from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.optim import OPTIMIZER_REFUSALS
 
 
 def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -166,7 +167,7 @@ def _fresh_param_groups(module: pl.LightningModule) -> list[dict[str, Any]] | No
         return None
     try:
         return factory(groups()).state_dict()["param_groups"]
-    except (ValueError, TypeError):
+    except OPTIMIZER_REFUSALS:
         return None
 
 

@@ -195,6 +195,14 @@ def test_a_checkpoint_path_hydra_read_as_a_number_is_a_path(tmp_path: Path, monk
         resume_checkpoint(123, tmp_path / "run")
 
 
+def test_optimizer_settings_the_optimizer_refuses_are_left_to_the_module(tmp_path: Path) -> None:
+    """One beta makes AdamW raise an IndexError: the resume check does not compare settings then (it was a
+    traceback); the module refuses them with one line when training starts."""
+    saved = str(_trained_module_checkpoint(tmp_path / "last.ckpt", _module()))
+    one_beta = functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9,))
+    assert check_checkpoint_fits(saved, ErnieVil2Module(tiny_model(), optimizer=one_beta), "ckpt") == []
+
+
 def test_other_parameter_groups_or_losses_are_refused_before_training(tmp_path: Path) -> None:
     """Groups that differ (layer-wise decay turned on, a tower frozen) cannot take the saved optimizer state;
     another set of losses has other learned temperatures."""
