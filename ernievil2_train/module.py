@@ -393,6 +393,17 @@ class ErnieVil2Module(pl.LightningModule):
         self._window_start = None
         self._skipped = None
 
+    def logged_metrics(self, validates: bool) -> set[str]:
+        """The names this module logs through `self.log` (what a callback can monitor); the `val/` ones only
+        when the run `validates`. A subclass that logs more names adds them here."""
+        names = {"train/loss", *(f"data/skipped_{reason}" for reason in SKIP_REASONS)}
+        for pair in self.loss_fn.config.active_pairs():
+            names.update(f"train/{what}_{pair}" for what in ("loss", "acc", "scale"))
+        if validates:
+            names.update({"val/loss_image_caption", "val/acc_image_caption"})
+            names.update(f"val/skipped_{reason}" for reason in SKIP_REASONS)
+        return names
+
     def on_train_epoch_end(self) -> None:
         """The epoch's training skip counts, summed over ranks. Every rank logs them, zeros when it saw none
         (a run resumed at an epoch's end has no batch left, and only rank 0 holds the restored counts): the

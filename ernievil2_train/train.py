@@ -23,6 +23,12 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from ernievil2_train.callbacks.monitors import (
+    LIGHTNING_METRICS,
+    RETRIEVAL_METRICS,
+    check_monitors,
+    missing_monitor_error,
+)
 from ernievil2_train.callbacks.retrieval import PREFIX as RETRIEVAL_PREFIX
 from ernievil2_train.callbacks.retrieval import RetrievalCallback
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
@@ -57,11 +63,11 @@ def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def _build_group(name: str, group: DictConfig | None) -> list[Any]:
+def _build_group(name: str, group: DictConfig | None) -> dict[str, Any]:
     """Build each entry of a name -> config mapping (callbacks, loggers); `null` entries are skipped."""
     if not group:
-        return []
-    return [build(f"{name}.{key}", node) for key, node in group.items() if node and "_target_" in node]
+        return {}
+    return {key: build(f"{name}.{key}", node) for key, node in group.items() if node and "_target_" in node}
 
 
 def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = None) -> None:
@@ -209,10 +215,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("resuming keeps the optimizer state of %s (learning rate, weight decay and betas "
                         "included); changed settings have no effect: %s (start a new run folder to use them)",
                         ckpt_path, "; ".join(ignored))
-    callbacks = without_retrieval_checkpoints(_build_group("callbacks", cfg.get("callbacks")))
+    built_callbacks = _build_group("callbacks", cfg.get("callbacks"))
+    if hasattr(module, "logged_metrics"):
+        validates = getattr(datamodule, "val_urls", None) is not None
+        logged = module.logged_metrics(validates) | RETRIEVAL_METRICS | LIGHTNING_METRICS
+        check_monitors(built_callbacks, logged)
+    callbacks = without_retrieval_checkpoints(list(built_callbacks.values()))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    loggers = _build_group("logger", cfg.get("logger"))
+    loggers = list(_build_group("logger", cfg.get("logger")).values())
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -233,8 +244,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if "`val_check_interval`" not in str(error):
                 raise
             raise validation_interval_error(trainer) from None
-        except RuntimeError as error:
-            refusal = out_of_memory_error(error, cfg)
+        except (RuntimeError, MisconfigurationException) as error:
+            logged = list(trainer.callback_metrics)
+            refusal = missing_monitor_error(error, built_callbacks, logged)
+            if refusal is None and isinstance(error, RuntimeError):
+                refusal = out_of_memory_error(error, cfg)
             if refusal is None:
                 raise
             raise refusal from None

@@ -312,6 +312,18 @@ def test_validation_without_batches_or_skip_counts_logs_neither():
         "val/acc_image_caption", "val/loss_image_caption"]
 
 
+@pytest.mark.parametrize("weights", [ALL_PAIRS, {"image_caption": 1.0, "text_text": 0.5}])
+def test_logged_metrics_are_the_names_a_run_logs(weights):
+    """What callbacks may monitor (checked at start-up) is what one epoch with validation logs."""
+    module = _module(loss={"weights": weights})
+    trainer = _trainer(max_steps=-1, max_epochs=1)
+    val = _val_loader(torch.arange(len(SKIP_REASONS)))
+    trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=val)
+    logged = set(trainer.callback_metrics)
+    assert logged == module.logged_metrics(validates=True)
+    assert module.logged_metrics(validates=False) == {n for n in logged if not n.startswith("val/")}
+
+
 def test_missing_batch_key_names_key_and_loss():
     module = _module()
     expected = r"module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"

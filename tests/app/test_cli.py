@@ -245,6 +245,12 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
          "module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"),
         ("trainer.val_check_interval=100000",
          "config key 'trainer.val_check_interval': 100000 batches is more than the 8 of an epoch"),
+        ("callbacks.model_checkpoint.monitor=retrieval/mean_recal",
+         "config key 'callbacks.model_checkpoint.monitor': this run never logs 'retrieval/mean_recal'; "
+         "did you mean 'retrieval/mean_recall'?"),
+        ("callbacks.model_checkpoint.monitor=my_metric",
+         "config key 'callbacks.model_checkpoint.monitor': no metric 'my_metric' was logged by the epoch's "
+         "end; the run logged train/loss,"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo_cache: Path,
@@ -256,8 +262,10 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert "Traceback" not in result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
-    if "views" in override:  # refused at start-up, before the zero-shot baseline, not at the first step
-        assert "zero-shot baseline" not in result.stdout + result.stderr
+    if "views" in override or "mean_recal" in override:  # refused at start-up, before the zero-shot
+        assert "zero-shot baseline" not in result.stdout + result.stderr  # baseline, not at a step or epoch
+    if "my_metric" in override:  # a name the project does not know is told at the epoch's end, and the
+        assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # last checkpoint is kept
 
 
 @pytest.mark.parametrize(
