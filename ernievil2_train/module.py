@@ -54,6 +54,7 @@ BATCH_KEY_HELP = {
     "image_key": "image keys (needed by loss.multi_positive)",
     "caption_key": "caption keys (needed by loss.multi_positive)",
 }
+VIEW_SETTINGS = {"image_caption": "caption_image_view", "image_tags": "tags_image_view"}  # which image view
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IMAGE_PAIRS = ("image_caption", "image_tags", "image_image")
 TEXT_PAIRS = ("image_caption", "image_tags", "text_text")
@@ -218,9 +219,13 @@ class ErnieVil2Module(pl.LightningModule):
         if missing:
             key, pair = next(iter(missing.items()))
             what = BATCH_KEY_HELP.get(key, key)
+            fixes = f"turn on that view in the data config or set module.loss.weights.{pair}=0"
+            view_setting = VIEW_SETTINGS.get(pair)
+            if key == "image_view2" and view_setting:  # the pair was pointed at the second view
+                fixes += f", or module.loss.{view_setting}=1"
             raise TrainingConfigError(
                 f"module.loss.weights.{pair} > 0 needs batch key {key!r} ({what}), which the data pipeline "
-                f"does not produce: turn on that view in the data config or set module.loss.weights.{pair}=0"
+                f"does not produce: {fixes}"
             )
 
     def train(self, mode: bool = True) -> ErnieVil2Module:

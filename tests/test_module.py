@@ -332,6 +332,11 @@ def test_missing_batch_key_names_key_and_loss():
     single = _module(loss={"weights": {"image_caption": 1.0}, "multi_positive": True})
     with pytest.raises(TrainingConfigError, match=r"'image_key'.*multi_positive"):
         _trainer().fit(single, train_dataloaders=_loader(drop=("image_key",)))
+    second = _module(loss={"weights": {"image_caption": 1.0}, "caption_image_view": 2})
+    expected = (r"weights.image_caption > 0 needs batch key 'image_view2' .*: turn on that view in the data "
+                r"config or set module.loss.weights.image_caption=0, or module.loss.caption_image_view=1$")
+    with pytest.raises(TrainingConfigError, match=expected):
+        second.check_batch_keys({"image", "caption_ids"})
 
 
 def test_lightning_gradient_accumulation_is_refused():
