@@ -75,13 +75,13 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as stop:
         if is_first_process():
             print(f"interrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
-        stop_children()
         sys.exit(INTERRUPTED_EXIT)
     except SIGTERMException:
         print("stopped by SIGTERM after saving a checkpoint; running the same command again resumes the run",
               file=sys.stderr)
-        stop_children()
         sys.exit(TERMINATED_EXIT)
+    finally:  # on every way out, an error mid-validation included: the exit would wait for loader workers
+        stop_children()
 
 
 def run() -> None:

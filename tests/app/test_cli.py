@@ -443,6 +443,15 @@ def test_a_diverged_training_ends_with_one_line(demo_cache: Path, tmp_path: Path
     assert "Traceback" not in run.stderr
 
 
+def test_an_error_during_validation_ends_the_run_instead_of_waiting_for_its_loader_workers(
+        demo_cache: Path, tmp_path: Path) -> None:
+    """The workers ignore SIGTERM (the main process stops them), so the exit would wait for them for ever."""
+    cmd = _cli(tmp_path / "run", "logger=csv", "+callbacks.fail._target_=tests.app_helpers.FailsInValidation")
+    result = _run(cmd, _env(demo_cache), timeout=120)
+    assert result.returncode == 1
+    assert "planted failure in validation" in result.stderr
+
+
 def test_a_run_folder_that_cannot_be_made_is_one_line(demo_cache: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
