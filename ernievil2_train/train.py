@@ -142,7 +142,14 @@ def settle_clipping(cfg: DictConfig) -> None:
     """Move `trainer.gradient_clip_val` to `module.gradient_clip_val`: the module clips every way it trains,
     where Lightning cannot (feature-cache accumulation), refuses to (a fused optimizer under mixed precision,
     norm clipping under FSDP) or can. Refuse a fused optimizer with fp16 mixed precision and clipping: it
-    unscales the gradients inside its step, after the clipping."""
+    unscales the gradients inside its step, after the clipping. The module clips the global norm: another
+    `trainer.gradient_clip_algorithm` is refused."""
+    algorithm = cfg.trainer.get("gradient_clip_algorithm")
+    if algorithm not in (None, "norm"):
+        raise ConfigError(
+            f"config key 'trainer.gradient_clip_algorithm': {algorithm!r}, but gradients are clipped by "
+            "their global norm (at trainer.gradient_clip_val); remove the key or set it to norm"
+        )
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is None or clip == 0:
         cfg.trainer.gradient_clip_val = None

@@ -245,6 +245,8 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
          "module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"),
         ("trainer.val_check_interval=100000",
          "config key 'trainer.val_check_interval': 100000 batches is more than the 8 of an epoch"),
+        ("+trainer.gradient_clip_algorithm=value",
+         "config key 'trainer.gradient_clip_algorithm': 'value', but gradients are clipped by their"),
         ("callbacks.model_checkpoint.monitor=retrieval/mean_recal",
          "config key 'callbacks.model_checkpoint.monitor': this run never logs 'retrieval/mean_recal'; "
          "did you mean 'retrieval/mean_recall'?"),

@@ -176,6 +176,16 @@ def test_the_module_takes_over_the_trainers_clipping() -> None:
         assert (cfg.trainer.gradient_clip_val, cfg.module.gradient_clip_val) == expected
 
 
+def test_clipping_by_value_is_refused_not_turned_into_norm_clipping() -> None:
+    cfg = _accumulating(1)
+    for algorithm in (None, "norm"):
+        cfg.trainer.gradient_clip_algorithm = algorithm
+        settle_clipping(cfg)
+    cfg.trainer.gradient_clip_algorithm = "value"
+    with pytest.raises(ConfigError, match=r"'trainer.gradient_clip_algorithm': 'value', but gradients are "):
+        settle_clipping(cfg)
+
+
 @pytest.mark.parametrize("precision", ["16-mixed", "16", "bf16-mixed", "32-true"])
 def test_a_fused_optimizer_clips_except_under_fp16_mixed_precision(precision: str) -> None:
     """A fused optimizer unscales fp16 gradients inside its step, after the clipping: refused; bf16 has no
