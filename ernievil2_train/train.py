@@ -27,6 +27,7 @@ from ernievil2_train.callbacks.monitors import (
     LIGHTNING_METRICS,
     RETRIEVAL_METRICS,
     check_monitors,
+    check_retrieval_timing,
     missing_monitor_error,
 )
 from ernievil2_train.callbacks.retrieval import PREFIX as RETRIEVAL_PREFIX
@@ -227,6 +228,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         validates = getattr(datamodule, "val_urls", None) is not None
         logged = module.logged_metrics(validates) | RETRIEVAL_METRICS | LIGHTNING_METRICS
         check_monitors(built_callbacks, logged)
+    interval = cfg.trainer.get("val_check_interval")  # an int counts batches, a float a share of the epoch
+    per_epoch = interval is None or (isinstance(interval, float) and interval == 1.0)
+    check_retrieval_timing(built_callbacks, per_epoch and cfg.trainer.get("check_val_every_n_epoch", 1) == 1)
     callbacks = without_retrieval_checkpoints(list(built_callbacks.values()))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

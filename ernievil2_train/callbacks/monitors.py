@@ -41,6 +41,27 @@ def check_monitors(callbacks: dict[str, Any], logged: set[str] | frozenset[str])
         raise ConfigError(f"config key 'callbacks.{key}.monitor': this run never logs {monitor!r}; {hint}")
 
 
+def check_retrieval_timing(callbacks: dict[str, Any], validates_once_per_epoch: bool) -> None:
+    """`ConfigError` for a callback that would read a `retrieval/` metric at another time than a training
+    epoch's end, where the zero-shot evaluation logs it: a checkpoint saved every N steps or minutes, or one
+    (or an early stop) that acts after validation. It would act on the previous epoch's recall, or on none.
+    Lightning acts at the epoch end by itself (setting None) only when validation runs once per epoch."""
+    for key, callback in callbacks.items():
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(monitor, str) or not monitor.startswith(RETRIEVAL_PREFIX):
+            continue
+        stale = f"{monitor} is logged at the end of each training epoch only"
+        for setting in ("every_n_train_steps", "train_time_interval"):
+            if getattr(callback, f"_{setting}", None):
+                raise ConfigError(f"config key 'callbacks.{key}.{setting}': {stale}; remove it")
+        for setting in ("save_on_train_epoch_end", "check_on_train_epoch_end"):
+            if not hasattr(callback, f"_{setting}"):
+                continue
+            at_epoch_end = getattr(callback, f"_{setting}")
+            if at_epoch_end is False or (at_epoch_end is None and not validates_once_per_epoch):
+                raise ConfigError(f"config key 'callbacks.{key}.{setting}': {stale}; set it to true")
+
+
 def missing_monitor_error(
     error: Exception, callbacks: dict[str, Any], logged: list[str]
 ) -> ConfigError | None:

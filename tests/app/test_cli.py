@@ -250,6 +250,9 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
         ("callbacks.model_checkpoint.monitor=retrieval/mean_recal",
          "config key 'callbacks.model_checkpoint.monitor': this run never logs 'retrieval/mean_recal'; "
          "did you mean 'retrieval/mean_recall'?"),
+        ("+callbacks.model_checkpoint.every_n_train_steps=2",
+         "config key 'callbacks.model_checkpoint.every_n_train_steps': retrieval/mean_recall is logged at "
+         "the end of each training epoch only; remove it"),
         ("callbacks.model_checkpoint.monitor=my_metric",
          "config key 'callbacks.model_checkpoint.monitor': no metric 'my_metric' was logged by the epoch's "
          "end; the run logged train/loss,"),
@@ -264,8 +267,8 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert "Traceback" not in result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
-    if "views" in override or "mean_recal" in override:  # refused at start-up, before the zero-shot
-        assert "zero-shot baseline" not in result.stdout + result.stderr  # baseline, not at a step or epoch
+    if any(word in override for word in ("views", "mean_recal", "every_n")):  # refused at start-up: before
+        assert "zero-shot baseline" not in result.stdout + result.stderr  # the baseline, not at step or epoch
     if "my_metric" in override:  # a name the project does not know is told at the epoch's end, and the
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # last checkpoint is kept
 

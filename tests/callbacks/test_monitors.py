@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from ernievil2_train.callbacks.export import ExportBestModel
-from ernievil2_train.callbacks.monitors import check_monitors, missing_monitor_error
+from ernievil2_train.callbacks.monitors import check_monitors, check_retrieval_timing, missing_monitor_error
 from ernievil2_train.config_checks import ConfigError
 
 LOGGED = {"train/loss", "train/loss_image_caption", "retrieval/mean_recall", "retrieval/t2i/r@1",
@@ -65,3 +67,37 @@ def test_lightnings_late_refusals_name_the_callback(tmp_path):
     assert str(missing_monitor_error(stop, callbacks, ["train/loss"])).startswith(
         "config key 'callbacks.stop.monitor': no metric 'other_metric' was logged")
     assert missing_monitor_error(RuntimeError("CUDA error"), callbacks, ["train/loss"]) is None
+
+
+@pytest.mark.parametrize(
+    ("callback", "setting", "fix"),
+    [
+        (dict(every_n_train_steps=2), "every_n_train_steps", "remove it"),
+        (dict(train_time_interval=timedelta(minutes=30)), "train_time_interval", "remove it"),
+        (dict(save_on_train_epoch_end=False), "save_on_train_epoch_end", "set it to true"),
+    ],
+)
+def test_a_best_checkpoint_by_recall_acts_at_the_epoch_end_only(callback, setting, fix, tmp_path):
+    checkpoints = {"best": ModelCheckpoint(dirpath=tmp_path, monitor="retrieval/mean_recall", **callback)}
+    with pytest.raises(ConfigError) as caught:
+        check_retrieval_timing(checkpoints, validates_once_per_epoch=True)
+    assert str(caught.value) == (f"config key 'callbacks.best.{setting}': retrieval/mean_recall is logged at "
+                                 f"the end of each training epoch only; {fix}")
+    by_loss = {"best": ModelCheckpoint(dirpath=tmp_path, monitor="train/loss", **callback)}
+    check_retrieval_timing(by_loss, validates_once_per_epoch=True)
+
+
+def test_an_early_stop_by_recall_must_act_at_the_epoch_end_when_validation_does_not(tmp_path):
+    def stop(at_end: bool | None) -> dict[str, EarlyStopping]:
+        return {"stop": EarlyStopping(monitor="retrieval/mean_recall", check_on_train_epoch_end=at_end)}
+
+    for at_end in (None, True):
+        check_retrieval_timing(stop(at_end), validates_once_per_epoch=True)
+    check_retrieval_timing(stop(True), validates_once_per_epoch=False)
+    refused = r"^config key 'callbacks.stop.check_on_train_epoch_end': .* set it to true$"
+    for at_end, once in ((None, False), (False, True), (False, False)):
+        with pytest.raises(ConfigError, match=refused):
+            check_retrieval_timing(stop(at_end), validates_once_per_epoch=once)
+    default = {"best": ModelCheckpoint(dirpath=tmp_path, monitor="retrieval/mean_recall")}
+    with pytest.raises(ConfigError, match=r"'callbacks.best.save_on_train_epoch_end'"):
+        check_retrieval_timing(default, validates_once_per_epoch=False)
