@@ -118,8 +118,16 @@ def check_run_mode() -> None:
 
 
 def settle_accumulation(cfg: DictConfig) -> None:
-    """With `module.accumulate_microbatches` k > 1: not under FSDP, and the batch size must split into k
-    equal micro-batches."""
+    """Lightning's `trainer.accumulate_grad_batches` is refused (see `ErnieVil2Module.on_fit_start`). With
+    `module.accumulate_microbatches` k > 1: not under FSDP, and the batch size must split into k equal
+    micro-batches."""
+    lightning_k = cfg.trainer.get("accumulate_grad_batches", 1)
+    if isinstance(lightning_k, int) and lightning_k > 1:
+        raise ConfigError(
+            f"config key 'trainer.accumulate_grad_batches': {lightning_k} does not give the gradient of a "
+            "bigger contrastive batch (negatives never meet across accumulated batches); set it to 1 and use "
+            "module.accumulate_microbatches (feature-cache accumulation) instead"
+        )
     k = cfg.module.get("accumulate_microbatches", 1)
     if not isinstance(k, int) or k <= 1:
         return
@@ -182,6 +190,22 @@ def without_retrieval_checkpoints(callbacks: list[Any]) -> list[Any]:
     return [c for c in callbacks if not any(c is u for u in unmonitored)]
 
 
+def check_callbacks_fit_model(callbacks: dict[str, Any], model: Any) -> None:
+    """Refuse a zero-shot evaluation at another image size than the model's (it would fail at its first
+    batch, at the baseline or after the first epoch)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    wanted = config.vision.image_size
+    for key, callback in callbacks.items():
+        size = callback.image_size if isinstance(callback, RetrievalCallback) else None
+        if size is not None and size != wanted:
+            raise ConfigError(
+                f"config key 'callbacks.{key}.image_size': {size}, but the model takes {wanted}-pixel images "
+                f"(set it to {wanted}, or null for the model's)"
+            )
+
+
 def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
     """Write the run's config into `<run folder>/.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra
     writes them) once the run is accepted, from the first process only. Hydra's own early writing is off
@@ -224,6 +248,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         "included); changed settings have no effect: %s (start a new run folder to use them)",
                         ckpt_path, "; ".join(ignored))
     built_callbacks = _build_group("callbacks", cfg.get("callbacks"))
+    check_callbacks_fit_model(built_callbacks, model)
     if hasattr(module, "logged_metrics"):
         validates = getattr(datamodule, "val_urls", None) is not None
         logged = module.logged_metrics(validates) | RETRIEVAL_METRICS | LIGHTNING_METRICS

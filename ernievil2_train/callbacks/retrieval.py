@@ -178,9 +178,11 @@ class RetrievalCallback(pl.Callback):
             raise ValueError(f"RetrievalCallback.protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if eval_set is not None and vocab_file is None:
             raise ValueError("RetrievalCallback needs vocab_file to tokenize the eval texts")
-        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("max_len", max_len)):
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2 ([CLS] and [SEP]), got {max_len}")
         if num_workers < 0 or (max_items is not None and max_items < 1):
             raise ValueError(f"num_workers must be 0 or more and max_items positive, got {num_workers} and "
                              f"{max_items}")

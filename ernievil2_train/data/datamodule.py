@@ -133,8 +133,11 @@ class MultiViewDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"vocab_file: {vocab_file} is a folder, not a vocabulary file")
         if not Path(vocab_file).is_file():
             raise FileNotFoundError(f"vocab_file: {vocab_file} not found")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        counts = {"batch_size": batch_size, "val_batch_size": val_batch_size,
+                  "prefetch_factor": prefetch_factor}
+        for name, value in counts.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in this process) or more, got {num_workers}")
         if epoch_samples is not None and epoch_samples < 1:

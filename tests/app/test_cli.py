@@ -245,6 +245,10 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
          "module.loss.weights.image_tags > 0 needs batch key 'tag_ids'"),
         ("trainer.val_check_interval=100000",
          "config key 'trainer.val_check_interval': 100000 batches is more than the 8 of an epoch"),
+        ("callbacks.retrieval.image_size=48",
+         "config key 'callbacks.retrieval.image_size': 48, but the model takes 32-pixel images"),
+        ("+trainer.accumulate_grad_batches=2",
+         "config key 'trainer.accumulate_grad_batches': 2 does not give"),
         ("+trainer.gradient_clip_algorithm=value",
          "config key 'trainer.gradient_clip_algorithm': 'value', but gradients are clipped by their"),
         ("callbacks.model_checkpoint.monitor=retrieval/mean_recal",
@@ -267,8 +271,8 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert "Traceback" not in result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
-    if any(word in override for word in ("views", "mean_recal", "every_n")):  # refused at start-up: before
-        assert "zero-shot baseline" not in result.stdout + result.stderr  # the baseline, not at step or epoch
+    if any(word in override for word in ("views", "mean_recal", "every_n", "image_size=48")):
+        assert "zero-shot baseline" not in result.stdout + result.stderr  # refused at start-up, not later
     if "my_metric" in override:  # a name the project does not know is told at the epoch's end, and the
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # last checkpoint is kept
 

@@ -60,6 +60,8 @@ def test_build_reports_an_invalid_value_by_config_key() -> None:
         ({"augment": {"flip_p": "often"}}, "config key 'data.datamodule': augment.flip_p: expected a number"),
         ({"augment": {"scale": [0.9, 0.1]}}, "config key 'data.datamodule': augment: scale must satisfy"),
         ({"augment": {"scale": [0.5]}}, "config key 'data.datamodule': augment.scale: expected 2 numbers"),
+        ({"val_batch_size": 0}, "config key 'data.datamodule': val_batch_size must be positive, got 0"),
+        ({"prefetch_factor": 0}, "config key 'data.datamodule': prefetch_factor must be positive, got 0"),
     ],
 )
 def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path: Path) -> None:
@@ -78,6 +80,7 @@ def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path
     [
         ({"batch_size": 0}, "config key 'callbacks.retrieval': batch_size must be positive, got 0"),
         ({"max_items": 0}, "config key 'callbacks.retrieval': num_workers must be 0 or more and max_items"),
+        ({"max_len": 1}, "config key 'callbacks.retrieval': max_len must be at least 2 ([CLS] and [SEP])"),
     ],
 )
 def test_build_names_the_retrieval_callbacks_bad_values(values: dict, message: str) -> None:
@@ -174,6 +177,15 @@ def test_the_module_takes_over_the_trainers_clipping() -> None:
         cfg = _accumulating(k, trainer_clip=trainer_clip, module_clip=module_clip)
         settle_clipping(cfg)
         assert (cfg.trainer.gradient_clip_val, cfg.module.gradient_clip_val) == expected
+
+
+def test_lightnings_gradient_accumulation_is_refused_at_start_up() -> None:
+    cfg = _accumulating(2)
+    cfg.trainer.accumulate_grad_batches = 1
+    settle_accumulation(cfg)
+    cfg.trainer.accumulate_grad_batches = 2
+    with pytest.raises(ConfigError, match=r"^config key 'trainer.accumulate_grad_batches': 2 does not give "):
+        settle_accumulation(cfg)
 
 
 def test_clipping_by_value_is_refused_not_turned_into_norm_clipping() -> None:
