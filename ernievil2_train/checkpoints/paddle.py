@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ernievil2_train.checkpoints.errors import ZIP_MAGIC, CheckpointError, file_head, listing, short_reason
+from ernievil2_train.checkpoints.errors import (
+    ZIP_MAGIC,
+    CheckpointError,
+    check_finite,
+    file_head,
+    listing,
+    short_reason,
+)
 from ernievil2_train.models import DualEncoder, DualEncoderConfig, TextConfig, VisionConfig
 
 NAME_TABLE_KEY = "StructuredToParameterName@@"
@@ -311,6 +318,7 @@ def to_state_dict(
                 f"{source}: shape mismatch for {name}: checkpoint {tuple(array.shape)}, expected {want}"
             )
         state[ours] = tensor
+    check_finite(state, source)
     return state
 
 

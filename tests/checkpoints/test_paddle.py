@@ -229,6 +229,15 @@ def test_non_finite_logit_scale_is_refused(
     assert message == f"contrastive_loss_mm.temperature_b is not finite ({value})"
 
 
+def test_non_finite_weights_are_refused_naming_the_parameter(
+    tmp_path: Path, arrays: dict[str, np.ndarray]
+) -> None:
+    words = arrays["text_model.word_emb.weight"].copy()
+    words[3, 3] = np.nan
+    message = _error(tmp_path, {**arrays, "text_model.word_emb.weight": words})
+    assert message.startswith("NaN or infinite weights in [text.ernie.embeddings.word_embeddings.weight]")
+
+
 def _convert_dict(tmp_path: Path, arrays: dict[str, np.ndarray]) -> DualEncoder:
     return load_pdparams(_write(tmp_path / "edited.pdparams", arrays))
 
