@@ -286,12 +286,19 @@ def test_checkpoint_on_eval_set(tmp_path, capsys):
     assert "not a checkpoint folder" in err
 
 
-def test_checkpoint_skips_unreadable_images(tmp_path, capsys):
+@pytest.mark.parametrize("corruption", ["truncated image", "bad base64"])
+def test_checkpoint_skips_unreadable_images(tmp_path, capsys, corruption):
     ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
     texts, _, positives = write_evalset(tmp_path / "evalset", corrupt=(2,))
+    if corruption == "bad base64":
+        imgs = tmp_path / "evalset" / "valid_imgs.tsv"
+        lines = imgs.read_text().splitlines(keepends=True)
+        lines[2] = "img2\t@@@ not base64\n"
+        imgs.write_text("".join(lines))
     tokenizer = ErnieTokenizer(ckpt / "vocab.txt", max_len=MAX_LEN)
     transform = eval_transform(TINY["vision"]["image_size"])
     images = load_evalset(tmp_path / "evalset").images
+    assert images[2] == b"" if corruption == "bad base64" else len(images[2]) == 40
     keep = [t for t, pos in enumerate(positives) if pos != [2]]
     remap = {i: i - (i > 2) for i in range(7) if i != 2}
     with torch.no_grad():

@@ -98,8 +98,8 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
         image_ids.append(image_id)
         try:
             images.append(decode_base64(parts[1]))
-        except ValueError as err:
-            raise ValueError(f"{imgs}:{n}: bad base64 image") from err
+        except ValueError:
+            images.append(b"")  # no image: skipped and counted as unreadable, as an undecodable one is
     text_ids: list[str] = []
     text_list: list[str] = []
     positives: list[list[int]] = []
@@ -197,7 +197,8 @@ def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     key, fields = prefix + stem, {}
                 fields[ext.lower()] = tar.extractfile(member).read()
     except tarfile.TarError as err:
-        raise ValueError(f"{path}: not a readable tar ({err})") from err
+        reason = str(err).splitlines()[0].rstrip(":") if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable tar ({reason})") from err
     if key is not None:
         yield key, fields
 

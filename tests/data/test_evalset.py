@@ -153,7 +153,6 @@ def test_a_repeated_text_id_is_refused_naming_the_line(tmp_path):
     ("imgs", "texts", "message"),
     [
         ("", "", "empty eval set"),
-        ("11\t@@@\n", "", r"valid_imgs.tsv:1: bad base64"),
         ("11\n", "", r"valid_imgs.tsv:1: expected"),
         ("11\taGk=\n11\taGk=\n", "", r"valid_imgs.tsv:2: duplicate image id '11'"),
         ("11\taGk=\n", '{"text_id": 1, "text": "x"}\n', r"valid_texts.jsonl:1: expected json"),
@@ -172,9 +171,12 @@ def test_malformed_shards(tmp_path):
     _write_tar(tmp_path / "x.tar", [("k", "jpg", b"img", "t", {"text_id": "1"})])
     with pytest.raises(ValueError, match="image_id"):
         load_evalset(tmp_path / "x.tar")
-    (tmp_path / "y.tar").write_bytes(b"not a tar at all" * 40)
-    with pytest.raises(ValueError, match=r"y\.tar"):
-        load_evalset(tmp_path / "y.tar")
+    for name, data in (("y.tar", b"not a tar at all" * 40), ("empty.tar", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as caught:
+            load_evalset(tmp_path / name)
+        assert str(caught.value).startswith(f"{tmp_path / name}: not a readable tar (")
+        assert "\n" not in str(caught.value)
     with tarfile.open(tmp_path / "z.tar", "w"):
         pass
     with pytest.raises(ValueError, match="empty eval set"):
