@@ -63,14 +63,15 @@ def _dedupe_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vectors[first[order]], rank[inverse.reshape(-1)]
 
 
-def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> dict[str, float]:
-    """any_positive on a row-paired file: identical vectors are the same text / image."""
+def _pooled_any_positive(text: np.ndarray, image: np.ndarray, **kw) -> tuple[dict[str, float], int, int]:
+    """any_positive on a row-paired file, where identical vectors are the same text / image; with the
+    numbers of distinct texts and images ranked."""
     texts, text_of_row = _dedupe_rows(text)
     images, image_of_row = _dedupe_rows(image)
     positives: list[set[int]] = [set() for _ in range(len(texts))]
     for t, i in zip(text_of_row.tolist(), image_of_row.tolist(), strict=True):
         positives[t].add(i)
-    return any_positive(texts, images, [sorted(p) for p in positives], **kw)
+    return any_positive(texts, images, [sorted(p) for p in positives], **kw), len(texts), len(images)
 
 
 NON_FINITE = "has NaN or infinite values"
@@ -113,7 +114,7 @@ def _from_embeddings(args: argparse.Namespace) -> tuple[dict[str, float], int, i
             raise EvalInputError(f"{args.embeddings}:{row + 1}: {what} vector (column {column}) {reason}")
     kw = {"chunk_size": args.chunk_size, "device": args.device}
     if args.protocol == "any_positive":
-        return _pooled_any_positive(text, image, **kw), len(text), len(image)
+        return _pooled_any_positive(text, image, **kw)
     return ernie_protocol(text, image, **kw), len(text), len(image)
 
 

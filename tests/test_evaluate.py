@@ -94,7 +94,7 @@ def test_any_positive_on_embeddings_file_pools_identical_vectors(tmp_path, capsy
     path = write_embeddings(tmp_path / "e.txt", texts, images[rows])
     assert main([str(path), "--protocol", "any_positive", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["num_texts"] == 10
+    assert (out["num_texts"], out["num_images"]) == (10, 4)  # the distinct texts and images ranked
     expected = any_positive(texts, images, [[r] for r in rows], device="cpu")
     assert {k: out[k] for k in expected} == expected
 
