@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pdparams, save_pretrained
-from ernievil2_train.checkpoints.io import check_output
+from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output
 from ernievil2_train.stopping import run
+from ernievil2_train.text.vocab import load_vocab
+
+OWN_VOCAB_SHARE = 0.99
 
 
 def positive_int(text: str) -> int:
@@ -22,6 +26,22 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def foreign_vocab(out_dir: Path, vocab_size: int) -> str | None:
+    """Why the vocab.txt already in `out_dir` belongs to another model than one with `vocab_size` text
+    embeddings, or None. A model's own vocabulary fills its table but for a few spare rows (the official one:
+    ids 0-39979 for 40,000 rows); one that covers less than `OWN_VOCAB_SHARE` of it is another model's."""
+    vocab = find_vocab(out_dir)
+    if vocab is None:
+        return None
+    try:
+        size = max(load_vocab(vocab).values()) + 1
+    except (OSError, ValueError):
+        return None  # unreadable: `save_pretrained` removes it as stale
+    if size >= OWN_VOCAB_SHARE * vocab_size:
+        return None
+    return f"its ids cover {size} of the {vocab_size} text embeddings"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_output(args.src, args.out_dir)
         model = load_pdparams(args.src, args.vision_heads, args.text_heads)
+        foreign = None if args.vocab else foreign_vocab(Path(args.out_dir), model.config.text.vocab_size)
         out = save_pretrained(model, args.out_dir, vocab_file=args.vocab)
+        if foreign:
+            (out / VOCAB_NAME).unlink()
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -62,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         f"ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
     )
     print(f"logit scale exp({model.logit_scale.item():.6g}); {params / 1e6:.2f}M parameters")
-    vocab = "with vocab.txt" if args.vocab else "kept its vocab.txt" if find_vocab(out) else "no vocab.txt"
+    if foreign:
+        vocab = f"removed the vocab.txt it held: {foreign}, another model's; copy this one's in with --vocab"
+    elif args.vocab:
+        vocab = "with vocab.txt"
+    else:
+        vocab = "kept its vocab.txt" if find_vocab(out) else "no vocab.txt"
     print(f"wrote {out} ({vocab})")
     return 0
 

@@ -152,3 +152,23 @@ def test_source_errors_name_the_file_once(
     err = _main_error(capsys, missing, tmp_path / "c")
     assert err.count(str(missing)) == 1 and "missing key text_model.encoder_stack.block.0.ffn.i.weight" in err
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_a_reconversion_keeps_the_folders_own_vocab_and_removes_another_models(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, src = tmp_path / "ckpt", paddle_ref / PDPARAMS_FILES[0]
+    heads = [str(h) for h in reference_heads(paddle_ref)]
+    args = [str(src), str(out), "--vision-heads", heads[0], "--text-heads", heads[1]]
+    assert convert.main([*args, "--vocab", str(paddle_ref / "vocab.txt")]) == 0
+    assert convert.main(args) == 0  # the same weights again, without --vocab
+    assert capsys.readouterr().out.endswith("(kept its vocab.txt)\n")
+    assert find_vocab(out).read_bytes() == (paddle_ref / "vocab.txt").read_bytes()
+    tokens = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", *(f"tok{i}" for i in range(46))]
+    find_vocab(out).write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(tokens)))  # a small model's
+    assert convert.main(args) == 0
+    size = load_pretrained(out).config.text.vocab_size
+    assert capsys.readouterr().out.endswith(
+        f"(removed the vocab.txt it held: its ids cover 51 of the {size} text embeddings, another model's; "
+        "copy this one's in with --vocab)\n")
+    assert find_vocab(out) is None
