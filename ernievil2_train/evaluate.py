@@ -178,6 +178,9 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
     return metrics, len(kept), int(valid.sum())
 
 
+ENCODING_FLAGS = ("--split", "--vocab", "--max-len", "--batch-size", "--workers", "--bf16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ernievil2_train.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,6 +219,11 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         p.error("feature mode needs all of --image-feats, --text-feats and --texts")
     if modes[0] == "checkpoint" and not (args.checkpoint and args.eval_set):
         p.error("checkpoint mode needs both --checkpoint and --eval-set")
+    if modes[0] != "checkpoint":
+        for flag in ENCODING_FLAGS:
+            dest = flag.removeprefix("--").replace("-", "_")
+            if getattr(args, dest) != p.get_default(dest):
+                p.error(f"{flag} is for encoding (--checkpoint/--eval-set); {modes[0]} are encoded already")
     if modes[0] != "embeddings" and args.protocol == "ernie":
         p.error("--protocol ernie needs a row-paired embeddings file")
     if args.chunk_size < 1 or args.batch_size < 1:

@@ -176,6 +176,11 @@ def test_missing_file_and_usage_errors(tmp_path, capsys):
         (["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file),
           "--protocol", "ernie"], "row-paired"),
         (["--checkpoint", str(tmp_path)], "both --checkpoint and --eval-set"),
+        ([str(imgs), "--split", "test"], "--split is for encoding (--checkpoint/--eval-set); embeddings are "
+                                         "encoded already"),
+        ([str(imgs), "--bf16"], "--bf16 is for encoding"),
+        (["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file), "--max-len", "9"],
+         "--max-len is for encoding (--checkpoint/--eval-set); features are encoded already"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
