@@ -202,8 +202,10 @@ def _check_paths(src: Path, out: Path, checkpoint: Path, vocab: Path | None) -> 
     """--input must be a file; --output a file path in an existing folder, none of the files read."""
     if src.is_dir():
         raise ValueError(f"--input {src}: is a folder, not a file")
-    if not src.is_file():
+    if not src.exists():
         raise ValueError(f"--input {src}: no such file")
+    if not src.is_file():
+        raise ValueError(f"--input {src}: not a regular file (a pipe?); embed reads a file on disk")
     if out.is_dir():
         raise ValueError(f"--output {out}: is a folder, not a file")
     target = _destination(out)

@@ -145,6 +145,8 @@ def test_user_errors(
     (tmp_path / "empty_ckpt").mkdir()
     folder = tmp_path / "folder"
     folder.mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
     missing = tmp_path / "no"
     not_found = f"{missing}: checkpoint folder not found"
     cases = [
@@ -154,6 +156,7 @@ def test_user_errors(
         (["--checkpoint", tmp_path / "empty_ckpt", "--input", tsv], "not a checkpoint folder (missing"),
         (["--checkpoint", small_vocab_ckpt, "--input", tsv, "--vocab", vocab], "vocab_size is 50"),
         (["--checkpoint", tiny_ckpt, "--input", tmp_path / "none.tsv"], "no such file"),
+        (["--checkpoint", tiny_ckpt, "--input", fifo], f"--input {fifo}: not a regular file (a pipe?)"),
         (["--checkpoint", tiny_ckpt, "--input", folder], f"--input {folder}: is a folder, not a file"),
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--vocab", missing], f"--vocab {missing}: file not"),
         (["--checkpoint", tiny_ckpt, "--input", tsv, "--vocab", gbk_vocab], f"{gbk_vocab}"),

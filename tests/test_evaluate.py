@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,21 @@ def test_any_row_count_and_exact_parsing(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     expected = ernie_protocol(text, image, device="cpu")
     assert {k: out[k] for k in expected} == expected
+
+
+def test_an_embeddings_file_read_from_a_pipe(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    text = rng.standard_normal((7, 4)).astype(np.float32)
+    path = write_embeddings(tmp_path / "e.txt", text, text + rng.standard_normal((7, 4)).astype(np.float32))
+    assert main([str(path), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()))
+    writer.start()
+    assert main([str(fifo), "--json"]) == 0
+    writer.join()
+    assert json.loads(capsys.readouterr().out) == from_file
 
 
 def test_an_embeddings_file_with_a_byte_order_mark(tmp_path, capsys):

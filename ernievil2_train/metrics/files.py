@@ -23,9 +23,9 @@ class EvalInputError(ValueError):
 def _read_lines(path: Path) -> list[str]:
     if path.is_dir():
         raise EvalInputError(f"{path}: is a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise EvalInputError(f"{path}: no such file")
-    try:
+    try:  # a pipe (`<(zcat embeds.txt.gz)`) reads as well as a file
         data = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise EvalInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
