@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -225,15 +226,22 @@ def _torch_load(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:
-        reason = _load_failure(head, err)
+        reason = _load_failure(path, head, err)
         raise CheckpointError(f"{path}: not a readable training checkpoint ({reason})") from None
 
 
-def _load_failure(head: bytes, err: Exception) -> str:
-    """Why `torch.load` failed, from the file's first bytes and the exception."""
+def _load_failure(path: Path, head: bytes, err: Exception) -> str:
+    """Why `torch.load` failed, from the file's first bytes, its zip members and the exception."""
     if not head:
         return "the file is empty"
     if head == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return short_reason(err)
+        if not any(name.endswith("/data.pkl") for name in names):
+            return "a zip archive without the data.pkl of torch.save, a .npz?"
         return short_reason(err)
     if head.startswith(b"\x80"):
         return "a plain pickle (a .pdparams file?), not a torch zip archive"

@@ -214,6 +214,11 @@ def test_unreadable_training_checkpoints(tmp_path: Path, paddle_ref: Path) -> No
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
     assert "(the file is empty)" in _one_line_error(load_training_checkpoint, empty)
+    npz = tmp_path / "arrays.ckpt"
+    npz.write_bytes((paddle_ref / "inputs.npz").read_bytes())
+    message = _one_line_error(load_training_checkpoint, npz)
+    assert message == f"{npz}: not a readable training checkpoint (a zip archive without the data.pkl of " \
+                      "torch.save, a .npz?)"
 
 
 def test_a_folder_is_not_a_training_checkpoint(tmp_path: Path) -> None:
