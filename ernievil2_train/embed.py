@@ -43,19 +43,21 @@ MAX_EXAMPLES = 10
 
 @dataclass
 class Skipped:
-    """Rows left out, by reason, with the first few line numbers."""
+    """Rows left out, by reason, with the first few by line number (a batch's undecodable images are found
+    after the malformed lines read with it)."""
 
     counts: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
+    examples: list[tuple[int, str]] = field(default_factory=list)
 
     def add(self, line_no: int, reason: str, detail: str = "") -> None:
         self.counts[reason] += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"line {line_no}: {reason}" + (f" ({detail})" if detail else ""))
+        self.examples.append((line_no, f"line {line_no}: {reason}" + (f" ({detail})" if detail else "")))
+        self.examples = sorted(self.examples)[:MAX_EXAMPLES]
 
     def summary(self) -> str:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common())
-        return f"skipped {self.counts.total()} row(s) [{reasons}]; first: " + "; ".join(self.examples)
+        first = "; ".join(text for _, text in self.examples)
+        return f"skipped {self.counts.total()} row(s) [{reasons}]; first: {first}"
 
 
 @dataclass

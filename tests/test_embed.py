@@ -389,3 +389,13 @@ def test_an_output_that_is_not_a_regular_file_is_written_not_replaced(
     argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", null, "--max-len", "16"]
     assert embed.main([str(a) for a in argv]) == 0
     assert null.is_char_device()
+
+
+def test_the_skip_summary_lists_the_first_lines_in_order() -> None:
+    """A batch's undecodable images are found after the malformed lines read with it."""
+    skipped = embed.Skipped()
+    for line_no in (4, 2, *range(30, 18, -1), 3):
+        skipped.add(line_no, "undecodable image" if line_no % 2 else "not UTF-8")
+    first = skipped.summary().split("; first: ")[1].split("; ")
+    assert first == [f"line {n}: {'undecodable image' if n % 2 else 'not UTF-8'}"
+                     for n in (2, 3, 4, *range(19, 26))]
