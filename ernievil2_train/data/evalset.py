@@ -24,6 +24,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set_image_id, decode_base64
+from ernievil2_train.data.sources import tar_members
 
 
 @dataclass
@@ -181,11 +182,9 @@ def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     key: str | None = None
     fields: dict[str, bytes] = {}
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)
+        with path.open("rb") as stream:
+            for member in tar_members(stream):  # read to its end-of-archive marker: a cut tar is refused
+                name = member["fname"].rsplit("/", 1)
                 prefix = name[0] + "/" if len(name) == 2 else ""
                 base = name[-1]
                 if "." not in base:
@@ -195,7 +194,7 @@ def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     if key is not None:
                         yield key, fields
                     key, fields = prefix + stem, {}
-                fields[ext.lower()] = tar.extractfile(member).read()
+                fields[ext.lower()] = member["data"]
     except tarfile.TarError as err:
         reason = str(err).splitlines()[0].rstrip(":") if str(err) else type(err).__name__
         raise ValueError(f"{path}: not a readable tar ({reason})") from err

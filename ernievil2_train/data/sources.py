@@ -7,6 +7,8 @@ import glob
 import json
 import logging
 import os
+import re
+import tarfile
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -192,14 +194,46 @@ def _unambiguous(sample: list[dict[str, Any]], key: str | None, counter: SkipCou
     return sample
 
 
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's own bookkeeping members, not sample files
+
+
+class _EndRecordingTarInfo(tarfile.TarInfo):
+    """Records on its `TarFile` why reading headers stopped. Past the first member, `tarfile` takes a
+    missing (truncated file) or damaged (corrupt) header for the end of the archive, as it does its
+    end-of-archive marker; only this record tells them apart."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar.stopped_by = err  # type: ignore[attr-defined]
+            raise
+
+
+def tar_members(stream: Any) -> Iterator[dict[str, Any]]:
+    """The regular files of a tar stream as `{"fname", "data"}`; `tarfile.ReadError` when the stream ends
+    anywhere but at the end-of-archive marker (a truncated or corrupt tar: its later samples are lost)."""
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo) as tar:
+        for info in tar:
+            if info.isreg() and not META_MEMBER.match(info.name):
+                yield {"fname": info.name, "data": tar.extractfile(info).read()}
+            tar.members = []  # a stream is read once: keep no list of members
+    stopped = getattr(tar, "stopped_by", None)
+    if not isinstance(stopped, tarfile.EOFHeaderError):
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset} ({stopped}): truncated or "
+                                "corrupt")
+
+
 def read_shards(
     sources: Iterable[dict[str, Any]], counter: SkipCounter, expected: dict[str, int] | None = None
 ) -> Iterator[dict[str, Any]]:
     """`{"url"}` dicts -> tar member dicts, `{}` after each shard. A shard that cannot be opened or read to
-    its end (missing, truncated, corrupt) counts one `bad_tar`; the samples read before the error are kept.
+    its end-of-archive marker (missing, truncated, corrupt) counts one `bad_tar`; the samples read before
+    the error are kept.
     A sample with two members of one name (two captions, say: which is it?) is left out as a `bad_tar`.
     `expected`: samples per shard (`ShardSet.sizes`); a shard read to its end with fewer samples counts the
-    missing ones as `short_shard` (a tar cut at a member boundary otherwise reads as a valid, shorter tar)."""
+    missing ones as `short_shard`."""
     expected = expected or {}
     for source in sources:
         url = source["url"]
@@ -209,7 +243,7 @@ def read_shards(
         try:
             stream = wds.gopen(url)
             try:
-                for member in wds.tariterators.tar_file_iterator(stream):
+                for member in tar_members(stream):
                     member["__url__"] = url
                     member_key = _member_key(member)
                     if sample and member_key != key:

@@ -142,7 +142,7 @@ def test_training_stream_counts_the_same(data):
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory):
     """Two shards with a `train.json` index of 4 samples each; one tar is cut exactly where its third sample
-    begins (it still reads as a valid tar), the other is whole."""
+    begins (`tarfile` reads it as a shorter tar without its end-of-archive marker), the other is whole."""
     root = tmp_path_factory.mktemp("indexed")
     write_vocab(root / "vocab.txt")
     for shard in range(2):
@@ -166,9 +166,44 @@ def test_shard_shorter_than_its_index_counts_the_missing_samples(indexed, spec):
                                  image_size=32, batch_size=4, num_workers=0, epoch_samples=6)
         batches = list(dm.val_dataloader())
         counts = counts_of(batches)
-        assert counts == {**dict.fromkeys(SKIP_REASONS, 0), "short_shard": 2}, counts
+        assert counts == {**dict.fromkeys(SKIP_REASONS, 0), "bad_tar": 1, "short_shard": 2}, counts
         folder = url if spec.startswith("{url}") else indexed
         assert good_keys(batches) == sorted(image_key(f"{folder}/train.tar", f"img{i}") for i in range(6))
+
+
+@pytest.mark.parametrize("damage", ["cut at a member", "cut inside a member", "damaged header"])
+def test_a_damaged_shard_without_index_counts_a_bad_tar(tmp_path, damage):
+    """`tarfile` takes a missing or damaged header past the first member for the end of the archive: the
+    rest of the shard would be lost without a count."""
+    write_vocab(tmp_path / "vocab.txt")
+    shard = tmp_path / "train-000000.tar"
+    write_shard(shard, [sample(i) for i in range(4)])
+    with tarfile.open(shard) as tar:
+        third = next(m for m in tar.getmembers() if m.name.startswith("s00002."))
+    data = bytearray(shard.read_bytes())
+    if damage == "cut at a member":
+        data = data[: third.offset]
+    elif damage == "cut inside a member":
+        data = data[: third.offset_data + 10]
+    else:
+        data[third.offset : third.offset + 100] = b"\x17" * 100
+    shard.write_bytes(bytes(data))
+    dm = MultiViewDataModule(str(shard), str(tmp_path / "vocab.txt"), val_shards=str(shard),
+                             image_size=32, batch_size=4, num_workers=0, epoch_samples=4)
+    batches = list(dm.val_dataloader())
+    assert counts_of(batches)["bad_tar"] == 1
+    assert len(good_keys(batches)) == 2  # the samples before the damage are kept
+
+
+def test_a_whole_shard_counts_nothing(tmp_path):
+    write_vocab(tmp_path / "vocab.txt")
+    shard = tmp_path / "train-000000.tar"
+    write_shard(shard, [sample(i) for i in range(4)])
+    dm = MultiViewDataModule(str(shard), str(tmp_path / "vocab.txt"), val_shards=str(shard),
+                             image_size=32, batch_size=4, num_workers=0, epoch_samples=4)
+    batches = list(dm.val_dataloader())
+    assert counts_of(batches) == dict.fromkeys(SKIP_REASONS, 0)
+    assert len(good_keys(batches)) == 4
 
 
 def test_broken_index_is_a_clear_error(tmp_path):

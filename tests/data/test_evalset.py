@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -165,6 +166,20 @@ def test_malformed_chinese_clip_files(tmp_path, imgs, texts, message):
     (tmp_path / "valid_texts.jsonl").write_text(texts)
     with pytest.raises(ValueError, match=message):
         load_evalset(tmp_path)
+
+
+def test_a_shard_cut_at_a_member_is_refused_not_read_short(tmp_path):
+    """`tarfile` reads a tar cut where a member begins as a shorter, valid one: the eval set would lose its
+    later images and texts without a word."""
+    whole = tmp_path / "whole.tar"
+    _write_tar(whole, SHARD_SAMPLES[0])
+    with tarfile.open(whole) as tar:
+        second = next(m for m in tar.getmembers() if m.name.startswith("a1."))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[: second.offset])
+    assert len(load_evalset(whole).texts) == 2
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(cut))}: not a readable tar \(no end-of-archive"):
+        load_evalset(cut)
 
 
 def test_malformed_shards(tmp_path):
