@@ -41,10 +41,11 @@ from ernievil2_train.data.epochs import (
     barren_draw_limit,
     rank_and_worker_shards,
     resampled_shards,
+    stream_samples,
     trainer_position,
 )
 from ernievil2_train.data.lockstep import Lockstep, shards_parameters
-from ernievil2_train.data.sources import read_shards, resolve_shards
+from ernievil2_train.data.sources import read_shards, resolve_shards, shard_key
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.stopping import ignore_stop_signals
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
@@ -299,6 +300,20 @@ class MultiViewDataModule(L.LightningDataModule):
             functools.partial(wds.tariterators.group_by_keys, handler=counter.tar_handler),
         ]
 
+    def _warn_uneven_streams(self, world_size: int, workers: int, quota: int) -> None:
+        """Warn when the training streams' shards (each rank's workers read whole shards of their own) hold
+        different numbers of samples, as the index tells: each stream takes `quota` samples an epoch."""
+        counts = [self.shard_sizes.get(shard_key(url)) for url in self.train_urls]
+        if None in counts:
+            return
+        held = stream_samples(counts, world_size, workers)
+        if min(held) == max(held):
+            return
+        log.warning("train_shards: the %d loader streams (ranks x workers) read shards holding %d to %d "
+                    "samples, and each takes %d an epoch: one with fewer repeats some of its samples within "
+                    "the epoch, one with more leaves some out. Shards of equal sizes, or a worker count that "
+                    "shares them out evenly, avoid it", len(held), min(held), max(held), quota)
+
     def train_dataloader(self) -> DataLoader:
         rank, world_size = _rank_and_world(self.trainer)
         if not self.resampled and len(self.train_urls) < world_size * max(1, self.num_workers):
@@ -315,6 +330,8 @@ class MultiViewDataModule(L.LightningDataModule):
             log.info("an epoch trains %d samples: epoch_samples=%d rounded to %d batches of %d for each of "
                      "%d loader worker(s) on %d rank(s)", trained, self.epoch_samples, per_worker,
                      self.batch_size, workers, world_size)
+        if rank == 0 and not self.resampled:
+            self._warn_uneven_streams(world_size, workers, per_worker * self.batch_size)
         stream = EpochStream(self.seed, rank, world_size, self.batch_size, per_worker, workers)
         if self.resampled:
             stream.draw_limit = barren_draw_limit(len(self.train_urls))

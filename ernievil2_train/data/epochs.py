@@ -59,6 +59,13 @@ def _share(src: Iterable[Any], rank: int, world: int, index: int, count: int) ->
     yield from itertools.islice(ours, index, None, count)
 
 
+def stream_samples(shard_samples: list[int], world: int, workers: int) -> list[int]:
+    """Samples the shards of each training stream hold (rank-major, then worker), from each shard's count in
+    shard-list order: how `EpochStream.split` shares the shards out."""
+    return [sum(_share(shard_samples, rank, world, worker, workers))
+            for rank in range(world) for worker in range(workers)]
+
+
 def rank_and_worker_shards(src: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
     """The shards of `rank` among `world`, then of this loader worker among the loader's workers."""
     worker, workers = _worker()

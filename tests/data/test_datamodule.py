@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ernievil2_train.data.batches import SKIPPED_KEY, normalize_batch
 from ernievil2_train.data.datamodule import MultiViewDataModule
 from ernievil2_train.data.decode import SKIP_REASONS
-from ernievil2_train.data.epochs import STREAM_READ_KEY
+from ernievil2_train.data.epochs import STREAM_READ_KEY, stream_samples
 from ernievil2_train.data.sources import resolve_shards
 from ernievil2_train.data.views import SampleTransform
 from tests.data.shard_helpers import (
@@ -348,6 +349,32 @@ def test_an_epoch_rounded_to_whole_batches_says_so(data, caplog):
         batches = list(module(data, batch_size=3, epoch_samples=16).train_dataloader())
     assert len(batches) == 5
     assert "an epoch trains 15 samples: epoch_samples=16 rounded to 5 batches of 3" in caplog.text
+
+
+@pytest.mark.parametrize(("sizes", "workers", "warned"), [((4, 4, 2), 2, True), ((4, 4), 2, False),
+                                                     ((4, 4, 2), 1, False)])
+def test_streams_of_unequal_samples_are_warned_about(tmp_path, caplog, sizes, workers, warned):
+    """Each worker reads whole shards and takes the same number of samples an epoch: with 4 + 2 and 4
+    samples, one repeats samples within the epoch and the other leaves some out."""
+    write_vocab(tmp_path / "vocab.txt")
+    entries = []
+    for s, size in enumerate(sizes):
+        name = f"train-{s:06d}.tar"
+        write_shard(tmp_path / name, [sample(10 * s + i) for i in range(size)])
+        entries.append({"name": name, "samples": size})
+    index = {"split": "train", "samples": sum(sizes), "shards": entries}
+    (tmp_path / "train.json").write_text(json.dumps(index))
+    dm = MultiViewDataModule(str(tmp_path), str(tmp_path / "vocab.txt"), image_size=SIZE, batch_size=2,
+                             num_workers=workers, persistent_workers=False)
+    with caplog.at_level(logging.WARNING, logger="ernievil2_train.data.datamodule"):
+        dm.train_dataloader()
+    message = "the 2 loader streams (ranks x workers) read shards holding 4 to 6 samples, and each takes 6"
+    assert (message in caplog.text) == warned, caplog.text
+
+
+def test_stream_samples_follow_the_shard_split() -> None:
+    assert stream_samples([50, 50, 20], world=1, workers=2) == [70, 50]
+    assert stream_samples([5, 6, 7, 8], world=2, workers=2) == [5, 7, 6, 8]
 
 
 def test_resuming_mid_epoch_decodes_only_the_remaining_samples(data, tmp_path, monkeypatch):
