@@ -10,7 +10,7 @@ of workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -27,13 +27,18 @@ _LOGGED_PER_REASON = 5
 
 
 class SkipCounter:
-    """Per-process skip counts; used as the webdataset exception handler (warn, count, continue)."""
+    """Per-process skip counts; used as the webdataset exception handler (warn, count, continue).
+    `replaying`, when set, tells when the stream is reading again what a resumed run trained before its
+    checkpoint: what is met there was counted then, and is not counted again."""
 
     def __init__(self) -> None:
         self.pending = [0] * len(SKIP_REASONS)
         self.total = [0] * len(SKIP_REASONS)
+        self.replaying: Callable[[], bool] | None = None
 
     def count(self, reason: str, message: str, samples: int = 1) -> None:
+        if self.replaying is not None and self.replaying():
+            return
         index = SKIP_REASONS.index(reason)
         logged = self.total[index] < _LOGGED_PER_REASON
         self.pending[index] += samples

@@ -333,6 +333,7 @@ class MultiViewDataModule(L.LightningDataModule):
         if rank == 0 and not self.resampled:
             self._warn_uneven_streams(world_size, workers, per_worker * self.batch_size)
         stream = EpochStream(self.seed, rank, world_size, self.batch_size, per_worker, workers)
+        counter.replaying = stream.replaying  # shard-level skips met again while finding a resumed place
         if self.resampled:
             stream.draw_limit = barren_draw_limit(len(self.train_urls))
         samples = stream.rngs["samples"]

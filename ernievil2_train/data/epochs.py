@@ -187,6 +187,10 @@ class EpochStream(IterableDataset):
                 )
             yield shard
 
+    def replaying(self) -> bool:
+        """Whether the samples being read are ones the epoch trained before a resume (they are dropped)."""
+        return self.index < self.skip
+
     def positions(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
             self.index += 1

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import re
 import signal
+import tarfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -414,6 +415,40 @@ def test_samples_skipped_before_a_mid_epoch_checkpoint_do_not_shift_the_resumed_
     state = torch.load(tmp_path / "full" / "mid-step=9.ckpt", weights_only=False)["MultiViewDataModule"]
     assert state["epoch"] == 1 and len(state["stream_read"]) == 1
     assert sum(state["stream_read"][0]) > 3 * 4  # corrupt samples were read besides the 12 trained
+
+
+@pytest.fixture(scope="module")
+def cut_data(tmp_path_factory):
+    """4 indexed shards of 8 samples; shards 1 and 3 are cut where their sixth sample begins (each counts a
+    bad_tar and 3 short_shard samples per pass)."""
+    root = tmp_path_factory.mktemp("cut_shards")
+    write_split(root, "train", SHARDS, 0)
+    write_vocab(root / "vocab.txt")
+    for s in (1, 3):
+        shard = root / f"train-{s:06d}.tar"
+        with tarfile.open(shard) as tar:
+            sixth = tar.getmembers()[5 * len(tar.getmembers()) // PER_SHARD]
+        shard.write_bytes(shard.read_bytes()[: sixth.offset])
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_counts_the_shards_it_reads_again_once(cut_data, tmp_path, workers):
+    """A run resumed mid-epoch reads the epoch's shards again from their start to find its place: the bad
+    tars and short shards it meets before that place were counted before the checkpoint already."""
+    settings = {"num_workers": workers, "shuffle_buffer": 8, "shard_shuffle": 4, "seed": 5,
+                "epoch_samples": 24}
+    full = _fit(module(cut_data, **settings), 2, tmp_path / "full")  # 6 batches of 4 per epoch
+
+    def skipped(batches: list[dict]) -> list[int]:
+        return torch.stack([b[SKIPPED_KEY] for b in batches]).sum(0).tolist()
+
+    epoch = skipped(full.seen[1])
+    assert epoch[SKIP_REASONS.index("bad_tar")] > 0
+    resumed = _fit(module(cut_data, **settings), 2, tmp_path / "a", tmp_path / "full" / "mid-step=9.ckpt")
+    assert _same_batches(resumed.seen[1], full.seen[1][3:])
+    before = skipped(full.seen[1][:3])
+    assert [b + a for b, a in zip(before, skipped(resumed.seen[1]), strict=True)] == epoch
 
 
 def test_a_checkpoint_gives_each_rank_its_own_streams_and_none_to_another_layout(data):
