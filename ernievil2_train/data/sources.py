@@ -51,6 +51,15 @@ class ShardSet(NamedTuple):
     sizes: dict[str, int]
 
 
+def _listed_shards(source: str, name: str) -> ShardSet:
+    """The shards an index lists, which must all be there when it is local (a run would quietly train on
+    fewer)."""
+    shards = _read_index(source, name)
+    missing = [url for url in shards.urls if not is_remote(url) and not os.path.isfile(url)]
+    _refuse_missing(missing, source, name)
+    return shards
+
+
 def _read_index(source: str, name: str) -> ShardSet:
     """The shards a `data_recipes` index (`{split}.json`, a local file or an http(s) url) lists beside it."""
     remote = is_remote(source)
@@ -87,7 +96,7 @@ def _folder_split(folder: Path, split: str, name: str) -> ShardSet | None:
     """The `split` shards of `folder`: from `{split}.json`, else `{split}-*.tar`; None if it has neither."""
     index = folder / f"{split}.json"
     if index.is_file():
-        return _read_index(str(index), name)
+        return _listed_shards(str(index), name)
     urls = sorted(glob.glob(str(folder / f"{split}-*.tar")))
     return _without_index(urls, split) if urls else None
 
@@ -141,7 +150,7 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
     if spec.endswith(".json"):
         if is_remote(spec) and not spec.startswith(("http://", "https://")):
             raise ValueError(f"{name}: a shard index is read from a local file or an http(s) url, not {spec}")
-        shards = _read_index(spec if is_remote(spec) else str(Path(spec).expanduser()), name)
+        shards = _listed_shards(spec if is_remote(spec) else str(Path(spec).expanduser()), name)
         if not shards.urls:
             raise FileNotFoundError(f"{name}: shard index {spec} lists no shards")
         return shards

@@ -52,3 +52,14 @@ def test_a_pattern_or_list_naming_missing_shards_is_refused(tmp_path):
         resolve_shards(str(listing), "train", "data.train_shards")
     listing.write_text(f"{tmp_path / 'train-000000.tar'}\nhttp://example.invalid/train-000009.tar\n")
     assert len(resolve_shards(str(listing), "train", "k").urls) == 2  # remote shards are read when used
+
+
+def test_an_index_listing_a_missing_shard_is_refused(tmp_path):
+    write_split(tmp_path, "train", 2, 0)
+    (tmp_path / "train-000001.tar").unlink()
+    index = tmp_path / "train.json"
+    for spec in (tmp_path, index):
+        with pytest.raises(FileNotFoundError) as caught:
+            resolve_shards(str(spec), "train", "data.train_shards")
+        assert str(caught.value) == (f"data.train_shards: {index} names shards that are not there: "
+                                     f"{tmp_path / 'train-000001.tar'}")
