@@ -109,7 +109,8 @@ def _split_source(folder: Path, split: str) -> str:
 
 def _directory_shards(folder: Path, split: str, name: str) -> ShardSet:
     """The `split` shards of `folder`; for a validation split it lacks, those of its only other validation
-    split (`VALIDATION_SPLITS`), if it has exactly one."""
+    split (`VALIDATION_SPLITS`), if it has exactly one; all its `.tar` files when none is named for a split
+    (`NAME-*.tar`), as img2dataset writes them."""
     shards = _folder_split(folder, split, name)
     if shards is None and split in VALIDATION_SPLITS:
         found = {other: _folder_split(folder, other, name) for other in VALIDATION_SPLITS if other != split}
@@ -123,6 +124,12 @@ def _directory_shards(folder: Path, split: str, name: str) -> ShardSet:
         if others:
             [(other, shards)] = others.items()
             log.info("%s: directory %s has no %s split, reading its %s split", name, folder, split, other)
+    tars = sorted(glob.glob(str(folder / "*.tar")))
+    if shards is None and tars and not any("-" in Path(tar).stem for tar in tars):
+        # shards of no split (img2dataset names them 00000.tar, ...): the folder's shards are the data set
+        log.info("%s: directory %s has no %s-*.tar shards; reading its %d .tar files", name, folder, split,
+                 len(tars))
+        return _without_index(tars, split)
     if shards is None or not shards.urls:
         held = {Path(tar).name.rsplit("-", 1)[0] for tar in glob.glob(str(folder / "*-*.tar"))} - {split}
         holds = f" (it holds {', '.join(f'{other}-*.tar' for other in sorted(held))})" if held else ""

@@ -63,3 +63,14 @@ def test_an_index_listing_a_missing_shard_is_refused(tmp_path):
             resolve_shards(str(spec), "train", "data.train_shards")
         assert str(caught.value) == (f"data.train_shards: {index} names shards that are not there: "
                                      f"{tmp_path / 'train-000001.tar'}")
+
+
+def test_a_folder_of_shards_named_for_no_split_is_read_whole(tmp_path):
+    """img2dataset names its shards 00000.tar, 00001.tar, ...: a folder of them is the data set."""
+    for s in range(2):
+        write_shard(tmp_path / f"{s:05d}.tar", [sample(s * PER_SHARD + i) for i in range(PER_SHARD)])
+    urls = [str(tmp_path / f"{s:05d}.tar") for s in range(2)]
+    assert resolve_shards(str(tmp_path), "train", "k") == (urls, None, {})
+    write_shard(tmp_path / "valid-000000.tar", [sample(99)])  # a split-named shard: no longer read whole
+    with pytest.raises(FileNotFoundError, match=r"no train-\*\.tar shards in directory .* \(it holds valid"):
+        resolve_shards(str(tmp_path), "train", "k")
