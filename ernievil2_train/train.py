@@ -190,6 +190,19 @@ def without_retrieval_checkpoints(callbacks: list[Any]) -> list[Any]:
     return [c for c in callbacks if not any(c is u for u in unmonitored)]
 
 
+def log_within_an_epoch(trainer: pl.Trainer, datamodule: Any) -> None:
+    """Log the training metrics every `steps` of an epoch when an epoch has fewer steps than
+    `trainer.log_every_n_steps` (a small set of one's own): Lightning would log none of them."""
+    batches_per_rank = getattr(datamodule, "batches_per_rank", None)
+    if batches_per_rank is None:
+        return
+    steps = batches_per_rank(trainer.world_size)
+    if 0 < steps < trainer.log_every_n_steps:
+        log.info("an epoch has %d training step(s), fewer than trainer.log_every_n_steps=%d: logging every "
+                 "%d step(s)", steps, trainer.log_every_n_steps, steps)
+        trainer.log_every_n_steps = steps
+
+
 def check_callbacks_fit_model(callbacks: dict[str, Any], model: Any) -> None:
     """Refuse a zero-shot evaluation at another image size than the model's (it would fail at its first
     batch, at the baseline or after the first epoch)."""
@@ -263,6 +276,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_within_an_epoch(trainer, datamodule)
     save_run_config(cfg, output_dir)
 
     hparams = OmegaConf.to_container(cfg, resolve=True)

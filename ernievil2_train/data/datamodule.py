@@ -193,10 +193,13 @@ class MultiViewDataModule(L.LightningDataModule):
                      usable, self.num_workers)
         self.num_workers = usable
 
+    def batches_per_rank(self, world_size: int) -> int:
+        """Training batches of a rank's epoch before they are shared out among its workers (at least 1)."""
+        return max(1, self.epoch_samples // (self.batch_size * world_size))
+
     def batches_per_worker(self, world_size: int) -> int:
         """Training batches each worker yields per epoch (at least 1)."""
-        per_rank = max(1, self.epoch_samples // (self.batch_size * world_size))
-        return math.ceil(per_rank / max(1, self.num_workers))
+        return math.ceil(self.batches_per_rank(world_size) / max(1, self.num_workers))
 
     def _transform(self, train: bool) -> SampleTransform:
         return SampleTransform(

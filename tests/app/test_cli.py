@@ -210,6 +210,8 @@ def test_fine_tuning_on_a_few_pairs_of_your_own_runs_as_the_readme_says(demo_cac
     assert "across ranks is zero" not in output  # no validation shards: Lightning's note is not shown
     assert len(_metric_rows(run_dir, "retrieval/mean_recall")) == 2  # the baseline and the epoch
     assert (run_dir / "export" / "model.safetensors").is_file()
+    assert "an epoch has 1 training step(s), fewer than trainer.log_every_n_steps=10" in output
+    assert _metric_rows(run_dir, "train/loss")  # logged although the epoch is shorter than 10 steps
 
 
 def test_a_run_without_eval_set_or_logger_trains_and_exports_the_final_model(demo_cache: Path,
