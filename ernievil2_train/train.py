@@ -203,6 +203,19 @@ def log_within_an_epoch(trainer: pl.Trainer, datamodule: Any) -> None:
         trainer.log_every_n_steps = steps
 
 
+def check_callbacks(
+    callbacks: dict[str, Any], cfg: DictConfig, model: Any, module: Any, datamodule: Any
+) -> None:
+    """The callbacks' settings against the model, the metrics the run logs and when it logs them."""
+    check_callbacks_fit_model(callbacks, model)
+    if hasattr(module, "logged_metrics"):
+        validates = getattr(datamodule, "val_urls", None) is not None
+        check_monitors(callbacks, module.logged_metrics(validates) | RETRIEVAL_METRICS | LIGHTNING_METRICS)
+    interval = cfg.trainer.get("val_check_interval")  # an int counts batches, a float a share of the epoch
+    per_epoch = interval is None or (isinstance(interval, float) and interval == 1.0)
+    check_retrieval_timing(callbacks, per_epoch and cfg.trainer.get("check_val_every_n_epoch", 1) == 1)
+
+
 def check_callbacks_fit_model(callbacks: dict[str, Any], model: Any) -> None:
     """Refuse a zero-shot evaluation at another image size than the model's (it would fail at its first
     batch, at the baseline or after the first epoch)."""
@@ -261,14 +274,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         "included); changed settings have no effect: %s (start a new run folder to use them)",
                         ckpt_path, "; ".join(ignored))
     built_callbacks = _build_group("callbacks", cfg.get("callbacks"))
-    check_callbacks_fit_model(built_callbacks, model)
-    if hasattr(module, "logged_metrics"):
-        validates = getattr(datamodule, "val_urls", None) is not None
-        logged = module.logged_metrics(validates) | RETRIEVAL_METRICS | LIGHTNING_METRICS
-        check_monitors(built_callbacks, logged)
-    interval = cfg.trainer.get("val_check_interval")  # an int counts batches, a float a share of the epoch
-    per_epoch = interval is None or (isinstance(interval, float) and interval == 1.0)
-    check_retrieval_timing(built_callbacks, per_epoch and cfg.trainer.get("check_val_every_n_epoch", 1) == 1)
+    check_callbacks(built_callbacks, cfg, model, module, datamodule)
     callbacks = without_retrieval_checkpoints(list(built_callbacks.values()))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
