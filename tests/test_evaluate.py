@@ -77,10 +77,15 @@ def test_any_row_count_and_exact_parsing(tmp_path, capsys):
     assert {k: out[k] for k in expected} == expected
 
 
+def noisy_pairs(path: Path, rows: int, seed: int) -> Path:
+    """An embeddings file of `rows` random text vectors, each paired with a noisy copy as its image."""
+    rng = np.random.default_rng(seed)
+    text = rng.standard_normal((rows, 4)).astype(np.float32)
+    return write_embeddings(path, text, text + rng.standard_normal((rows, 4)).astype(np.float32))
+
+
 def test_an_embeddings_file_read_from_a_pipe(tmp_path, capsys):
-    rng = np.random.default_rng(3)
-    text = rng.standard_normal((7, 4)).astype(np.float32)
-    path = write_embeddings(tmp_path / "e.txt", text, text + rng.standard_normal((7, 4)).astype(np.float32))
+    path = noisy_pairs(tmp_path / "e.txt", 7, seed=3)
     assert main([str(path), "--json"]) == 0
     from_file = json.loads(capsys.readouterr().out)
     fifo = tmp_path / "pipe"
@@ -93,9 +98,7 @@ def test_an_embeddings_file_read_from_a_pipe(tmp_path, capsys):
 
 
 def test_an_embeddings_file_with_a_byte_order_mark(tmp_path, capsys):
-    rng = np.random.default_rng(2)
-    text = rng.standard_normal((6, 4)).astype(np.float32)
-    path = write_embeddings(tmp_path / "e.txt", text, text + rng.standard_normal((6, 4)).astype(np.float32))
+    path = noisy_pairs(tmp_path / "e.txt", 6, seed=2)
     assert main([str(path), "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
