@@ -63,10 +63,10 @@ from data_recipes.shards import (
     RecipeSkips,
     Skip,
     chosen_outputs,
-    clip_layout_files,
     short_error,
     write_outputs,
 )
+from ernievil2_train.data.evalset import clip_layout_files
 
 CATEGORY_TABLE = Path(__file__).with_name("coco_categories_zh.json")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")

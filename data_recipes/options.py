@@ -17,10 +17,10 @@ from data_recipes.shards import (
     DEFAULT_SHARD_SIZE,
     RecipeError,
     chosen_outputs,
-    clip_layout_files,
     short_error,
     short_text,
 )
+from ernievil2_train.data.evalset import clip_layout_files
 
 
 def nonempty_path(value: str) -> Path:

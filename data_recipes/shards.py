@@ -41,6 +41,7 @@ from typing import Any, TypeVar, cast
 from tqdm import tqdm
 
 from data_recipes.pool import parallel_map, signals_held
+from ernievil2_train.data.evalset import clip_layout_files
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_SHARD_BYTES = 1_000_000_000
@@ -425,11 +426,6 @@ def json_id(value: str) -> str | int:
     """An id as it goes into a json file: an int when it is a plain decimal integer of at most 18 digits (so
     it fits a 64-bit integer), else the string as it is."""
     return int(value) if _DECIMAL.fullmatch(value) else value
-
-
-def clip_layout_files(folder: Path, split: str) -> tuple[Path, Path]:
-    """The two files of a split in Chinese-CLIP's layout: `{split}_imgs.tsv` and `{split}_texts.jsonl`."""
-    return folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
 
 
 class EvalSetWriter(_Writer):

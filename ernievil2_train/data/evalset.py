@@ -24,7 +24,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set_image_id, decode_base64
-from ernievil2_train.data.sources import tar_members
+from ernievil2_train.data.tars import tar_members
 
 
 @dataclass
@@ -41,6 +41,11 @@ class EvalSet:
         return len(self.texts)
 
 
+def clip_layout_files(folder: Path, split: str) -> tuple[Path, Path]:
+    """The two files of a split in Chinese-CLIP's layout: `{split}_imgs.tsv` and `{split}_texts.jsonl`."""
+    return folder / f"{split}_imgs.tsv", folder / f"{split}_texts.jsonl"
+
+
 def load_evalset(path: str | Path | Sequence[str | Path], split: str = "valid") -> EvalSet:
     """Load an eval set from the Chinese-CLIP layout or from shards (see the module docstring)."""
     if not isinstance(path, (str, Path)):
@@ -50,7 +55,7 @@ def load_evalset(path: str | Path | Sequence[str | Path], split: str = "valid") 
         return _from_shards([Path(p) for p in braceexpand(text)], text)
     path = Path(path)
     if path.is_dir():
-        imgs, texts = path / f"{split}_imgs.tsv", path / f"{split}_texts.jsonl"
+        imgs, texts = clip_layout_files(path, split)
         if imgs.is_file() or texts.is_file():
             return _from_chinese_clip(imgs, texts)
         index = path / f"{split}.json"

@@ -7,8 +7,6 @@ import glob
 import json
 import logging
 import os
-import re
-import tarfile
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import webdataset as wds
 
 from ernievil2_train.data.batches import SkipCounter
 from ernievil2_train.data.decode import is_remote
+from ernievil2_train.data.tars import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -208,37 +207,6 @@ def _unambiguous(sample: list[dict[str, Any]], key: str | None, counter: SkipCou
             return []
         seen.add(name)
     return sample
-
-
-META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's own bookkeeping members, not sample files
-
-
-class _EndRecordingTarInfo(tarfile.TarInfo):
-    """Records on its `TarFile` why reading headers stopped. Past the first member, `tarfile` takes a
-    missing (truncated file) or damaged (corrupt) header for the end of the archive, as it does its
-    end-of-archive marker; only this record tells them apart."""
-
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as err:
-            tar.stopped_by = err  # type: ignore[attr-defined]
-            raise
-
-
-def tar_members(stream: Any) -> Iterator[dict[str, Any]]:
-    """The regular files of a tar stream as `{"fname", "data"}`; `tarfile.ReadError` when the stream ends
-    anywhere but at the end-of-archive marker (a truncated or corrupt tar: its later samples are lost)."""
-    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo) as tar:
-        for info in tar:
-            if info.isreg() and not META_MEMBER.match(info.name):
-                yield {"fname": info.name, "data": tar.extractfile(info).read()}
-            tar.members = []  # a stream is read once: keep no list of members
-    stopped = getattr(tar, "stopped_by", None)
-    if not isinstance(stopped, tarfile.EOFHeaderError):
-        raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset} ({stopped}): truncated or "
-                                "corrupt")
 
 
 def read_shards(

@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -196,3 +198,13 @@ def test_malformed_shards(tmp_path):
         pass
     with pytest.raises(ValueError, match="empty eval set"):
         load_evalset(tmp_path / "z.tar")
+
+
+def test_reading_an_eval_set_imports_no_torch():
+    """The eval-set reader (and the recipes, which name its files through it) stay light: no torch, no
+    webdataset."""
+    code = ("import sys, ernievil2_train.data.evalset, data_recipes.cococn, data_recipes.tsv; "
+            "print(sorted({'torch', 'webdataset'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            check=True)
+    assert result.stdout.strip() == "[]"
