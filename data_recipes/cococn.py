@@ -77,16 +77,11 @@ class InputError(RecipeError):
     """A user mistake in the inputs (missing file, unreadable instances json); reported in one line."""
 
 
-def chinese_category_names() -> dict[int, str]:
-    """COCO category id -> Chinese name (the shipped table)."""
+def category_names(field: str = "zh") -> dict[int, str]:
+    """COCO category id -> its name in the shipped table: "zh" the Chinese one, "name" COCO's own (English),
+    as instances files of COCO itself give it."""
     table = json.loads(CATEGORY_TABLE.read_text(encoding="utf-8"))
-    return {int(k): v["zh"] for k, v in table.items()}
-
-
-def english_category_names() -> dict[int, str]:
-    """COCO category id -> COCO's own (English) name, as instances files of COCO itself give it."""
-    table = json.loads(CATEGORY_TABLE.read_text(encoding="utf-8"))
-    return {int(k): v["name"] for k, v in table.items()}
+    return {int(k): v[field] for k, v in table.items()}
 
 
 def coco_id(image_id: str) -> int | None:
@@ -106,8 +101,8 @@ def load_coco_tags(
     table nor named by any file has no name: its annotations give no tag (never a made-up one) and are
     counted per category in `unnamed`. Files that name one category id differently are an `InputError`.
     """
-    names = chinese_category_names()
-    english = english_category_names()
+    names = category_names("zh")
+    english = category_names("name")
     named: dict[int, str] = {}
     areas: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[int, Counter[int]] = defaultdict(Counter)

@@ -348,7 +348,7 @@ def test_an_eval_set_written_over_its_own_input_is_refused(tmp_path, capsys):
 
 
 def test_category_table_and_coco_ids():
-    names = cococn.chinese_category_names()
+    names = cococn.category_names()
     assert set(names) == COCO_IDS and len(set(names.values())) == 80
     assert names[1] == "人" and names[18] == "狗"
     assert cococn.coco_id("COCO_train2014_000000581929") == 581929
