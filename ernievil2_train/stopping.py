@@ -23,7 +23,8 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def run(main: Callable[[], int], prog: str) -> int:
     """`main()`'s exit status; an interruption prints `prog: interrupted` (or `stopped by SIGTERM`) and gives
-    the status a shell reports for a process that signal ended (130, 143)."""
+    the status a shell reports for a process that signal ended (130, 143). Child processes still alive on the
+    way out (loader workers) are stopped, whichever way it is."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()
@@ -35,6 +36,7 @@ def run(main: Callable[[], int], prog: str) -> int:
         return TERMINATED_EXIT
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stop_children()
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -72,31 +72,36 @@ def test_a_worker_is_quiet_about_its_parent_hanging_up_only(capsys: pytest.Captu
 
 EXIT_WITH_A_WORKER = """
 import multiprocessing, sys, time
-from ernievil2_train.stopping import ignore_stop_signals, stop_children
+from ernievil2_train.stopping import ignore_stop_signals, run, stop_children
 
 def work():
     ignore_stop_signals(0)
     time.sleep(60)
 
-if __name__ == "__main__":
+def main():
     worker = multiprocessing.get_context("fork").Process(target=work, daemon=True)
     worker.start()
     time.sleep(0.5)
+    return 143
+
+if __name__ == "__main__":
+    if sys.argv[1] == "tool":  # a command-line tool: `run` around its main
+        sys.exit(run(main, "tool"))
+    status = main()
     if sys.argv[1] == "stop":
         stop_children()
-    sys.exit(143)
+    sys.exit(status)
 """
 
 
-@pytest.mark.parametrize("stop", [True, False])
-def test_exiting_with_a_worker_that_ignores_sigterm_does_not_hang(stop: bool) -> None:
+@pytest.mark.parametrize("way_out", ["stop", "tool", "keep"])
+def test_exiting_with_a_worker_that_ignores_sigterm_does_not_hang(way_out: str) -> None:
     """At exit, multiprocessing sends its daemon children SIGTERM and waits for them: a loader worker ignores
-    SIGTERM, so the main process waited for ever after a SIGTERM stop. Killing the children first ends it
-    (the control without it still hangs)."""
-    proc = subprocess.Popen([sys.executable, "-c", EXIT_WITH_A_WORKER, "stop" if stop else "keep"],
-                            start_new_session=True)
+    SIGTERM, so the main process waited for ever after a SIGTERM stop. Killing the children first ends it, and
+    every command-line tool's `run` does so on its way out (the control without it still hangs)."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_WITH_A_WORKER, way_out], start_new_session=True)
     try:
-        if stop:
+        if way_out != "keep":
             assert proc.wait(timeout=30) == 143
         else:
             with pytest.raises(subprocess.TimeoutExpired):
