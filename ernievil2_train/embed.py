@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-len",
         type=int,
-        default=OFFICIAL_MAX_LEN,
-        help=f"text length incl. [CLS]/[SEP] (official: {OFFICIAL_MAX_LEN})",
+        default=None,
+        help=f"text length incl. [CLS]/[SEP] (default: the official {OFFICIAL_MAX_LEN}, or the checkpoint's "
+        "text positions when it has fewer)",
     )
     parser.add_argument(
         "--short-size",

@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval set: Chinese-CLIP folder, shard index folder, .tar or brace pattern")
     p.add_argument("--split", default="valid", help="eval-set split (default: valid)")
     p.add_argument("--vocab", help="vocab file, for a checkpoint folder without one (else its own is used)")
-    p.add_argument("--max-len", type=int, default=OFFICIAL_MAX_LEN,
-                   help=f"text length in tokens (default: {OFFICIAL_MAX_LEN})")
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"text length in tokens (default: {OFFICIAL_MAX_LEN}, or the checkpoint's text "
+                   "positions when it has fewer)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="image decoding workers (default: 0)")
     p.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast on GPU")

@@ -10,6 +10,7 @@ import torch
 from ernievil2_train.checkpoints import find_vocab, load_pretrained
 from ernievil2_train.models import DualEncoder
 from ernievil2_train.text import ErnieTokenizer
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 
 
@@ -41,9 +42,12 @@ def resolve_vocab(checkpoint: str | Path, vocab: str | Path | None) -> Path:
     return path
 
 
-def load_tokenizer(vocab: Path, model: DualEncoder, max_len: int) -> ErnieTokenizer:
-    """The tokenizer of `vocab` for `model` (ValueError naming the file or --max-len when they do not fit)."""
+def load_tokenizer(vocab: Path, model: DualEncoder, max_len: int | None = None) -> ErnieTokenizer:
+    """The tokenizer of `vocab` for `model` (ValueError naming the file or --max-len when they do not fit).
+    Without `max_len`: the official 48 tokens, or the model's text positions when it has fewer."""
     limit = model.config.text.max_position_embeddings
+    if max_len is None:
+        max_len = min(OFFICIAL_MAX_LEN, limit)
     message = (
         f"--max-len {max_len}: must be between 2 and the checkpoint's {limit} text positions "
         "(max_position_embeddings)"

@@ -25,7 +25,6 @@ from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_voc
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.stopping import run
 from ernievil2_train.text import ErnieTokenizer
-from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision import ImageDecodeError, eval_transform
 
 
@@ -105,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         _check_images(args.images)
         model = load_checkpoint(args.checkpoint, device)
-        max_len = min(OFFICIAL_MAX_LEN, model.config.text.max_position_embeddings)
-        tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model, max_len)
+        tokenizer = load_tokenizer(resolve_vocab(args.checkpoint, args.vocab), model)
         try:
             transform = eval_transform(model.config.vision.image_size, short_size=args.short_size)
         except ValueError as err:

@@ -78,8 +78,9 @@ def test_user_errors_in_process(paddle_ref: Path, tmp_path: Path, capsys: pytest
     evil.write_bytes(pickle.dumps({"x": np.zeros(2, np.float32), "y": Evil()}, protocol=4))
     assert "refused to load global posix.system" in _main_error(capsys, evil, tmp_path / "d")
     assert not marker.exists() and not (tmp_path / "d").exists()
-    err = _main_error(capsys, paddle_ref / "model.pdparams", tmp_path / "e", "--text-heads", "7")
-    assert "not divisible by 7 heads" in err
+    width = json.loads((paddle_ref / "config.json").read_text())["text"]["hidden_size"]
+    err = _main_error(capsys, paddle_ref / "model.pdparams", tmp_path / "e", "--text-heads", str(width + 1))
+    assert f"not divisible by {width + 1} heads" in err
 
 
 def test_unwritable_output_is_one_line(

@@ -9,6 +9,7 @@ import torch
 
 from ernievil2_train.checkpoints import CheckpointError, save_pretrained
 from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from tests.data.shard_helpers import write_vocab
 from tests.models.tiny import TINY, tiny_model
 
@@ -59,6 +60,16 @@ def test_a_text_length_beyond_the_positions_or_below_two_is_refused(folder: Path
     for bad in (positions + 1, 1):
         with pytest.raises(ValueError, match=rf"^--max-len {bad}: must be between 2 and .* {positions} text"):
             load_tokenizer(vocab, model, bad)
+
+
+@pytest.mark.parametrize("positions", [16, 64])
+def test_the_default_text_length_is_the_official_one_within_the_positions(tmp_path: Path, positions: int) -> None:
+    """48 tokens, as the official tools; a model with fewer text positions takes as many as it has (it would
+    refuse the official length)."""
+    vocab = write_vocab(tmp_path / "vocab.txt", chars="一二三四五")
+    model = tiny_model(text={**TINY["text"], "max_position_embeddings": positions})
+    tokenizer = load_tokenizer(vocab, model)
+    assert tokenizer(["一二"])["input_ids"].shape == (1, min(positions, OFFICIAL_MAX_LEN))
 
 
 def test_a_vocabulary_larger_than_the_embedding_table_is_refused(folder: Path, tmp_path: Path) -> None:

@@ -206,6 +206,15 @@ def default_heads(width: int) -> int:
     return min(divisors, key=lambda h: (abs(h - width / HEAD_DIM), h))
 
 
+def mlp_ratio(hidden: int, width: int) -> float:
+    """The MLP ratio that the ViT turns back into `hidden` channels (`int(width * ratio)`, as timm does):
+    hidden / width, nudged up where the float product falls just short (61 / 56 * 56 = 60.99...)."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def _heads(width: int, heads: int | None, tower: str, source: str) -> int:
     heads = heads if heads is not None else default_heads(width)
     if heads <= 0:
@@ -254,7 +263,7 @@ def infer_config(
                 width=width,
                 layers=_count_layers(arrays, "visual.blocks."),
                 heads=vision_heads,
-                mlp_ratio=hidden / width if width else 0.0,
+                mlp_ratio=mlp_ratio(hidden, width) if width else 0.0,
             ),
             text=TextConfig(
                 vocab_size=vocab,

@@ -16,6 +16,7 @@ from ernievil2_train.checkpoints.paddle import (
     default_heads,
     infer_config,
     map_name,
+    mlp_ratio,
     paddle_names,
 )
 from ernievil2_train.models import DualEncoder
@@ -90,7 +91,9 @@ def test_infers_architecture_from_shapes(paddle_ref: Path, arrays: dict[str, np.
     v, t = ref["vision"], ref["text"]
     assert (cfg.vision.image_size, cfg.vision.patch_size) == (v["image_size"], v["patch_size"])
     assert (cfg.vision.width, cfg.vision.layers, cfg.vision.heads) == (v["width"], v["layers"], v["heads"])
-    assert cfg.vision.mlp_ratio == v["mlp_ratio"]
+    hidden = arrays["visual.blocks.0.mlp.fc1.weight"].shape[1]
+    assert int(cfg.vision.width * cfg.vision.mlp_ratio) == hidden
+    assert cfg.vision.mlp_ratio == pytest.approx(v["mlp_ratio"], rel=1e-3)  # config.json may round it
     assert (cfg.text.width, cfg.text.layers, cfg.text.heads) == (
         t["hidden_size"],
         t["num_hidden_layers"],
@@ -206,6 +209,14 @@ def test_unexpected_ranks_name_the_key_and_shape(tmp_path: Path, arrays: dict[st
     )
     short = pos[:, :-1]
     assert "cannot infer image size" in _error(tmp_path, {**arrays, "visual.positional_embedding": short})
+
+
+def test_the_mlp_ratio_gives_back_the_checkpoints_mlp_width() -> None:
+    """timm builds `int(width * mlp_ratio)` MLP channels: the ratio must give back every width exactly, also
+    where hidden / width times width falls just short in floating point."""
+    for width in range(1, 300):
+        for hidden in range(1, 8 * width + 1, 7):
+            assert int(width * mlp_ratio(hidden, width)) == hidden, (width, hidden)
 
 
 def test_path_appears_once_in_architecture_errors(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
