@@ -1,6 +1,7 @@
 """Convert an official ERNIE-ViL 2.0 Paddle checkpoint into a safetensors checkpoint folder.
 
-python -m ernievil2_train.convert SRC.pdparams OUT_DIR [--vision-heads N] [--text-heads N] [--vocab VOCAB]
+python -m ernievil2_train.convert SRC.pdparams OUT_DIR [--vision-heads N] [--text-heads N]
+    [--text-config ernie_config.base.json] [--vocab VOCAB]
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-heads", type=positive_int, default=None,
         help="ERNIE attention heads (default: text width/64, else the nearest count dividing the width)",
     )
+    parser.add_argument(
+        "--text-config", default=None,
+        help="the release's ERNIE config (ernie_config.base.json): text heads and dropout rates from it, its "
+        "sizes checked against the weights",
+    )
     parser.add_argument("--vocab", default=None, help="vocab.txt to copy into the checkpoint folder")
     return parser
 
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_output(args.src, args.out_dir)
-        model = load_pdparams(args.src, args.vision_heads, args.text_heads)
+        model = load_pdparams(args.src, args.vision_heads, args.text_heads, args.text_config)
         foreign = None if args.vocab else foreign_vocab(Path(args.out_dir), model.config.text.vocab_size)
         out = save_pretrained(model, args.out_dir, vocab_file=args.vocab)
         if foreign:
@@ -79,10 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     v, t = model.config.vision, model.config.text
     params = sum(p.numel() for p in model.parameters())
-    print(f"vision: ViT {v.image_size}px/{v.patch_size}, width {v.width}, {v.layers} layers, {v.heads} heads")
+    guess = " (a guess: the weights do not hold it; {} sets it)"
+    vision_guess = guess.format("--vision-heads") if args.vision_heads is None else ""
+    text_given = args.text_heads is not None or args.text_config is not None
+    text_guess = "" if text_given else guess.format("--text-heads or --text-config")
+    print(f"vision: ViT {v.image_size}px/{v.patch_size}, width {v.width}, {v.layers} layers, "
+          f"{v.heads} heads{vision_guess}")
     print(
-        f"text:   ERNIE vocab {t.vocab_size}, width {t.width}, {t.layers} layers, {t.heads} heads, "
-        f"ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
+        f"text:   ERNIE vocab {t.vocab_size}, width {t.width}, {t.layers} layers, {t.heads} "
+        f"heads{text_guess}, ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
     )
     print(f"logit scale exp({model.logit_scale.item():.6g}); {params / 1e6:.2f}M parameters")
     if foreign:

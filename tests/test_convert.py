@@ -50,6 +50,25 @@ def test_converts_the_reference_checkpoint(paddle_ref: Path, tmp_path: Path, nam
     assert model.logit_scale.item() == float(outputs["temperature_b"])
 
 
+def test_heads_the_flags_leave_out_are_called_a_guess(
+    paddle_ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The weights do not hold the head counts: the summary says which ones were guessed; the release's ERNIE
+    config gives the text tower's."""
+    ernie = tmp_path / "ernie_config.json"
+    ernie.write_text(json.dumps(json.loads((paddle_ref / "config.json").read_text())["text"]))
+    vision_heads, text_heads = reference_heads(paddle_ref)
+    src = paddle_ref / "model.pdparams"
+    assert convert.main([str(src), str(tmp_path / "a"), "--text-config", str(ernie)]) == 0
+    vision, text = capsys.readouterr().out.splitlines()[:2]
+    assert "heads (a guess: the weights do not hold it; --vision-heads sets it)" in vision
+    assert f"{text_heads} heads, ffn" in text
+    assert convert.main([str(src), str(tmp_path / "b"), "--vision-heads", str(vision_heads)]) == 0
+    vision, text = capsys.readouterr().out.splitlines()[:2]
+    assert f"{vision_heads} heads" in vision and "guess" not in vision
+    assert "heads (a guess: the weights do not hold it; --text-heads or --text-config sets it)" in text
+
+
 def test_user_error_exits_2_with_one_line(paddle_ref: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "cut.pdparams"
     truncated.write_bytes((paddle_ref / "model.pdparams").read_bytes()[:100_000])

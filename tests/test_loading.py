@@ -63,7 +63,7 @@ def test_a_text_length_beyond_the_positions_or_below_two_is_refused(folder: Path
 
 
 @pytest.mark.parametrize("positions", [16, 64])
-def test_the_default_text_length_is_the_official_one_within_the_positions(tmp_path: Path, positions: int) -> None:
+def test_the_default_text_length_is_the_official_one_within_positions(tmp_path: Path, positions: int) -> None:
     """48 tokens, as the official tools; a model with fewer text positions takes as many as it has (it would
     refuse the official length)."""
     vocab = write_vocab(tmp_path / "vocab.txt", chars="一二三四五")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ernievil2_train.checkpoints.ernie_config import ernie_heads, read_ernie_config, with_ernie_config
 from ernievil2_train.checkpoints.errors import (
     ZIP_MAGIC,
     CheckpointError,
@@ -332,11 +333,21 @@ def to_state_dict(
 
 
 def load_pdparams(
-    path: str | Path, vision_heads: int | None = None, text_heads: int | None = None
+    path: str | Path,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    text_config: str | Path | None = None,
 ) -> DualEncoder:
-    """A `DualEncoder` (eval mode) holding the weights of an official `.pdparams` checkpoint."""
+    """A `DualEncoder` (eval mode) holding the weights of an official `.pdparams` checkpoint; `text_config`,
+    the release's ERNIE config, gives the text heads and dropout rates (its sizes must be the weights')."""
+    ernie = read_ernie_config(text_config) if text_config is not None else None
+    if ernie is not None:
+        text_heads = ernie_heads(ernie, text_heads, text_config)
     arrays = read_pdparams(path)
     source = str(path)
-    model = DualEncoder(infer_config(arrays, vision_heads, text_heads, source))
+    config = infer_config(arrays, vision_heads, text_heads, source)
+    if ernie is not None:
+        config.text = with_ernie_config(config.text, ernie, text_config, source)
+    model = DualEncoder(config)
     model.load_state_dict(to_state_dict(arrays, model, source))
     return model.eval()
