@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="image decoding workers (default: 0)")
     p.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast on GPU")
     p.add_argument("--protocol", choices=PROTOCOLS,
-                   help="ernie (row-paired, embeddings files only; their default) or any_positive")
+                   help="ernie (row-paired, embeddings files only; their default) or any_positive (on an "
+                   "embeddings file: rows with identical vectors are one text / one image)")
     p.add_argument("--device", help="torch device for scoring / encoding (default: cuda if available)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                    help=f"query rows scored at once (default: {DEFAULT_CHUNK_SIZE})")

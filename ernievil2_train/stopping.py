@@ -1,9 +1,10 @@
-"""Around every command-line tool's `main`: Ctrl-C and SIGTERM end it with one line, not a traceback; and
-DataLoader workers that leave both signals to their parent."""
+"""Around every command-line tool's `main`: Ctrl-C and SIGTERM end it with one line, not a traceback, and a
+closed output pipe quietly; and DataLoader workers that leave both signals to their parent."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from types import FrameType, TracebackType
 
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 TERMINATED_EXIT = 128 + signal.SIGTERM
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
 
 
 class Terminated(BaseException):
@@ -23,11 +25,17 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def run(main: Callable[[], int], prog: str) -> int:
     """`main()`'s exit status; an interruption prints `prog: interrupted` (or `stopped by SIGTERM`) and gives
-    the status a shell reports for a process that signal ended (130, 143). Child processes still alive on the
+    the status a shell reports for a process that signal ended (130, 143). A reader of the output that went
+    away (`| head`) ends it quietly with 141, as SIGPIPE ends other tools. Child processes still alive on the
     way out (loader workers) are stopped, whichever way it is."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()
+    except BrokenPipeError:
+        # what is still buffered for stdout cannot be written either: send it nowhere, or Python's flush at
+        # exit reports the same broken pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT

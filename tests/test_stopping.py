@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ernievil2_train.stopping import (
+    BROKEN_PIPE_EXIT,
     INTERRUPTED_EXIT,
     TERMINATED_EXIT,
     ignore_stop_signals,
@@ -110,3 +112,17 @@ def test_exiting_with_a_worker_that_ignores_sigterm_does_not_hang(way_out: str) 
         with contextlib.suppress(ProcessLookupError):  # the control's process and its worker
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_reader_that_went_away_ends_a_tool_quietly_with_141(paddle_ref: Path) -> None:
+    """`tool | head`: once the reader is gone, writing raises BrokenPipeError; the tool ends with the status
+    SIGPIPE gives other tools, and no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        embeddings = paddle_ref / "eval_n50_d16.txt"
+        cmd = [sys.executable, "-m", "ernievil2_train.evaluate", str(embeddings), "--json"]
+        run_ = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (run_.returncode, run_.stderr) == (BROKEN_PIPE_EXIT, "") and BROKEN_PIPE_EXIT == 141
