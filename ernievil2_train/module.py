@@ -519,8 +519,9 @@ class ErnieVil2Module(pl.LightningModule):
         if saved is not None and saved != steps:
             rank_zero_warn(
                 f"resuming a run whose lr schedule was laid out for {saved} optimizer steps with one of "
-                f"{steps} (trainer.max_epochs or max_steps changed): the learning rate jumps to the new "
-                "schedule's value at the resumed step", category=UserWarning,
+                f"{steps} (trainer.max_epochs or max_steps, the batch size, epoch_samples or the number of "
+                "processes changed): the learning rate jumps to the new schedule's value at the resumed step",
+                category=UserWarning,
             )
         lr_lambda = functools.partial(
             warmup_cosine,

@@ -15,6 +15,7 @@ every skip is reported. Under a strategy that shards the parameters (FSDP) the r
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import math
@@ -52,6 +53,33 @@ from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
 from ernievil2_train.vision.augment import TrainViews
 
 log = logging.getLogger(__name__)
+
+
+LAYOUT_KEYS = {"processes": "trainer.devices x trainer.num_nodes (processes)",
+               "num_workers": "data.datamodule.num_workers (loader workers in use)"}
+
+
+def _check_same_layout(saved: dict[str, Any], here: dict[str, Any]) -> None:
+    """`ConfigError` for the first layout setting a mid-epoch checkpoint was saved with that this run
+    differs in (a checkpoint of an older version, without a layout, is let through)."""
+    for key, value in saved.items():
+        if key in here and here[key] != value:
+            name = LAYOUT_KEYS.get(key, f"data.datamodule.{key}")
+            what = "other shards than" if key == "train_shards" else f"{here[key]}, but {value} in"
+            raise ConfigError(
+                f"config key '{name}': {what} the checkpoint being resumed, which stopped within an "
+                "epoch: the rest of that epoch can only be read as it was laid out; resume with the setting "
+                "it was saved with, or start a new run folder"
+            )
+
+
+def _mid_epoch(trainer: Any) -> bool:
+    """Whether the trainer stands within a training epoch (some of its batches trained, not all)."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:
+        return False
+    done = fit_loop.epoch_loop.batch_progress.current.processed
+    return 0 < done < trainer.num_training_batches
 
 
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
@@ -238,8 +266,9 @@ class MultiViewDataModule(L.LightningDataModule):
         return epoch, done, list(self._read)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where each training stream of every rank stood after its last trained batch. Gathered from all
-        ranks: every rank saves a checkpoint together (`Trainer.save_checkpoint`)."""
+        """Where each training stream of every rank stood after its last trained batch, and how the epoch's
+        stream was laid out. Gathered from all ranks: every rank saves a checkpoint together
+        (`Trainer.save_checkpoint`)."""
         _, world_size = _rank_and_world(self.trainer)
         read = self._read or [UNKNOWN] * max(1, self.num_workers)
         if world_size > 1:
@@ -248,11 +277,24 @@ class MultiViewDataModule(L.LightningDataModule):
             reads = gathered.reshape(world_size, -1).tolist()
         else:
             reads = [read]
-        return {"epoch": self._read_epoch, "stream_read": reads}
+        return {"epoch": self._read_epoch, "stream_read": reads, "layout": self._layout(world_size),
+                "mid_epoch": _mid_epoch(self.trainer)}
+
+    def _layout(self, world_size: int) -> dict[str, Any]:
+        """The settings that order an epoch's training batches (the shards by a digest of their list)."""
+        shards = hashlib.sha256("\n".join(self.train_urls).encode()).hexdigest()[:16]
+        return {"batch_size": self.batch_size, "processes": world_size, "num_workers": self.num_workers,
+                "epoch_samples": self.epoch_samples, "train_shards": shards, "seed": self.seed,
+                "shuffle_buffer": self.shuffle_buffer, "shard_shuffle": self.shard_shuffle,
+                "resampled": self.resampled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take this rank's streams from a checkpoint of the same ranks and workers (else: not known)."""
+        """Take this rank's streams from a checkpoint of the same ranks and workers (else: not known). A
+        checkpoint saved within an epoch must have laid the epoch out as this run does: the rest of it is read
+        from where its streams stood (`ConfigError` naming the first setting that differs)."""
         rank, world_size = _rank_and_world(self.trainer)
+        if state.get("mid_epoch"):
+            _check_same_layout(state.get("layout") or {}, self._layout(world_size))
         reads = state.get("stream_read") or []
         streams = max(1, self.num_workers)
         if len(reads) == world_size and len(reads[rank]) == streams:

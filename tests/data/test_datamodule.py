@@ -18,6 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.batches import SKIPPED_KEY, normalize_batch
 from ernievil2_train.data.datamodule import MultiViewDataModule
 from ernievil2_train.data.decode import SKIP_REASONS
@@ -317,6 +318,30 @@ def test_a_resumed_run_reads_what_the_uninterrupted_run_reads(data, tmp_path, re
     assert _same_batches(twice.seen[1], full.seen[1][4:])
     other_seed = _fit(module(data, **{**settings, "seed": 4}), 1, tmp_path / "c")
     assert not _same_batches(other_seed.seen[0], full.seen[0])
+
+
+@pytest.mark.parametrize(("change", "refused"), [
+    ({"batch_size": 8}, r"'data.datamodule.batch_size': 8, but 4 in the checkpoint being resumed"),
+    ({"num_workers": 1}, r"'data.datamodule.num_workers \(loader workers in use\)': 1, but 2 in"),
+    ({"epoch_samples": 48}, r"'data.datamodule.epoch_samples': 48, but 32 in"),
+    ({"seed": 4}, r"'data.datamodule.seed': 4, but 3 in"),
+    ({"train_shards": "train-00000{0..1}.tar"}, r"'data.datamodule.train_shards': other shards than the"),
+])
+def test_an_epoch_is_resumed_only_as_it_was_laid_out(data, tmp_path, change, refused):
+    """The rest of an epoch is read from where its streams stood: with another batch size the restored batch
+    count would end the epoch early (or run it on), with other workers, shards or seeds it would skip the
+    wrong samples. Refused for a mid-epoch checkpoint; one saved at an epoch's end starts the next epoch as
+    the new settings lay it out."""
+    settings = {"num_workers": 2, "persistent_workers": False, "shuffle_buffer": 8, "seed": 3,
+                "epoch_samples": 32}
+    if "train_shards" in change:  # two of the four shards, one for each worker
+        change = {"train_shards": str(data / change["train_shards"])}
+    _fit(module(data, **settings), 1, tmp_path / "full")  # 8 batches
+    saved = tmp_path / "full"
+    with pytest.raises(ConfigError, match=rf"^config key {refused}.* stopped within an epoch: the rest of"):
+        _fit(module(data, **{**settings, **change}), 2, tmp_path / "a", saved / "mid-step=6.ckpt")
+    resumed = _fit(module(data, **{**settings, **change}), 2, tmp_path / "b", saved / "epoch=0-step=8.ckpt")
+    assert sorted(resumed.seen) == [1]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
