@@ -53,10 +53,19 @@ def test_sbatch_renders_the_ddp_command(tmp_path: Path) -> None:
     assert "restart 1" in result.stdout
 
 
-def test_sbatch_takes_the_gpus_of_the_node_without_tasks_per_node(tmp_path: Path) -> None:
+def test_sbatch_refuses_gpus_without_a_task_for_each(tmp_path: Path) -> None:
+    """Without --ntasks-per-node srun starts one task per node, and Lightning, told trainer.devices=4, would
+    train with that one process on one GPU: refused, naming the setting. One GPU needs no more."""
     slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "j", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "4"}
-    assert _render(tmp_path, slurm).returncode == 0
-    assert "trainer.devices=4" in (tmp_path / "srun.args").read_text().splitlines()
+    result = _render(tmp_path, slurm)
+    assert result.returncode == 2 and not (tmp_path / "srun.args").exists()
+    assert result.stderr.strip() == (
+        "error: set #SBATCH --ntasks-per-node=4 (one task per GPU) beside --gpus-per-node"
+    )
+    one = tmp_path / "one"
+    one.mkdir()
+    assert _render(one, {**slurm, "SLURM_GPUS_ON_NODE": "1"}).returncode == 0
+    assert "trainer.devices=1" in (one / "srun.args").read_text().splitlines()
 
 
 def test_sbatch_header_requests_requeue_and_the_pre_timeout_signal() -> None:
