@@ -25,18 +25,23 @@ CASES = {
     **{pair: {pair: 1.0} for pair in ALL_PAIRS},
     "weighted_sum": ALL_PAIRS,
     "uneven_tags": ALL_PAIRS,  # on `global_batch("uneven_tags")`: rank 0 holds no tagged sample
+    "hard_labels": ALL_PAIRS,  # one positive per row (multi_positive off): each rank's labels are offset
 }
+SINGLE_POSITIVE_CASES = {"hard_labels"}
 # variant -> the cases it runs (kept small: every spawned process pays the imports and each case a DDP set-up)
 VARIANTS = {
     "autograd_gather": list(CASES),
-    "feature_cache": ["weighted_sum", "uneven_tags"],
+    "feature_cache": ["weighted_sum", "uneven_tags", "hard_labels"],
     "no_grad_gather": ["image_caption", "text_text", "weighted_sum"],
 }
 
 
-def build_module(weights: dict[str, float], microbatches: int = 1) -> ErnieVil2Module:
-    """The module under test: tiny float64 DualEncoder, per-pair temperatures, multi-positive targets."""
-    loss = {"weights": weights, "multi_positive": True, "temperature": "per_pair"}
+def build_module(
+    weights: dict[str, float], microbatches: int = 1, multi_positive: bool = True
+) -> ErnieVil2Module:
+    """The module under test: tiny float64 DualEncoder, per-pair temperatures, multi-positive targets (or one
+    positive per row)."""
+    loss = {"weights": weights, "multi_positive": multi_positive, "temperature": "per_pair"}
     loss["temperature_init"] = LOG_SCALE
     model = tiny_model(seed=0, dtype=torch.float64)
     with torch.no_grad():
@@ -94,15 +99,20 @@ def logged_metrics(module: ErnieVil2Module, out: Batch, batch: Batch) -> dict[st
     return logged
 
 
-def run_case(weights: dict[str, float], local: dict[str, torch.Tensor], variant: str) -> dict:
+def case_module(case: str, microbatches: int = 1) -> ErnieVil2Module:
+    """`build_module` with the weights and targets of a case."""
+    return build_module(CASES[case], microbatches, multi_positive=case not in SINGLE_POSITIVE_CASES)
+
+
+def run_case(case: str, local: dict[str, torch.Tensor], variant: str) -> dict:
     """{"grads": DDP-averaged parameter gradients, "out": this rank's loss dict, "logged": logged metrics}."""
     if variant == "feature_cache":
-        module = build_module(weights, microbatches=2)
+        module = case_module(case, microbatches=2)
         step = _FeatureCacheStep(module)
         step.ddp = DistributedDataParallel(step)
         out = step.ddp(local)
     else:
-        module = build_module(weights)
+        module = case_module(case)
         ddp = DistributedDataParallel(module)
         out = ddp(local)
         out["loss"].backward()
@@ -181,7 +191,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         for variant, cases in VARIANTS.items():
             buggy = variant == "no_grad_gather"
             distributed.all_gather_with_grad = _no_grad_gather if buggy else correct_gather
-            results[variant] = {case: run_case(CASES[case], local_batches[case], variant) for case in cases}
+            results[variant] = {case: run_case(case, local_batches[case], variant) for case in cases}
         distributed.all_gather_with_grad = correct_gather
         results["batch_size_checks"] = batch_size_checks(local_batches["weighted_sum"])
         results["shared_gradient"] = gather_backward_keeps_shared_gradient()

@@ -7,7 +7,7 @@ import torch
 
 from ernievil2_train.distributed import RANK_VARIABLES, is_first_process
 from tests.ddp_helpers import run_ranks
-from tests.ddp_worker import CASES, VARIANTS, build_module, global_batch, grads, worker
+from tests.ddp_worker import CASES, VARIANTS, case_module, global_batch, grads, worker
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -30,8 +30,8 @@ def ranks(tmp_path_factory) -> list[dict]:
 def reference() -> dict[str, dict]:
     """Single process, whole global batch, same model and loss: {case: {"grads", "out"}}."""
     out = {}
-    for case, weights in CASES.items():
-        module = build_module(weights)
+    for case in CASES:
+        module = case_module(case)
         losses = module(global_batch(case))
         losses["loss"].backward()
         out[case] = {"grads": grads(module), "out": {k: v.detach() for k, v in losses.items()}}
