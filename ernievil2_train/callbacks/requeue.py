@@ -89,9 +89,18 @@ class SlurmRequeue(pl.Callback):
             code = subprocess.call(["scontrol", "requeue", str(job)])
             rank_zero_info(f"saved {path} at step {trainer.global_step}; scontrol requeue {job}: exit {code}")
         self.requested = False
+        _log_the_step(trainer)
         raise RequeueExit()
 
     @staticmethod
     def _next_index(trainer: pl.Trainer) -> int:
         existing = [p.stem.rsplit("_", 1)[-1] for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")]
         return 1 + max((int(i) for i in existing if i.isdigit()), default=0)
+
+
+def _log_the_step(trainer: pl.Trainer) -> None:
+    """Hand the step's logged values (losses, accuracies, temperatures) to the loggers, as Lightning does
+    right after the batch-end hooks, which the exit skips: the resumed run's logs then have every step."""
+    connector = trainer._logger_connector
+    connector.on_batch_end()
+    connector.update_train_step_metrics()

@@ -431,6 +431,8 @@ def test_slurm_requeue_signal_saves_requeues_and_restart_resumes(demo_cache: Pat
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == target
     assert _adam_steps(run_dir / "checkpoints" / "last.ckpt") == {target}
+    # one run's log, step for step: the step the requeue stopped at is in it too
+    assert [int(row["step"]) for row in _metric_rows(run_dir, "train/loss")] == list(range(target))
 
 
 def test_resampled_shards_with_no_usable_sample_stop_with_one_line(demo_cache: Path, tmp_path: Path) -> None:

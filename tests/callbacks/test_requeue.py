@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 from pathlib import Path
@@ -10,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ernievil2_train.callbacks import requeue
@@ -32,6 +34,7 @@ class Recorder(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.trained.append((self.current_epoch, batch_idx))
+        self.log("batch", batch.float().mean())
         if self.current_epoch == 0 and batch_idx == self.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
         return (self.weight - batch.float().mean()).pow(2).sum()
@@ -49,8 +52,19 @@ class Recorder(pl.LightningModule):
 def _trainer(run_dir: Path, *callbacks: pl.Callback) -> pl.Trainer:
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False,
                            save_on_train_epoch_end=True, save_on_exception=True)
-    return pl.Trainer(default_root_dir=run_dir, max_epochs=2, accelerator="cpu", logger=False,
-                      callbacks=[*callbacks, last], enable_progress_bar=False, enable_model_summary=False)
+    logger = CSVLogger(run_dir, name="csv", version=str(len(list(run_dir.glob("csv/*")))))
+    return pl.Trainer(default_root_dir=run_dir, max_epochs=2, accelerator="cpu", logger=logger,
+                      log_every_n_steps=1, callbacks=[*callbacks, last], enable_progress_bar=False,
+                      enable_model_summary=False)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the `batch` values in the run's CSV logs, every run of it (each has a version)."""
+    steps = []
+    for path in sorted(run_dir.glob("csv/*/metrics.csv")):
+        with path.open() as rows:
+            steps += [int(row["step"]) for row in csv.DictReader(rows) if row.get("batch")]
+    return steps
 
 
 def test_requeue_exits_at_the_step_and_the_run_resumes_mid_epoch(tmp_path, monkeypatch):
@@ -72,12 +86,14 @@ def test_requeue_exits_at_the_step_and_the_run_resumes_mid_epoch(tmp_path, monke
     assert interrupted.trained == [(0, i) for i in range(SIGNAL_AT + 1)]
     assert interrupted.epoch_ends == []  # the interrupted epoch is not closed as if it were complete
     assert [p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+    assert _logged_steps(run_dir) == list(range(SIGNAL_AT + 1))  # the step it stopped at is logged too
 
     monkeypatch.delenv("SLURM_JOB_ID")
     resumed = Recorder()
     _trainer(run_dir).fit(resumed, ckpt_path=resume_checkpoint(None, run_dir))
     expected = [(0, i) for i in range(SIGNAL_AT + 1, BATCHES)] + [(1, i) for i in range(BATCHES)]
     assert resumed.trained == expected  # every batch of the interrupted epoch is trained, once
+    assert _logged_steps(run_dir) == list(range(2 * BATCHES))
     assert exit_code == 0  # the requeued job's process ends without an error status
 
 
