@@ -179,6 +179,7 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
 
 
 ENCODING_FLAGS = ("--split", "--vocab", "--max-len", "--batch-size", "--workers", "--bf16")
+_NOT_GIVEN = object()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The arguments, and the encoding flags the command line gives (a flag given its default value too):
+    argparse fills in a default only where the namespace it is handed has no value yet."""
+    args = p.parse_args(argv, argparse.Namespace(**{_dest(f): _NOT_GIVEN for f in ENCODING_FLAGS}))
+    given = [f for f in ENCODING_FLAGS if getattr(args, _dest(f)) is not _NOT_GIVEN]
+    for flag in ENCODING_FLAGS:
+        if getattr(args, _dest(flag)) is _NOT_GIVEN:
+            setattr(args, _dest(flag), p.get_default(_dest(flag)))
+    return args, given
+
+
+def _mode(p: argparse.ArgumentParser, args: argparse.Namespace, given: list[str]) -> str:
     feats = [args.image_feats, args.text_feats, args.texts]
     modes = [m for m, on in (("embeddings", args.embeddings), ("features", any(feats)),
                              ("checkpoint", args.checkpoint or args.eval_set)) if on]
@@ -221,11 +237,8 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         p.error("feature mode needs all of --image-feats, --text-feats and --texts")
     if modes[0] == "checkpoint" and not (args.checkpoint and args.eval_set):
         p.error("checkpoint mode needs both --checkpoint and --eval-set")
-    if modes[0] != "checkpoint":
-        for flag in ENCODING_FLAGS:
-            dest = flag.removeprefix("--").replace("-", "_")
-            if getattr(args, dest) != p.get_default(dest):
-                p.error(f"{flag} is for encoding (--checkpoint/--eval-set); {modes[0]} are encoded already")
+    if modes[0] != "checkpoint" and given:
+        p.error(f"{given[0]} is for encoding (--checkpoint/--eval-set); {modes[0]} are encoded already")
     if modes[0] != "embeddings" and args.protocol == "ernie":
         p.error("--protocol ernie needs a row-paired embeddings file")
     if args.chunk_size < 1 or args.batch_size < 1:
@@ -237,8 +250,8 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    mode = _mode(parser, args)
+    args, given = parse(parser, argv)
+    mode = _mode(parser, args, given)
     args.protocol = args.protocol or ("ernie" if mode == "embeddings" else "any_positive")
     sources = {"embeddings": _from_embeddings, "features": _from_features, "checkpoint": _from_checkpoint}
     evaluate = sources[mode]

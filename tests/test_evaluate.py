@@ -199,6 +199,8 @@ def test_missing_file_and_usage_errors(tmp_path, capsys):
         ([str(imgs), "--split", "test"], "--split is for encoding (--checkpoint/--eval-set); embeddings are "
                                          "encoded already"),
         ([str(imgs), "--bf16"], "--bf16 is for encoding"),
+        ([str(imgs), "--split", "valid"], "--split is for encoding"),  # the default value, but given
+        ([str(imgs), "--batch-size=64"], "--batch-size is for encoding"),
         (["--image-feats", str(imgs), "--text-feats", str(txts), "--texts", str(gt_file), "--max-len", "9"],
          "--max-len is for encoding (--checkpoint/--eval-set); features are encoded already"),
     ]:
