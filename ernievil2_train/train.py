@@ -73,9 +73,8 @@ def _build_group(name: str, group: DictConfig | None) -> dict[str, Any]:
 
 def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = None) -> None:
     """Refuse data the model cannot take: another image size, texts longer than its positions, token ids
-    beyond its embedding table (a
-    pretrained model keeps the sizes of its checkpoint), or a vocabulary other than the `checkpoint` folder's
-    own `vocab.txt` (its ids would mean other tokens to the model)."""
+    beyond its embedding table (a pretrained model keeps the sizes of its checkpoint), or a vocabulary other
+    than the `checkpoint` folder's own `vocab.txt` (its ids would mean other tokens to the model)."""
     config = getattr(model, "config", None)
     if config is None:
         return

@@ -1,4 +1,5 @@
-"""Zero-shot retrieval evaluation during training: before the first step and after every validation epoch.
+"""Zero-shot retrieval evaluation during training: before the first step and at the end of every training
+epoch (after that epoch's validation, if any).
 
 Each rank encodes a strided slice of the eval set with `pl_module.model`; the `ZeroShotRetrieval` metric
 gathers the slices and every rank scores the whole set, so the logged values are identical everywhere.

@@ -10,9 +10,9 @@ from torch import nn
 from transformers import ErnieConfig, ErnieModel
 
 from ernievil2_train.config_checks import check_fields, check_number, check_positive_int
+from ernievil2_train.text.vocab import PAD_ID
 
 TEXT_LN_EPS = 1e-5
-PAD_ID = 0
 NON_REENTRANT = {"use_reentrant": False}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+PAD_ID = 0  # the id of [PAD]: the text tower masks the keys that hold it
 
 
 def load_vocab(path: str | Path) -> dict[str, int]:
@@ -37,6 +38,9 @@ def load_vocab(path: str | Path) -> dict[str, int]:
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise ValueError(f"vocab file {path} lacks the special token(s) {', '.join(missing)}")
+    if vocab["[PAD]"] != PAD_ID:
+        raise ValueError(f"{path}: [PAD] has id {vocab['[PAD]']}, but the text tower masks id {PAD_ID} as "
+                         "padding (an ERNIE vocabulary puts [PAD] first)")
     return vocab
 
 

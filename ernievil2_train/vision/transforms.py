@@ -153,7 +153,7 @@ class EvalTransform:
     def __repr__(self) -> str:
         return (
             f"EvalTransform(image_size={self.image_size}, short_size={self.short_size}, "
-            f"keep_aspect={self.keep_aspect})"
+            f"keep_aspect={self.keep_aspect}, max_pixels={self.max_pixels})"
         )
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import wandb
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
@@ -108,10 +109,11 @@ def test_build_names_the_key_of_an_unreadable_interpolated_file(tmp_path: Path) 
 
 
 def test_build_lets_other_errors_through() -> None:
+    """An error of the built object's own code is no config mistake: it stays Hydra's, with its cause."""
     node = OmegaConf.create({"_target_": "operator.truediv", "_args_": [1, 0]})
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InstantiationException, match="truediv") as info:
         build("callbacks.export", node)
-    assert not isinstance(info.value, ConfigError)
+    assert not isinstance(info.value, ConfigError) and isinstance(info.value.__cause__, ZeroDivisionError)
 
 
 def test_data_must_fit_the_model(tmp_path: Path) -> None:

@@ -63,6 +63,8 @@ def test_vocab_that_is_not_utf8_names_file(tmp_path: Path) -> None:
         ("[PAD]\t0\n[CLS]\t1.5\n", r"vocab\.txt:2: token id '1\.5' is not an integer"),
         ("", r"vocab file is empty: .*vocab\.txt"),
         ("[CLS]\n[PAD]\nword\n", r"vocab file .*vocab\.txt lacks the special token\(s\) \[SEP\], \[UNK\]$"),
+        # the model masks id 0 as padding: a [PAD] elsewhere would leave padding unmasked and mask a word
+        ("[CLS]\n[PAD]\n[SEP]\n[UNK]\n", r"vocab\.txt: \[PAD\] has id 1, but the text tower masks id 0 as "),
     ],
 )
 def test_bad_vocab_files_give_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
