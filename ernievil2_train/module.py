@@ -426,8 +426,9 @@ class ErnieVil2Module(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Image↔caption loss and top-1 within the local validation batch; with `loss.multi_positive`, the
-        captions of the same image are positives, as in training. Summed here, logged at epoch end. A batch
-        of only `skipped` (a loader worker's last skip counts) adds those."""
+        captions of the same image, and alike captions of other images, are positives, as in training.
+        Summed here, logged at epoch end. A batch of only `skipped` (a loader worker's last skip counts) adds
+        those."""
         sums = self._val_sums
         skipped = batch.get("skipped")
         if skipped is not None:
@@ -439,7 +440,7 @@ class ErnieVil2Module(pl.LightningModule):
             return
         feats = encode_views(self.model, batch, ["image", "caption"])
         img, txt = (nn.functional.normalize(feats[k].float(), dim=-1) for k in ("image", "caption"))
-        keys = batch.get("image_key") if self.loss_fn.config.multi_positive else None
+        keys = [batch["image_key"], batch["caption_key"]] if self.loss_fn.config.multi_positive else None
         loss, acc = symmetric_infonce(img, txt, txt, img, self.model.logit_scale.exp(), 0, keys=keys)
         size = batch["image"].shape[0]
         sums[0] += loss.float() * size

@@ -290,7 +290,8 @@ def test_validation_logs_sample_weighted_epoch_means_and_skip_totals():
             feats = {k: torch.nn.functional.normalize(v, dim=-1)
                      for k, v in module._encode(batch, ["image", "caption"]).items()}
             img, txt, scale = feats["image"], feats["caption"], module.model.logit_scale.exp()
-            loss, acc = symmetric_infonce(img, txt, txt, img, scale, 0, keys=batch["image_key"])
+            keys = [batch["image_key"], batch["caption_key"]]
+            loss, acc = symmetric_infonce(img, txt, txt, img, scale, 0, keys=keys)
             per_batch.append(torch.stack([loss, acc]))
             sizes.append(len(batch["image"]))
     assert sizes == [4, 4, 2]
@@ -469,7 +470,7 @@ def test_validation_treats_captions_of_one_image_as_positives():
             feats = {k: torch.nn.functional.normalize(v, dim=-1)
                      for k, v in module._encode(batch).items()}
         results[multi] = dict(logged)
-        keys = batch["image_key"] if multi else None
+        keys = [batch["image_key"], batch["caption_key"]] if multi else None
         expected = symmetric_infonce(feats["image"], feats["caption"], feats["caption"], feats["image"],
                                      module.model.logit_scale.exp(), 0, keys=keys)
         assert logged["val/loss_image_caption"] == pytest.approx(expected[0].item(), rel=1e-5)

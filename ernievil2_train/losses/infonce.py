@@ -15,7 +15,7 @@ per-rank losses equals the global-batch loss (see `ernievil2_train.distributed`)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +38,12 @@ IMAGE_VIEWS = {1: "image", 2: "image_view2"}
 
 @dataclass(frozen=True)
 class PairSpec:
-    """One symmetric loss: row features, column features, the key whose equality marks positives, tag mask."""
+    """One symmetric loss: row features, column features, the keys any of whose equality marks positives,
+    tag mask."""
 
     rows: str
     cols: str
-    key: str
+    keys: tuple[str, ...]
     tag_masked: bool = False
 
 
@@ -99,10 +100,13 @@ class LossConfig:
 
     def spec(self, pair: str) -> PairSpec:
         return {
-            "image_caption": PairSpec(IMAGE_VIEWS[self.caption_image_view], "caption", "image_key"),
-            "image_tags": PairSpec(IMAGE_VIEWS[self.tags_image_view], "tags", "image_key", tag_masked=True),
-            "image_image": PairSpec("image", "image_view2", "image_key"),
-            "text_text": PairSpec("caption", "text_view", "caption_key"),
+            # an image and a caption written alike for another image match each other as well
+            "image_caption": PairSpec(IMAGE_VIEWS[self.caption_image_view], "caption",
+                                      ("image_key", "caption_key")),
+            "image_tags": PairSpec(IMAGE_VIEWS[self.tags_image_view], "tags", ("image_key",),
+                                   tag_masked=True),
+            "image_image": PairSpec("image", "image_view2", ("image_key",)),
+            "text_text": PairSpec("caption", "text_view", ("caption_key",)),
         }[pair]
 
     def required_features(self) -> list[str]:
@@ -144,21 +148,24 @@ def symmetric_infonce(
     scale: torch.Tensor,
     offset: int,
     world_size: int = 1,
-    keys: torch.Tensor | None = None,
+    keys: Sequence[torch.Tensor] | None = None,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the symmetric InfoNCE loss and its local top-1 accuracy.
 
     rows_*: local normalised features [b, D]; cols_*: gathered normalised features [N, D] (rank-major);
-    offset: global index of the first local row. keys [N]: samples with equal keys are positives of each
-    other (soft uniform target); None means the diagonal only. valid [N] bool: samples that take part
+    offset: global index of the first local row. keys, each [N]: samples equal in any of them are positives
+    of each other (soft uniform target); None means the diagonal only. valid [N] bool: samples that take part
     (others drop out as rows and as columns). The returned loss is
     `world_size * sum(local rows) / (2 * n_valid)`, so that its mean over ranks is the global-batch loss.
     """
     b, n = rows_a.shape[0], cols_b.shape[0]
     local = slice(offset, offset + b)
     labels = torch.arange(offset, offset + b, device=rows_a.device)
-    positives = None if keys is None else keys[local, None] == keys[None, :]
+    positives = None
+    for key in keys or ():
+        same = key[local, None] == key[None, :]
+        positives = same if positives is None else positives | same
     col_valid = None
     if valid is not None:
         # rows that do not take part see every column, so their (discarded) loss stays finite
@@ -243,7 +250,7 @@ class MultiViewInfoNCE(nn.Module):
                 self.log_scale(pair, model_log_scale).exp(),
                 offset,
                 world_size,
-                keys=keys[spec.key] if self.config.multi_positive else None,
+                keys=[keys[k] for k in spec.keys] if self.config.multi_positive else None,
                 valid=has_tags.bool() if spec.tag_masked else None,
             )
             out[f"loss_{pair}"], out[f"acc_{pair}"] = loss, acc

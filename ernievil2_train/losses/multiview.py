@@ -31,7 +31,8 @@ def required_batch_keys(loss: MultiViewInfoNCE) -> dict[str, str]:
         if spec.tag_masked:
             needed.setdefault("has_tags", pair)
         if cfg.multi_positive:
-            needed.setdefault(spec.key, pair)
+            for key in spec.keys:
+                needed.setdefault(key, pair)
     return needed
 
 

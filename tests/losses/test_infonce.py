@@ -25,15 +25,15 @@ def _clip_reference(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch
     return (F.cross_entropy(scale * img @ txt.T, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
 
 
-def _soft_reference(a: torch.Tensor, b: torch.Tensor, scale: float, keys: list, valid: list) -> float:
-    """Row-by-row loops: every valid sample against every valid sample, positives = equal keys."""
+def _soft_reference(a: torch.Tensor, b: torch.Tensor, scale: float, keys: list[list], valid: list) -> float:
+    """Row-by-row loops: every valid sample against every valid sample, positives = equal in any key."""
     terms = []
-    idx = [i for i in range(len(keys)) if valid[i]]
+    idx = [i for i in range(len(valid)) if valid[i]]
     for rows, cols in ((a, b), (b, a)):
         for i in idx:
             logits = [scale * float(rows[i] @ cols[j]) for j in idx]
             lse = math.log(sum(math.exp(v) for v in logits))
-            pos = [k for k, j in enumerate(idx) if keys[j] == keys[i]]
+            pos = [k for k, j in enumerate(idx) if any(key[j] == key[i] for key in keys)]
             terms.append(-sum(logits[k] - lse for k in pos) / len(pos))
     return sum(terms) / len(terms)
 
@@ -131,11 +131,11 @@ def test_multi_positive_matches_brute_force():
     out = _loss(cfg, feats, image_key, caption_key, has_tags, log_scale=1.3)
     s = math.exp(1.3)
     ik, ck, all_valid = image_key.tolist(), caption_key.tolist(), [True] * n
-    refs = {
-        "image_caption": _soft_reference(feats["image"], feats["caption"], s, ik, all_valid),
-        "image_tags": _soft_reference(feats["image"], feats["tags"], s, ik, has_tags.tolist()),
-        "image_image": _soft_reference(feats["image"], feats["image_view2"], s, ik, all_valid),
-        "text_text": _soft_reference(feats["caption"], feats["text_view"], s, ck, all_valid),
+    refs = {  # samples 0 and 1: one caption written alike for two images, which match both
+        "image_caption": _soft_reference(feats["image"], feats["caption"], s, [ik, ck], all_valid),
+        "image_tags": _soft_reference(feats["image"], feats["tags"], s, [ik], has_tags.tolist()),
+        "image_image": _soft_reference(feats["image"], feats["image_view2"], s, [ik], all_valid),
+        "text_text": _soft_reference(feats["caption"], feats["text_view"], s, [ck], all_valid),
     }
     for pair, ref in refs.items():
         assert out[f"loss_{pair}"].item() == pytest.approx(ref, abs=1e-10), pair
@@ -157,7 +157,7 @@ def test_rank_shares_average_to_global_loss():
     image_key = torch.tensor([0, 1, 0, 3, 4, 1, 6, 7])
     has_tags = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)  # uneven valid counts per rank
     for valid in (None, has_tags):
-        for keys in (None, image_key):
+        for keys in (None, [image_key]):
             full, _ = symmetric_infonce(feats["image"], feats["tags"], feats["tags"], feats["image"],
                                         torch.tensor(3.0), 0, 1, keys=keys, valid=valid)
             shares = []
