@@ -77,9 +77,9 @@ def main(cfg: DictConfig) -> None:
             print(f"interrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
     except SIGTERMException:
-        if is_first_process():
-            print("stopped by SIGTERM after saving a checkpoint; running the same command again resumes the "
-                  "run", file=sys.stderr)
+        if is_first_process():  # the run folder is named by the time: a plain rerun would start a new run
+            print(f"stopped by SIGTERM after saving a checkpoint; the same command with "
+                  f"hydra.run.dir={cfg.paths.output_dir} resumes the run", file=sys.stderr)
         sys.exit(TERMINATED_EXIT)
     finally:  # on every way out, an error mid-validation included: the exit would wait for loader workers
         stop_children()

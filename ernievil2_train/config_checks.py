@@ -110,6 +110,19 @@ def _made_from(cfg: DictConfig, key: str) -> str:
     return f" (made from {OmegaConf.to_container(parent, resolve=False)[leaf]})"
 
 
+def not_a_folder(path: str | Path) -> str:
+    """Why a file stands where a folder is wanted: a Paddle checkpoint is to be converted first."""
+    if Path(path).suffix == ".pdparams":
+        return (f"{path} is a Paddle checkpoint file: convert it into a checkpoint folder first "
+                f"(python -m ernievil2_train.convert {path} DIR)")
+    return f"{path} is a file, not a folder"
+
+
+def _file_on_the_way(value: str) -> Path | None:
+    """The file that a path goes through as if it were a folder (`model.pdparams/vocab.txt`), if any."""
+    return next((parent for parent in Path(value).parents if parent.is_file()), None)
+
+
 def _path_exists(value: str) -> bool:
     for pattern in braceexpand(value):
         if Path(pattern).exists() or (glob.has_magic(pattern) and glob.glob(pattern)):
@@ -166,7 +179,9 @@ def check_config(cfg: DictConfig) -> None:
         resolved = OmegaConf.select(cfg, key)
         remote = isinstance(resolved, str) and is_remote(resolved)
         if isinstance(resolved, str) and resolved and not remote and not _path_exists(resolved):
-            raise ConfigError(f"config key '{key}': path not found: {resolved}{_made_from(cfg, key)}")
+            blocking = _file_on_the_way(resolved)
+            why = f"; {not_a_folder(blocking)}" if blocking else ""
+            raise ConfigError(f"config key '{key}': path not found: {resolved}{_made_from(cfg, key)}{why}")
 
 
 def _is_tensor(annotation: Any) -> bool:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from ernievil2_train.checkpoints.errors import short_reason, state_mismatch
-from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.config_checks import ConfigError, not_a_folder
 from ernievil2_train.models import DualEncoder, create_model
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ def build_model(
             raise ConfigError("config key 'model.checkpoint' excludes 'model.preset' and 'model.config'")
         from ernievil2_train.checkpoints.io import load_pretrained
 
+        if Path(checkpoint).is_file():
+            raise ConfigError(f"config key 'model.checkpoint': {not_a_folder(checkpoint)}")
         if not Path(checkpoint).is_dir():
             raise ConfigError(f"config key 'model.checkpoint': checkpoint folder not found: {checkpoint}")
         model = load_pretrained(checkpoint)

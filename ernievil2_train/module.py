@@ -390,8 +390,8 @@ class ErnieVil2Module(pl.LightningModule):
         per_device = self._window_samples / max(now - self._window_start, 1e-9)
         total = per_device * world()[1]
         metrics = {"train/samples_per_s_per_device": per_device, "train/samples_per_s": total}
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
+        for logger in self.loggers:  # at the step Lightning logs this batch's values at (the one before it)
+            logger.log_metrics(metrics, step=step - 1)
         self._window_start, self._window_samples = now, 0
 
     def on_train_epoch_start(self) -> None:

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -49,6 +50,9 @@ RUN_CONFIG_DIR = ".hydra"  # where a run folder records its config (written once
 SETTING_ERRORS = (FileNotFoundError, ImportError, ValueError, TypeError, MisconfigurationException)
 
 
+NO_GPU_HINT = " (no GPU here: add trainer=cpu to the command)"
+
+
 def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
     """`instantiate(node)`, where a value of the wrong type, a missing file or an invalid argument becomes a
     `ConfigError` naming `key`."""
@@ -60,7 +64,8 @@ def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(cause, ConfigError):
             raise cause from None
         if isinstance(cause, SETTING_ERRORS):
-            raise ConfigError(f"config key '{key}': {cause}") from None
+            hint = NO_GPU_HINT if key == "trainer" and "No supported gpu backend" in str(cause) else ""
+            raise ConfigError(f"config key '{key}': {cause}{hint}") from None
         raise
 
 
@@ -347,11 +352,12 @@ def out_of_memory_error(error: RuntimeError, cfg: DictConfig) -> ConfigError | N
 def wandb_run_finished(loggers: list[Any]) -> Iterator[None]:
     """End this process's W&B run after the block: the next job of a multirun sweep (same process) then
     starts its own instead of logging into this one. Exit code 0 when the block ends normally or by a
-    `SystemExit(0)` (a SLURM requeue: the run goes on in the requeued job), else 1."""
+    `SystemExit(0)` (a SLURM requeue: the run goes on in the requeued job), else 1: a SIGTERM stop too
+    (Lightning's `SystemExit` without a code), which leaves the run unfinished until it is resumed."""
     try:
         yield
     except SystemExit as exit_:
-        _finish_wandb_run(loggers, exit_.code in (0, None))
+        _finish_wandb_run(loggers, not isinstance(exit_, SIGTERMException) and exit_.code in (0, None))
         raise
     except BaseException:
         _finish_wandb_run(loggers, False)

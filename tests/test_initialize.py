@@ -80,6 +80,11 @@ def test_source_errors(tmp_path):
         build_model(preset="ernie_vil2_base", checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="checkpoint folder not found"):
         build_model(checkpoint=str(tmp_path / "missing"))
+    paddle = tmp_path / "model.pdparams"
+    paddle.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^config key 'model.checkpoint': .*model\.pdparams is a Paddle "
+                                          r"checkpoint file: convert it into a checkpoint folder first"):
+        build_model(checkpoint=str(paddle))
 
 
 

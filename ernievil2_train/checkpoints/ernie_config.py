@@ -38,7 +38,10 @@ def read_ernie_config(path: str | Path) -> dict[str, Any]:
 
 def ernie_heads(ernie: dict[str, Any], heads: int | None, source: str | Path) -> int:
     """The text heads: `num_attention_heads` of the config, which a given `heads` must agree with."""
-    value = ernie.get("num_attention_heads")
+    if "num_attention_heads" not in ernie:
+        raise CheckpointError(f"{source}: no num_attention_heads (not an ERNIE config such as the release's "
+                              "ernie_config.base.json?)")
+    value = ernie["num_attention_heads"]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise CheckpointError(f"{source}: num_attention_heads must be a positive integer, got {value!r}")
     if heads is not None and heads != value:

@@ -357,7 +357,10 @@ def test_sigterm_mid_epoch_then_resume_continues_exactly(demo_cache: Path, tmp_p
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]  # stopped, not finished
-    assert "stopped by SIGTERM after saving a checkpoint" in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after saving a checkpoint; the same command with hydra.run.dir={run_dir} "
+        "resumes the run"
+    )
     last = run_dir / "checkpoints" / "last.ckpt"
     interrupted = _global_step(last)
     assert 3 <= interrupted < 64, "the interruption must land mid-epoch, before the end"

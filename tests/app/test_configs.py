@@ -174,8 +174,17 @@ def test_a_missing_path_made_from_another_key_names_that_key(demo_cache: Path, t
     checkpoint.write_text("")
     cfg = _compose(["model=pretrained", f"model.checkpoint={checkpoint}", f"paths.cache_dir={demo_cache}"],
                    tmp_path)
-    message = f"'data.vocab_file': path not found: {checkpoint}/vocab.txt (made from ${{model.checkpoint}}"
+    message = (f"'data.vocab_file': path not found: {checkpoint}/vocab.txt (made from ${{model.checkpoint}}/"
+               f"vocab.txt); {checkpoint} is a file, not a folder")
     with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(cfg)
+    paddle = tmp_path / "model.pdparams"  # the official file, which is to be converted first
+    paddle.write_text("")
+    cfg = _compose(["model=pretrained", f"model.checkpoint={paddle}", f"paths.cache_dir={demo_cache}"],
+                   tmp_path)
+    message = (f"; {paddle} is a Paddle checkpoint file: convert it into a checkpoint folder first "
+               f"(python -m ernievil2_train.convert {paddle} DIR)")
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
         check_config(cfg)
 
 

@@ -11,8 +11,10 @@ import torch
 import wandb
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from ernievil2_train.callbacks.requeue import RequeueExit
@@ -257,10 +259,21 @@ def test_a_trainer_the_machine_cannot_run_is_a_config_error() -> None:
         build("trainer", missing)
 
 
+def test_a_gpu_trainer_without_a_gpu_says_how_to_run_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experiments choose `trainer: gpu`; on a machine without one the error says what to add."""
+    for accelerator in (CUDAAccelerator, MPSAccelerator):
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: False))
+    node = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "accelerator": "gpu", "devices": 1})
+    with pytest.raises(ConfigError, match=r"^config key 'trainer': No supported gpu backend found! \(no GPU "
+                                          r"here: add trainer=cpu to the command\)$"):
+        build("trainer", node)
+
+
 @pytest.mark.parametrize(("ending", "exit_code"), [(None, 0), (RequeueExit, 0), (RuntimeError, 1),
-                                                   (KeyboardInterrupt, 1)])
+                                                   (KeyboardInterrupt, 1), (SIGTERMException, 1)])
 def test_the_wandb_run_is_finished_with_how_training_ended(ending, exit_code, tmp_path, monkeypatch):
-    """A SLURM requeue (exit status 0) is no failure: the requeued job continues the same W&B run."""
+    """A SLURM requeue (exit status 0) is no failure: the requeued job continues the same W&B run. A SIGTERM
+    stop (Lightning's `SystemExit` without a code) is no finished run either."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(project="p", save_dir=str(tmp_path))
     _ = logger.experiment

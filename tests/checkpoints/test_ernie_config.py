@@ -53,6 +53,8 @@ def test_heads_given_twice_must_agree() -> None:
     disagree = r"^e\.json: num_attention_heads is 12, but --text-heads says 6$"
     with pytest.raises(CheckpointError, match=disagree):
         ernie_heads({"num_attention_heads": 12}, 6, "e.json")
+    with pytest.raises(CheckpointError, match=r"^e\.json: no num_attention_heads \(not an ERNIE config"):
+        ernie_heads({"text": {"num_attention_heads": 12}}, None, "e.json")
     for bad in (None, 0, 2.5, True, "12"):
         with pytest.raises(CheckpointError, match=r"^e\.json: num_attention_heads must be a positive int"):
             ernie_heads({"num_attention_heads": bad}, None, "e.json")
