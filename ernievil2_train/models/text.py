@@ -106,7 +106,8 @@ def key_mask(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class TextTower(nn.Module):
-    """ERNIE encoder + tanh pooler; keys at pad positions (`input_ids == 0`) are masked."""
+    """ERNIE encoder + tanh pooler; keys at pad positions (`input_ids == 0`) are masked, but for each row's
+    first key (`key_mask`)."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
