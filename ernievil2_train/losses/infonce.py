@@ -162,6 +162,8 @@ def symmetric_infonce(
     b, n = rows_a.shape[0], cols_b.shape[0]
     local = slice(offset, offset + b)
     labels = torch.arange(offset, offset + b, device=rows_a.device)
+    if isinstance(keys, torch.Tensor):
+        raise TypeError("keys: a sequence of [N] key tensors (positives share any of them), not one tensor")
     positives = None
     for key in keys or ():
         same = key[local, None] == key[None, :]

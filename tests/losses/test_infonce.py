@@ -143,6 +143,13 @@ def test_multi_positive_matches_brute_force():
     assert out["loss"].item() == pytest.approx(total, abs=1e-10)
 
 
+def test_keys_are_a_sequence_of_key_tensors():
+    feats = _features(3, seed=2)
+    with pytest.raises(TypeError, match=r"^keys: a sequence of \[N\] key tensors"):
+        symmetric_infonce(feats["image"], feats["caption"], feats["caption"], feats["image"],
+                          torch.tensor(1.0), 0, keys=torch.arange(3))
+
+
 def test_multi_positive_with_unique_keys_equals_hard_labels():
     feats = _features(6, seed=6)
     keys = torch.arange(6) * 11
