@@ -169,7 +169,8 @@ def test_a_resume_names_the_optimizer_settings_it_keeps_and_refuses_other_groups
     output = changed.stdout + changed.stderr
     assert "changed settings have no effect: lr 0.001 there, 0.01 here (all " in output
     assert ("resuming a run whose lr schedule was laid out for 1 optimizer steps with one of 2 "
-            "(trainer.max_epochs or max_steps changed)") in output
+            "(trainer.max_epochs or max_steps, the batch size, epoch_samples or the number of processes "
+            "changed)") in output
     assert "not resumable" not in output and "exists and is not empty" not in output  # Lightning's notices
     refused = _run(_cli(run_dir, "logger=csv", "trainer.max_steps=3", "module.layer_decay=0.8"),
                    _env(demo_cache))
