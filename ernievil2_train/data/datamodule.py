@@ -44,6 +44,7 @@ from ernievil2_train.data.epochs import (
     resampled_shards,
     stream_samples,
     trainer_position,
+    within_an_epoch,
 )
 from ernievil2_train.data.lockstep import Lockstep, shards_parameters
 from ernievil2_train.data.sources import read_shards, resolve_shards, shard_key
@@ -71,15 +72,6 @@ def _check_same_layout(saved: dict[str, Any], here: dict[str, Any]) -> None:
                 "epoch: the rest of that epoch can only be read as it was laid out; resume with the setting "
                 "it was saved with, or start a new run folder"
             )
-
-
-def _mid_epoch(trainer: Any) -> bool:
-    """Whether the trainer stands within a training epoch (some of its batches trained, not all)."""
-    fit_loop = getattr(trainer, "fit_loop", None)
-    if fit_loop is None:
-        return False
-    done = fit_loop.epoch_loop.batch_progress.current.processed
-    return 0 < done < trainer.num_training_batches
 
 
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
@@ -278,7 +270,7 @@ class MultiViewDataModule(L.LightningDataModule):
         else:
             reads = [read]
         return {"epoch": self._read_epoch, "stream_read": reads, "layout": self._layout(world_size),
-                "mid_epoch": _mid_epoch(self.trainer)}
+                "mid_epoch": within_an_epoch(self.trainer)}
 
     def _layout(self, world_size: int) -> dict[str, Any]:
         """The settings that order an epoch's training batches (the shards by a digest of their list)."""

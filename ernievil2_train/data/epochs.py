@@ -262,13 +262,25 @@ class _StartingAtFirstBatch:
         return next(self._iterator)
 
 
+def batches_trained(trainer: Any) -> int | None:
+    """Batches of its current epoch a Lightning trainer has trained (restored from a checkpoint, else
+    counted); None without a trainer."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    return None if fit_loop is None else fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def within_an_epoch(trainer: Any) -> bool:
+    """Whether the trainer stands within a training epoch (some of its batches trained, not all)."""
+    done = batches_trained(trainer)
+    return done is not None and 0 < done < trainer.num_training_batches
+
+
 def trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:
     """(epoch, batches of it already trained) that a Lightning trainer is about to run; None without one."""
-    fit_loop = getattr(trainer, "fit_loop", None)
-    if fit_loop is None:
+    done = batches_trained(trainer)
+    if done is None:
         return None
     epoch = trainer.current_epoch
-    done = fit_loop.epoch_loop.batch_progress.current.processed  # restored from a checkpoint, else 0
     limit = trainer.limit_train_batches
     planned = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
     if done >= planned:  # restored from the end of an epoch: the next one starts
