@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ernievil2_train.checkpoints import find_vocab, load_pretrained
+from ernievil2_train.config_checks import not_a_folder
 from ernievil2_train.models import DualEncoder
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
@@ -15,11 +16,11 @@ from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
-    """`load_pretrained`, with a clear message when --checkpoint is a file."""
+    """`load_pretrained`, with a clear message when --checkpoint is a file (a Paddle one: convert it first)."""
     if not str(path):
         raise ValueError("--checkpoint: empty path")
     if Path(path).exists() and not Path(path).is_dir():
-        raise ValueError(f"--checkpoint {path}: is a file, not a checkpoint folder")
+        raise ValueError(f"--checkpoint: {not_a_folder(path)}")
     return load_pretrained(path, device=device)
 
 

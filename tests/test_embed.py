@@ -152,7 +152,7 @@ def test_user_errors(
     cases = [
         (["--checkpoint", missing, "--input", tsv, "--vocab", vocab], not_found),
         (["--checkpoint", missing, "--input", tsv], not_found),
-        (["--checkpoint", tsv, "--input", tsv], f"--checkpoint {tsv}: is a file, not a checkpoint folder"),
+        (["--checkpoint", tsv, "--input", tsv], f"--checkpoint: {tsv} is a file, not a folder"),
         (["--checkpoint", tmp_path / "empty_ckpt", "--input", tsv], "not a checkpoint folder (missing"),
         (["--checkpoint", small_vocab_ckpt, "--input", tsv, "--vocab", vocab], "vocab_size is 50"),
         (["--checkpoint", tiny_ckpt, "--input", tmp_path / "none.tsv"], "no such file"),

@@ -24,8 +24,13 @@ def folder(tmp_path: Path) -> Path:
 def test_a_folder_loads_and_a_file_is_refused_naming_the_flag(folder: Path) -> None:
     model = load_checkpoint(folder, torch.device("cpu"))
     assert not model.training and model.config.text.vocab_size == TINY["text"]["vocab_size"]
-    with pytest.raises(ValueError, match=r"^--checkpoint .*model\.safetensors: is a file, not a checkpoint"):
+    with pytest.raises(ValueError, match=r"^--checkpoint: .*model\.safetensors is a file, not a folder$"):
         load_checkpoint(folder / "model.safetensors", torch.device("cpu"))
+    paddle_file = folder / "model.pdparams"
+    paddle_file.write_bytes(b"\x80")
+    with pytest.raises(ValueError, match=r"^--checkpoint: .*model\.pdparams is a Paddle checkpoint file: "
+                       r"convert it into a checkpoint folder first \(python -m ernievil2_train\.convert "):
+        load_checkpoint(paddle_file, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"^--checkpoint: empty path$"):
         load_checkpoint("", torch.device("cpu"))
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):

@@ -113,7 +113,7 @@ def test_checkpoint_vocab_and_device_errors(
     missing = tmp_path / "nope"
     cases = [
         (["--checkpoint", missing], f"{missing}: checkpoint folder not found"),
-        (["--checkpoint", image], f"--checkpoint {image}: is a file, not a checkpoint folder"),
+        (["--checkpoint", image], f"--checkpoint: {image} is a file, not a folder"),
         (["--checkpoint", tmp_path / "empty"], f"{tmp_path / 'empty'}: not a checkpoint folder (missing"),
         (["--checkpoint", ckpt, "--vocab", missing], f"--vocab {missing}: file not found"),
         (["--checkpoint", ckpt, "--vocab", gbk_vocab], str(gbk_vocab)),
