@@ -211,6 +211,15 @@ class SplitLock:
             os.close(fd)
         self._fd: int | None = fd
 
+    @contextlib.contextmanager
+    def released_on_failure(self) -> Iterator[None]:
+        """Release the lock when the block fails (the writer holding it could not be set up)."""
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
+
     def release(self) -> None:
         """Remove the lock file and let go of the lock (again: nothing)."""
         if self._fd is None:
@@ -284,12 +293,9 @@ class ShardSink(_Writer):
         self.staging = self.out_dir / f".{split}.partial"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = SplitLock(self.out_dir, split)
-        try:
+        with self._lock.released_on_failure():
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir()
-        except BaseException:
-            self._lock.release()
-            raise
 
     @property
     def samples(self) -> int:
@@ -451,11 +457,8 @@ class EvalSetWriter(_Writer):
         self._images_tmp = self.images_path.with_name(self.images_path.name + ".tmp")
         self._texts_tmp = self.texts_path.with_name(self.texts_path.name + ".tmp")
         self._lock = SplitLock(self.out_dir, split)
-        try:
+        with self._lock.released_on_failure():
             self._file = self._images_tmp.open("w", encoding="utf-8")
-        except BaseException:
-            self._lock.release()
-            raise
         self._texts: dict[str, dict[str, Any]] = {}
         self.images = 0
         self.uncaptioned = 0

@@ -16,7 +16,7 @@ from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> DualEncoder:
-    """`load_pretrained`, with a clear message when --checkpoint is a file (a Paddle one: convert it first)."""
+    """`load_pretrained`, with a clear message when --checkpoint is a file (a Paddle one: to convert)."""
     if not str(path):
         raise ValueError("--checkpoint: empty path")
     if Path(path).exists() and not Path(path).is_dir():

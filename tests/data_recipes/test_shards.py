@@ -155,6 +155,19 @@ def test_a_second_run_on_the_same_split_and_folder_is_refused_while_the_first_wr
     assert not (out / ".train.lock").exists()
 
 
+def test_a_writer_that_cannot_start_lets_go_of_its_split(tmp_path):
+    """A writer failing to set up (its staging folder or temporary file cannot be made) releases the lock."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".train.partial").write_text("a file where the staging folder goes")
+    with pytest.raises(FileExistsError):
+        ShardSink(out, "train")
+    (out / "valid_imgs.tsv.tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        EvalSetWriter(out, "valid")
+    assert sorted(p.name for p in out.iterdir()) == [".train.partial", "valid_imgs.tsv.tmp"]
+
+
 def test_an_eval_set_that_cannot_start_leaves_no_staged_shards(tmp_path):
     """The shard sink has made its staging folder when the eval-set writer fails to start (its folder is a
     file): the run removes the staging folder too."""
