@@ -7,15 +7,13 @@ python -m ernievil2_train.convert SRC.pdparams OUT_DIR [--vision-heads N] [--tex
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pdparams, save_pretrained
-from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output
+from ernievil2_train.checkpoints.io import CONFIG_NAME, VOCAB_NAME, check_output
 from ernievil2_train.stopping import run
-from ernievil2_train.text.vocab import load_vocab
-
-OWN_VOCAB_SHARE = 0.99
 
 
 def positive_int(text: str) -> int:
@@ -31,18 +29,17 @@ def positive_int(text: str) -> int:
 
 def foreign_vocab(out_dir: Path, vocab_size: int) -> str | None:
     """Why the vocab.txt already in `out_dir` belongs to another model than one with `vocab_size` text
-    embeddings, or None. A model's own vocabulary fills its table but for a few spare rows (the official one:
-    ids 0-39979 for 40,000 rows); one that covers less than `OWN_VOCAB_SHARE` of it is another model's."""
-    vocab = find_vocab(out_dir)
-    if vocab is None:
+    embeddings, or None: the folder's config.json says the model saved beside it had another table size.
+    (A vocabulary whose ids do not fit the table at all is removed by `save_pretrained` anyway.)"""
+    if find_vocab(out_dir) is None:
         return None
     try:
-        size = max(load_vocab(vocab).values()) + 1
-    except (OSError, ValueError):
-        return None  # unreadable: `save_pretrained` removes it as stale
-    if size >= OWN_VOCAB_SHARE * vocab_size:
+        earlier = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))["text"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no earlier checkpoint here: the vocabulary was put beside it on purpose
+    if earlier == vocab_size:
         return None
-    return f"its ids cover {size} of the {vocab_size} text embeddings"
+    return f"it came with a model of {earlier} text embeddings, this one has {vocab_size}"
 
 
 def build_parser() -> argparse.ArgumentParser:

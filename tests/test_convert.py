@@ -185,10 +185,15 @@ def test_a_reconversion_keeps_the_folders_own_vocab_and_removes_another_models(
     assert capsys.readouterr().out.endswith("(kept its vocab.txt)\n")
     assert find_vocab(out).read_bytes() == (paddle_ref / "vocab.txt").read_bytes()
     tokens = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", *(f"tok{i}" for i in range(46))]
-    find_vocab(out).write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(tokens)))  # a small model's
+    find_vocab(out).write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(tokens)))  # fewer than its rows
+    assert convert.main(args) == 0  # saved beside a model of this table size: the folder's own
+    assert capsys.readouterr().out.endswith("(kept its vocab.txt)\n")
+    config = json.loads((out / "config.json").read_text())
+    size = config["text"]["vocab_size"]
+    config["text"]["vocab_size"] = 51
+    (out / "config.json").write_text(json.dumps(config))  # the folder held a small model with its vocab
     assert convert.main(args) == 0
-    size = load_pretrained(out).config.text.vocab_size
     assert capsys.readouterr().out.endswith(
-        f"(removed the vocab.txt it held: its ids cover 51 of the {size} text embeddings, another model's; "
-        "copy this one's in with --vocab)\n")
+        f"(removed the vocab.txt it held: it came with a model of 51 text embeddings, this one has {size}, "
+        "another model's; copy this one's in with --vocab)\n")
     assert find_vocab(out) is None
