@@ -160,6 +160,7 @@ def ours_batch(args: argparse.Namespace, model: nn.Module, gen: torch.Generator)
         "has_tags": has_tags,
         "image_key": torch.randint(0, 2**62, (b,), generator=gen),
         "caption_key": torch.randint(0, 2**62, (b,), generator=gen),
+        "tags_key": torch.randint(0, 2**62, (b,), generator=gen),
     }
     return to_device(trim_text_ids(batch), args)
 

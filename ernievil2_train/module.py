@@ -44,7 +44,7 @@ from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ra
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
 SCHEDULE_KEY = "lr_schedule_steps"  # checkpoint entry: the optimizer steps the lr schedule was laid out for
-PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags"}
+PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags", "tags_key"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
     "image_view2": "the second augmented image view",
@@ -53,6 +53,7 @@ BATCH_KEY_HELP = {
     "has_tags": "the tag view",
     "image_key": "image keys (needed by loss.multi_positive)",
     "caption_key": "caption keys (needed by loss.multi_positive)",
+    "tags_key": "tag keys (needed by loss.multi_positive)",
 }
 VIEW_SETTINGS = {"image_caption": "caption_image_view", "image_tags": "tags_image_view"}  # which image view
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -47,7 +47,7 @@ def _ids(n: int, g: torch.Generator, empty: torch.Tensor | None = None) -> torch
 
 def make_batch(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The agreed batch dict: two image views, caption, text view, tags (some rows without tags), keys
-    with duplicated images and a duplicated caption."""
+    with duplicated images, a duplicated caption and (n >= 8) a tag sequence duplicated for another image."""
     g = torch.Generator().manual_seed(seed)
     image_ids = torch.arange(n)
     image_ids[1] = image_ids[n - 2] = 0  # three captions of image 0, one on each half of the batch
@@ -57,15 +57,24 @@ def make_batch(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     caption[3] = caption[n - 3]  # an identical caption in both halves
     caption_key = torch.arange(n) + 1000
     caption_key[3] = caption_key[n - 3]
+    image = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)
+    image_view2 = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)
+    text_view = _ids(n, g)
+    tags = _ids(n, g, empty=has_tags)
+    tags_key = torch.where(has_tags, torch.arange(n) + 2000, 0)  # every row without tags reads alike
+    twin = n // 2  # image 0's tags again, for another image on the batch's other half
+    if bool(has_tags[twin]) and image_ids[twin] != 0:
+        tags[twin], tags_key[twin] = tags[0], tags_key[0]
     return {
-        "image": torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype),
-        "image_view2": torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype),
+        "image": image,
+        "image_view2": image_view2,
         "caption_ids": caption,
-        "text_view_ids": _ids(n, g),
-        "tag_ids": _ids(n, g, empty=has_tags),
+        "text_view_ids": text_view,
+        "tag_ids": tags,
         "has_tags": has_tags,
         "image_key": image_ids * 7919 + 13,
         "caption_key": caption_key,
+        "tags_key": tags_key,
     }
 
 

@@ -3,7 +3,8 @@
 Keys (per sample; the collate stacks them into the batch format documented in the README):
 `image` [3,S,S], `image_view2` [3,S,S] (views.image_view2) (float32 normalised; uint8 with `uint8_images`),
 `caption_ids` [L], `text_view_ids` [L]
-(views.text_view != "none"), `tag_ids` [L] + `has_tags` [] (views.tags), `image_key` [], `caption_key` [].
+(views.text_view != "none"), `tag_ids` [L] + `has_tags` [] + `tags_key` [] (views.tags), `image_key` [],
+`caption_key` [].
 
 Text view modes: `dropout` (the caption ids again; the model's dropout makes the second view),
 `second_caption` (another caption of the same image, random, different from this one when the image has
@@ -14,7 +15,8 @@ piece deleted with probability `token_drop_p`, at least one kept), `none`.
 `caption_key` marks the text↔text positives (caption rows against text-view columns): equal keys, positive
 pair. It is the hash of the caption, except with `second_caption` training views, where any caption of the
 image is a text view of every other: there it is the hash of the image's caption set, so two samples of one
-image (whose text views may be each other's captions) are positives, not false negatives.
+image (whose text views may be each other's captions) are positives, not false negatives. `tags_key` is the
+hash of the tag row's token ids: two images tagged alike (both "人, 狗") match each other's tags too.
 
 A caption or a tag the tokenizer reduces to nothing (control or format characters only) is not text: such a
 caption is skipped as `bad_text`, such a tag left out (a sample left with none has `has_tags` false).
@@ -67,7 +69,7 @@ class ViewConfig:
         keys = {"image", "caption_ids", "image_key", "caption_key"}
         keys |= {"image_view2"} if self.image_view2 else set()
         keys |= {"text_view_ids"} if self.text_view != "none" else set()
-        return keys | ({"tag_ids", "has_tags"} if self.tags else set())
+        return keys | ({"tag_ids", "has_tags", "tags_key"} if self.tags else set())
 
 
 class SampleTransform:
@@ -152,6 +154,8 @@ class SampleTransform:
             else:
                 out["tag_ids"] = torch.zeros(self.tokenizer.max_len, dtype=torch.long)
             out["has_tags"] = torch.tensor(bool(tag_pieces))
+            row = json.dumps(out["tag_ids"].tolist())  # the tags as the model reads them
+            out["tags_key"] = torch.tensor(stable_key(row), dtype=torch.long)
         return out
 
     def tag_pieces(self, tags: list[str]) -> list[int]:

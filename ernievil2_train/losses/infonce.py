@@ -100,10 +100,10 @@ class LossConfig:
 
     def spec(self, pair: str) -> PairSpec:
         return {
-            # an image and a caption written alike for another image match each other as well
+            # an image and a caption (tags) written alike for another image match each other as well
             "image_caption": PairSpec(IMAGE_VIEWS[self.caption_image_view], "caption",
                                       ("image_key", "caption_key")),
-            "image_tags": PairSpec(IMAGE_VIEWS[self.tags_image_view], "tags", ("image_key",),
+            "image_tags": PairSpec(IMAGE_VIEWS[self.tags_image_view], "tags", ("image_key", "tags_key"),
                                    tag_masked=True),
             "image_image": PairSpec("image", "image_view2", ("image_key",)),
             "text_text": PairSpec("caption", "text_view", ("caption_key",)),
@@ -230,20 +230,23 @@ class MultiViewInfoNCE(nn.Module):
         model_log_scale: torch.Tensor,
         rank: int = 0,
         world_size: int = 1,
+        tags_key: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Gathered normalised features [N, D] and metadata [N] -> {"loss", "loss_<pair>", "acc_<pair>"}.
-        `has_tags` is only read by the image↔tags pair (None will do when it is off)."""
+        `has_tags` and `tags_key` are only read by the image↔tags pair (None will do when it is off; without
+        `tags_key`, alike tag sequences of different images are negatives of each other)."""
         n = image_key.shape[0]
         if n % world_size:
             raise ValueError(f"global batch {n} is not a multiple of world size {world_size}")
         b = n // world_size
         offset = rank * b
-        keys = {"image_key": image_key, "caption_key": caption_key}
+        keys = {"image_key": image_key, "caption_key": caption_key, "tags_key": tags_key}
         out: dict[str, torch.Tensor] = {}
         total = None
         for pair in self.config.active_pairs():
             spec = self.config.spec(pair)
             rows_all, cols_all = features[spec.rows], features[spec.cols]
+            pair_keys = [keys[k] for k in spec.keys if keys[k] is not None]
             loss, acc = symmetric_infonce(
                 rows_all[offset : offset + b],
                 cols_all,
@@ -252,7 +255,7 @@ class MultiViewInfoNCE(nn.Module):
                 self.log_scale(pair, model_log_scale).exp(),
                 offset,
                 world_size,
-                keys=[keys[k] for k in spec.keys] if self.config.multi_positive else None,
+                keys=pair_keys if self.config.multi_positive else None,
                 valid=has_tags.bool() if spec.tag_masked else None,
             )
             out[f"loss_{pair}"], out[f"acc_{pair}"] = loss, acc

@@ -50,13 +50,15 @@ def encode_views(model: nn.Module, batch: Batch, names: list[str]) -> Batch:
 
 
 def batch_metadata(batch: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
-    """Long[b, 3]: image_key, caption_key, has_tags (unique per-sample stand-ins for absent keys)."""
+    """Long[b, 4]: image_key, caption_key, has_tags, tags_key (unique per-sample stand-ins for absent
+    keys)."""
     rank, _ = world()
     fallback = torch.arange(rank * size, (rank + 1) * size, device=device)
     columns = [
         batch.get("image_key", fallback),
         batch.get("caption_key", fallback),
         batch.get("has_tags", torch.ones(size, dtype=torch.bool, device=device)),
+        batch.get("tags_key", fallback),
     ]
     return torch.stack([c.to(device=device, dtype=torch.long) for c in columns], dim=1)
 
@@ -81,4 +83,5 @@ def gathered_losses(
     normed = {n: F.normalize(float32_or_wider(f), dim=-1) for n, f in local_features.items()}
     feats = all_gather_features(normed)
     meta = all_gather_metadata(metadata)
-    return loss(feats, meta[:, 0], meta[:, 1], meta[:, 2].bool(), model_log_scale, rank, world_size)
+    image_key, caption_key, has_tags, tags_key = meta.unbind(dim=1)
+    return loss(feats, image_key, caption_key, has_tags.bool(), model_log_scale, rank, world_size, tags_key)

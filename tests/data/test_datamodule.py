@@ -513,8 +513,8 @@ def test_val_loader_is_one_deterministic_single_view_pass(data):
     dm = module(data, val_shards=str(data), val_batch_size=5, num_workers=2)
     first = list(dm.val_dataloader())
     assert [b["image"].shape[0] for b in first] in ([5, 3, 5, 3], [5, 5, 3, 3], [5, 5, 5, 1])
-    assert set(first[0]) == {"image", "caption_ids", "tag_ids", "has_tags", "image_key", "caption_key",
-                             SKIPPED_KEY}
+    assert set(first[0]) == {"image", "caption_ids", "tag_ids", "has_tags", "tags_key", "image_key",
+                             "caption_key", SKIPPED_KEY}
     keys = torch.cat([b["image_key"] for b in first])
     assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), data))
     second = {k: img for b in dm.val_dataloader()

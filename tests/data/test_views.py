@@ -30,13 +30,13 @@ def rows(vocab: str, texts: list[str], max_len: int = 48) -> torch.Tensor:
 def test_train_sample_has_every_view(vocab):
     out = SampleTransform(vocab, image_size=SIZE)(sample(1))
     assert set(out) == {"image", "image_view2", "caption_ids", "text_view_ids", "tag_ids", "has_tags",
-                        "image_key", "caption_key"}
+                        "tags_key", "image_key", "caption_key"}
     for name in ("image", "image_view2"):
         assert out[name].shape == (3, SIZE, SIZE) and out[name].dtype == torch.float32
     for name in ("caption_ids", "text_view_ids", "tag_ids"):
         assert out[name].shape == (48,) and out[name].dtype == torch.long
     assert out["has_tags"].dtype == torch.bool and out["has_tags"].shape == ()
-    assert out["image_key"].dtype == torch.long and out["caption_key"].dtype == torch.long
+    assert all(out[key].dtype == torch.long for key in ("image_key", "caption_key", "tags_key"))
 
 
 def test_flags_switch_views_off(vocab):
@@ -64,6 +64,17 @@ def test_caption_tags_and_keys_match_tokenizer_and_stable_key(vocab):
     assert bool(out["has_tags"])
     assert int(out["image_key"]) == stable_key("img3")
     assert int(out["caption_key"]) == stable_key("一只狗在草地上奔跑")
+
+
+def test_images_tagged_alike_share_a_tags_key(vocab):
+    """The tags key is the hash of the tag row the model reads: alike for alike tags of other images and
+    for tags that differ only past the row's end, different otherwise."""
+    transform = SampleTransform(vocab, image_size=SIZE, text_max_len=6)
+    key = {name: int(transform(sample(i, tags=tags))["tags_key"])
+           for i, (name, tags) in enumerate({"a": ["狗", "草地"], "b": ["狗", "草地"], "c": ["草地", "狗"],
+                                             "d": ["狗", "草地", "人"]}.items())}
+    assert key["a"] == key["b"] == stable_key(json.dumps(rows(vocab, ["狗，草地"], max_len=6)[0].tolist()))
+    assert key["c"] != key["a"] and key["d"] == key["a"]  # "狗，草地，人" is cut to 4 pieces, as "狗，草地"
 
 
 def test_long_caption_is_truncated_like_the_tokenizer(vocab):
@@ -141,7 +152,7 @@ def test_token_drop_deletes_pieces_and_keeps_one(vocab):
 def test_eval_transform_is_single_view_and_deterministic(vocab):
     transform = SampleTransform(vocab, image_size=SIZE, train=False)
     a, b = transform(sample(11)), transform(sample(11))
-    assert set(a) == {"image", "caption_ids", "tag_ids", "has_tags", "image_key", "caption_key"}
+    assert set(a) == {"image", "caption_ids", "tag_ids", "has_tags", "tags_key", "image_key", "caption_key"}
     assert torch.equal(a["image"], b["image"])
 
 

@@ -38,9 +38,10 @@ def _soft_reference(a: torch.Tensor, b: torch.Tensor, scale: float, keys: list[l
     return sum(terms) / len(terms)
 
 
-def _loss(cfg: dict, feats, image_key, caption_key, has_tags, log_scale=2.0):
+def _loss(cfg: dict, feats, image_key, caption_key, has_tags, log_scale=2.0, tags_key=None):
     module = MultiViewInfoNCE(LossConfig(**{"temperature": "shared", **cfg})).double()
-    return module(feats, image_key, caption_key, has_tags, torch.tensor(log_scale, dtype=torch.float64))
+    scale = torch.tensor(log_scale, dtype=torch.float64)
+    return module(feats, image_key, caption_key, has_tags, scale, tags_key=tags_key)
 
 
 def test_image_caption_equals_clip_loss():
@@ -121,6 +122,7 @@ def test_multi_positive_matches_brute_force():
     image_key = torch.tensor([5, 9, 5, 2, 9, 5, 7])
     caption_key = torch.tensor([1, 1, 3, 4, 5, 3, 6])
     has_tags = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    tags_key = torch.tensor([8, 1, 0, 8, 2, 3, 0])
     n = len(image_key)
     feats = _features(n, seed=5)
     cfg = {
@@ -128,12 +130,13 @@ def test_multi_positive_matches_brute_force():
         "multi_positive": True,
         "temperature": "shared",
     }
-    out = _loss(cfg, feats, image_key, caption_key, has_tags, log_scale=1.3)
+    out = _loss(cfg, feats, image_key, caption_key, has_tags, log_scale=1.3, tags_key=tags_key)
     s = math.exp(1.3)
-    ik, ck, all_valid = image_key.tolist(), caption_key.tolist(), [True] * n
-    refs = {  # samples 0 and 1: one caption written alike for two images, which match both
+    ik, ck, tk, all_valid = image_key.tolist(), caption_key.tolist(), tags_key.tolist(), [True] * n
+    refs = {  # samples 0 and 1: one caption written alike for two images, which match both; so the tags
+        # of samples 0 and 3
         "image_caption": _soft_reference(feats["image"], feats["caption"], s, [ik, ck], all_valid),
-        "image_tags": _soft_reference(feats["image"], feats["tags"], s, [ik], has_tags.tolist()),
+        "image_tags": _soft_reference(feats["image"], feats["tags"], s, [ik, tk], has_tags.tolist()),
         "image_image": _soft_reference(feats["image"], feats["image_view2"], s, [ik], all_valid),
         "text_text": _soft_reference(feats["caption"], feats["text_view"], s, [ck], all_valid),
     }

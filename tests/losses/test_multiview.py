@@ -32,7 +32,7 @@ from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
         ({"weights": ALL_PAIRS, "multi_positive": True},
          {"image": "image_caption", "caption_ids": "image_caption", "image_key": "image_caption",
           "caption_key": "image_caption", "tag_ids": "image_tags", "has_tags": "image_tags",
-          "image_view2": "image_image", "text_view_ids": "text_text"}),
+          "tags_key": "image_tags", "image_view2": "image_image", "text_view_ids": "text_text"}),
         ({"weights": {"image_caption": 1.0, "image_image": 0.0}}, {"image": "image_caption",
                                                                    "caption_ids": "image_caption"}),
     ],
@@ -96,17 +96,18 @@ def test_encode_views_makes_one_call_per_tower(model: DualEncoder, names: list[s
 def test_metadata_takes_the_batch_keys_as_long_columns() -> None:
     batch = {"image_key": torch.tensor([7, 7, 9], dtype=torch.int16),
              "caption_key": torch.tensor([3, 4, 5], dtype=torch.int32),
-             "has_tags": torch.tensor([True, False, True])}
+             "has_tags": torch.tensor([True, False, True]),
+             "tags_key": torch.tensor([2, 8, 2])}
     meta = batch_metadata(batch, 3, torch.device("cpu"))
     assert meta.dtype == torch.long
-    assert meta.tolist() == [[7, 3, 1], [7, 4, 0], [9, 5, 1]]
+    assert meta.tolist() == [[7, 3, 1, 2], [7, 4, 0, 8], [9, 5, 1, 2]]
 
 
 def test_metadata_stand_ins_are_unique_keys_and_all_tagged() -> None:
     """Without keys every sample is only its own positive, and without a tag mask every sample has tags."""
     meta = batch_metadata({"image_key": torch.tensor([1, 1, 2, 2])}, 4, torch.device("cpu"))
-    assert meta.tolist() == [[1, 0, 1], [1, 1, 1], [2, 2, 1], [2, 3, 1]]
-    assert batch_metadata({}, 2, torch.device("cpu")).tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert meta.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1], [2, 2, 1, 2], [2, 3, 1, 3]]
+    assert batch_metadata({}, 2, torch.device("cpu")).tolist() == [[0, 0, 1, 0], [1, 1, 1, 1]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -121,12 +122,12 @@ def _losses(loss: MultiViewInfoNCE, features: dict[str, torch.Tensor], meta: tor
             log_scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """The loss applied by hand to float32-or-wider normalised features and the metadata columns."""
     normed = {n: F.normalize(float32_or_wider(f), dim=-1) for n, f in features.items()}
-    return loss(normed, meta[:, 0], meta[:, 1], meta[:, 2].bool(), log_scale)
+    return loss(normed, meta[:, 0], meta[:, 1], meta[:, 2].bool(), log_scale, tags_key=meta[:, 3])
 
 
 def test_gathered_losses_normalise_in_float32_and_read_each_metadata_column() -> None:
-    """Half-precision features of any norm are normalised in float32, image keys, caption keys and tag
-    mask reach their pairs, and the gradient flows back to the half-precision features."""
+    """Half-precision features of any norm are normalised in float32, image keys, caption keys, tag
+    mask and tag keys reach their pairs, and the gradient flows back to the half-precision features."""
     n, dim = 8, 6
     batch = make_batch(n, seed=2)
     gen = torch.Generator().manual_seed(0)
