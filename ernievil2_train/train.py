@@ -34,6 +34,7 @@ from ernievil2_train.callbacks.monitors import (
 from ernievil2_train.callbacks.retrieval import PREFIX as RETRIEVAL_PREFIX
 from ernievil2_train.callbacks.retrieval import RetrievalCallback
 from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
+from ernievil2_train.cpu_threads import cores_shared
 from ernievil2_train.data.views import ViewConfig
 from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resume import (
@@ -293,7 +294,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    with wandb_run_finished(loggers):
+    with wandb_run_finished(loggers), cores_shared(trainer, getattr(datamodule, "num_workers", 0)):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SystemExit as exit_:

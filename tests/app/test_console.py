@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ernievil2_train.cpu_threads import available_cores
 from tests.app.test_cli import _cli, _env, _run
 from tests.conftest import REPO_ROOT
 
@@ -32,10 +33,13 @@ main()
 
 @pytest.fixture(scope="module")
 def quiet_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
-    """stdout, stderr and run folder of a one-epoch CLI run with no progress bar but retrieval bars on."""
+    """stdout, stderr and run folder of a one-epoch CLI run with no progress bar but retrieval bars on, and
+    no compute thread count set in the environment."""
     run_dir = tmp_path_factory.mktemp("console") / "run"
     overrides = ("trainer.max_epochs=1", "logger=csv", "callbacks.retrieval.progress=true")
-    result = _run(_cli(run_dir, *overrides), _env(demo_cache))
+    env = _env(demo_cache)
+    del env["OMP_NUM_THREADS"]
+    result = _run(_cli(run_dir, *overrides), env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, result.stderr, run_dir
 
@@ -48,6 +52,8 @@ def test_each_message_is_printed_once_and_logged_to_the_run_file(quiet_run):
     assert "Seed set to" in log and "exported best model" in log
     assert "retrieval (zero-shot baseline): T2I" in log and "retrieval (epoch 0): T2I" in log
     assert out.count("retrieval (epoch 0): T2I") == 1
+    threads = max(1, available_cores() - 1)  # one loader worker
+    assert f"training on CPU with {threads} compute thread(s) per process ({available_cores()} cores" in log
 
 
 def test_no_retrieval_bars_without_the_trainer_progress_bar(quiet_run):
