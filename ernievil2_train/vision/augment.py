@@ -114,10 +114,14 @@ class Normalize:
 def normalize_uint8(
     images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
 ) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 `(x / 255 - mean) / std`, on the tensor's device."""
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1) / std_t
-    return images.float().mul_(1.0 / (255.0 * std_t)).sub_(shift)
+    """uint8 [..., 3, H, W] -> float32 `(x / 255 - mean) / std`, on the tensor's device. Each channel's
+    scale and shift go to the device as kernel arguments (float32 numbers), not as tensors: a tensor made
+    from host values is a blocking copy, which would make the training step wait for the device."""
+    out = images.float()
+    for channel, (m, s) in enumerate(zip(mean, std, strict=True)):
+        scale = np.float32(1.0) / (np.float32(255.0) * np.float32(s))
+        out[..., channel, :, :].mul_(float(scale)).sub_(float(np.float32(m) / np.float32(s)))
+    return out
 
 
 class CenterView:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ernievil2_train.perf import count_host_syncs
 from ernievil2_train.vision.augment import (
     MEAN,
     STD,
@@ -19,6 +20,7 @@ from ernievil2_train.vision.augment import (
     TrainViews,
     decode_rgb,
     draft_factor,
+    normalize_uint8,
     oriented_size,
 )
 from tests.data.shard_helpers import smooth_image
@@ -204,10 +206,17 @@ def test_invalid_parameters_are_refused():
 
 
 def test_uint8_output_normalises_to_the_float_output():
-    from ernievil2_train.vision.augment import normalize_uint8
-
     image = smooth_image(80, 60, 11)
     as_float = CenterView(32)(lazy(image))
     as_uint8 = CenterView(32, normalize=False)(lazy(image))
     assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 32, 32)
     torch.testing.assert_close(normalize_uint8(as_uint8), as_float, atol=1e-5, rtol=0)
+
+
+def test_uint8_batches_normalise_without_host_copies_and_bit_for_bit_as_float32_tensors():
+    batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert count_host_syncs(lambda: normalize_uint8(batch)) == {}
+    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+    expected = batch.float() * (1.0 / (255.0 * std)) - mean / std
+    assert torch.equal(normalize_uint8(batch), expected)
