@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+from data_recipes.pool import WorkerDied
 from data_recipes.shards import (
     DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_SIZE,
@@ -139,6 +140,8 @@ def reported(parser: argparse.ArgumentParser, source: Path | str, out: Path) -> 
         finished = True
     except RecipeError as err:
         fail(parser, str(err))
+    except WorkerDied as err:
+        fail(parser, f"{err}; what this run did not finish in {out} is as it was")
     except OSError as err:
         fail(parser, f"{err.filename or source}: {short_error(err)}")
     except KeyboardInterrupt as err:

@@ -11,6 +11,8 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -55,6 +57,11 @@ def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     return [fn(item) for item in chunk if not _stopping.value]
 
 
+class WorkerDied(RuntimeError):
+    """A pool worker ended without handing its results back (killed: out of memory, say, or a crash in
+    native code)."""
+
+
 def parallel_map(
     fn: Callable[[Any], Any], items: Iterable[Any], workers: int, chunksize: int = 8, ahead: int = 4
 ) -> Iterator[Any]:
@@ -62,28 +69,34 @@ def parallel_map(
 
     At most `ahead` chunks of `chunksize` items per worker are in flight, so `items` is read only a little
     ahead of the results taken (a large input is never pulled into memory at once). When the caller stops
-    early (an error, Ctrl-C), the workers finish the item at hand, skip the rest and exit.
+    early (an error, Ctrl-C), the workers finish the item at hand, skip the rest and exit. A worker that dies
+    is `WorkerDied`, not a wait for results that never come.
     """
     if workers <= 1:
         yield from map(fn, items)
         return
     items = iter(items)
-    pending: deque[Any] = deque()
+    pending: deque[Future] = deque()
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     stopping = context.RawValue("b", 0)
-    with signals_held():  # the workers start with both signals blocked, until they ignore them
-        pool = context.Pool(workers, initializer=_start_worker, initargs=(stopping,))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(stopping,))
     try:
         while True:
             chunk = list(itertools.islice(items, chunksize))
             if chunk:
-                pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
+                # the first submission starts the workers: with both signals blocked, until they ignore them
+                with signals_held() if not pending else contextlib.nullcontext():
+                    pending.append(pool.submit(_map_chunk, fn, chunk))
             if pending and (not chunk or len(pending) >= workers * ahead):
-                yield from pending.popleft().get()
+                try:
+                    results = pending.popleft().result()
+                except BrokenProcessPool:
+                    raise WorkerDied("a worker process died (killed by the system: out of memory? try fewer "
+                                     "--workers)") from None
+                yield from results
             if not chunk and not pending:
                 return
     finally:
         stopping.value = 1
         with signals_held():
-            pool.close()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
