@@ -62,6 +62,16 @@ class WorkerDied(RuntimeError):
     native code)."""
 
 
+@contextlib.contextmanager
+def _worker_deaths() -> Iterator[None]:
+    """Turn the broken pool a dead worker leaves (told by a submission or a result) into `WorkerDied`."""
+    try:
+        yield
+    except BrokenProcessPool:
+        raise WorkerDied(
+            "a worker process died (killed by the system: out of memory? try fewer --workers)") from None
+
+
 def parallel_map(
     fn: Callable[[Any], Any], items: Iterable[Any], workers: int, chunksize: int = 8, ahead: int = 4
 ) -> Iterator[Any]:
@@ -83,17 +93,15 @@ def parallel_map(
     try:
         while True:
             chunk = list(itertools.islice(items, chunksize))
-            if chunk:
-                # the first submission starts the workers: with both signals blocked, until they ignore them
-                with signals_held() if not pending else contextlib.nullcontext():
-                    pending.append(pool.submit(_map_chunk, fn, chunk))
-            if pending and (not chunk or len(pending) >= workers * ahead):
-                try:
+            with _worker_deaths():
+                if chunk:
+                    # the first submission starts the workers, both signals blocked until they ignore them
+                    with signals_held() if not pending else contextlib.nullcontext():
+                        pending.append(pool.submit(_map_chunk, fn, chunk))
+                results = []
+                if pending and (not chunk or len(pending) >= workers * ahead):
                     results = pending.popleft().result()
-                except BrokenProcessPool:
-                    raise WorkerDied("a worker process died (killed by the system: out of memory? try fewer "
-                                     "--workers)") from None
-                yield from results
+            yield from results
             if not chunk and not pending:
                 return
     finally:

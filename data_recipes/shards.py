@@ -294,6 +294,7 @@ class ShardSink(_Writer):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = SplitLock(self.out_dir, split)
         with self._lock.released_on_failure():
+            self._refuse_unlisted_shards()
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir()
 
@@ -404,15 +405,27 @@ class ShardSink(_Writer):
         self.staging.rmdir()
         self._lock.release()
 
+    def _refuse_unlisted_shards(self) -> None:
+        """A `RecipeError` when the folder holds shards of this split's name but no index of a recipe run:
+        they are another data set's (publishing would overwrite some and remove the rest as stale)."""
+        if (self.out_dir / f"{self.split}.json").exists():
+            return
+        found = sorted(self._split_shards())
+        if found:
+            raise RecipeError(
+                f"{self.out_dir}: holds {len(found)} shard(s) named like this run's ({found[0].name}, ...) "
+                f"but no {self.split}.json of a recipe run listing them: another data set's? Choose another "
+                "--out or --split, or remove them")
+
+    def _split_shards(self) -> list[Path]:
+        """This split's shard files (`{split}-%06d.tar`) in the output folder."""
+        pattern = re.compile(re.escape(self.split) + r"-\d{6}\.tar")
+        return [p for p in self.out_dir.iterdir() if pattern.fullmatch(p.name) and p.is_file()]
+
     def remove_stale_shards(self) -> int:
         """Delete this split's shards (`{split}-%06d.tar`) that the index does not list; returns how many."""
-        pattern = re.compile(re.escape(self.split) + r"-\d{6}\.tar")
         listed = {s["name"] for s in self.shards}
-        stale = [
-            p
-            for p in self.out_dir.iterdir()
-            if pattern.fullmatch(p.name) and p.name not in listed and p.is_file()
-        ]
+        stale = [p for p in self._split_shards() if p.name not in listed]
         for path in stale:
             path.unlink()
         return len(stale)

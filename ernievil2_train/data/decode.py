@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -162,8 +163,19 @@ def parse_sample(sample: dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ra
 
 
 def data_set_image_id(url: str, image_id: str) -> str:
-    """The id of image `image_id` of the data set whose shard is `url`: the shard's folder and the id."""
-    return f"{shard_folder(url)}/#{image_id}" if url else image_id
+    """The id of image `image_id` of the data set whose shard is `url`: the data set and the id."""
+    return f"{data_set(url)}#{image_id}" if url else image_id
+
+
+@functools.lru_cache(maxsize=4096)
+def data_set(url: str) -> str:
+    """The data set of shard `url`: its folder and its name less the shard number (`d/train-000003.tar` ->
+    `d/train`; `d/00003.tar` -> `d/`), as recipes write each split's shards into a folder under its name."""
+    stem = url.rpartition("/")[2].split(".")[0]
+    return f"{shard_folder(url)}/{_SHARD_NUMBER.sub('', stem)}"
+
+
+_SHARD_NUMBER = re.compile(r"[-_]?\d+$")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -54,9 +54,9 @@ def module(data, **kw):
     return MultiViewDataModule(**{**args, **kw})
 
 
-def keys_of(ids, folder):
-    """Image keys of images `img{i}` of the data set in `folder` (a local folder or a served url)."""
-    return {image_key(f"{folder}/shard.tar", f"img{i}") for i in ids}
+def keys_of(ids, folder, split="train"):
+    """Image keys of images `img{i}` of split `split` in `folder` (a local folder or a served url)."""
+    return {image_key(f"{folder}/{split}-000000.tar", f"img{i}") for i in ids}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_an_index_url_streams_its_shards_over_http(data, served):
     dm = module(data, train_shards=f"{served}/train.json", val_shards=f"{served}/val.json")
     assert dm.epoch_samples == PER_SHARD * SHARDS
     keys = torch.cat([b["image_key"] for b in dm.val_dataloader()])
-    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), served))
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), served, "val"))
     missing = r"train_shards: cannot read shard index http:.*/nope\.json .*404"
     with pytest.raises(FileNotFoundError, match=missing):
         resolve_shards(f"{served}/nope.json", "train", "train_shards")
@@ -150,7 +150,7 @@ def test_a_folder_gives_its_only_validation_split_whatever_its_name(data, tmp_pa
     assert all(dm.shard_sizes[os.path.realpath(url)] == PER_SHARD for url in dm.val_urls)
     assert f"val_shards: directory {folder} has no val split, reading its valid split" in caplog.text
     keys = torch.cat([b["image_key"] for b in dm.val_dataloader()])
-    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), folder))
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), folder, "valid"))
     assert resolve_shards(str(folder), "valid", "k") == resolve_shards(str(folder), "val", "k")
     no_train = f"train_shards: no train-*.tar shards in directory {folder} (it holds valid-*.tar)"
     with pytest.raises(FileNotFoundError, match=re.escape(no_train)):
@@ -516,7 +516,7 @@ def test_val_loader_is_one_deterministic_single_view_pass(data):
     assert set(first[0]) == {"image", "caption_ids", "tag_ids", "has_tags", "tags_key", "image_key",
                              "caption_key", SKIPPED_KEY}
     keys = torch.cat([b["image_key"] for b in first])
-    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), data))
+    assert sorted(keys.tolist()) == sorted(keys_of(range(1000, 1000 + 2 * PER_SHARD), data, "val"))
     second = {k: img for b in dm.val_dataloader()
               for k, img in zip(b["image_key"].tolist(), b["image"], strict=True)}
     for b in first:

@@ -149,7 +149,7 @@ def test_a_recipe_sample_is_one_caption_of_its_image(tmp_path: Path) -> None:
     raw = parse_sample({**sample(3, captions=["一只狗", "两个人"]), "__url__": str(shard)})
     assert (raw.key, raw.caption, raw.captions, raw.tags) == ("s00003", "一只狗", ["一只狗", "两个人"],
                                                               ["狗", "草地"])
-    assert raw.image_id == f"{os.path.realpath(tmp_path / 'set')}/#img3"
+    assert raw.image_id == f"{os.path.realpath(tmp_path / 'set')}/train#img3"
     assert raw.image.size == (96, 72)
     assert parse_sample(sample(3)).image_id == "img3"  # no url: the json's id as it is
 
@@ -262,17 +262,21 @@ def test_a_caption_set_sample_is_named_by_its_shard_and_key(tmp_path: Path) -> N
     assert (own_image_id(laion, "k"), own_image_id("", "k")) == (f"{laion}#k", "k")
 
 
-def test_an_image_id_belongs_to_the_folder_of_its_shard(tmp_path: Path) -> None:
-    """Shards of one folder share their images, however the path is written (`./`, a link to the folder);
-    the same id in another folder is another image. Remote shards are grouped by their url's folder."""
+def test_an_image_id_belongs_to_the_folder_and_split_of_its_shard(tmp_path: Path) -> None:
+    """Shards of one split in one folder share their images, however the path is written (`./`, a link to
+    the folder); the same id in another folder, or of another split written into the same folder, is
+    another image. Remote shards are grouped by their url's folder and name."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "a")
     folder = os.path.realpath(tmp_path / "a")
     for url in ("a/train-000000.tar", "a/train-000001.tar", "a/./train-000000.tar", "link/train-000002.tar"):
-        assert data_set_image_id(str(tmp_path / url), "7") == f"{folder}/#7"
+        assert data_set_image_id(str(tmp_path / url), "7") == f"{folder}/train#7"
+    assert data_set_image_id(str(tmp_path / "a" / "extra-000000.tar"), "7") == f"{folder}/extra#7"
     other = os.path.realpath(tmp_path / "b")
-    assert data_set_image_id(str(tmp_path / "b" / "train-000000.tar"), "7") == f"{other}/#7"
-    assert data_set_image_id("https://host/set/train-000001.tar", "7") == "https://host/set/#7"
-    assert data_set_image_id("https://host/other/train-000001.tar", "7") == "https://host/other/#7"
+    assert data_set_image_id(str(tmp_path / "b" / "train-000000.tar"), "7") == f"{other}/train#7"
+    for name in ("00000.tar", "00012.tar.gz"):  # numbered shards only (img2dataset's)
+        assert data_set_image_id(str(tmp_path / "b" / name), "7") == f"{other}/#7"
+    assert data_set_image_id("https://host/set/train-000001.tar", "7") == "https://host/set/train#7"
+    assert data_set_image_id("https://host/other/train-000001.tar", "7") == "https://host/other/train#7"
     assert data_set_image_id("", "7") == "7"

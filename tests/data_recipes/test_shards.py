@@ -239,7 +239,8 @@ def test_skip_examples_are_kept_for_the_summary_and_the_error(tmp_path):
 
 
 def test_close_removes_only_this_splits_unlisted_shards(tmp_path):
-    others = ["train-000009.tar.tmp", "train-12.tar", "val-000003.tar", "train-000001.tar.old", "train.json"]
+    others = ["train-000009.tar.tmp", "train-12.tar", "val-000003.tar", "val.json", "train-000001.tar.old",
+              "train.json"]
     for name in ["train-000001.tar", "train-000002.tar", *others]:
         (tmp_path / name).write_bytes(b"old")
     with ShardSink(tmp_path, "train", shard_size=2) as sink:
@@ -249,6 +250,23 @@ def test_close_removes_only_this_splits_unlisted_shards(tmp_path):
     with pytest.raises(RuntimeError), ShardSink(tmp_path, "val") as sink:
         raise RuntimeError("interrupted")
     assert (tmp_path / "val-000003.tar").read_bytes() == b"old"
+
+
+def test_shards_of_the_splits_name_that_no_index_lists_are_another_data_sets(tmp_path):
+    """A folder holding `train-*.tar` shards without a `train.json` of a recipe run: refused, not overwritten
+    and removed as stale; with the index, they are an earlier run's and are replaced."""
+    for name in ("train-000000.tar", "train-000001.tar"):
+        (tmp_path / name).write_bytes(b"another data set's")
+    refused = r"holds 2 shard\(s\) named like this run's \(train-000000\.tar, \.\.\.\) but no train\.json"
+    with pytest.raises(RecipeError, match=refused):
+        ShardSink(tmp_path, "train")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    with ShardSink(tmp_path, "valid") as other_split:
+        other_split.write_record(_record(0))
+    (tmp_path / "train.json").write_text("{}")
+    with ShardSink(tmp_path, "train") as sink:
+        sink.write_record(_record(1))
+    assert sink.removed == 1 and (tmp_path / "train-000000.tar").read_bytes() != b"another data set's"
 
 
 @pytest.mark.parametrize("recipe", ["demo", "tsv", "cococn"])
