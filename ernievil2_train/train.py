@@ -111,6 +111,26 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
             )
 
 
+VOCAB_KEYS = ("callbacks.retrieval.vocab_file", "callbacks.export.vocab_file")  # beside the training data's
+
+
+def check_one_vocabulary(cfg: DictConfig) -> None:
+    """Training data, zero-shot retrieval and the export must read one vocabulary: the export ships the
+    model with its `vocab.txt`, and other token ids than training's would mean other tokens to it."""
+    training = OmegaConf.select(cfg, "data.datamodule.vocab_file")
+    if not isinstance(training, str) or not Path(training).is_file():
+        return
+    for key in VOCAB_KEYS:
+        other = OmegaConf.select(cfg, key)
+        if not isinstance(other, str) or not Path(other).is_file() or Path(other).samefile(training):
+            continue
+        if load_vocab(other) != load_vocab(training):
+            raise ConfigError(
+                f"config keys 'data.datamodule.vocab_file' ({training}) and '{key}' ({other}): other token "
+                "ids; training, evaluation and export read one vocabulary (set data.vocab_file, which all "
+                "take)")
+
+
 def check_run_mode() -> None:
     """A SLURM launcher submits jobs only in a multirun (`-m`); without it Hydra runs the job right here."""
     if not HydraConfig.initialized():
@@ -255,6 +275,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
     quiet_known_warnings()
     check_config(cfg)
+    check_one_vocabulary(cfg)
     check_run_mode()
     settle_accumulation(cfg)
     settle_clipping(cfg)

@@ -24,6 +24,7 @@ from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.train import (
     build,
     check_data_fits_model,
+    check_one_vocabulary,
     out_of_memory_error,
     settle_accumulation,
     settle_clipping,
@@ -154,6 +155,24 @@ def test_data_must_read_the_vocabulary_of_the_checkpoint(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*other\.txt is not the vocabulary "
                                           r"of model.checkpoint"):
         check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=other), model, str(folder))
+
+
+def test_training_evaluation_and_export_read_one_vocabulary(tmp_path: Path) -> None:
+    """A vocabulary set for the training data alone (data.datamodule.vocab_file) leaves retrieval and the
+    export on another: refused, naming both keys; the same ids in another file pass."""
+    demo = write_vocab(tmp_path / "vocab.txt")
+    permuted = write_vocab(tmp_path / "permuted.txt", chars="狗猫")
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(Path(demo).read_bytes())
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.vocab_file={demo}", f"data.datamodule.vocab_file={copy}"])
+        check_one_vocabulary(cfg)
+        cfg = compose("train", overrides=[f"data.vocab_file={demo}",
+                                          f"data.datamodule.vocab_file={permuted}"])
+    with pytest.raises(ConfigError, match=re.escape(
+            f"config keys 'data.datamodule.vocab_file' ({permuted}) and 'callbacks.retrieval.vocab_file' "
+            f"({demo}): other token ids; training, evaluation and export read one vocabulary")):
+        check_one_vocabulary(cfg)
 
 
 def test_model_pretrained_reads_the_checkpoints_vocabulary() -> None:
