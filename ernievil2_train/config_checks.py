@@ -168,6 +168,11 @@ def check_config(cfg: DictConfig) -> None:
         count = OmegaConf.select(cfg, key, default=None)
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise ConfigError(f"config key '{key}': must be 1 or more, got {count!r}")
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
+    if interval is not None and not _batches_or_share(interval):
+        raise ConfigError(
+            "config key 'trainer.val_check_interval': an integer of batches (1 or more) or a share of the "
+            f"epoch (a float in (0, 1]), got {interval!r}")
     for key in _leaf_keys(cfg):
         leaf = key.rsplit(".", 1)[-1]
         if leaf in OUTPUT_KEYS:
@@ -182,6 +187,15 @@ def check_config(cfg: DictConfig) -> None:
             blocking = _file_on_the_way(resolved)
             why = f"; {not_a_folder(blocking)}" if blocking else ""
             raise ConfigError(f"config key '{key}': path not found: {resolved}{_made_from(cfg, key)}{why}")
+
+
+def _batches_or_share(interval: Any) -> bool:
+    """Whether `interval` is a validation interval Lightning can count: batches or a share of the epoch."""
+    if isinstance(interval, bool):
+        return False
+    if isinstance(interval, int):
+        return interval >= 1
+    return isinstance(interval, float) and 0 < interval <= 1
 
 
 def _is_tensor(annotation: Any) -> bool:

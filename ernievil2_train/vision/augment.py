@@ -176,6 +176,18 @@ class TrainViews:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
         if not 0 <= hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {hue}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p),
+                        ("blur_p", blur_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        strengths = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
+        for name, strength in strengths.items():
+            if strength < 0:
+                raise ValueError(f"{name} must be 0 or more, got {strength}")
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
         self.image_size = image_size
         self.num_views = num_views
         self.scale = (float(scale[0]), float(scale[1]))

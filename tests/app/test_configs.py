@@ -130,11 +130,21 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
     ("trainer.check_val_every_n_epoch=0", "'trainer.check_val_every_n_epoch': must be 1 or more, got 0"),
     *((f"+trainer.accumulate_grad_batches={k}",
        f"'trainer.accumulate_grad_batches': must be 1 or more, got {k}") for k in ("0", "-2")),
+    *((f"trainer.val_check_interval={v}", f"'trainer.val_check_interval': an integer of batches (1 or more) "
+       f"or a share of the epoch (a float in (0, 1]), got {got}")
+      for v, got in (("0", 0), ("-1", -1), ("0.0", 0.0), ("2.0", 2.0), ("true", True))),
 ])
 def test_a_bad_value_names_the_key(override: str, message: str, demo_cache: Path, tmp_path: Path) -> None:
     cfg = _compose([override, f"paths.cache_dir={demo_cache}"], tmp_path)
     with pytest.raises(ConfigError, match=re.escape(f"config key {message}")):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("interval", ["1", "250", "0.25", "1.0"])
+def test_every_validation_interval_lightning_counts_is_taken(interval: str, demo_cache: Path,
+                                                             tmp_path: Path) -> None:
+    overrides = [f"trainer.val_check_interval={interval}", f"paths.cache_dir={demo_cache}"]
+    check_config(_compose(overrides, tmp_path))
 
 
 @pytest.mark.parametrize("seed", ["0", str(2**32 - 1)])

@@ -203,6 +203,19 @@ def test_invalid_parameters_are_refused():
         TrainViews(hue=0.7)
     with pytest.raises(ValueError, match="num_views"):
         TrainViews(num_views=0)
+    cases = {
+        "flip_p": (r"^flip_p must be a probability in \[0, 1\], got 2$", {"flip_p": 2}),
+        "jitter_p": (r"^jitter_p must be a probability in \[0, 1\], got -1$", {"jitter_p": -1}),
+        "grayscale_p": (r"^grayscale_p must be a probability", {"grayscale_p": 1.5}),
+        "blur_p": (r"^blur_p must be a probability", {"blur_p": -0.1}),
+        "contrast": (r"^contrast must be 0 or more, got -0.4$", {"contrast": -0.4}),
+        "blur_sigma": (r"^blur_sigma must satisfy 0 < min <= max, got \(-1, -1\)$", {"blur_sigma": (-1, -1)}),
+        "ratio": (r"^ratio must satisfy 0 < min <= max, got \(0, 1\)$", {"ratio": (0, 1)}),
+    }
+    for message, kwargs in cases.values():
+        with pytest.raises(ValueError, match=message):
+            TrainViews(**kwargs)
+    TrainViews(flip_p=1, jitter_p=0, blur_sigma=(0.5, 0.5), ratio=(1, 1))  # the bounds themselves are fine
 
 
 def test_uint8_output_normalises_to_the_float_output():
