@@ -240,7 +240,7 @@ def _captions(texts: Path, skips: RecipeSkips) -> dict[str, list[tuple[str, str]
         try:
             row = json.loads(line)
             text_id, text, image_ids = row["text_id"], row["text"], row["image_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
             skips.add("malformed text line", example=f"line {index + 1}")
             continue
         if not (_is_id(text_id) and isinstance(text, str) and isinstance(image_ids, list)):

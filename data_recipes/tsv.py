@@ -117,7 +117,7 @@ def _json_row(index: int, base: Path, line: str) -> Row | Skip:
         obj = json.loads(line)
         image, caption = obj["image"], obj.get("caption")
         tags, image_id = obj.get("tags"), obj.get("image_id")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError):
         return line_skip("malformed line", index)
     tags = [] if tags is None else tags
     good_tags = isinstance(tags, str) or (isinstance(tags, list) and all(isinstance(t, str) for t in tags))

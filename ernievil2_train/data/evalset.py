@@ -115,14 +115,20 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
             continue
         try:
             row = json.loads(line)
-            text_id, text, ids = str(row["text_id"]), str(row["text"]), row["image_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{texts}:{n}: expected json with text_id, text, image_ids ({err})") from err
+            text_id, text, ids = _an_id(row["text_id"], "text_id"), row["text"], row["image_ids"]
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
+            raise ValueError(f"{texts}:{n}: expected json with text_id, text, image_ids ({err})") from None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{texts}:{n}: text must be a non-empty string, got {text!r}")
         if not isinstance(ids, list) or not ids:
             raise ValueError(f"{texts}:{n}: image_ids must be a non-empty list")
+        try:
+            ids = [_an_id(i, "image_ids") for i in ids]
+        except TypeError as err:
+            raise ValueError(f"{texts}:{n}: {err}") from None
         unknown = [i for i in ids if str(i) not in index]
         if unknown:
-            raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]!r} (not in {imgs.name})")
+            raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]} (not in {imgs.name})")
         if text_id in seen:
             raise ValueError(f"{texts}:{n}: duplicate text_id {text_id!r} (it would count as two queries)")
         seen.add(text_id)
@@ -160,11 +166,16 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
                 raise ValueError(f"{where}: sample needs an image, a txt and a json field")
             try:
                 meta = json.loads(fields["json"])
-                image_id = str(meta["image_id"])
-                text_id = str(meta.get("text_id", key))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{where}: json field needs an image_id") from err
-            text = fields["txt"].decode("utf-8")
+                image_id = _an_id(meta["image_id"], "image_id")
+                text_id = _an_id(meta.get("text_id", key), "text_id")
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{where}: json field needs an image_id ({err})") from None
+            try:
+                text = fields["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: txt is not UTF-8 text") from None
+            if not text.strip():
+                raise ValueError(f"{where}: txt holds no text")
             image_key = data_set_image_id(str(path), image_id)  # ids are unique within a data set only
             if image_key not in image_index:
                 image_index[image_key] = len(result.images)
@@ -180,6 +191,14 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
                 pos.append(image_index[image_key])
     _check_not_empty(result, what)
     return result
+
+
+def _an_id(value: object, name: str) -> str:
+    """An id from json: a string or an integer, as text (`TypeError` naming the field otherwise: `null` or a
+    list would become the text "None" or "['x']", the same for every such sample)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TypeError(f"{name} must be a string or an integer, got {json.dumps(value)[:40]}")
+    return str(value)
 
 
 def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -208,3 +208,50 @@ def test_reading_an_eval_set_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"text_id": None, "text": "x", "image_ids": [11]}, "text_id must be a string or an integer, got null"),
+    ({"text_id": 9, "text": None, "image_ids": [11]}, "text must be a non-empty string, got None"),
+    ({"text_id": 9, "text": " ", "image_ids": [11]}, "text must be a non-empty string, got ' '"),
+    ({"text_id": 9, "text": "x", "image_ids": [[11]]}, 'image_ids must be a string or an integer, got [11]'),
+])
+def test_texts_with_ids_or_text_of_the_wrong_kind_are_refused_naming_the_line(tmp_path, row, message):
+    """`null` or a list as an id would become the text "None" or "[11]" (one id for all such rows)."""
+    _write_chinese_clip(tmp_path, [*TEXTS, row])
+    with pytest.raises(ValueError, match=re.escape(f"valid_texts.jsonl:{len(TEXTS) + 1}: ")) as caught:
+        load_evalset(tmp_path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path):
+    _write_chinese_clip(tmp_path, TEXTS)
+    with (tmp_path / "valid_texts.jsonl").open("a") as f:
+        f.write("[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=rf"valid_texts.jsonl:{len(TEXTS) + 1}: expected json with"):
+        load_evalset(tmp_path)
+
+
+@pytest.mark.parametrize(("meta", "text", "message"), [
+    ({"image_id": None}, "红色", "image_id (image_id must be a string or an integer, got null)"),
+    ({"image_id": ["x"]}, "红色", 'image_id (image_id must be a string or an integer, got ["x"])'),
+    ({"image_id": 1, "text_id": None}, "红色", "text_id must be a string or an integer, got null"),
+    ({"image_id": 1}, " \t", "txt holds no text"),
+])
+def test_shard_samples_with_ids_or_text_of_the_wrong_kind_are_refused_naming_the_sample(tmp_path, meta, text,
+                                                                                          message):
+    """Two samples with `image_id: null` were one image "None", the second's picture dropped."""
+    _write_tar(tmp_path / "val-000000.tar", [("k0", "jpg", IMAGES["11"], text, meta)])
+    with pytest.raises(ValueError, match=re.escape("val-000000.tar:k0: ")) as caught:
+        load_evalset(tmp_path / "val-000000.tar")
+    assert message in str(caught.value)
+
+
+def test_a_caption_that_is_not_utf8_names_the_shard_and_sample(tmp_path):
+    with tarfile.open(tmp_path / "val-000000.tar", "w") as tar:
+        for suffix, data in (("jpg", IMAGES["11"]), ("txt", b"caf\xe9"), ("json", b'{"image_id": 1}')):
+            info = tarfile.TarInfo(f"k0.{suffix}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"val-000000\.tar:k0: txt is not UTF-8 text$"):
+        load_evalset(tmp_path / "val-000000.tar")

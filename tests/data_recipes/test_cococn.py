@@ -367,13 +367,13 @@ def test_text_lines_outside_the_layout_are_counted_never_guessed(tmp_path):
         {"text_id": None, "text": "没有编号", "image_ids": [102]},
         {"text_id": 6, "text": "绿色", "image_ids": [102]},
     ]
-    src = _clip_folder(tmp_path, _jsonl(texts))
+    src = _clip_folder(tmp_path, _jsonl(texts) + b"[" * 100_000 + b"\n")  # too deep for the json reader
     out = tmp_path / "out"
     proc = run_recipe("cococn", "--input", str(src), "--split", "valid", "--out", str(out), "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "valid.json").read_text())["skipped"] == {
         "duplicate text id": 1,
-        "malformed text line": 3,
+        "malformed text line": 4,
         "text without image ids": 1,
     }
     assert "duplicate text id: 1 (first: line 2 (1))" in proc.stdout

@@ -287,12 +287,13 @@ def test_jsonl_image_ids_are_kept_as_given_and_bad_fields_counted(folder):
         {"image": "imgs/b.png", "caption": "对象", "image_id": {"id": 1}},
     ]
     src = folder / "data" / "pairs.jsonl"
-    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    nested = "[" * 100_000  # too deep for the json reader: a malformed line, not a traceback
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + nested + "\n")
     out = folder / "out"
     proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--split", "valid", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     index = json.loads((out / "valid.json").read_text())
-    assert index["skipped"] == {"conflicting image for id": 1, "malformed line": 4}
+    assert index["skipped"] == {"conflicting image for id": 1, "malformed line": 5}
     samples = read_shards(out, "valid")
     assert [(s["json"]["image_id"], s["txt"], s["json"]["tags"]) for s in samples] == [
         ("0", "零号", []),
