@@ -122,6 +122,7 @@ class ErnieVil2Module(pl.LightningModule):
         self.accumulate_microbatches = int(accumulate_microbatches)
         self.gradient_clip_val = gradient_clip_val
         self._check_numbers()
+        self._check_optimizer()
         self.frozen = self._frozen_towers(freeze_vision, freeze_text)
         for tower in self.frozen:
             getattr(self.model, tower).requires_grad_(False).eval()
@@ -165,6 +166,18 @@ class ErnieVil2Module(pl.LightningModule):
                                           f"module.optimizer.lr), got {lr!r}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise TrainingConfigError(f"module.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+    def _check_optimizer(self) -> None:
+        """Refuse the settings a torch optimizer refuses (a negative lr, one beta) now, before the run starts
+        its loggers and the zero-shot baseline: built once on a one-number parameter. Other optimizers may
+        need their parameters on a device: they are built only when training starts."""
+        factory = self.optimizer_factory
+        if not getattr(getattr(factory, "func", factory), "__module__", "").startswith("torch.optim"):
+            return
+        try:
+            factory([nn.Parameter(torch.zeros(1))])
+        except OPTIMIZER_REFUSALS as error:
+            raise TrainingConfigError(f"module.optimizer: {error}") from None
 
     def _frozen_towers(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
         """The towers that do not train: the frozen ones, and any that no active loss reaches. Refuses

@@ -198,7 +198,6 @@ def settle_clipping(cfg: DictConfig) -> None:
     if cfg.module.get("gradient_clip_val") is None:
         cfg.module.gradient_clip_val = clip
     cfg.trainer.gradient_clip_val = None
-    log.info("gradients clipped by the module at %s", cfg.module.gradient_clip_val)
 
 
 def without_retrieval_checkpoints(callbacks: list[Any]) -> list[Any]:
@@ -279,7 +278,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_run_mode()
     settle_accumulation(cfg)
     settle_clipping(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # told once the run is accepted
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = build("data.datamodule", cfg.data.datamodule)
@@ -311,6 +310,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log_within_an_epoch(trainer, datamodule)
     save_run_config(cfg, output_dir)
 
+    log.info("Seed set to %s", cfg.seed)
+    if cfg.module.get("gradient_clip_val") is not None:
+        log.info("gradients clipped by the module at %s", cfg.module.gradient_clip_val)
     hparams = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(hparams)

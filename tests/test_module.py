@@ -368,12 +368,13 @@ def test_flag_combinations_are_refused(kwargs, match):
     ({"betas": (0.9,)}, "^module.optimizer: "),
     ({"betas": "abc"}, "^module.optimizer: "),
     ({"foo": 1}, "^module.optimizer: .*unexpected keyword argument 'foo'"),
+    ({"lr": -1}, "^module.optimizer: Invalid learning rate: -1$"),
 ])
 def test_optimizer_settings_the_optimizer_refuses_name_the_optimizer(optimizer, match):
-    """An IndexError (one beta) or a TypeError (a setting of another optimizer) was a traceback."""
-    module = _module(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, **optimizer))
+    """An IndexError (one beta) or a TypeError (a setting of another optimizer) was a traceback; refused
+    when the module is built, before a run starts its loggers and the zero-shot baseline."""
     with pytest.raises(TrainingConfigError, match=match):
-        _trainer().fit(module, train_dataloaders=_loader())
+        _module(optimizer=functools.partial(torch.optim.AdamW, **{"lr": 1e-3, **optimizer}))
 
 
 def test_a_run_without_training_steps_names_the_trainer_settings():

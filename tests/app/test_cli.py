@@ -276,6 +276,8 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
     if any(word in override for word in ("views", "mean_recal", "every_n", "image_size=48")):
         assert "zero-shot baseline" not in result.stdout + result.stderr  # refused at start-up, not later
+    if any(word in override for word in ("lr=", "batch_size", "microbatches", "image_size=")):
+        assert result.stdout.strip() == "" and len(result.stderr.strip().splitlines()) == 1  # nothing else
     if "my_metric" in override:  # a name the project does not know is told at the epoch's end, and the
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # last checkpoint is kept
 
