@@ -352,8 +352,14 @@ def validation_interval_error(trainer: pl.Trainer) -> ConfigError:
 
 def out_of_memory_error(error: RuntimeError, cfg: DictConfig) -> ConfigError | None:
     """An allocation that failed (torch's out-of-memory error on a GPU, the allocator's `RuntimeError` on
-    CPU) as the batch size that asked for it and what lowers it; None for any other error."""
+    CPU) as the batch size that asked for it and what lowers it, a data loader worker the system killed as
+    the worker count; None for any other error."""
     message = str(error)
+    died = re.match(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (.+?)\.?\s*$", message)
+    if died:  # "is killed by signal: Killed", "exited unexpectedly"
+        return ConfigError(
+            f"config key 'data.datamodule.num_workers': a data loader worker (pid {died.group(1)}) "
+            f"{died.group(2)} (out of memory, likely); lower it or data.datamodule.batch_size")
     gpu = isinstance(error, torch.OutOfMemoryError)
     if not gpu and "can't allocate memory" not in message and "not enough memory" not in message:
         return None

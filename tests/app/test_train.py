@@ -329,3 +329,10 @@ def test_an_allocation_that_fails_names_the_batch_size_that_asked_for_it() -> No
         "of 20.00 MiB failed); lower it"
     )
     assert out_of_memory_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), BATCHES) is None
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")  # torch's words
+    assert str(out_of_memory_error(killed, BATCHES)) == (
+        "config key 'data.datamodule.num_workers': a data loader worker (pid 4242) is killed by signal: "
+        "Killed (out of memory, likely); lower it or data.datamodule.batch_size")
+    gone = RuntimeError("DataLoader worker (pid(s) 17, 18) exited unexpectedly")
+    assert str(out_of_memory_error(gone, BATCHES)).startswith(
+        "config key 'data.datamodule.num_workers': a data loader worker (pid 17, 18) exited unexpectedly")
