@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import inspect
 import math
 import types
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from braceexpand import braceexpand
-from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ernievil2_train.data.decode import is_remote
@@ -218,6 +218,28 @@ def _fits(value: Any, accepted: tuple[type, ...]) -> bool:
     return isinstance(value, accepted) or (isinstance(value, int) and float in accepted)
 
 
+def locate_target(key: str, target: str) -> Any:
+    """The object a `_target_` names (`package.module.Name`); `ConfigError` naming `key` if there is none."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and not module_name.startswith(error.name):  # one it imports
+                raise ConfigError(f"config key '{key}': {target} cannot be imported ({error})") from None
+            continue
+        except ImportError as error:
+            raise ConfigError(f"config key '{key}': {target} cannot be imported ({error})") from None
+        for attribute in parts[cut:]:
+            if not hasattr(obj, attribute):
+                raise ConfigError(f"config key '{key}': {target} not found ({'.'.join(parts[:cut])} has no "
+                                  f"{attribute!r})")
+            obj = getattr(obj, attribute)
+        return obj
+    raise ConfigError(f"config key '{key}': {target} not found (no module {parts[0]!r})")
+
+
 def check_argument_types(key: str, node: DictConfig) -> None:
     """Raise `ConfigError` naming `key.field` when a config value cannot be what the `_target_` class or
     function declares for it (e.g. `batch_size=abc`); only plain int / float / bool / str parameters. Nested
@@ -228,10 +250,10 @@ def check_argument_types(key: str, node: DictConfig) -> None:
     target = node.get("_target_")
     if not isinstance(target, str):
         return
+    obj = locate_target(f"{key}._target_", target)
     try:
-        obj = get_object(target)
         hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    except Exception:  # an unknown target or unresolvable hints: instantiate reports what is wrong
+    except Exception:  # unresolvable hints: nothing to check by them
         return
     for name, annotation in hints.items():
         accepted = _plain_types(annotation)

@@ -241,6 +241,8 @@ def test_missing_required_value_is_one_line_and_exit_2(demo_cache: Path, tmp_pat
         ("data.datamodule.batch_size=abc", "config key 'data.datamodule.batch_size': expected int"),
         ("module.optimizer.lr=-1", "module.optimizer: Invalid learning rate: -1"),
         ("module.optimizer.lr=abc", "config key 'module.optimizer.lr': expected float, got 'abc'"),
+        ("module.optimizer._target_=torch.optim.AdamQ",
+         "config key 'module.optimizer._target_': torch.optim.AdamQ not found (torch.optim has no 'AdamQ')"),
         ("module.accumulate_microbatches=3", "config key 'module.accumulate_microbatches': 3 does not"),
         ("data.image_size=320000", "config key 'model': the model's weights need"),
         ("data.datamodule.train_shards={garbage}", "train_shards: a pass over this worker's shards gave no"),
@@ -276,7 +278,7 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
     assert last.startswith(f"error: {message}"), result.stderr[-3000:]
     if any(word in override for word in ("views", "mean_recal", "every_n", "image_size=48")):
         assert "zero-shot baseline" not in result.stdout + result.stderr  # refused at start-up, not later
-    if any(word in override for word in ("lr=", "batch_size", "microbatches", "image_size=")):
+    if any(word in override for word in ("lr=", "batch_size", "microbatches", "image_size=", "AdamQ")):
         assert result.stdout.strip() == "" and len(result.stderr.strip().splitlines()) == 1  # nothing else
     if "my_metric" in override:  # a name the project does not know is told at the epoch's end, and the
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # last checkpoint is kept
