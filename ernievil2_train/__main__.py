@@ -64,13 +64,13 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ConfigError as error:
-        print(f"error: {_message(error)}", file=sys.stderr)
+        print(f"error: {_in_sweep(_message(error))}", file=sys.stderr)
         sys.exit(2)
     except InterpolationResolutionError as error:
-        print(f"error: {config_key_message(error)}", file=sys.stderr)
+        print(f"error: {_in_sweep(config_key_message(error))}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_in_sweep(str(error))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as stop:
         if is_first_process():
@@ -83,6 +83,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(TERMINATED_EXIT)
     finally:  # on every way out, an error mid-validation included: the exit would wait for loader workers
         stop_children()
+
+
+def _in_sweep(message: str) -> str:
+    """`message`, in a multirun (`-m`) as the message of its job, which ends the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return message
+    job = HydraConfig.get().job
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    return f"job {job.num} ({overrides}): {message}; the sweep stops here, the jobs after it do not run"
 
 
 def run() -> None:

@@ -101,6 +101,19 @@ def test_each_job_of_a_sweep_gets_its_own_wandb_run(demo_cache: Path, tmp_path: 
         assert f"module.optimizer.lr={lr}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_a_refused_job_of_a_sweep_names_itself_and_says_the_sweep_stops(demo_cache: Path,
+                                                                         tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "ernievil2_train", "-m", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           "logger=csv", "seed=-1,1"]
+    result = _run(cmd, _env(demo_cache))
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: job 0 (") and "seed=-1" in last
+    assert last.endswith(f"config key 'seed': must be from 0 to {2**32 - 1} (numpy's seeds), got -1; the "
+                         "sweep stops here, the jobs after it do not run")
+    assert not (tmp_path / "sweep" / "1").exists()
+
+
 # 47 eval images: 24 on rank 0 (2 encoder calls of 23) and 23 on rank 1 (1 call) unless the slices are padded
 UNEVEN_RETRIEVAL = ("callbacks.retrieval.max_items=47", "callbacks.retrieval.batch_size=23")
 RECALL_KEYS = [f"retrieval/{d}/r@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)] + ["retrieval/mean_recall"]
