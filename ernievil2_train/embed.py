@@ -237,8 +237,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _setup(args: argparse.Namespace) -> tuple[Embedder, DualEncoder]:
     """Validate the arguments and load the checkpoint and tokenizer (user errors raise ValueError)."""
-    if args.batch_size < 1 or args.workers < 1:
-        raise ValueError("--batch-size and --workers must be positive")
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     _check_paths(Path(args.input), Path(args.output), Path(args.checkpoint), args.vocab and Path(args.vocab))
     device = resolve_device(args.device)
     model = load_checkpoint(args.checkpoint, device)

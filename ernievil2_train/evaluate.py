@@ -241,8 +241,9 @@ def _mode(p: argparse.ArgumentParser, args: argparse.Namespace, given: list[str]
         p.error(f"{given[0]} is for encoding (--checkpoint/--eval-set); {modes[0]} are encoded already")
     if modes[0] != "embeddings" and args.protocol == "ernie":
         p.error("--protocol ernie needs a row-paired embeddings file")
-    if args.chunk_size < 1 or args.batch_size < 1:
-        p.error("--chunk-size and --batch-size must be positive")
+    for flag, value in (("--chunk-size", args.chunk_size), ("--batch-size", args.batch_size)):
+        if value < 1:
+            p.error(f"{flag} must be positive, got {value}")
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     return modes[0]

@@ -32,7 +32,8 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
         return _readable(newest, f"run folder checkpoint {newest}; delete it or set ckpt_path")
     if ckpt_path == "last":
         if newest is None:
-            raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir}")
+            raise ConfigError(f"config key 'ckpt_path': no last checkpoint in {output_dir} (run folders are "
+                              "named by the time: resume one with hydra.run.dir=<its folder>)")
         return _readable(newest, f"config key 'ckpt_path': {newest}")
     if not Path(ckpt_path).exists():
         raise ConfigError(f"config key 'ckpt_path': checkpoint not found: {ckpt_path}")

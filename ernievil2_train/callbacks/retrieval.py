@@ -184,9 +184,10 @@ class RetrievalCallback(pl.Callback):
                 raise ValueError(f"{name} must be positive, got {value}")
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 ([CLS] and [SEP]), got {max_len}")
-        if num_workers < 0 or (max_items is not None and max_items < 1):
-            raise ValueError(f"num_workers must be 0 or more and max_items positive, got {num_workers} and "
-                             f"{max_items}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be positive (null: all), got {max_items}")
         self.eval_set, self.split, self.vocab_file = eval_set, split, vocab_file
         self.image_size, self.batch_size, self.protocol = image_size, batch_size, protocol
         self.max_items, self.log_examples, self.num_examples = max_items, log_examples, num_examples

@@ -57,8 +57,9 @@ class ViewConfig:
                 raise ValueError(f"views.{name} must be true or false, got {getattr(self, name)!r}")
         if self.text_view not in TEXT_VIEW_MODES:
             raise ValueError(f"views.text_view must be one of {TEXT_VIEW_MODES}, got {self.text_view!r}")
-        if not 0 <= self.token_drop_p < 1:
-            raise ValueError(f"views.token_drop_p must be in [0, 1), got {self.token_drop_p}")
+        p = self.token_drop_p
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+            raise ValueError(f"views.token_drop_p must be in [0, 1), got {p!r}")
 
     @classmethod
     def from_any(cls, value: ViewConfig | dict[str, Any] | None) -> ViewConfig:

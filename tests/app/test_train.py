@@ -83,7 +83,8 @@ def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path
     ("values", "message"),
     [
         ({"batch_size": 0}, "config key 'callbacks.retrieval': batch_size must be positive, got 0"),
-        ({"max_items": 0}, "config key 'callbacks.retrieval': num_workers must be 0 or more and max_items"),
+        ({"max_items": 0}, "config key 'callbacks.retrieval': max_items must be positive (null: all), got 0"),
+        ({"num_workers": -1}, "config key 'callbacks.retrieval': num_workers must be 0 or more, got -1"),
         ({"max_len": 1}, "config key 'callbacks.retrieval': max_len must be at least 2 ([CLS] and [SEP])"),
     ],
 )

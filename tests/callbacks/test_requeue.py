@@ -114,3 +114,6 @@ def test_a_name_that_is_no_signal_is_refused():
     with pytest.raises(ValueError, match=r"signal_name: 'SIGFOO' is not a signal name"):
         SlurmRequeue(signal_name="SIGFOO")
     assert SlurmRequeue(signal_name="SIGUSR2").signum == signal.SIGUSR2
+    for every in (0, -3, 1.5, True):  # 0 and -3 were taken as 1
+        with pytest.raises(ValueError, match=rf"^check_every_n_steps must be 1 or more, got {every!r}$"):
+            SlurmRequeue(check_every_n_steps=every)

@@ -167,6 +167,8 @@ def test_bad_view_config_is_refused():
         ViewConfig(text_view="shuffle")
     with pytest.raises(ValueError, match="token_drop_p"):
         ViewConfig(token_drop_p=1.0)
+    with pytest.raises(ValueError, match=r"^views\.token_drop_p must be in \[0, 1\), got 'abc'$"):
+        ViewConfig(token_drop_p="abc")
     for name in ("image_view2", "tags"):  # a YAML "no" or a quoted "false" is a string, and strings are true
         for value in ("no", "false", 1, None):
             with pytest.raises(ValueError, match=f"views.{name} must be true or false, got {value!r}"):
