@@ -49,6 +49,8 @@ from data_recipes.shards import (
 )
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_-]{64,}")
+_DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")  # what a browser or a notebook writes
+LONGEST_PATH = 4096  # Linux's PATH_MAX: a longer value is no file name
 
 
 def looks_like_base64(value: str) -> bool:
@@ -69,11 +71,16 @@ def _row(
     unwrapped = "".join(image.split())  # MIME base64 (a JSONL string) breaks its text into lines
     if unwrapped != image and looks_like_base64(unwrapped):
         image = unwrapped
+    uri = _DATA_URI.match(image)
+    if uri:
+        image = image[uri.end():]
     if not image or "\0" in image:
         return line_skip("malformed line", index)
     problem = caption_problem(caption)
     if problem:
         return line_skip(problem, index)
+    if len(image) > LONGEST_PATH and not looks_like_base64(image):
+        return line_skip("bad base64 image", index)  # a character outside base64 in the text
     if looks_like_base64(image) and not _is_file(base / image):
         source, is_path = image, False
         default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()

@@ -117,6 +117,21 @@ def test_jsonl_tags_are_unioned_in_shards(folder):
     assert [s["json"]["tags"] for s in samples] == [["苹果", "盘子"]] * 2
 
 
+def test_data_uris_are_read_and_base64_with_a_foreign_character_is_named_by_its_line(folder):
+    """A `data:image/...;base64,` value is its base64 text; base64 spoilt by one character was counted as
+    an unreadable file, named by 200 characters of its text."""
+    text = base64.b64encode(RED).decode()
+    spoilt = (text * (1 + 4096 // len(text)))[:5000] + "!" + text
+    src = folder / "data" / "pairs.tsv"
+    src.write_text(f"data:image/jpeg;base64,{text}\t红色\n{spoilt}\t蓝色\n")
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "bad base64 image: 1 (first: line 2)" in proc.stdout
+    assert json.loads((out / "train.json").read_text())["skipped"] == {"bad base64 image": 1}
+    assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("红色", RED)]
+
+
 def test_lines_that_are_not_utf8_are_skipped_and_counted(folder):
     src = folder / "data" / "pairs.tsv"
     src.write_bytes("imgs/a.jpg\t红色\n".encode() + "imgs/b.png\t蓝色\n".encode("gbk"))
