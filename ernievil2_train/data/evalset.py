@@ -126,7 +126,7 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
             ids = [_an_id(i, "image_ids") for i in ids]
         except TypeError as err:
             raise ValueError(f"{texts}:{n}: {err}") from None
-        unknown = [i for i in ids if str(i) not in index]
+        unknown = [i for i in ids if i not in index]
         if unknown:
             raise ValueError(f"{texts}:{n}: unknown image id {unknown[0]} (not in {imgs.name})")
         if text_id in seen:
@@ -134,7 +134,7 @@ def _from_chinese_clip(imgs: Path, texts: Path) -> EvalSet:
         seen.add(text_id)
         text_ids.append(text_id)
         text_list.append(text)
-        positives.append(list(dict.fromkeys(index[str(i)] for i in ids)))
+        positives.append(list(dict.fromkeys(index[i] for i in ids)))
     result = EvalSet(image_ids, images, text_ids, text_list, positives)
     _check_not_empty(result, f"{imgs} + {texts}")
     return result
