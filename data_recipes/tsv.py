@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -85,7 +86,7 @@ def _row(
         source, is_path = image, False
         default_id = "b64-" + hashlib.blake2b(image.encode("ascii"), digest_size=8).hexdigest()
     else:
-        source, is_path, default_id = str(base / image), True, image
+        source, is_path, default_id = str(base / image), True, os.path.normpath(image)  # ./a.jpg is a.jpg
     image_id = default_id if image_id is None else image_id
     if not _usable_id(image_id):
         return line_skip("malformed line", index)

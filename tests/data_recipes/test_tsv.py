@@ -132,6 +132,19 @@ def test_data_uris_are_read_and_base64_with_a_foreign_character_is_named_by_its_
     assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("红色", RED)]
 
 
+def test_one_file_written_two_ways_is_one_image(folder):
+    """`imgs/a.jpg` and `./imgs//a.jpg` are one picture: one image id, its captions together (two ids would
+    make each caption a false negative of the other under multi-positive training)."""
+    src = folder / "data" / "pairs.tsv"
+    src.write_text("imgs/a.jpg\t红色\n./imgs//a.jpg\t一个红色的方块\n")
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    samples = read_shards(out, "train")
+    assert [s["json"]["image_id"] for s in samples] == ["imgs/a.jpg", "imgs/a.jpg"]
+    assert samples[0]["json"]["captions"] == ["红色", "一个红色的方块"]
+
+
 def test_lines_that_are_not_utf8_are_skipped_and_counted(folder):
     src = folder / "data" / "pairs.tsv"
     src.write_bytes("imgs/a.jpg\t红色\n".encode() + "imgs/b.png\t蓝色\n".encode("gbk"))
