@@ -42,7 +42,7 @@ from ernievil2_train.resume import (
     interrupted,
     resume_checkpoint,
 )
-from ernievil2_train.text.vocab import check_vocab_fits, load_vocab
+from ernievil2_train.text.vocab import check_vocab_fits, same_token_ids
 from ernievil2_train.warnings_filter import quiet_known_warnings, quiet_resume_warnings
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def check_data_fits_model(datamodule: Any, model: Any, checkpoint: str | None = 
         except ValueError as error:
             raise ConfigError(f"config key 'data.vocab_file': {error}") from None
         own = Path(checkpoint or "", "vocab.txt")
-        other_file = checkpoint and own.is_file() and not own.samefile(vocab_file)  # the usual case: the same
-        if other_file and load_vocab(own) != load_vocab(vocab_file):
+        if checkpoint and own.is_file() and not same_token_ids(own, vocab_file):
             raise ConfigError(
                 f"config key 'data.vocab_file': {vocab_file} is not the vocabulary of model.checkpoint "
                 f"({own}); its ids would mean other tokens to the model (set data.vocab_file={own})"
@@ -122,9 +121,7 @@ def check_one_vocabulary(cfg: DictConfig) -> None:
         return
     for key in VOCAB_KEYS:
         other = OmegaConf.select(cfg, key)
-        if not isinstance(other, str) or not Path(other).is_file() or Path(other).samefile(training):
-            continue
-        if load_vocab(other) != load_vocab(training):
+        if isinstance(other, str) and Path(other).is_file() and not same_token_ids(other, training):
             raise ConfigError(
                 f"config keys 'data.datamodule.vocab_file' ({training}) and '{key}' ({other}): other token "
                 "ids; training, evaluation and export read one vocabulary (set data.vocab_file, which all "

@@ -44,10 +44,10 @@ class SlurmRequeue(pl.Callback):
         if signal_name not in signal.Signals.__members__:
             raise ValueError(f"signal_name: {signal_name!r} is not a signal name (SLURM's is SIGUSR1)")
         self.signum = signal.Signals[signal_name]
-        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or \
-                check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be 1 or more, got {check_every_n_steps!r}")
-        self.check_every_n_steps = check_every_n_steps
+        every = check_every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"check_every_n_steps must be 1 or more, got {every!r}")
+        self.check_every_n_steps = every
         self.requested = False
         self._previous: Any = None
 

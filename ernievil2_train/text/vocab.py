@@ -44,6 +44,11 @@ def load_vocab(path: str | Path) -> dict[str, int]:
     return vocab
 
 
+def same_token_ids(a: str | Path, b: str | Path) -> bool:
+    """Whether two existing vocabulary files give every token the same id (one file twice: not read)."""
+    return Path(a).samefile(b) or load_vocab(a) == load_vocab(b)
+
+
 def check_vocab_fits(path: str | Path, vocab_size: int) -> None:
     """Raise ValueError naming `path` unless its ids fit a text tower of `vocab_size` embeddings."""
     ids = load_vocab(path).values()
