@@ -162,6 +162,9 @@ def parse_sample(sample: dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ra
     return RawSample(key=key, image=image, caption=caption, image_id=image_id, captions=captions, tags=tags)
 
 
+_SHARD_NUMBER = re.compile(r"[-_]?\d+$")  # what ends a shard's name: train-000003, 00003
+
+
 def data_set_image_id(url: str, image_id: str) -> str:
     """The id of image `image_id` of the data set whose shard is `url`: the data set and the id."""
     return f"{data_set(url)}#{image_id}" if url else image_id
@@ -173,9 +176,6 @@ def data_set(url: str) -> str:
     `d/train`; `d/00003.tar` -> `d/`), as recipes write each split's shards into a folder under its name."""
     stem = url.rpartition("/")[2].split(".")[0]
     return f"{shard_folder(url)}/{_SHARD_NUMBER.sub('', stem)}"
-
-
-_SHARD_NUMBER = re.compile(r"[-_]?\d+$")
 
 
 @functools.lru_cache(maxsize=4096)
