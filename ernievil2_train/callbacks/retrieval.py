@@ -32,7 +32,13 @@ from tqdm import tqdm
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.evalset import EvalSet, load_evalset
 from ernievil2_train.imaging import to_rgb
-from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
+from ernievil2_train.metrics.encode import (
+    CropBatches,
+    drop_images,
+    encode_crops,
+    encode_texts,
+    image_crops,
+)
 from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE
 from ernievil2_train.metrics.zeroshot import ZeroShotRetrieval
 from ernievil2_train.text import ErnieTokenizer
@@ -152,6 +158,9 @@ class RetrievalCallback(pl.Callback):
     image_size: eval transform size (default: the model's). protocol: `any_positive` (unique images and
     texts) or `ernie` (one row per text, paired with its first image). max_items caps images and texts.
     log_examples: with a W&B logger, log a table of a few text queries and their top-5 images.
+    image_cache_mb: each rank keeps its eval images decoded and cropped (uint8, 3 * S * S bytes an image)
+    after the first evaluation when they fit in this many MiB, so later epochs do not decode them again
+    (0: decode every time).
     progress: a bar while encoding, under the trainer's TQDM bars (none when the trainer shows none).
     Runs before training (zero-shot baseline, sent straight to the loggers) and at the end of every training
     epoch, after that epoch's validation if there is one (via `pl_module.log`, so a ModelCheckpoint saving at
@@ -174,6 +183,7 @@ class RetrievalCallback(pl.Callback):
         progress: bool = True,
         at_start: bool = True,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        image_cache_mb: int = 4096,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"RetrievalCallback.protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -188,12 +198,16 @@ class RetrievalCallback(pl.Callback):
             raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
         if max_items is not None and max_items < 1:
             raise ValueError(f"max_items must be positive (null: all), got {max_items}")
+        if image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be 0 (no cache) or more, got {image_cache_mb}")
         self.eval_set, self.split, self.vocab_file = eval_set, split, vocab_file
         self.image_size, self.batch_size, self.protocol = image_size, batch_size, protocol
         self.max_items, self.log_examples, self.num_examples = max_items, log_examples, num_examples
         self.max_len, self.num_workers, self.progress = max_len, num_workers, progress
-        self.at_start, self.chunk_size = at_start, chunk_size
+        self.at_start, self.chunk_size, self.image_cache_mb = at_start, chunk_size, image_cache_mb
         self.evalset: EvalSet | None = None
+        self._crops: tuple[tuple[int, ...], list[tuple[Tensor, Tensor]]] | None = None  # (for which, batches)
+        self._said_uncached = False
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -259,15 +273,8 @@ class RetrievalCallback(pl.Callback):
                 device,
                 autocast_dtype=amp,
             )
-            image, valid = encode_images(
-                encoder,
-                [evalset.images[i] for i in image_idx],
-                eval_transform(size),
-                self.batch_size,
-                device,
-                num_workers=self.num_workers,
-                autocast_dtype=amp,
-            )
+            batches = self._image_batches(trainer, image_idx, size)
+            image, valid = encode_crops(encoder, batches, device, autocast_dtype=amp)
         text, image, valid = text[:n_text], image[:n_image], valid[:n_image]
         self._check_finite(trainer, text, image, device)
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
@@ -293,6 +300,32 @@ class RetrievalCallback(pl.Callback):
             if self.log_examples and trainer.is_global_zero:
                 self._top = self._top_images(text_all, image_all)
         return self.last
+
+    def _image_batches(self, trainer: pl.Trainer, image_idx: list[int], size: int) -> CropBatches:
+        """This rank's eval images as uint8 crop batches: from the cache when it holds them, else decoded
+        (and kept when they fit `image_cache_mb`)."""
+        key = (len(self.evalset.images), trainer.global_rank, trainer.world_size, size)
+        if self._crops is not None and self._crops[0] == key:
+            return self._crops[1]
+        self._crops = None
+        images = [self.evalset.images[i] for i in image_idx]
+        batches = image_crops(images, eval_transform(size), self.batch_size, self.num_workers)
+        cache_bytes = len(images) * 3 * size * size
+        if cache_bytes <= self.image_cache_mb * 2**20:
+            return self._keeping(key, batches)
+        if self.image_cache_mb and trainer.is_global_zero and not self._said_uncached:
+            self._said_uncached = True
+            log.info("retrieval: the eval images take %.1f MiB a rank decoded, over "
+                     "callbacks.retrieval.image_cache_mb=%d; they are decoded at every evaluation",
+                     cache_bytes / 2**20, self.image_cache_mb)
+        return batches
+
+    def _keeping(self, key: tuple[int, ...], batches: CropBatches) -> Iterator[tuple[Tensor, Tensor]]:
+        kept = []
+        for batch in batches:
+            kept.append(batch)
+            yield batch
+        self._crops = key, kept
 
     @staticmethod
     def _check_finite(trainer: pl.Trainer, text: Tensor, image: Tensor, device: torch.device) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ernievil2_train.models.text import trim_padding
 from ernievil2_train.stopping import ignore_stop_signals
+from ernievil2_train.vision.transforms import EvalTransform, normalize_crops
 
 if TYPE_CHECKING:
     from ernievil2_train.models.dual_encoder import DualEncoderConfig
@@ -32,20 +33,31 @@ class Encoder(Protocol):
     def encode_text(self, input_ids: Tensor, /) -> Tensor: ...
 
 
-class _Images(Dataset):
-    """Transformed images; an undecodable one yields zeros and `ok=False` instead of failing the run."""
+class _Crops(Dataset):
+    """Images as uint8 crops; an undecodable one yields zeros and `ok=False` instead of failing the run."""
 
-    def __init__(self, images: Sequence[bytes], transform: Callable[[bytes], Tensor], size: int) -> None:
-        self.images, self.transform, self.size = images, transform, size
+    def __init__(self, images: Sequence[bytes], transform: EvalTransform) -> None:
+        self.images, self.transform = images, transform
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, bool]:
         try:
-            return self.transform(self.images[i]), True
+            return self.transform.crop(self.images[i]), True
         except ValueError:
-            return torch.zeros(3, self.size, self.size), False
+            size = self.transform.image_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), False
+
+
+CropBatches = Iterable[tuple[Tensor, Tensor]]  # uint8 [b, 3, S, S] crops and their bool `ok` marks
+
+
+def image_crops(images: Sequence[bytes], transform: EvalTransform, batch_size: int,
+                num_workers: int = 0) -> CropBatches:
+    """Batches of the images' crops before normalisation, decoded by `num_workers` loader workers."""
+    return DataLoader(_Crops(images, transform), batch_size=batch_size, num_workers=num_workers,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -80,7 +92,7 @@ def encode_texts(
 def encode_images(
     model: Encoder,
     images: Sequence[bytes],
-    transform: Callable[[bytes], Tensor],
+    transform: EvalTransform,
     batch_size: int,
     device: torch.device,
     *,
@@ -90,16 +102,29 @@ def encode_images(
 ) -> tuple[Tensor, Tensor]:
     """Float32 `[len(images), D]` image embeddings (not normalized) on `device`, and a bool mask of the
     images that decoded (rows of undecodable images are meaningless and must be dropped)."""
-    size = model.config.vision.image_size
-    loader = DataLoader(_Images(images, transform, size), batch_size=batch_size, num_workers=num_workers,
-                        worker_init_fn=ignore_stop_signals)
-    out, valid = [], []
     with tqdm(total=len(images), desc="encode images", unit="img", disable=not progress, leave=False) as bar:
-        for pixels, ok in loader:
-            with _autocast(device, autocast_dtype):
-                out.append(model.encode_image(pixels.to(device)).float())
-            valid.append(ok)
-            bar.update(pixels.shape[0])
+        return encode_crops(model, image_crops(images, transform, batch_size, num_workers), device,
+                            autocast_dtype=autocast_dtype, on_batch=bar.update)
+
+
+@torch.no_grad()
+def encode_crops(
+    model: Encoder,
+    batches: CropBatches,
+    device: torch.device,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`encode_images` of crop batches: normalised on `device` (the uint8 crops are what travels there)."""
+    out, valid = [], []
+    for crops, ok in batches:
+        pixels = normalize_crops(crops.to(device, non_blocking=True))
+        with _autocast(device, autocast_dtype):
+            out.append(model.encode_image(pixels).float())
+        valid.append(ok)
+        if on_batch is not None:
+            on_batch(len(crops))
     if not out:
         return torch.empty(0, model.embed_dim, device=device), torch.empty(0, dtype=torch.bool)
     return torch.cat(out), torch.cat(valid)

@@ -108,6 +108,14 @@ def normalize(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 on the tensor's device, the same numbers as `normalize` (a lookup in
+    its table, so the floats are bit-identical wherever it runs)."""
+    table = torch.from_numpy(_TABLE).to(crops.device, non_blocking=True)
+    offsets = torch.arange(0, 3 * 256, 256, device=crops.device).view(3, 1, 1)
+    return table.view(-1)[crops.long() + offsets]
+
+
 class EvalTransform:
     """Image bytes / PIL image / path -> float32 Tensor[3, S, S] (official test-mode preprocessing).
 
@@ -149,6 +157,11 @@ class EvalTransform:
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         return normalize(self.resize_crop(load_rgb(image, self.max_pixels)))
+
+    def crop(self, image: ImageInput) -> torch.Tensor:
+        """The image before normalisation: uint8 [3, S, S] (`normalize_crops` finishes it)."""
+        return torch.from_numpy(np.ascontiguousarray(self.resize_crop(load_rgb(image, self.max_pixels))
+                                                     .transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
         return (

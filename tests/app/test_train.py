@@ -86,6 +86,8 @@ def test_build_names_the_key_of_a_bad_value(values: dict, message: str, tmp_path
         ({"max_items": 0}, "config key 'callbacks.retrieval': max_items must be positive (null: all), got 0"),
         ({"num_workers": -1}, "config key 'callbacks.retrieval': num_workers must be 0 or more, got -1"),
         ({"max_len": 1}, "config key 'callbacks.retrieval': max_len must be at least 2 ([CLS] and [SEP])"),
+        ({"image_cache_mb": -1},
+         "config key 'callbacks.retrieval': image_cache_mb must be 0 (no cache) or more, got -1"),
     ],
 )
 def test_build_names_the_retrieval_callbacks_bad_values(values: dict, message: str) -> None:

@@ -32,6 +32,7 @@ from ernievil2_train.metrics.retrieval import any_positive, ernie_protocol
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.train import out_of_memory_error
 from ernievil2_train.vision import eval_transform
+from ernievil2_train.vision.transforms import EvalTransform
 from tests.metrics.evalset_helpers import MAX_LEN, TINY, tiny_checkpoint, write_evalset
 
 LOGGED = ["t2i/r@1", "t2i/r@5", "t2i/r@10", "i2t/r@1", "i2t/r@5", "i2t/r@10", "mean_recall"]
@@ -142,6 +143,47 @@ def test_runs_every_epoch_without_a_validation_set(tmp_path, setup):
     rows = read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
     assert len([r for r in rows if r.get("retrieval/mean_recall")]) == 3  # zero-shot baseline + two epochs
     assert checkpoint.best_model_score.item() == pytest.approx(expected["mean_recall"], rel=1e-6)
+
+
+def count_crops(monkeypatch) -> list[int]:
+    """How many images the eval transform crops (decodes), in this process."""
+    calls = [0]
+    crop = EvalTransform.crop
+
+    def counted(self, image):
+        calls[0] += 1
+        return crop(self, image)
+
+    monkeypatch.setattr(EvalTransform, "crop", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("image_cache_mb", "decodes"), [(4096, 1), (0, 3)])
+def test_eval_images_are_decoded_once_while_the_cache_holds_them(setup, monkeypatch, image_cache_mb, decodes):
+    """The baseline and two epochs: one decode of each image with the cache, three without; same recall."""
+    model, callback, expected = setup
+    callback.image_cache_mb = image_cache_mb
+    calls = count_crops(monkeypatch)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, callbacks=[callback],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(NoValModule(model))
+    assert calls[0] == decodes * len(callback.evalset.images)
+    assert callback.last == pytest.approx({k: expected[k] for k in callback.last}, rel=1e-6)
+
+
+def test_eval_images_over_the_cache_size_are_decoded_each_time_and_said_once(tmp_path, monkeypatch, caplog):
+    """700 crops of 3 x 32 x 32 bytes exceed 1 MiB: decoded at the baseline and again after the epoch."""
+    ckpt, model = tiny_checkpoint(tmp_path / "ckpt")
+    write_evalset(tmp_path / "evalset", num_images=700, num_texts=20)
+    callback = RetrievalCallback(tmp_path / "evalset", vocab_file=ckpt / "vocab.txt", max_len=MAX_LEN,
+                                 progress=False, image_cache_mb=1, batch_size=128)
+    calls = count_crops(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="ernievil2_train.callbacks.retrieval"):
+        fit_one_epoch(model, callback)
+    assert calls[0] == 2 * 700
+    said = [r.getMessage() for r in caplog.records if "image_cache_mb" in r.getMessage()]
+    assert said == ["retrieval: the eval images take 2.1 MiB a rank decoded, over "
+                    "callbacks.retrieval.image_cache_mb=1; they are decoded at every evaluation"]
 
 
 def test_eval_mode_restores_each_module():

@@ -14,6 +14,7 @@ from ernievil2_train.metrics.encode import drop_images, encode_images, encode_te
 from ernievil2_train.models import DualEncoder, create_model
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.vision import eval_transform
+from ernievil2_train.vision.transforms import normalize_crops
 from tests.metrics.evalset_helpers import CHARS, MAX_LEN, TINY, write_vocab
 
 CPU = torch.device("cpu")
@@ -87,14 +88,14 @@ def test_a_bfloat16_model_gives_float32_rows(model: DualEncoder, tokenizer: Erni
 
 def test_undecodable_images_are_flagged_not_fatal(model: DualEncoder) -> None:
     """Corrupt bytes, an empty string and an image over the pixel limit are marked invalid and get the
-    zero-image row; the others get their own rows, whatever the batch boundaries."""
+    black image's row; the others get their own rows, whatever the batch boundaries."""
     size = model.config.vision.image_size
     transform = eval_transform(size, max_pixels=60 * 60)
     good = [png(50, 40, 1), png(size, size, 2), png(33, 57, 3)]
     images = [good[0], good[1][:50], good[1], b"", png(70, 70, 4), good[2]]
     with torch.no_grad():
         expected_good = model.encode_image(torch.stack([transform(b) for b in good]))
-        zero_row = model.encode_image(torch.zeros(1, 3, size, size))
+        zero_row = model.encode_image(normalize_crops(torch.zeros(1, 3, size, size, dtype=torch.uint8)))
     for batch_size in (1, 4):
         embeddings, valid = encode_images(model, images, transform, batch_size, CPU)
         assert valid.tolist() == [True, False, True, False, False, True]

@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 
 from ernievil2_train.vision import ImageDecodeError, eval_transform
-from ernievil2_train.vision.transforms import MEAN, STD, crop_offsets, decode_bytes, normalize, scaled_size
+from ernievil2_train.vision.transforms import (
+    MEAN,
+    STD,
+    crop_offsets,
+    decode_bytes,
+    normalize,
+    normalize_crops,
+    scaled_size,
+)
 from tests.checkpoints.reference import load_npz, preprocessed_rows
 
 NOAUG = "__noaug"
@@ -77,6 +85,24 @@ def test_every_case_has_its_official_outputs(paddle_ref: Path, cases: list[dict]
     assert keys == named
     for case in cases:
         assert hashlib.sha256((paddle_ref / case["file"]).read_bytes()).hexdigest() == case["sha256"]
+
+
+def test_crops_normalised_as_a_batch_are_official(paddle_ref: Path, size: int, short: int) -> None:
+    """`crop` (uint8, what the eval loaders hand over) then `normalize_crops` of the stacked batch: the
+    official floats bit for bit, as the one-image transform gives them."""
+    ref = np.load(paddle_ref / "preprocess.npz")
+    transforms = {
+        True: eval_transform(size, short_size=short),
+        False: eval_transform(size, keep_aspect=False, short_size=short),
+    }
+    keys = list(ref.files)
+    crops = [transforms[not key.endswith(NOAUG)].crop((paddle_ref / key.removesuffix(NOAUG)).read_bytes())
+             for key in keys]
+    assert all(crop.dtype == torch.uint8 for crop in crops)
+    batch = normalize_crops(torch.stack(crops))
+    assert batch.dtype == torch.float32
+    for key, out in zip(keys, batch, strict=True):
+        np.testing.assert_array_equal(out.numpy(), ref[key][0], err_msg=key)
 
 
 def test_model_inputs_are_the_official_preprocessing(paddle_ref: Path, size: int, short: int) -> None:
