@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import glob
 import importlib
 import inspect
 import math
+import re
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -187,6 +189,53 @@ def check_config(cfg: DictConfig) -> None:
             blocking = _file_on_the_way(resolved)
             why = f"; {not_a_folder(blocking)}" if blocking else ""
             raise ConfigError(f"config key '{key}': path not found: {resolved}{_made_from(cfg, key)}{why}")
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a key added on the command line (`+data.batch_size=8`) that nothing would read: no `_target_`
+    above it takes it as an argument and no interpolation names it, so the run would go on as if it were
+    not there. Group choices (`+experiment=...`) add no key and pass."""
+    named = _interpolated_names(OmegaConf.to_container(cfg, resolve=False))
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++") or "=" not in override:
+            continue
+        key = override[1:].split("=", 1)[0]
+        parts = key.split(".")
+        if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
+            continue  # a config group, not a key
+        built = any("_target_" in node for node in _ancestors(cfg, parts) if isinstance(node, DictConfig))
+        if built or parts[-1] in named:
+            continue
+        raise ConfigError(f"config key '{key}' (added by {override}) is read by nothing, so it would change "
+                          f"nothing{_did_you_mean(cfg, key)}")
+
+
+_ABSENT = object()
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _interpolated_names(value: Any) -> set[str]:
+    """Every name written inside a `${...}` anywhere in an unresolved config container."""
+    if isinstance(value, dict):
+        return set().union(*(_interpolated_names(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_interpolated_names(v) for v in value))
+    if isinstance(value, str) and "${" in value:
+        return set(_NAME.findall(value))
+    return set()
+
+
+def _ancestors(cfg: DictConfig, parts: list[str]) -> Iterator[Any]:
+    for depth in range(1, len(parts)):
+        yield OmegaConf.select(cfg, ".".join(parts[:depth]), throw_on_resolution_failure=False)
+
+
+def _did_you_mean(cfg: DictConfig, key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    keys = [k for k in _leaf_keys(cfg) if k != key]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, keys, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _batches_or_share(interval: Any) -> bool:

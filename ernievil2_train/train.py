@@ -33,7 +33,12 @@ from ernievil2_train.callbacks.monitors import (
 )
 from ernievil2_train.callbacks.retrieval import PREFIX as RETRIEVAL_PREFIX
 from ernievil2_train.callbacks.retrieval import RetrievalCallback
-from ernievil2_train.config_checks import ConfigError, check_argument_types, check_config
+from ernievil2_train.config_checks import (
+    ConfigError,
+    check_added_keys,
+    check_argument_types,
+    check_config,
+)
 from ernievil2_train.cpu_threads import cores_shared
 from ernievil2_train.data.views import ViewConfig
 from ernievil2_train.distributed import is_first_process
@@ -271,6 +276,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, instantiate data, model, module, callbacks, loggers and trainer from `cfg`, then fit."""
     quiet_known_warnings()
     check_config(cfg)
+    if HydraConfig.initialized():
+        check_added_keys(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     check_one_vocabulary(cfg)
     check_run_mode()
     settle_accumulation(cfg)
