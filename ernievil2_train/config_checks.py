@@ -135,8 +135,8 @@ def _path_exists(value: str) -> bool:
 def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` naming every missing `???` value, a seed that is not an integer numpy takes, an
     empty cache folder, a negative gradient clipping norm (Lightning would not clip), a validation interval
-    below one epoch, fewer than one batch to accumulate, an output folder that is a file, or the first local
-    input path that does not exist."""
+    below one epoch, fewer than one batch to accumulate, no epoch or step to train, an output folder that is
+    a file, or the first local input path that does not exist."""
     missing = missing_keys(cfg)
     if len(missing) == 1:
         key = missing[0]
@@ -170,6 +170,11 @@ def check_config(cfg: DictConfig) -> None:
         count = OmegaConf.select(cfg, key, default=None)
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise ConfigError(f"config key '{key}': must be 1 or more, got {count!r}")
+    for key in ("trainer.max_epochs", "trainer.max_steps"):
+        limit = OmegaConf.select(cfg, key, default=None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit == 0:
+            raise ConfigError(f"config key '{key}': 0 trains nothing (a checkpoint's zero-shot recall "
+                              "without training: python -m ernievil2_train.evaluate)")
     interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
     if interval is not None and not _batches_or_share(interval):
         raise ConfigError(

@@ -128,6 +128,8 @@ def test_missing_required_value_names_the_key(overrides: list[str], key: str, tm
     *((f"trainer.gradient_clip_val={clip}", "'trainer.gradient_clip_val': must be 0 or")
       for clip in ("-1", "inf", "abc")),
     ("trainer.check_val_every_n_epoch=0", "'trainer.check_val_every_n_epoch': must be 1 or more, got 0"),
+    *((f"trainer.{limit}=0", f"'trainer.{limit}': 0 trains nothing (a checkpoint's zero-shot recall "
+       "without training: python -m ernievil2_train.evaluate)") for limit in ("max_epochs", "max_steps")),
     *((f"+trainer.accumulate_grad_batches={k}",
        f"'trainer.accumulate_grad_batches': must be 1 or more, got {k}") for k in ("0", "-2")),
     *((f"trainer.val_check_interval={v}", f"'trainer.val_check_interval': an integer of batches (1 or more) "
@@ -145,6 +147,13 @@ def test_every_validation_interval_lightning_counts_is_taken(interval: str, demo
                                                              tmp_path: Path) -> None:
     overrides = [f"trainer.val_check_interval={interval}", f"paths.cache_dir={demo_cache}"]
     check_config(_compose(overrides, tmp_path))
+
+
+@pytest.mark.parametrize("limits", [["trainer.max_epochs=-1", "trainer.max_steps=5"],
+                                    ["trainer.max_epochs=1"]])
+def test_every_training_length_lightning_counts_is_taken(limits: list[str], demo_cache: Path,
+                                                         tmp_path: Path) -> None:
+    check_config(_compose([*limits, f"paths.cache_dir={demo_cache}"], tmp_path))
 
 
 @pytest.mark.parametrize("seed", ["0", str(2**32 - 1)])
