@@ -51,9 +51,23 @@ from ernievil2_train.data.sources import read_shards, resolve_shards, shard_key
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.stopping import ignore_stop_signals
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
+from ernievil2_train.text.vocab import SPECIAL_TOKENS, load_vocab
 from ernievil2_train.vision.augment import TrainViews
 
 log = logging.getLogger(__name__)
+
+
+# a first batch with more [UNK] word pieces than this share is read with a vocabulary not made for its texts
+UNKNOWN_SHARE_WARNING = 0.1
+TEXT_KEYS_CHECKED = {"caption_ids": "caption", "tag_ids": "object tag"}
+
+
+def unknown_share(ids: torch.Tensor, vocab: dict[str, int]) -> float | None:
+    """The share of [UNK] among the word pieces of token id rows ([PAD], [CLS], [SEP] left out); None when
+    the rows hold no word piece."""
+    special = torch.tensor([vocab[token] for token in SPECIAL_TOKENS if token != "[UNK]"])
+    pieces = int((~torch.isin(ids, special)).sum())
+    return int((ids == vocab["[UNK]"]).sum()) / pieces if pieces else None
 
 
 LAYOUT_KEYS = {"processes": "trainer.devices x trainer.num_nodes (processes)",
@@ -177,6 +191,7 @@ class MultiViewDataModule(L.LightningDataModule):
                 f"train_shards={train_shards})"
             )
         self.vocab_file = str(vocab_file)
+        self._vocab: dict[str, int] | None = load_vocab(vocab_file)  # until the first batch is checked
         self.image_size = image_size
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -238,13 +253,29 @@ class MultiViewDataModule(L.LightningDataModule):
         return normalize_batch(batch)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Note where the batch's stream stands (a host tensor: no device sync) and take the note off."""
+        """Note where the batch's stream stands (a host tensor: no device sync) and take the note off; the
+        first batch's texts are checked against the vocabulary."""
+        if self._vocab is not None and isinstance(batch, dict) and "caption_ids" in batch:
+            self._check_coverage(batch)
         read = batch.pop(STREAM_READ_KEY, None) if isinstance(batch, dict) else None
         if read is not None:
             stream, samples = read.tolist()
             if stream < len(self._read):
                 self._read[stream] = samples
         return batch
+
+    def _check_coverage(self, batch: dict[str, Any]) -> None:
+        """Warn (once, on the first process) when the first batch's captions or tags are mostly [UNK]: a
+        vocabulary of another language or model would train on them without a word."""
+        vocab, self._vocab = self._vocab, None
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        for key, what in TEXT_KEYS_CHECKED.items():
+            share = unknown_share(batch[key], vocab) if key in batch else None
+            if share is not None and share > UNKNOWN_SHARE_WARNING:
+                log.warning("data: %.0f%% of the %s word pieces of the first batch are [UNK] under "
+                            "data.datamodule.vocab_file=%s: is it the vocabulary of the model and of the "
+                            "texts' language?", 100 * share, what, self.vocab_file)
 
     def _position(self, batches: int) -> tuple[int, int, list[int]] | None:
         """(epoch, batches of it trained, samples each stream had read by then) for the next training pass."""

@@ -20,12 +20,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.batches import SKIPPED_KEY, normalize_batch
-from ernievil2_train.data.datamodule import MultiViewDataModule
+from ernievil2_train.data.datamodule import MultiViewDataModule, unknown_share
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.data.epochs import STREAM_READ_KEY, stream_samples
 from ernievil2_train.data.sources import resolve_shards
 from ernievil2_train.data.views import SampleTransform
 from tests.data.shard_helpers import (
+    CHARS,
     PER_SHARD,
     image_key,
     sample,
@@ -595,3 +596,26 @@ def test_a_negative_shuffle_size_is_refused(data, field):
 def test_a_folder_given_as_vocabulary_is_named_as_a_folder(data):
     with pytest.raises(FileNotFoundError, match=r"^vocab_file: .* is a folder, not a vocabulary file$"):
         module(data, vocab_file=str(data))
+
+
+def test_unknown_share_counts_word_pieces_only():
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, "a": 4}
+    assert unknown_share(torch.tensor([[1, 3, 4, 3, 2, 0], [1, 4, 2, 0, 0, 0]]), vocab) == 0.5
+    assert unknown_share(torch.tensor([[1, 2, 0]]), vocab) is None
+
+
+@pytest.mark.parametrize(("chars", "warned"), [(CHARS, []), ("一只狗", ["caption", "object tag"])])
+def test_a_first_batch_of_mostly_unknown_pieces_is_told_once(data, tmp_path, caplog, chars, warned):
+    """A vocabulary without the captions' characters (another language's, another model's): one warning per
+    text kind at the first batch, naming the vocab file; the data's own vocabulary: none."""
+    vocab = write_vocab(tmp_path / "vocab.txt", chars)
+    dm = module(data, vocab_file=str(vocab))
+    batches = iter(dm.train_dataloader())
+    with caplog.at_level(logging.WARNING, logger="ernievil2_train.data.datamodule"):
+        for _ in range(2):
+            dm.on_before_batch_transfer(next(batches), 0)
+    said = [r.getMessage() for r in caplog.records if "[UNK]" in r.getMessage()]
+    kinds = [what for what in ("caption", "object tag") if any(f"the {what} word" in m for m in said)]
+    assert kinds == warned
+    assert len(said) == len(warned)
+    assert all(f"data.datamodule.vocab_file={vocab}:" in m for m in said)
