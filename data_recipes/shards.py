@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from data_recipes.pool import parallel_map, signals_held
 from ernievil2_train.data.evalset import clip_layout_files
+from ernievil2_train.data.publishing import publishing_marker
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_SHARD_BYTES = 1_000_000_000
@@ -133,6 +134,18 @@ def move_into_place(tmp: Path, path: Path) -> None:
     loss leaves the old file or the complete new one, never an empty or short file under `path`."""
     os.replace(tmp, path)
     sync(path.parent)
+
+
+@contextlib.contextmanager
+def publishing(folder: Path, split: str) -> Iterator[None]:
+    """The renames of `split` into `folder` under its publishing mark (see `ernievil2_train.data.publishing`):
+    put there (synced) before them, removed after them; left there when they fail or the run is killed."""
+    marker = publishing_marker(folder, split)
+    marker.touch()
+    sync(folder)
+    yield
+    marker.unlink()
+    sync(folder)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -399,9 +412,10 @@ class ShardSink(_Writer):
     @_names_output
     def publish(self) -> None:
         """Move the shards, then the index, into place; remove stale shards and the staging folder."""
-        for name in [shard["name"] for shard in self.shards] + [f"{self.split}.json"]:
-            move_into_place(self.staging / name, self.out_dir / name)
-        self.removed = self.remove_stale_shards()
+        with publishing(self.out_dir, self.split):
+            for name in [shard["name"] for shard in self.shards] + [f"{self.split}.json"]:
+                move_into_place(self.staging / name, self.out_dir / name)
+            self.removed = self.remove_stale_shards()
         self.staging.rmdir()
         self._lock.release()
 
@@ -509,8 +523,9 @@ class EvalSetWriter(_Writer):
 
     @_names_output
     def publish(self) -> None:
-        move_into_place(self._images_tmp, self.images_path)
-        move_into_place(self._texts_tmp, self.texts_path)
+        with publishing(self.out_dir, self.split):
+            move_into_place(self._images_tmp, self.images_path)
+            move_into_place(self._texts_tmp, self.texts_path)
         self._lock.release()
 
     def abort(self) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set_image_id, decode_base64
+from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set, data_set_image_id, decode_base64
+from ernievil2_train.data.publishing import refuse_half_published
 from ernievil2_train.data.tars import tar_members
 
 
@@ -55,6 +56,7 @@ def load_evalset(path: str | Path | Sequence[str | Path], split: str = "valid") 
         return _from_shards([Path(p) for p in braceexpand(text)], text)
     path = Path(path)
     if path.is_dir():
+        refuse_half_published(path, split, str(path))
         imgs, texts = clip_layout_files(path, split)
         if imgs.is_file() or texts.is_file():
             return _from_chinese_clip(imgs, texts)
@@ -155,6 +157,9 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
         raise FileNotFoundError(f"shard missing: {missing[0]}{more}")
     if not paths:
         raise ValueError(f"{what}: no shards given")
+    for data_set_name in {data_set(str(path)) for path in paths}:
+        folder, _, split = data_set_name.rpartition("/")
+        refuse_half_published(folder, split, what)
     result = EvalSet([], [], [], [], [])
     image_index: dict[str, int] = {}
     text_index: dict[str, int] = {}

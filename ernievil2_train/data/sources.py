@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 import webdataset as wds
 
 from ernievil2_train.data.batches import SkipCounter
-from ernievil2_train.data.decode import is_remote
+from ernievil2_train.data.decode import data_set, is_remote
+from ernievil2_train.data.publishing import refuse_half_published
 from ernievil2_train.data.tars import tar_members
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,20 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
     pattern (`train-{000000..000009}.tar`), a glob, or a list of those; shards named by a list, pattern or
     glob are counted when the `{split}.json` beside them lists them all. `name` is the config key, for error
     messages. On the command line Hydra needs a brace pattern quoted inside the override:
-    `"data.train_shards='data/train-{000000..000009}.tar'"`.
+    `"data.train_shards='data/train-{000000..000009}.tar'"`. A local split that a recipe run left
+    half-published is refused (see `publishing`).
     """
+    shards = _resolve_shards(spec, split, name)
+    for data_set_name in {data_set(url) for url in shards.urls if not is_remote(url)}:
+        folder, _, split_name = data_set_name.rpartition("/")
+        refuse_half_published(folder, split_name, name)
+    return shards
+
+
+def _resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
+    """`resolve_shards` without the check of the splits it found."""
     if isinstance(spec, list | tuple):
-        parts = [resolve_shards(s, split, name) for s in spec]
+        parts = [_resolve_shards(s, split, name) for s in spec]
         urls = [url for part in parts for url in part.urls]
         counts = [part.samples for part in parts]
         sizes = {key: n for part in parts for key, n in part.sizes.items()}

@@ -6,6 +6,7 @@ import argparse
 import base64
 import errno
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from data_recipes import shards as shards_module
 from data_recipes import tsv
 from data_recipes.common import ImageJob, prepare_job
 from data_recipes.shards import (
@@ -32,6 +34,8 @@ from data_recipes.shards import (
     write_outputs,
     write_records,
 )
+from ernievil2_train.data.evalset import load_evalset
+from ernievil2_train.data.sources import resolve_shards
 from tests.data_recipes.helpers import REPO_ROOT, error_line, image_bytes, read_shards, run_recipe
 
 RED = image_bytes((250, 0, 0))
@@ -359,3 +363,44 @@ def test_a_full_disk_names_the_output_and_leaves_nothing_behind(tmp_path, monkey
     lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
     assert f"python -m data_recipes.tsv: error: {out}: No space left on device" in lines
     assert not out.exists()  # nor the folder this run made
+
+
+def _killed_after_renames(renames: int, args: argparse.Namespace) -> None:
+    """A recipe run that dies (as by kill -9: no clean-up runs) after `renames` of its publishing renames."""
+    done = [0]
+    move = shards_module.move_into_place
+
+    def dying(tmp: Path, path: Path) -> None:
+        if done[0] == renames:
+            os._exit(9)
+        done[0] += 1
+        move(tmp, path)
+
+    shards_module.move_into_place = dying
+    write_outputs(range(5), _new_record, RecipeSkips(), args, total=5)
+
+
+# the new run's renames: 5 shards, their index, then the eval set's images and texts
+@pytest.mark.parametrize(("renames", "half"), [(1, "shards"), (7, "eval set")])
+def test_a_split_half_published_by_a_killed_run_is_refused_until_a_run_completes(tmp_path, renames, half):
+    """Killed after the first new shard is in place (the old index lists old and new shards), or between the
+    eval set's two files: readers refuse the mixed split, naming it; the next completed run clears it."""
+    args = argparse.Namespace(out=tmp_path, split="val", shard_size=2, shard_bytes=10**9, outputs="both",
+                              workers=1)
+    write_outputs(range(3), _record, RecipeSkips(), args, total=3)
+    child = multiprocessing.get_context("fork").Process(target=_killed_after_renames, args=(renames, args))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    refused = {"shards": lambda: resolve_shards(str(tmp_path), "val", "data.val_shards"),
+               "eval set": lambda: load_evalset(tmp_path / "eval", "val")}
+    with pytest.raises(ValueError, match=re.escape("is a mix of two recipe runs' files: the last run was "
+                                                   "stopped while moving them into place (.val.publishing "
+                                                   "is there); run the recipe again")):
+        refused[half]()
+    other = refused["eval set" if half == "shards" else "shards"]
+    other()  # the other split is whole (the old one, or the new one)
+    write_outputs(range(5), _new_record, RecipeSkips(), args, total=5)
+    assert resolve_shards(str(tmp_path), "val", "data.val_shards").samples == 10  # 2 captions an image
+    assert len(load_evalset(tmp_path / "eval", "val").images) == 5
+    assert not list(tmp_path.rglob(".val.publishing"))
