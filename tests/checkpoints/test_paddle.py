@@ -274,12 +274,13 @@ def test_missing_extra_and_misshapen_keys(tmp_path: Path, arrays: dict[str, np.n
 
 
 def test_split_big_parameters_are_reassembled(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """In the order of the slice list (numeric: `@@.10` after `@@.9`, not after `@@.1`)."""
     split = dict(arrays)
     info = {}
     for name in ("text_model.word_emb.weight", "visual.positional_embedding"):
         flat = split.pop(name).reshape(-1)
-        step = -(-flat.size // 3)
-        parts = [f"{name}@@.{i}" for i in range(3)]
+        step = -(-flat.size // 12)
+        parts = [f"{name}@@.{i}" for i in range(12)]
         for i, part in enumerate(parts):
             split[part] = flat[i * step : (i + 1) * step]
         info[name] = {"OriginShape": list(arrays[name].shape), "slices": parts}
@@ -294,3 +295,13 @@ def test_split_big_parameters_are_reassembled(tmp_path: Path, arrays: dict[str, 
         CheckpointError, match=re.escape("split parameter visual.positional_embedding is incomplete")
     ):
         read_pdparams(_write(tmp_path / "broken.pdparams", broken, protocol=2))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+def test_a_parameter_that_is_not_floating_point_is_refused(tmp_path: Path, arrays: dict[str, np.ndarray],
+                                                           dtype: type) -> None:
+    """Not cast to float32 in silence: the file is not a model's weights as this loader knows them."""
+    name = "visual.positional_embedding"
+    state = {**arrays, name: arrays[name].astype(dtype)}
+    with pytest.raises(CheckpointError, match=re.escape(f"entry {name} is not a floating-point array")):
+        read_pdparams(_write(tmp_path / "ints.pdparams", state))
