@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ernievil2_train.perf import count_host_syncs
+from ernievil2_train.vision import augment
 from ernievil2_train.vision.augment import (
     MEAN,
     STD,
@@ -233,3 +234,110 @@ def test_uint8_batches_normalise_without_host_copies_and_bit_for_bit_as_float32_
     mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
     expected = batch.float() * (1.0 / (255.0 * std)) - mean / std
     assert torch.equal(normalize_uint8(batch), expected)
+
+
+class FixedBox(TrainViews):
+    """TrainViews whose crop box is `box` (in oriented full-size pixels), recording each decoded shape."""
+
+    def __init__(self, box: tuple[int, int, int, int], **kw) -> None:
+        super().__init__(**kw)
+        self.box, self.shapes = box, []
+
+    def sample_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        return self.box
+
+    def view(self, array: np.ndarray, box: tuple[float, float, float, float]) -> torch.Tensor:
+        self.shapes.append(array.shape)
+        return super().view(array, box)
+
+
+def test_draft_decoded_view_crops_the_same_region_as_a_full_decode() -> None:
+    """The full-size crop box is scaled onto the draft-reduced array: same content as a full-size crop."""
+    source = smooth_image(1600, 1200, 12)
+    box = (900, 500, 1300, 900)
+    views = FixedBox(box, image_size=64, num_views=1, **PLAIN)
+    (x,) = views(lazy(source, quality=95))
+    assert views.shapes == [(300, 400, 3)]  # a 400-pixel crop at 64 pixels: a 1/4 draft
+    full = views.view(decode_rgb(lazy(source, quality=95)), box)
+    elsewhere = views.view(decode_rgb(lazy(source, quality=95)), (0, 0, 400, 400))
+    assert (x - full).abs().mean() < 0.05 < (elsewhere - full).abs().mean()
+
+
+@pytest.mark.parametrize("order", [("brightness", "contrast", "saturation"),
+                                   ("contrast", "saturation", "brightness"),
+                                   ("saturation", "brightness", "contrast")])
+def test_composed_jitter_equals_the_ops_applied_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, order: tuple[str, ...]
+) -> None:
+    """The one composed matrix equals brightness, contrast (about the grey mean of the image as it is at
+    that point) and saturation applied in turn, in the drawn order, on unclamped float pixels."""
+    factors = {"brightness": 1.3, "contrast": 0.6, "saturation": 1.4}
+    draws = iter(factors[name] for name in order)
+
+    class Drawn:
+        """The module's `random`, with the op order and factors fixed."""
+
+        @staticmethod
+        def random() -> float:
+            return 0.0
+
+        @staticmethod
+        def shuffle(ops: list[str]) -> None:
+            assert sorted(ops) == sorted(order)
+            ops[:] = order
+
+        @staticmethod
+        def uniform(low: float, high: float) -> float:
+            factor = next(draws)
+            assert low <= factor <= high
+            return factor
+
+    monkeypatch.setattr(augment, "random", Drawn)
+    view = np.asarray(smooth_image(32, 32, 13))
+    views = TrainViews(image_size=32, **{**PLAIN, "jitter_p": 1.0, "brightness": 0.5, "contrast": 0.5,
+                                         "saturation": 0.5})
+    matrix = views.colour_matrix(view).astype(np.float64)
+    luma = np.array([0.299, 0.587, 0.114])
+    pixels = view.reshape(-1, 3).astype(np.float64)
+    expected = pixels
+    for name in order:
+        f = factors[name]
+        if name == "brightness":
+            expected = f * expected
+        elif name == "contrast":
+            expected = f * expected + (1 - f) * (expected @ luma).mean()
+        else:
+            expected = f * expected + (1 - f) * (expected @ luma)[:, None]
+    np.testing.assert_allclose(pixels @ matrix[:, :3].T + matrix[:, 3], expected, atol=1e-2)
+
+
+def test_crop_scale_above_the_whole_image_is_refused() -> None:
+    """A crop cannot cover more than the image: a scale maximum above 1 is refused, naming the bound."""
+    with pytest.raises(ValueError, match=r"^scale must satisfy 0 < min <= max <= 1, got \(0.5, 1.5\)$"):
+        TrainViews(scale=(0.5, 1.5))
+    TrainViews(scale=(0.5, 1.0))  # the bound itself is fine
+
+
+@pytest.mark.parametrize(("orientation", "to_stored"), [(5, Image.Transpose.TRANSPOSE),
+                                                        (6, Image.Transpose.ROTATE_90),
+                                                        (7, Image.Transpose.TRANSVERSE),
+                                                        (8, Image.Transpose.ROTATE_270)])
+def test_exif_orientations_that_swap_axes(orientation: int, to_stored: Image.Transpose) -> None:
+    """Orientations 5 to 8 store the image with width and height swapped: the oriented size, the center
+    view and a training crop box placed in upright pixels all see the upright image."""
+    upright = smooth_image(90, 60, 14)
+    stored = upright.transpose(to_stored)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    rotated = lazy(stored, exif=exif.tobytes(), quality=95)
+    assert oriented_size(rotated) == (90, 60)
+    a = CenterView(32)(rotated)
+    b = CenterView(32)(lazy(upright, quality=95))
+    wrong = CenterView(32)(lazy(stored, quality=95))
+    assert (a - b).abs().mean() < 0.1 < (wrong - b).abs().mean()
+    left, right = (5, 10, 45, 50), (45, 10, 85, 50)  # off-centre boxes, in upright pixels
+    (crop,) = FixedBox(left, image_size=32, num_views=1, **PLAIN)(
+        lazy(stored, exif=exif.tobytes(), quality=95))
+    (expected,) = FixedBox(left, image_size=32, num_views=1, **PLAIN)(lazy(upright, quality=95))
+    (elsewhere,) = FixedBox(right, image_size=32, num_views=1, **PLAIN)(lazy(upright, quality=95))
+    assert (crop - expected).abs().mean() < 0.1 < (elsewhere - expected).abs().mean()
