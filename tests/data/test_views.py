@@ -164,6 +164,7 @@ def test_token_drop_p_is_the_share_of_pieces_dropped(vocab: str) -> None:
         kept += len(row[1:row.index(2)])
     assert 0.05 < 1 - kept / (100 * len(pieces)) < 0.30
 
+
 def test_eval_transform_is_single_view_and_deterministic(vocab):
     transform = SampleTransform(vocab, image_size=SIZE, train=False)
     a, b = transform(sample(11)), transform(sample(11))
