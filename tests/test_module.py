@@ -6,6 +6,7 @@ import csv
 import functools
 import math
 import re
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from ernievil2_train.data.decode import SKIP_REASONS
 from ernievil2_train.losses import MAX_LOG_SCALE, symmetric_infonce
-from ernievil2_train.module import ErnieVil2Module, TrainingConfigError
+from ernievil2_train.module import SCHEDULE_KEY, ErnieVil2Module, TrainingConfigError
 from ernievil2_train.perf import HostSyncCounter
 from tests.training_helpers import ALL_PAIRS, SyncWatch, make_batch, tiny_model
 
@@ -481,3 +482,41 @@ def test_validation_treats_captions_of_one_image_as_positives():
     soft, hard = (results[m]["val/loss_image_caption"] for m in (True, False))
     assert abs(soft - hard) > 1e-3 * hard
 
+
+def test_validation_logs_the_skip_counts_of_a_single_report() -> None:
+    """Skip totals are logged when exactly one validation batch carries counts: here a batch of only
+    `skipped` (a loader worker's last report) after two sample batches without them."""
+    counts = torch.arange(len(SKIP_REASONS)) + 1
+    samples = _samples(8, seed=5)
+    batches = [default_collate(samples[:4]), default_collate(samples[4:]), {"skipped": counts}]
+    module = _module()
+    (logged,) = _trainer().validate(module, dataloaders=DataLoader(batches, batch_size=None), verbose=False)
+    assert {name: logged[f"val/skipped_{name}"] for name in SKIP_REASONS} == dict(
+        zip(SKIP_REASONS, counts.tolist(), strict=True))
+    assert math.isfinite(logged["val/loss_image_caption"])
+
+
+def test_the_models_temperature_is_clamped_from_below_at_zero() -> None:
+    """A negative log logit scale of the model (a scale below 1) is raised to 0."""
+    module = _module()
+    assert module.model.logit_scale.requires_grad
+    with torch.no_grad():
+        module.model.logit_scale.fill_(-2.0)
+    module.clamp_temperatures()
+    assert module.model.logit_scale.item() == 0.0
+
+
+@pytest.mark.parametrize(("saved", "warns"), [(12, True), (10, False), (None, False)])
+def test_a_resume_with_another_schedule_length_warns(saved: int | None, warns: bool) -> None:
+    """Resuming from a checkpoint whose lr schedule was laid out for another number of optimizer steps warns
+    (the learning rate jumps); the same number, or a checkpoint without it, does not."""
+    module = _module(scheduler={"total_steps": 10})
+    module.on_load_checkpoint({SCHEDULE_KEY: saved} if saved is not None else {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.configure_optimizers()
+    expected = ("resuming a run whose lr schedule was laid out for 12 optimizer steps with one of 10 "
+                "(trainer.max_epochs or max_steps")
+    schedule_warnings = [str(w.message) for w in caught if "lr schedule" in str(w.message)]
+    assert [m.startswith(expected) for m in schedule_warnings] == ([True] if warns else [])
+    assert module._schedule_steps == 10

@@ -282,3 +282,43 @@ def test_composed_config_values_are_accepted():
     cfg = LossConfig.from_any(node)
     assert cfg.weights == {"image_caption": 1.0, "text_text": 0.5} and cfg.temperature_init == 0.0
     assert LossConfig(temperature_init=MAX_LOG_SCALE).temperature_init == MAX_LOG_SCALE
+
+
+def test_duplicate_keys_without_multi_positive_keep_hard_labels() -> None:
+    """With `multi_positive` off, duplicated image keys change neither loss nor accuracy: one positive per
+    row, the diagonal (the CLIP loss); with it on, the duplicates are positives and both change."""
+    feats = _features(6, seed=11)
+    feats["caption"] = feats["image"][[1, 0, 3, 2, 5, 4]]  # each row's nearest column: its key's twin
+    duplicated, distinct = torch.tensor([0, 0, 1, 1, 2, 2]), torch.arange(6)
+    weights = {"image_caption": 1.0}
+    hard = _loss({"weights": weights}, feats, duplicated, distinct, None, log_scale=4.0)
+    unique = _loss({"weights": weights}, feats, distinct, distinct, None, log_scale=4.0)
+    reference = _clip_reference(feats["image"], feats["caption"], math.exp(4.0))
+    torch.testing.assert_close(hard["loss"], reference, atol=1e-12, rtol=0)
+    torch.testing.assert_close(hard["loss"], unique["loss"], atol=1e-12, rtol=0)
+    assert hard["acc_image_caption"].item() == unique["acc_image_caption"].item() == 0.0
+    soft = _loss({"weights": weights, "multi_positive": True}, feats, duplicated, distinct, None,
+                 log_scale=4.0)
+    assert soft["loss"].item() < 0.6 * hard["loss"].item()
+    assert soft["acc_image_caption"].item() == 1.0
+
+
+def test_multi_positive_accuracy_is_brute_force_top1_of_both_directions() -> None:
+    """A row scores a hit when its most similar column is one of its positives (equal in any key), in each
+    direction; the accuracy is the hits over both directions' rows."""
+    g = torch.Generator().manual_seed(12)
+    n = 12
+    image = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=-1)
+    caption = F.normalize(image + 0.9 * torch.randn(n, 8, generator=g, dtype=torch.float64), dim=-1)
+    image_key = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7])
+    caption_key = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 16])
+    keys = [image_key.tolist(), caption_key.tolist()]
+    hits = 0
+    for rows, cols in ((image, caption), (caption, image)):
+        for i in range(n):
+            j = max(range(n), key=lambda c: float(rows[i] @ cols[c]))
+            hits += any(key[j] == key[i] for key in keys)
+    _, acc = symmetric_infonce(image, caption, caption, image, torch.tensor(3.0, dtype=torch.float64), 0,
+                               keys=[image_key, caption_key])
+    assert 0 < hits < 2 * n
+    assert acc.item() == pytest.approx(hits / (2 * n), abs=1e-6)
