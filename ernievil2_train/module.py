@@ -170,14 +170,19 @@ class ErnieVil2Module(pl.LightningModule):
     def _check_optimizer(self) -> None:
         """Refuse the settings a torch optimizer refuses (a negative lr, one beta) now, before the run starts
         its loggers and the zero-shot baseline: built once on a one-number parameter. Other optimizers may
-        need their parameters on a device: they are built only when training starts."""
+        need their parameters on a device: they are built only when training starts. An lr of 0 for every
+        part is refused too: the run would train nothing."""
         factory = self.optimizer_factory
         if not getattr(getattr(factory, "func", factory), "__module__", "").startswith("torch.optim"):
             return
         try:
-            factory([nn.Parameter(torch.zeros(1))])
+            probe = factory([nn.Parameter(torch.zeros(1))])
         except OPTIMIZER_REFUSALS as error:
             raise TrainingConfigError(f"module.optimizer: {error}") from None
+        base = probe.defaults.get("lr")
+        if all((base if lr is None else lr) == 0 for lr in self.lrs.values()):
+            raise TrainingConfigError("module.optimizer.lr is 0 and no vision_lr, text_lr or temperature_lr "
+                                      "is above it: nothing would train")
 
     def _frozen_towers(self, freeze_vision: bool, freeze_text: bool) -> list[str]:
         """The towers that do not train: the frozen ones, and any that no active loss reaches. Refuses

@@ -378,6 +378,24 @@ def test_optimizer_settings_the_optimizer_refuses_name_the_optimizer(optimizer, 
         _module(optimizer=functools.partial(torch.optim.AdamW, **{"lr": 1e-3, **optimizer}))
 
 
+@pytest.mark.parametrize(("lrs", "refused"), [
+    ({}, True),
+    ({"vision_lr": 0.0, "text_lr": 0.0, "temperature_lr": 0.0}, True),
+    ({"text_lr": 1e-4}, False),
+    ({"temperature_lr": 1e-3}, False),
+])
+def test_an_lr_of_zero_for_every_part_is_refused(lrs: dict, refused: bool) -> None:
+    """Nothing would train; an lr of 0 with one part's own lr above it trains that part."""
+    build = functools.partial(_module, optimizer=functools.partial(torch.optim.AdamW, lr=0.0), **lrs)
+    if not refused:
+        build()
+        return
+    with pytest.raises(TrainingConfigError, match=re.escape(
+            "module.optimizer.lr is 0 and no vision_lr, text_lr or temperature_lr is above it: nothing would "
+            "train")):
+        build()
+
+
 def test_a_run_without_training_steps_names_the_trainer_settings():
     with pytest.raises(TrainingConfigError, match=re.escape(
         "the run has no training step to schedule (trainer.max_steps=-1, max_epochs=1, limit_train_batches=0)"
