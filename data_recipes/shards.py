@@ -422,7 +422,8 @@ class ShardSink(_Writer):
     def _refuse_unlisted_shards(self) -> None:
         """A `RecipeError` when the folder holds shards of this split's name but no index of a recipe run:
         they are another data set's (publishing would overwrite some and remove the rest as stale)."""
-        if (self.out_dir / f"{self.split}.json").exists():
+        index, marker = self.out_dir / f"{self.split}.json", publishing_marker(self.out_dir, self.split)
+        if index.exists() or marker.exists():  # a recipe run's (one killed while publishing, too)
             return
         found = sorted(self._split_shards())
         if found:

@@ -196,43 +196,57 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': path not found: {resolved}{_made_from(cfg, key)}{why}")
 
 
-def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str], hydra_cfg: DictConfig | None = None) -> None:
     """Refuse a key added on the command line (`+data.batch_size=8`) that nothing would read: no `_target_`
-    above it takes it as an argument and no interpolation names it, so the run would go on as if it were
-    not there. Group choices (`+experiment=...`) add no key and pass."""
-    named = _interpolated_names(OmegaConf.to_container(cfg, resolve=False))
+    at or above it builds it and no interpolation (of the run's config, or of Hydra's: `hydra.run.dir`)
+    names it, so the run would go on as if it were not there. Group choices (`+experiment=...`) add no key
+    and pass; `++key=value` is taken as it is (a note in the run's config)."""
+    referenced = _referenced_keys(OmegaConf.to_container(cfg, resolve=False), [])
+    if hydra_cfg is not None:
+        referenced |= _referenced_keys(OmegaConf.to_container(hydra_cfg, resolve=False), ["hydra"])
     for override in overrides:
         if not override.startswith("+") or override.startswith("++") or "=" not in override:
             continue
-        key = override[1:].split("=", 1)[0]
+        key, value = override[1:].split("=", 1)
         parts = key.split(".")
         if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
             continue  # a config group, not a key
-        built = any("_target_" in node for node in _ancestors(cfg, parts) if isinstance(node, DictConfig))
-        if built or parts[-1] in named:
+        if _built(cfg, parts) or any(ref == key or ref.startswith(f"{key}.") or key.startswith(f"{ref}.")
+                                     for ref in referenced):
             continue
         raise ConfigError(f"config key '{key}' (added by {override}) is read by nothing, so it would change "
-                          f"nothing{_did_you_mean(cfg, key)}")
+                          f"nothing{_did_you_mean(cfg, key)} (++{key}={value} keeps it as a note in the "
+                          "run's config)")
 
 
 _ABSENT = object()
-_NAME = re.compile(r"[A-Za-z_]\w*")
+# a node interpolation `${data.root}`, `${.root}`, `${..root}` (a resolver's `${oc.env:HOME}` is none)
+_INTERPOLATION = re.compile(r"\$\{(\.*)([A-Za-z_][\w.]*)\}")
 
 
-def _interpolated_names(value: Any) -> set[str]:
-    """Every name written inside a `${...}` anywhere in an unresolved config container."""
+def _referenced_keys(value: Any, path: list[str]) -> set[str]:
+    """The absolute keys that the interpolations in an unresolved config container at `path` name."""
     if isinstance(value, dict):
-        return set().union(*(_interpolated_names(v) for v in value.values()))
+        return set().union(*(_referenced_keys(v, [*path, str(k)]) for k, v in value.items()))
     if isinstance(value, list):
-        return set().union(*(_interpolated_names(v) for v in value))
-    if isinstance(value, str) and "${" in value:
-        return set(_NAME.findall(value))
-    return set()
+        return set().union(*(_referenced_keys(v, [*path, str(i)]) for i, v in enumerate(value)))
+    if not isinstance(value, str):
+        return set()
+    keys = set()
+    for dots, name in _INTERPOLATION.findall(value):
+        node = path[:-1][: max(len(path) - len(dots), 0)] if dots else []  # `.`: the value's own node
+        keys.add(".".join([*node, name]))
+    return keys
 
 
-def _ancestors(cfg: DictConfig, parts: list[str]) -> Iterator[Any]:
-    for depth in range(1, len(parts)):
-        yield OmegaConf.select(cfg, ".".join(parts[:depth]), throw_on_resolution_failure=False)
+def _built(cfg: DictConfig, parts: list[str]) -> bool:
+    """Whether a `_target_` at or above the key builds it (a section's own, `callbacks.x`, ...; a node of
+    its own at the top is built by nothing)."""
+    for depth in range(1, len(parts) + 1):
+        node = OmegaConf.select(cfg, ".".join(parts[:depth]), throw_on_resolution_failure=False)
+        if isinstance(node, DictConfig) and "_target_" in node and (depth < len(parts) or depth > 1):
+            return True
+    return False
 
 
 def _did_you_mean(cfg: DictConfig, key: str) -> str:

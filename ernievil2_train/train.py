@@ -277,7 +277,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_known_warnings()
     check_config(cfg)
     if HydraConfig.initialized():
-        check_added_keys(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+        hydra_cfg = HydraConfig.get()
+        check_added_keys(cfg, OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False), hydra_cfg)
     check_one_vocabulary(cfg)
     check_run_mode()
     settle_accumulation(cfg)

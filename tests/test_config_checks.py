@@ -50,30 +50,43 @@ def test_a_target_is_located_or_refused_naming_its_key():
 ADDED = OmegaConf.create({
     "seed": 1,
     "extra": 2,
-    "data": {"root": "/d", "my_root": "/e", "vocab": "${.my_root}/vocab.txt", "batch_size": 8,
-             "datamodule": {"_target_": "x.DataModule", "batch_size": 4, "new_arg": 1}},
-    "callbacks": {"stop": {"monitor": "val/loss"}},
+    "image_size": 224,
+    "data": {"root": "/d", "my_root": "/e", "vocab": "${.my_root}/vocab.txt", "image_size": 64,
+             "batch_size": 8,
+             "datamodule": {"_target_": "x.DataModule", "batch_size": 4, "new_arg": 1,
+                            "image_size": "${..image_size}"}},
+    "callbacks": {"stop": {"monitor": "val/loss"},
+                  "early": {"_target_": "x.EarlyStopping", "monitor": "val/loss"}},
+    "tag": "a",
+    "lonely": {"_target_": "x.Nothing"},
 })
+HYDRA = OmegaConf.create({"run": {"dir": "/runs/${tag}"}})
 
 
 @pytest.mark.parametrize("override", [
     "+data.datamodule.new_arg=1",  # the constructor above it takes it (or says it does not)
-    "+data.my_root=/e",  # an interpolation reads it
+    "+callbacks.early={_target_:x.EarlyStopping,monitor:val/loss}",  # a node that builds itself
+    "+data.my_root=/e",  # an interpolation reads it (relative to its node)
+    "+tag=a",  # Hydra's config reads it
     "+experiment=demo",  # a group choice: no key
-    "++extra=2",  # set or replace
+    "++extra=2",  # set or replace: kept as it is
     "seed=1",
 ])
 def test_keys_added_for_something_to_read_pass(override: str) -> None:
-    check_added_keys(ADDED, [override])
+    check_added_keys(ADDED, [override], HYDRA)
 
 
 @pytest.mark.parametrize(("override", "message"), [
     ("+data.batch_size=8", "config key 'data.batch_size' (added by +data.batch_size=8) is read by nothing, "
-                           "so it would change nothing; did you mean 'data.datamodule.batch_size'?"),
+                           "so it would change nothing; did you mean 'data.datamodule.batch_size'? "
+                           "(++data.batch_size=8 keeps it as a note in the run's config)"),
     ("+extra=2", "config key 'extra' (added by +extra=2) is read by nothing, so it would change nothing"),
+    ("+image_size=224", "config key 'image_size' (added by +image_size=224) is read by nothing"),  # only
+    # `data.image_size` is
     ("+callbacks.stop.monitor=val/loss", "config key 'callbacks.stop.monitor' (added by "
      "+callbacks.stop.monitor=val/loss) is read by nothing"),
+    ("+lonely={_target_:x.Nothing}", "config key 'lonely' (added by +lonely={_target_:x.Nothing}) is read"),
 ])
 def test_a_key_added_for_nothing_is_refused_naming_it(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_added_keys(ADDED, ["seed=1", override])
+        check_added_keys(ADDED, ["seed=1", override], HYDRA)

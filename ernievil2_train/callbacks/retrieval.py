@@ -321,10 +321,12 @@ class RetrievalCallback(pl.Callback):
         return batches
 
     def _keeping(self, key: tuple[int, ...], batches: CropBatches) -> Iterator[tuple[Tensor, Tensor]]:
+        """`batches`, kept as copies in this process's memory: a loader worker's batch lives in shared
+        memory with a file descriptor open, and thousands of them would run out of both."""
         kept = []
-        for batch in batches:
-            kept.append(batch)
-            yield batch
+        for crops, ok in batches:
+            kept.append((crops.clone(), ok.clone()))
+            yield crops, ok
         self._crops = key, kept
 
     @staticmethod

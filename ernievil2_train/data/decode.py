@@ -173,8 +173,10 @@ def data_set_image_id(url: str, image_id: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def data_set(url: str) -> str:
     """The data set of shard `url`: its folder and its name less the shard number (`d/train-000003.tar` ->
-    `d/train`; `d/00003.tar` -> `d/`), as recipes write each split's shards into a folder under its name."""
-    stem = url.rpartition("/")[2].split(".")[0]
+    `d/train`; `d/train.v2-000003.tar` -> `d/train.v2`; `d/00003.tar` -> `d/`), as recipes write each split's
+    shards into a folder under its name."""
+    name = url.rpartition("/")[2]
+    stem = name.removesuffix(".tar") if name.endswith(".tar") else name.split(".")[0]
     return f"{shard_folder(url)}/{_SHARD_NUMBER.sub('', stem)}"
 
 

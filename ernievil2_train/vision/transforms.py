@@ -112,8 +112,10 @@ def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 on the tensor's device, the same numbers as `normalize` (a lookup in
     its table, so the floats are bit-identical wherever it runs)."""
     table = torch.from_numpy(_TABLE).to(crops.device, non_blocking=True)
-    offsets = torch.arange(0, 3 * 256, 256, device=crops.device).view(3, 1, 1)
-    return table.view(-1)[crops.long() + offsets]
+    out = torch.empty(crops.shape, dtype=torch.float32, device=crops.device)
+    for channel in range(3):  # one channel's indices at a time: 8 bytes a pixel of it, not 8 of every one
+        out[..., channel, :, :] = table[channel][crops[..., channel, :, :].long()]
+    return out
 
 
 class EvalTransform:

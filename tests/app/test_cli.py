@@ -307,7 +307,8 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
          "error: In 'train': Could not find 'logger/nope'; available: csv, tensorboard, wandb"),
         (["+max_epochs=3"],  # what Hydra's own hint above leads to
          "error: config key 'max_epochs' (added by +max_epochs=3) is read by nothing, so it would change "
-         "nothing; did you mean 'trainer.max_epochs'?"),
+         "nothing; did you mean 'trainer.max_epochs'? (++max_epochs=3 keeps it as a note in the run's "
+         "config)"),
         (["trainer.max_epochs=[1"],
          "error: cannot parse override 'trainer.max_epochs=[1': no viable alternative at input '[1'"),
         (["data.image_size=${nope}"],

@@ -171,6 +171,17 @@ def test_eval_images_are_decoded_once_while_the_cache_holds_them(setup, monkeypa
     assert callback.last == pytest.approx({k: expected[k] for k in callback.last}, rel=1e-6)
 
 
+def test_the_cache_holds_its_own_copies_of_the_loader_workers_batches(setup):
+    """A worker's batch lives in shared memory with a file descriptor open: the cache copies it out, or a
+    cache of thousands of batches would run out of descriptors (and of /dev/shm)."""
+    model, callback, expected = setup
+    callback.num_workers = 1
+    fit_one_epoch(model, callback)
+    _, batches = callback._crops
+    assert batches and not any(crops.is_shared() or ok.is_shared() for crops, ok in batches)
+    assert callback.last == pytest.approx({k: expected[k] for k in callback.last}, rel=1e-6)
+
+
 def test_eval_images_over_the_cache_size_are_decoded_each_time_and_said_once(tmp_path, monkeypatch, caplog):
     """700 crops of 3 x 32 x 32 bytes exceed 1 MiB: decoded at the baseline and again after the epoch."""
     ckpt, model = tiny_checkpoint(tmp_path / "ckpt")

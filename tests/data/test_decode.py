@@ -273,6 +273,8 @@ def test_an_image_id_belongs_to_the_folder_and_split_of_its_shard(tmp_path: Path
     for url in ("a/train-000000.tar", "a/train-000001.tar", "a/./train-000000.tar", "link/train-000002.tar"):
         assert data_set_image_id(str(tmp_path / url), "7") == f"{folder}/train#7"
     assert data_set_image_id(str(tmp_path / "a" / "extra-000000.tar"), "7") == f"{folder}/extra#7"
+    for split in ("train.v1", "train.v2"):  # a dot in a split's name
+        assert data_set_image_id(str(tmp_path / "a" / f"{split}-000000.tar"), "7") == f"{folder}/{split}#7"
     other = os.path.realpath(tmp_path / "b")
     assert data_set_image_id(str(tmp_path / "b" / "train-000000.tar"), "7") == f"{other}/train#7"
     for name in ("00000.tar", "00012.tar.gz"):  # numbered shards only (img2dataset's)

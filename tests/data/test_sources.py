@@ -74,3 +74,15 @@ def test_a_folder_of_shards_named_for_no_split_is_read_whole(tmp_path):
     write_shard(tmp_path / "valid-000000.tar", [sample(99)])  # a split-named shard: no longer read whole
     with pytest.raises(FileNotFoundError, match=r"no train-\*\.tar shards in directory .* \(it holds valid"):
         resolve_shards(str(tmp_path), "train", "k")
+
+
+def test_a_half_published_split_is_refused_by_its_own_name(tmp_path) -> None:
+    """`.{split}.publishing` (a recipe run killed while moving the split into place) refuses that split, a
+    dot in its name included, and no other split of the folder."""
+    for split in ("train", "train.v2"):
+        write_shard(tmp_path / f"{split}-000000.tar", [sample(0)])
+    (tmp_path / ".train.v2.publishing").touch()
+    with pytest.raises(ValueError, match=r"data.train_shards: split 'train.v2' of .* is a mix of two recipe"):
+        resolve_shards(str(tmp_path / "train.v2-000000.tar"), "train.v2", "data.train_shards")
+    assert resolve_shards(str(tmp_path), "train", "data.train_shards").urls == [
+        str(tmp_path / "train-000000.tar")]
