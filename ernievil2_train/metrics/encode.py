@@ -55,9 +55,11 @@ CropBatches = Iterable[tuple[Tensor, Tensor]]  # uint8 [b, 3, S, S] crops and th
 
 def image_crops(images: Sequence[bytes], transform: EvalTransform, batch_size: int,
                 num_workers: int = 0) -> CropBatches:
-    """Batches of the images' crops before normalisation, decoded by `num_workers` loader workers."""
+    """Batches of the images' crops before normalisation, decoded by `num_workers` loader workers. The
+    loader draws its seed from a generator of its own: an evaluation leaves torch's random stream (the
+    training's dropout masks) as it was, whether it decodes or reads a cache."""
     return DataLoader(_Crops(images, transform), batch_size=batch_size, num_workers=num_workers,
-                      worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator())
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

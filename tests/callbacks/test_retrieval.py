@@ -171,6 +171,22 @@ def test_eval_images_are_decoded_once_while_the_cache_holds_them(setup, monkeypa
     assert callback.last == pytest.approx({k: expected[k] for k in callback.last}, rel=1e-6)
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_evaluation_leaves_torchs_random_stream_alone(setup, num_workers):
+    """Decoding (a loader draws its seed) or reading the cache, an evaluation takes nothing from the random
+    stream that gives training its dropout masks: a resumed run, whose first evaluation decodes again,
+    draws the masks the uninterrupted one drew."""
+    model, callback, _ = setup
+    callback.num_workers = num_workers
+    fit_one_epoch(model, callback)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    for cached in (True, False):
+        callback._crops = callback._crops if cached else None
+        state = torch.random.get_rng_state()
+        callback.evaluate(trainer, TinyModule(model))
+        assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_the_cache_holds_its_own_copies_of_the_loader_workers_batches(setup):
     """A worker's batch lives in shared memory with a file descriptor open: the cache copies it out, or a
     cache of thousands of batches would run out of descriptors (and of /dev/shm)."""
