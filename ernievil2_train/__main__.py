@@ -90,11 +90,10 @@ def _in_sweep(message: str) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not HydraConfig.initialized() or (hydra_cfg := HydraConfig.get()).mode != RunMode.MULTIRUN:
         return message
-    job = HydraConfig.get().job
-    overrides = " ".join(HydraConfig.get().overrides.task)
-    return f"job {job.num} ({overrides}): {message}; the sweep stops here, the jobs after it do not run"
+    job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+    return f"{job}: {message}; the sweep stops here, the jobs after it do not run"
 
 
 def run() -> None:

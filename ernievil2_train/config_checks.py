@@ -242,11 +242,11 @@ def _referenced_keys(value: Any, path: list[str]) -> set[str]:
 def _built(cfg: DictConfig, parts: list[str]) -> bool:
     """Whether a `_target_` at or above the key builds it (a section's own, `callbacks.x`, ...; a node of
     its own at the top is built by nothing)."""
-    for depth in range(1, len(parts) + 1):
-        node = OmegaConf.select(cfg, ".".join(parts[:depth]), throw_on_resolution_failure=False)
-        if isinstance(node, DictConfig) and "_target_" in node and (depth < len(parts) or depth > 1):
-            return True
-    return False
+    if len(parts) == 1:
+        return False
+    nodes = (OmegaConf.select(cfg, ".".join(parts[:depth]), throw_on_resolution_failure=False)
+             for depth in range(1, len(parts) + 1))
+    return any(isinstance(node, DictConfig) and "_target_" in node for node in nodes)
 
 
 def _did_you_mean(cfg: DictConfig, key: str) -> str:
