@@ -23,8 +23,8 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set, data_set_image_id, decode_base64
-from ernievil2_train.data.publishing import refuse_half_published
+from ernievil2_train.data.decode import IMAGE_EXTENSIONS, data_set_image_id, decode_base64
+from ernievil2_train.data.publishing import refuse_half_published, refuse_half_published_shards
 from ernievil2_train.data.tars import tar_members
 
 
@@ -157,9 +157,7 @@ def _from_shards(paths: list[Path], what: str) -> EvalSet:
         raise FileNotFoundError(f"shard missing: {missing[0]}{more}")
     if not paths:
         raise ValueError(f"{what}: no shards given")
-    for data_set_name in {data_set(str(path)) for path in paths}:
-        folder, _, split = data_set_name.rpartition("/")
-        refuse_half_published(folder, split, what)
+    refuse_half_published_shards([str(path) for path in paths], what)
     result = EvalSet([], [], [], [], [])
     image_index: dict[str, int] = {}
     text_index: dict[str, int] = {}

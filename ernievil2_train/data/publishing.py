@@ -8,7 +8,10 @@ mix of old and new files, and readers refuse that split until a later run of the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+
+from ernievil2_train.data.decode import data_set, is_remote
 
 
 def publishing_marker(folder: str | Path, split: str) -> Path:
@@ -23,3 +26,10 @@ def refuse_half_published(folder: str | Path, split: str, what: str) -> None:
         raise ValueError(f"{what}: split '{split}' of {folder} is a mix of two recipe runs' files: the last "
                          f"run was stopped while moving them into place ({marker.name} is there); run the "
                          "recipe again")
+
+
+def refuse_half_published_shards(urls: Iterable[str], what: str) -> None:
+    """`refuse_half_published` for the split of each local shard in `urls` (its data set: folder and name)."""
+    for name in {data_set(url) for url in urls if not is_remote(url)}:
+        folder, _, split = name.rpartition("/")
+        refuse_half_published(folder, split, what)

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import webdataset as wds
 
 from ernievil2_train.data.batches import SkipCounter
-from ernievil2_train.data.decode import data_set, is_remote
-from ernievil2_train.data.publishing import refuse_half_published
+from ernievil2_train.data.decode import is_remote
+from ernievil2_train.data.publishing import refuse_half_published_shards
 from ernievil2_train.data.tars import tar_members
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,7 @@ def resolve_shards(spec: str | list[str], split: str, name: str) -> ShardSet:
     half-published is refused (see `publishing`).
     """
     shards = _resolve_shards(spec, split, name)
-    for data_set_name in {data_set(url) for url in shards.urls if not is_remote(url)}:
-        folder, _, split_name = data_set_name.rpartition("/")
-        refuse_half_published(folder, split_name, name)
+    refuse_half_published_shards(shards.urls, name)
     return shards
 
 
