@@ -117,6 +117,16 @@ def test_jsonl_tags_are_unioned_in_shards(folder):
     assert [s["json"]["tags"] for s in samples] == [["苹果", "盘子"]] * 2
 
 
+def assert_line_2_skipped(folder, src, reason: str) -> None:
+    """The recipe over `src` skips its line 2 for `reason` (said and indexed) and keeps line 1: 红色, RED."""
+    out = folder / "out"
+    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{reason}: 1 (first: line 2)" in proc.stdout
+    assert json.loads((out / "train.json").read_text())["skipped"] == {reason: 1}
+    assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("红色", RED)]
+
+
 def test_data_uris_are_read_and_base64_with_a_foreign_character_is_named_by_its_line(folder):
     """A `data:image/...;base64,` value is its base64 text; base64 spoilt by one character was counted as
     an unreadable file, named by 200 characters of its text."""
@@ -124,12 +134,7 @@ def test_data_uris_are_read_and_base64_with_a_foreign_character_is_named_by_its_
     spoilt = (text * (1 + 4096 // len(text)))[:5000] + "!" + text
     src = folder / "data" / "pairs.tsv"
     src.write_text(f"data:image/jpeg;base64,{text}\t红色\n{spoilt}\t蓝色\n")
-    out = folder / "out"
-    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert "bad base64 image: 1 (first: line 2)" in proc.stdout
-    assert json.loads((out / "train.json").read_text())["skipped"] == {"bad base64 image": 1}
-    assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("红色", RED)]
+    assert_line_2_skipped(folder, src, "bad base64 image")
 
 
 def test_one_file_written_two_ways_is_one_image(folder):
@@ -148,12 +153,7 @@ def test_one_file_written_two_ways_is_one_image(folder):
 def test_lines_that_are_not_utf8_are_skipped_and_counted(folder):
     src = folder / "data" / "pairs.tsv"
     src.write_bytes("imgs/a.jpg\t红色\n".encode() + "imgs/b.png\t蓝色\n".encode("gbk"))
-    out = folder / "out"
-    proc = run_recipe("tsv", "--input", str(src), "--out", str(out), "--workers", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert "not UTF-8 line: 1 (first: line 2)" in proc.stdout
-    assert json.loads((out / "train.json").read_text())["skipped"] == {"not UTF-8 line": 1}
-    assert [(s["txt"], s["image"]) for s in read_shards(out, "train")] == [("红色", RED)]
+    assert_line_2_skipped(folder, src, "not UTF-8 line")
 
 
 @pytest.mark.parametrize(
