@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from ernievil2_train.checkpoints.errors import CheckpointError, state_mismatch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY, SHARDED_META_NAME, read_training_checkpoint
 from ernievil2_train.config_checks import ConfigError
+from ernievil2_train.losses.infonce import LossConfig
 from ernievil2_train.optim import OPTIMIZER_REFUSALS
 
 
@@ -85,13 +86,18 @@ def _readable(path: str | None, what: str) -> str | None:
 
 
 def check_checkpoint_fits(
-    ckpt_path: str, module: pl.LightningModule, source: str, max_epochs: int | None = None
+    ckpt_path: str,
+    module: pl.LightningModule,
+    source: str,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
 ) -> list[str]:
     """Refuse a training checkpoint this run's module cannot continue from: weights of another model size or
     preset (naming the model settings that differ), other losses, weights without an optimizer state, an
     optimizer state of other parameter groups (a tower frozen or unfrozen, layer-wise lr decay turned on or
-    off), or an epoch past `max_epochs` (Lightning would refuse it only after overwriting the checkpoint);
-    `source` says where the path came from.
+    off), or one that has trained `max_epochs` epochs or `max_steps` steps already (Lightning would end
+    without a step, or refuse it only after overwriting the checkpoint); `source` says where the path came
+    from.
     Returns the optimizer settings the checkpoint's state keeps over this run's config (see
     `_optimizer_settings_kept`). Reads the file memory-mapped: no tensor data is read. Folders (sharded FSDP
     checkpoints) are left to Lightning."""
@@ -111,16 +117,13 @@ def check_checkpoint_fits(
         raise ConfigError(f"{source}: {ckpt_path}: holds another model than this run's ({reason})")
     mismatch = state_mismatch(_part(here, loss=True), _part(there, loss=True))
     if mismatch:
+        reason = _loss_settings_changed(checkpoint, module) or mismatch
         raise ConfigError(
-            f"{source}: {ckpt_path}: was trained with other losses than this run's ({mismatch}): resume with "
-            f"the module.loss.weights it was trained with, or start a new run folder"
+            f"{source}: {ckpt_path}: was trained with other losses than this run's ({reason}): resume with "
+            f"the module.loss.weights and module.loss.temperature it was trained with, or start a new run "
+            "folder"
         )
-    epoch = checkpoint.get("epoch")
-    if isinstance(epoch, int) and max_epochs not in (None, -1) and epoch > max_epochs:
-        raise ConfigError(
-            f"config key 'trainer.max_epochs': {max_epochs}, but {ckpt_path} ({source}) is at epoch {epoch}; "
-            f"resume with trainer.max_epochs={epoch} or more, or start a new run folder"
-        )
+    _check_training_left(checkpoint, f"{ckpt_path} ({source})", max_epochs, max_steps)
     if OPTIMIZER_STATES not in checkpoint:
         raise ConfigError(
             f"{source}: {ckpt_path}: holds weights only (no optimizer state to resume); to start a new run "
@@ -130,12 +133,74 @@ def check_checkpoint_fits(
     return _optimizer_settings_kept(checkpoint, module, f"{source}: {ckpt_path}")
 
 
+def check_layout_fits(ckpt_path: str, datamodule: Any, world_size: int) -> None:
+    """Refuse, before the run writes anything, a checkpoint saved within an epoch that this run's data
+    settings would lay out otherwise (`check_resumable` of the datamodule, which runs it again when Lightning
+    restores its state). Folders (sharded FSDP checkpoints) are checked then only."""
+    check = getattr(datamodule, "check_resumable", None)
+    if check is None or Path(ckpt_path).is_dir():
+        return
+    state = read_training_checkpoint(ckpt_path).get(type(datamodule).__qualname__)
+    if isinstance(state, dict):
+        check(state, world_size)
+
+
+def epochs_trained(checkpoint: dict[str, Any]) -> int | None:
+    """The training epochs a Lightning checkpoint has finished (its `epoch` is the one it was saved in,
+    finished or not: an epoch's end and its last batch before validation both save that epoch's number)."""
+    try:
+        done = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    except (KeyError, TypeError):
+        return None
+    return done if isinstance(done, int) else None
+
+
+def _check_training_left(
+    checkpoint: dict[str, Any], what: str, max_epochs: int | None, max_steps: int | None
+) -> None:
+    """`ConfigError` when the checkpoint has already trained as many epochs or steps as the run is set to."""
+    epochs = epochs_trained(checkpoint)
+    if isinstance(max_epochs, int) and max_epochs >= 0 and epochs is not None and epochs >= max_epochs:
+        raise ConfigError(
+            f"config key 'trainer.max_epochs': {max_epochs}, but {what} has trained {epochs} epoch(s): "
+            f"nothing is left to train; resume with trainer.max_epochs={epochs + 1} or more, or start a new "
+            "run folder"
+        )
+    steps = checkpoint.get("global_step")
+    if isinstance(max_steps, int) and max_steps > 0 and isinstance(steps, int) and steps >= max_steps:
+        raise ConfigError(
+            f"config key 'trainer.max_steps': {max_steps}, but {what} has trained {steps} step(s): nothing "
+            f"is left to train; resume with a larger trainer.max_steps, or start a new run folder"
+        )
+
+
 LOSS_PREFIX = "loss_fn."  # the loss's own state (one learned temperature per active loss)
 
 
 def _part(state: dict[str, Any], loss: bool) -> dict[str, Any]:
     """The loss's entries of a module state dict, or (loss=False) all the others."""
     return {name: value for name, value in state.items() if name.startswith(LOSS_PREFIX) == loss}
+
+
+def _loss_settings_changed(checkpoint: dict[str, Any], module: pl.LightningModule) -> str:
+    """`'module.loss.temperature per_pair there, shared here'` for the loss settings that give the loss its
+    learned temperatures (the pairs on, the temperature mode) where the checkpoint's saved ones differ from
+    this run's; "" when the checkpoint saved none that can be read."""
+    config = getattr(getattr(module, "loss_fn", None), "config", None)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(config, LossConfig) or not isinstance(hparams, dict):
+        return ""
+    try:
+        saved = LossConfig.from_any(hparams.get("loss"))
+    except (TypeError, ValueError):
+        return ""
+    changes = []
+    if saved.active_pairs() != config.active_pairs():
+        changes.append(f"module.loss.weights: pairs {', '.join(saved.active_pairs())} there, "
+                       f"{', '.join(config.active_pairs())} here")
+    if saved.temperature != config.temperature:
+        changes.append(f"module.loss.temperature {saved.temperature} there, {config.temperature} here")
+    return "; ".join(changes)
 
 
 def _differing_settings(saved: Any, current: dict[str, Any] | None) -> str:

@@ -44,6 +44,7 @@ from ernievil2_train.data.views import ViewConfig
 from ernievil2_train.distributed import is_first_process
 from ernievil2_train.resume import (
     check_checkpoint_fits,
+    check_layout_fits,
     interrupted,
     resume_checkpoint,
 )
@@ -296,7 +297,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path:
         what = "config key 'ckpt_path'" if cfg.get("ckpt_path") else "run folder checkpoint"
-        ignored = check_checkpoint_fits(ckpt_path, module, what, cfg.trainer.get("max_epochs"))
+        ignored = check_checkpoint_fits(
+            ckpt_path, module, what, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
+        )
         log.info("resuming from %s", ckpt_path)
         quiet_resume_warnings()
         if ignored:
@@ -312,6 +315,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if ckpt_path:
+        check_layout_fits(ckpt_path, datamodule, trainer.world_size)
     log_within_an_epoch(trainer, datamodule)
     save_run_config(cfg, output_dir)
 

@@ -10,14 +10,17 @@ import time
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.models import create_model
 from ernievil2_train.module import ErnieVil2Module
 from ernievil2_train.resume import (
     check_checkpoint_fits,
+    epochs_trained,
     interrupted,
     resume_checkpoint,
 )
@@ -175,19 +178,59 @@ def test_optimizer_settings_a_resume_keeps_are_named(tmp_path: Path) -> None:
     ]
 
 
-def test_a_checkpoint_past_max_epochs_is_refused_before_lightning_overwrites_it(tmp_path: Path) -> None:
-    """Lightning refuses it only once restored, and saves a checkpoint without optimizer state on its way
-    out: the run folder's last.ckpt was lost."""
-    saved = _trained_module_checkpoint(tmp_path / "last.ckpt", _module())
-    checkpoint = torch.load(saved, weights_only=True)
-    torch.save({**checkpoint, "epoch": 2}, saved)
-    with pytest.raises(ConfigError, match=re.escape(
-        f"config key 'trainer.max_epochs': 1, but {saved} (ckpt) is at epoch 2; resume with "
-        "trainer.max_epochs=2 or more, or start a new run folder"
-    )):
-        check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs=1)
-    for max_epochs in (2, 10, -1, None):
-        assert check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs=max_epochs) == []
+class _Scalar(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return (self.weight * batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_epochs_a_lightning_checkpoint_has_trained(tmp_path: Path) -> None:
+    """Saved at an epoch's end, the epoch is trained; saved after its last batch, before its end (as an
+    interruption during its validation saves), it is not: both hold the same `epoch` number."""
+    savers = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1),
+              ModelCheckpoint(tmp_path, filename="batch-{step}", save_top_k=-1, every_n_train_steps=3)]
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=savers, accelerator="cpu", devices=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(6, 1)), batch_size=2)
+    trainer.fit(_Scalar(), loader)  # 3 batches an epoch
+    trained = {path.name: epochs_trained(torch.load(path, weights_only=False)) for path in tmp_path.iterdir()}
+    assert trained == {"epoch=0-step=3.ckpt": 1, "epoch=1-step=6.ckpt": 2,
+                       "batch-step=3.ckpt": 0, "batch-step=6.ckpt": 1}
+    assert epochs_trained({"epoch": 1}) is None
+
+
+def _with_progress(path: Path, epochs: int, steps: int) -> Path:
+    checkpoint = torch.load(path, weights_only=True)
+    progress = {"ready": epochs, "started": epochs, "processed": epochs, "completed": epochs - 1}
+    loops = {"fit_loop": {"epoch_progress": {"current": progress, "total": progress}}}
+    torch.save({**checkpoint, "epoch": epochs - 1, "global_step": steps, "loops": loops}, path)
+    return path
+
+
+def test_a_checkpoint_that_trained_the_runs_epochs_or_steps_is_refused(tmp_path: Path) -> None:
+    """Resumed with as many epochs (or steps) as it has trained, Lightning ends at once, exit status 0, and
+    nothing trains; past them, it refuses the checkpoint only after overwriting it."""
+    saved = _with_progress(_trained_module_checkpoint(tmp_path / "last.ckpt", _module()), epochs=2, steps=40)
+    for max_epochs in (1, 2):
+        with pytest.raises(ConfigError, match=re.escape(
+            f"config key 'trainer.max_epochs': {max_epochs}, but {saved} (ckpt) has trained 2 epoch(s): "
+            "nothing is left to train; resume with trainer.max_epochs=3 or more, or start a new run folder"
+        )):
+            check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs=max_epochs)
+    for max_steps in (10, 40):
+        with pytest.raises(ConfigError, match=re.escape(
+            f"config key 'trainer.max_steps': {max_steps}, but {saved} (ckpt) has trained 40 step(s): "
+            "nothing is left to train"
+        )):
+            check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs=-1, max_steps=max_steps)
+    for max_epochs, max_steps in ((3, -1), (10, None), (-1, 41), (None, -1), (None, None)):
+        assert check_checkpoint_fits(str(saved), _module(), "ckpt", max_epochs, max_steps) == []
 
 
 def test_a_checkpoint_path_hydra_read_as_a_number_is_a_path(tmp_path: Path, monkeypatch) -> None:
@@ -219,5 +262,27 @@ def test_other_parameter_groups_or_losses_are_refused_before_training(tmp_path: 
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_checkpoint_fits(saved, changed, "ckpt")
     message = f"ckpt: {saved}: was trained with other losses than this run's (missing [loss_fn.log_scales."
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):  # no saved settings: the states' difference
         check_checkpoint_fits(saved, _module(loss={"weights": {"image_caption": 1, "image_tags": 1}}), "ckpt")
+
+
+@pytest.mark.parametrize(("loss", "reason"), [
+    ({"temperature": "shared"}, "module.loss.temperature per_pair there, shared here"),
+    ({"weights": {"image_caption": 1}}, "module.loss.weights: pairs image_caption, image_tags there, "
+                                        "image_caption here"),
+    ({"weights": {"image_caption": 1}, "temperature": "fixed"},
+     "module.loss.weights: pairs image_caption, image_tags there, image_caption here; "
+     "module.loss.temperature per_pair there, fixed here"),
+])
+def test_a_resume_with_other_losses_names_the_settings_that_differ(loss, reason, tmp_path: Path) -> None:
+    """The loss settings the checkpoint was trained with are named, not only the temperatures they made."""
+    trained = {"weights": {"image_caption": 1, "image_tags": 1}}
+    saved = _trained_module_checkpoint(tmp_path / "last.ckpt", _module(loss=trained))
+    checkpoint = torch.load(saved, weights_only=True)
+    torch.save({**checkpoint, "hyper_parameters": {"loss": trained}}, saved)
+    message = (f"ckpt: {saved}: was trained with other losses than this run's ({reason}): resume with the "
+               "module.loss.weights and module.loss.temperature it was trained with, or start a new run "
+               "folder")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        check_checkpoint_fits(str(saved), _module(loss={**trained, **loss}), "ckpt")
+    assert check_checkpoint_fits(str(saved), _module(loss={**trained, "multi_positive": True}), "ckpt") == []

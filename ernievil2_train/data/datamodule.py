@@ -70,6 +70,7 @@ def unknown_share(ids: torch.Tensor, vocab: dict[str, int]) -> float | None:
     return int((ids == vocab["[UNK]"]).sum()) / pieces if pieces else None
 
 
+DATA_VOCAB_KEY = "vocab_file"  # in the state a checkpoint keeps: the vocabulary the data was tokenised with
 LAYOUT_KEYS = {"processes": "trainer.devices x trainer.num_nodes (processes)",
                "num_workers": "data.datamodule.num_workers (loader workers in use)"}
 
@@ -219,14 +220,20 @@ class MultiViewDataModule(L.LightningDataModule):
         own (a worker reads whole shards): a small data set of a few shards then trains as it is. Runs before
         a resumed run restores where each worker's stream stood."""
         rank, world_size = _rank_and_world(self.trainer)
-        usable = len(self.train_urls) // world_size
-        if self.resampled or not 1 <= usable < self.num_workers:
+        usable = self.workers_in_use(world_size)
+        if usable == self.num_workers:
             return
         if rank == 0:
             log.info("train_shards: %d shard(s) for %d rank(s): loading with %d worker(s) per rank instead "
                      "of num_workers=%d (each worker reads whole shards)", len(self.train_urls), world_size,
                      usable, self.num_workers)
         self.num_workers = usable
+
+    def workers_in_use(self, world_size: int) -> int:
+        """The loader workers a rank trains with: `num_workers`, or fewer when the shards are too few to give
+        each worker of each rank shards of its own."""
+        usable = len(self.train_urls) // world_size
+        return usable if not self.resampled and 1 <= usable < self.num_workers else self.num_workers
 
     def batches_per_rank(self, world_size: int) -> int:
         """Training batches of a rank's epoch before they are shared out among its workers (at least 1)."""
@@ -301,13 +308,15 @@ class MultiViewDataModule(L.LightningDataModule):
         else:
             reads = [read]
         return {"epoch": self._read_epoch, "stream_read": reads, "layout": self._layout(world_size),
-                "mid_epoch": within_an_epoch(self.trainer)}
+                "mid_epoch": within_an_epoch(self.trainer),
+                DATA_VOCAB_KEY: str(Path(self.vocab_file).resolve())}
 
     def _layout(self, world_size: int) -> dict[str, Any]:
         """The settings that order an epoch's training batches (the shards by a digest of their list)."""
         shards = hashlib.sha256("\n".join(self.train_urls).encode()).hexdigest()[:16]
-        return {"batch_size": self.batch_size, "processes": world_size, "num_workers": self.num_workers,
-                "epoch_samples": self.epoch_samples, "train_shards": shards, "seed": self.seed,
+        return {"batch_size": self.batch_size, "processes": world_size,
+                "num_workers": self.workers_in_use(world_size), "epoch_samples": self.epoch_samples,
+                "train_shards": shards, "seed": self.seed,
                 "shuffle_buffer": self.shuffle_buffer, "shard_shuffle": self.shard_shuffle,
                 "resampled": self.resampled}
 
@@ -316,12 +325,17 @@ class MultiViewDataModule(L.LightningDataModule):
         checkpoint saved within an epoch must have laid the epoch out as this run does: the rest of it is read
         from where its streams stood (`ConfigError` naming the first setting that differs)."""
         rank, world_size = _rank_and_world(self.trainer)
-        if state.get("mid_epoch"):
-            _check_same_layout(state.get("layout") or {}, self._layout(world_size))
+        self.check_resumable(state, world_size)
         reads = state.get("stream_read") or []
         streams = max(1, self.num_workers)
         if len(reads) == world_size and len(reads[rank]) == streams:
             self._read_epoch, self._read = int(state["epoch"]), [int(r) for r in reads[rank]]
+
+    def check_resumable(self, state: dict[str, Any], world_size: int) -> None:
+        """`ConfigError` when the checkpoint `state` (this datamodule's) was saved before its epoch ended and
+        this run, over `world_size` processes, would lay that epoch out otherwise (names the setting)."""
+        if state.get("mid_epoch"):
+            _check_same_layout(state.get("layout") or {}, self._layout(world_size))
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         """A loader over `dataset`; over a training stream, one that tells it where each pass starts."""

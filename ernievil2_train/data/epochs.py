@@ -270,9 +270,12 @@ def batches_trained(trainer: Any) -> int | None:
 
 
 def within_an_epoch(trainer: Any) -> bool:
-    """Whether the trainer stands within a training epoch (some of its batches trained, not all)."""
+    """Whether the trainer stands within a training epoch: some of its batches trained and the epoch not
+    ended, its last batch included (until the epoch's validation and end-of-epoch work are done, Lightning
+    counts the batches trained, and with another batch count would train on in that epoch)."""
     done = batches_trained(trainer)
-    return done is not None and 0 < done < trainer.num_training_batches
+    progress = trainer.fit_loop.epoch_progress.current if done is not None else None
+    return progress is not None and done > 0 and progress.started > progress.processed
 
 
 def trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:

@@ -389,12 +389,16 @@ def test_sigterm_mid_epoch_then_resume_continues_exactly(demo_cache: Path, tmp_p
     assert _adam_steps(last) == {interrupted}
 
     # the rest of the epoch, read in batches of another size, would end early: refused, the run untouched
+    records = [run_dir / ".hydra" / "config.yaml", run_dir / ".hydra" / "overrides.yaml",
+               run_dir / "csv" / "hparams.yaml"]
+    before = [path.read_text() for path in records]
     other = _run(_cli(run_dir, *steps, "ckpt_path=last", "data.datamodule.batch_size=32"), _env(demo_cache))
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
     assert other.stderr.strip().splitlines()[-1].startswith(
         "error: config key 'data.datamodule.batch_size': 32, but 16 in the checkpoint being resumed"
     )
     assert _global_step(last) == interrupted
+    assert [path.read_text() for path in records] == before
 
     resumed = _run(_cli(run_dir, *steps, "ckpt_path=last"), _env(demo_cache))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -345,6 +345,29 @@ def test_an_epoch_is_resumed_only_as_it_was_laid_out(data, tmp_path, change, ref
     assert sorted(resumed.seen) == [1]
 
 
+def test_a_checkpoint_of_an_epochs_last_batch_resumes_only_as_the_epoch_was_laid_out(data, tmp_path):
+    """Saved after an epoch's last batch, before its end (an interruption during its validation): Lightning
+    counts the batches trained and, with more batches to an epoch, would train on in that epoch. Refused with
+    another batch size, as within the epoch; with the same settings the epoch ends and the next one is the
+    uninterrupted run's. The refusal can be told before training: `check_resumable` on the saved state."""
+    settings = {"num_workers": 2, "persistent_workers": False, "shuffle_buffer": 8, "seed": 3,
+                "epoch_samples": 24}
+    full = _fit(module(data, **settings), 2, tmp_path / "full")  # 6 batches an epoch: mid-step=6 is the last
+    last_batch = tmp_path / "full" / "mid-step=6.ckpt"
+    state = torch.load(last_batch, weights_only=False)["MultiViewDataModule"]
+    assert state["mid_epoch"]
+    assert state["vocab_file"] == str((data / "vocab.txt").resolve())  # what the export copies without one
+    with pytest.raises(ConfigError, match=r"^config key 'data.datamodule.batch_size': 2, but 4 in the "):
+        module(data, **{**settings, "batch_size": 2}).check_resumable(state, 1)
+    with pytest.raises(ConfigError, match=r"'data.datamodule.batch_size': 2, but 4 .* stopped within an"):
+        _fit(module(data, **{**settings, "batch_size": 2}), 2, tmp_path / "a", last_batch)
+    resumed = _fit(module(data, **settings), 2, tmp_path / "b", last_batch)
+    assert sorted(resumed.seen) == [1]
+    assert _same_batches(resumed.seen[1], full.seen[1])
+    epoch_end = torch.load(tmp_path / "full" / "epoch=0-step=6.ckpt", weights_only=False)
+    module(data, **{**settings, "batch_size": 2}).check_resumable(epoch_end["MultiViewDataModule"], 1)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_pass_leaves_torchs_random_generator_alone(data, num_workers):
     """A DataLoader draws its workers' base seed from torch's global generator at every pass unless it has
