@@ -7,12 +7,10 @@ python -m ernievil2_train.convert SRC.pdparams OUT_DIR [--vision-heads N] [--tex
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from ernievil2_train.checkpoints import CheckpointError, find_vocab, load_pdparams, save_pretrained
-from ernievil2_train.checkpoints.io import CONFIG_NAME, VOCAB_NAME, check_output
+from ernievil2_train.checkpoints import CheckpointError, load_pdparams
+from ernievil2_train.checkpoints.io import check_output, save_with_vocab
 from ernievil2_train.stopping import run
 
 
@@ -25,21 +23,6 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
-
-
-def foreign_vocab(out_dir: Path, vocab_size: int) -> str | None:
-    """Why the vocab.txt already in `out_dir` belongs to another model than one with `vocab_size` text
-    embeddings, or None: the folder's config.json says the model saved beside it had another table size.
-    (A vocabulary whose ids do not fit the table at all is removed by `save_pretrained` anyway.)"""
-    if find_vocab(out_dir) is None:
-        return None
-    try:
-        earlier = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))["text"]["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no earlier checkpoint here: the vocabulary was put beside it on purpose
-    if earlier == vocab_size:
-        return None
-    return f"it came with a model of {earlier} text embeddings, this one has {vocab_size}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_output(args.src, args.out_dir)
         model = load_pdparams(args.src, args.vision_heads, args.text_heads, args.text_config)
-        foreign = None if args.vocab else foreign_vocab(Path(args.out_dir), model.config.text.vocab_size)
-        out = save_pretrained(model, args.out_dir, vocab_file=args.vocab)
-        if foreign:
-            (out / VOCAB_NAME).unlink()
+        out, vocab = save_with_vocab(model, args.out_dir, args.vocab)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -93,12 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         f"heads{text_guess}, ffn {t.intermediate_size}, {t.max_position_embeddings} positions"
     )
     print(f"logit scale exp({model.logit_scale.item():.6g}); {params / 1e6:.2f}M parameters")
-    if foreign:
-        vocab = f"removed the vocab.txt it held: {foreign}, another model's; copy this one's in with --vocab"
-    elif args.vocab:
-        vocab = "with vocab.txt"
-    else:
-        vocab = "kept its vocab.txt" if find_vocab(out) else "no vocab.txt"
     print(f"wrote {out} ({vocab})")
     return 0
 

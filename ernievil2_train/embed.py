@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -275,6 +276,8 @@ def _embed_to_output(
             raise ValueError(f"--input {src}: nothing written to --output ({why})")
         if not direct:
             with _naming_output(out):
+                if target.exists():  # the rows replace the file's, its permissions stay
+                    shutil.copymode(target, staged)
                 os.replace(staged, target)
     finally:
         if not direct:

@@ -3,7 +3,8 @@
     python -m ernievil2_train.export outputs/train/RUN/checkpoints/last.ckpt OUT_DIR [--vocab vocab.txt]
 
 The run's best model is exported during training (`RUN/export/`); this exports any other checkpoint. Without
-`--vocab`, the run's `export/vocab.txt` is copied when there is one.
+`--vocab`, the run's `export/vocab.txt` is copied when there is one, else the vocabulary the checkpoint's
+training data was read with, if that file is still there.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ernievil2_train.checkpoints import CheckpointError, load_training_checkpoint, save_pretrained
-from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output
+from ernievil2_train.checkpoints import CheckpointError, load_training_checkpoint
+from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output, save_with_vocab, training_vocab
 from ernievil2_train.stopping import run
 
 
@@ -42,17 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    vocab = args.vocab or run_vocab(checkpoint)
     try:
         check_output(checkpoint, args.out_dir)
         model = load_training_checkpoint(checkpoint)
-        out = save_pretrained(model, args.out_dir, vocab_file=vocab)
+        vocab = args.vocab or run_vocab(checkpoint) or training_vocab(checkpoint)
+        out, note = save_with_vocab(model, args.out_dir, vocab)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     params = sum(p.numel() for p in model.parameters())
-    note = f" with {vocab}" if vocab else " without a vocabulary (pass --vocab to add one)"
-    print(f"wrote {out}: {params / 1e6:.2f}M parameters{note}")
+    print(f"wrote {out}: {params / 1e6:.2f}M parameters ({note})")
     return 0
 
 

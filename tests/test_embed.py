@@ -358,6 +358,21 @@ def test_a_symlinked_output_writes_the_file_it_names_and_stays_a_link(
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["emb.txt", "new.txt"]
 
 
+def test_a_replaced_output_keeps_its_permissions(tiny_ckpt: Path, any_image: Path, tmp_path: Path) -> None:
+    """The rows are written beside the output and moved over it: a private file stays private."""
+    tsv = _write_tsv(tmp_path / "p.tsv", [f"一只猫\t0\t{_b64(any_image)}"])
+    out, new = tmp_path / "emb.txt", tmp_path / "new.txt"
+    out.write_text("previous run\n", encoding="utf-8")
+    out.chmod(0o600)
+    for path in (out, new):
+        argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", path, "--max-len", "16"]
+        assert embed.main([str(a) for a in argv]) == 0
+    assert len(_parse(out)) == 1 and out.stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_a_read_only_output_is_refused_and_kept(
     tiny_ckpt: Path, any_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

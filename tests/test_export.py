@@ -107,6 +107,28 @@ def test_output_file_and_input_as_output_are_refused(run, tmp_path, capsys):
     assert existing.read_text() == "keep me"
 
 
+def test_without_a_run_vocab_the_training_datas_vocab_is_copied_or_the_folders_kept(run, tmp_path, capsys):
+    """A checkpoint outside its run folder (or of a run stopped before its first export) takes the vocabulary
+    its data module recorded; without one, a vocab.txt already in the output folder stays and is said to."""
+    run_dir, _ = run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    vocab = run_dir / "export" / "vocab.txt"
+    moved = tmp_path / "moved.ckpt"
+    torch.save({**checkpoint, "MultiViewDataModule": {"vocab_file": str(vocab)}}, moved)
+    out = tmp_path / "out"
+    assert export.main([str(moved), str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"parameters (with {vocab})\n")
+    assert find_vocab(out).read_bytes() == vocab.read_bytes()
+    bare = tmp_path / "bare.ckpt"
+    torch.save(checkpoint, bare)
+    assert export.main([str(bare), str(out)]) == 0
+    assert capsys.readouterr().out.endswith("parameters (kept its vocab.txt)\n")
+    assert find_vocab(out).read_bytes() == vocab.read_bytes()
+    assert export.main([str(bare), str(tmp_path / "new")]) == 0
+    assert capsys.readouterr().out.endswith("parameters (no vocab.txt (--vocab copies one in))\n")
+    assert find_vocab(tmp_path / "new") is None
+
+
 def test_vocabulary_must_fit_the_model(run, tmp_path, capsys):
     run_dir, module = run
     vocab_size = module.model.config.text.vocab_size

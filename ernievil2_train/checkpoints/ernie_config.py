@@ -68,7 +68,7 @@ def with_ernie_config(
     rates = {}
     for key, name in DROPOUTS.items():
         value = ernie.get(key, getattr(text, name))
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise CheckpointError(f"{source}: {key} must be a number from 0 to 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise CheckpointError(f"{source}: {key} must be a number in [0, 1), got {value!r}")
         rates[name] = float(value)
     return dataclasses.replace(text, **rates)

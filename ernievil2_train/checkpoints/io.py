@@ -163,6 +163,49 @@ def find_vocab(path: str | Path) -> Path | None:
     return vocab if vocab.is_file() else None
 
 
+def training_vocab(path: str | Path) -> Path | None:
+    """The vocabulary a training checkpoint's data was tokenised with (recorded in its data module's state),
+    while that file is still there; None otherwise."""
+    from ernievil2_train.data.datamodule import DATA_VOCAB_KEY  # the data pipeline only when asked
+
+    for value in read_training_checkpoint(path).values():
+        if isinstance(value, dict) and isinstance(value.get(DATA_VOCAB_KEY), str):
+            vocab = Path(value[DATA_VOCAB_KEY])
+            return vocab if vocab.is_file() else None
+    return None
+
+
+def foreign_vocab(out_dir: Path, vocab_size: int) -> str | None:
+    """Why the vocab.txt already in `out_dir` belongs to another model than one with `vocab_size` text
+    embeddings, or None: the folder's config.json says the model saved beside it had another table size.
+    (A vocabulary whose ids do not fit the table at all is removed by `save_pretrained` anyway.)"""
+    if find_vocab(out_dir) is None:
+        return None
+    try:
+        earlier = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))["text"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no earlier checkpoint here: the vocabulary was put beside it on purpose
+    if earlier == vocab_size:
+        return None
+    return f"it came with a model of {earlier} text embeddings, this one has {vocab_size}"
+
+
+def save_with_vocab(
+    model: DualEncoder, out_dir: str | Path, vocab_file: str | Path | None
+) -> tuple[Path, str]:
+    """`save_pretrained`, and what became of the folder's vocabulary, in words: copied from `vocab_file`,
+    kept from an earlier save of this model's size, removed as another model's, or none."""
+    foreign = None if vocab_file else foreign_vocab(Path(out_dir), model.config.text.vocab_size)
+    out = save_pretrained(model, out_dir, vocab_file=vocab_file)
+    if foreign:
+        (out / VOCAB_NAME).unlink()
+        return out, (f"removed the vocab.txt it held: {foreign}, another model's; copy this one's in with "
+                     "--vocab")
+    if vocab_file:
+        return out, f"with {vocab_file}"
+    return out, "kept its vocab.txt" if find_vocab(out) else "no vocab.txt (--vocab copies one in)"
+
+
 def _build_model(
     config: Any, source: Path, saved: dict[str, Any], mismatch_message: str, extra_ok: bool = False
 ) -> DualEncoder:

@@ -7,6 +7,7 @@ arrays: any other global in the stream is refused before anything runs.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import math
 import pickle
 import re
@@ -345,9 +346,10 @@ def load_pdparams(
         text_heads = ernie_heads(ernie, text_heads, text_config)
     arrays = read_pdparams(path)
     source = str(path)
-    config = infer_config(arrays, vision_heads, text_heads, source)
-    if ernie is not None:
-        config.text = with_ernie_config(config.text, ernie, text_config, source)
+    config = infer_config(arrays, vision_heads, None if ernie is not None else text_heads, source)
+    if ernie is not None:  # its sizes first: another model's config is told as such, not by its heads
+        text = with_ernie_config(config.text, ernie, text_config, source)
+        config.text = dataclasses.replace(text, heads=_heads(text.width, text_heads, "text", source))
     model = DualEncoder(config)
     model.load_state_dict(to_state_dict(arrays, model, source))
     return model.eval()

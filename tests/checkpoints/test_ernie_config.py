@@ -47,6 +47,22 @@ def test_a_config_of_another_size_is_refused(paddle_ref: Path, tmp_path: Path, k
         load_pdparams(paddle_ref / "model.pdparams", text_config=path)
 
 
+def test_a_config_of_another_size_is_named_before_its_heads_that_do_not_fit(paddle_ref: Path,
+                                                                          tmp_path: Path) -> None:
+    """The release's Base config on a small model: its width, not its 12 heads that do not divide the
+    model's width, is what tells it is another model's."""
+    ernie = _ernie(paddle_ref)
+    width = ernie["hidden_size"]
+    heads = next(h for h in range(2, width + 2) if width % h)
+    path = _write(tmp_path / "base.json", {**ernie, "hidden_size": heads * 64, "num_attention_heads": heads})
+    refused = rf"^{path}: hidden_size is {heads * 64}, but the text tower of .* has {width} \(another model's"
+    with pytest.raises(CheckpointError, match=refused):
+        load_pdparams(paddle_ref / "model.pdparams", text_config=path)
+    path = _write(tmp_path / "heads.json", {**ernie, "num_attention_heads": heads})
+    with pytest.raises(CheckpointError, match=rf"text width {width} is not divisible by {heads} heads$"):
+        load_pdparams(paddle_ref / "model.pdparams", text_config=path)
+
+
 def test_heads_given_twice_must_agree() -> None:
     assert ernie_heads({"num_attention_heads": 12}, None, "e.json") == 12
     assert ernie_heads({"num_attention_heads": 12}, 12, "e.json") == 12
@@ -65,9 +81,10 @@ def test_an_unsupported_activation_or_dropout_is_refused() -> None:
                       max_position_embeddings=4)
     with pytest.raises(CheckpointError, match=r"^e\.json: hidden_act 'relu' is not supported"):
         with_ernie_config(text, {"hidden_act": "relu"}, "e.json", "m.pdparams")
-    for bad in (1.5, -0.1, "0.1", None):
-        with pytest.raises(CheckpointError, match=r"^e\.json: hidden_dropout_prob must be a number from 0"):
-            with_ernie_config(text, {"hidden_dropout_prob": bad}, "e.json", "m.pdparams")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for bad in (1, 1.0, 1.5, -0.1, "0.1", None):
+            with pytest.raises(CheckpointError, match=rf"^e\.json: {key} must be a number in \[0, 1\), got"):
+                with_ernie_config(text, {key: bad}, "e.json", "m.pdparams")
     kept = with_ernie_config(text, {"hidden_act": "gelu"}, "e.json", "m.pdparams")
     assert kept == text  # keys it leaves out keep the weights' sizes and the default rates
 
