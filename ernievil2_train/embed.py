@@ -37,7 +37,7 @@ from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.stopping import run
 from ernievil2_train.text import ErnieTokenizer
 from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
-from ernievil2_train.vision import ImageDecodeError, eval_transform
+from ernievil2_train.vision import ImageDecodeError, ImageTooLarge, eval_transform, quiet_opencv
 
 MAX_EXAMPLES = 10
 
@@ -146,7 +146,8 @@ def embed_file(
             texts, images = [], []
             for row, image in zip(batch, pool.map(decode, batch), strict=True):
                 if isinstance(image, ImageDecodeError):
-                    skipped.add(row.line_no, "undecodable image", str(image))
+                    reason = "image too large" if isinstance(image, ImageTooLarge) else "undecodable image"
+                    skipped.add(row.line_no, reason, str(image))
                     continue
                 texts.append(row.text)
                 images.append(image)
@@ -312,6 +313,7 @@ def _naming_output(out: Path) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_opencv()  # a corrupt image is one skipped row of the summary, not OpenCV's lines too
     try:
         embedder, model = _setup(args)
         try:

@@ -141,8 +141,9 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[dict[str, float], int, i
     from ernievil2_train.data.evalset import load_evalset
     from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
     from ernievil2_train.metrics.encode import drop_images, encode_images, encode_texts
-    from ernievil2_train.vision import eval_transform
+    from ernievil2_train.vision import eval_transform, quiet_opencv
 
+    quiet_opencv()  # an image that does not decode is counted and reported, without OpenCV's lines
     checkpoint, device = Path(args.checkpoint), args.device
     model = load_checkpoint(checkpoint, device)
     tokenizer = load_tokenizer(resolve_vocab(checkpoint, args.vocab), model, args.max_len)

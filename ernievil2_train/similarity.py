@@ -25,7 +25,7 @@ from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_voc
 from ernievil2_train.models import DualEncoder, trim_padding
 from ernievil2_train.stopping import run
 from ernievil2_train.text import ErnieTokenizer
-from ernievil2_train.vision import ImageDecodeError, eval_transform
+from ernievil2_train.vision import ImageDecodeError, eval_transform, quiet_opencv
 
 
 @torch.inference_mode()
@@ -100,6 +100,7 @@ def _check_images(images: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_opencv()  # an image that does not decode is one line of ours, not OpenCV's lines too
     try:
         device = resolve_device(args.device)
         _check_images(args.images)

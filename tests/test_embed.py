@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ernievil2_train import embed
 from ernievil2_train.checkpoints import save_pretrained
@@ -338,6 +339,29 @@ def test_undecodable_images_are_reported_without_object_reprs(
     assert "line 3: undecodable image (not a recognised image (5 bytes))" in summary
     assert "BytesIO" not in err and " at 0x" not in err
     assert len(_parse(out)) == 1
+
+
+def test_too_large_and_corrupt_images_are_told_only_in_the_summary(
+    tiny_ckpt: Path, any_image: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An image over the pixel limit is skipped as too large, without PIL's warning about it; a corrupt TIFF
+    as undecodable, without OpenCV's own warning and error lines (written to the process's stderr)."""
+    huge = io.BytesIO()
+    Image.new("1", (10_000, 9_000)).save(huge, "PNG")
+    tiff = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tiff, "TIFF")
+    broken = tiff.getvalue()[:1000]  # its header whole, its pixels cut
+    rows = [f"一只猫\t0\t{_b64(any_image)}", f"big\t1\t{base64.b64encode(huge.getvalue()).decode()}",
+            f"tiff\t2\t{base64.b64encode(bytes(broken)).decode()}"]
+    tsv = _write_tsv(tmp_path / "p.tsv", rows)
+    argv = ["--checkpoint", tiny_ckpt, "--input", tsv, "--output", tmp_path / "emb.txt", "--max-len", "16"]
+    assert embed.main([str(a) for a in argv]) == 0
+    err = capfd.readouterr().err
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("skipped 2 row(s) [image too large: 1, undecodable image: 1]")
+    assert "line 2: image too large (image of 10000x9000 pixels exceeds the limit of " in summary
+    assert "line 3: undecodable image (OpenCV could not decode the image (1000 bytes))" in summary
+    assert "Warning" not in err and "[ERROR" not in err and "[ WARN" not in err, err
 
 
 def test_a_symlinked_output_writes_the_file_it_names_and_stays_a_link(

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ernievil2_train.vision.transforms import ImageDecodeError, eval_transform
+from ernievil2_train.vision.transforms import ImageDecodeError, ImageTooLarge, eval_transform, quiet_opencv
 
-__all__ = ["ImageDecodeError", "eval_transform"]
+__all__ = ["ImageDecodeError", "ImageTooLarge", "eval_transform", "quiet_opencv"]

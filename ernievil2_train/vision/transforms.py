@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import cv2
@@ -28,19 +29,31 @@ class ImageDecodeError(ValueError):
     """The input is not a decodable image (corrupt, unknown format, or larger than the pixel limit)."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """The image has, or scaled for the crop would have, more pixels than the limit."""
+
+
+def quiet_opencv() -> None:
+    """Keep OpenCV's own warning and error lines for a corrupt image (`[ERROR:0@...] global grfmt_tiff.cpp`)
+    off stderr, for tools that report such images themselves."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
 def _check_header(data: bytes, max_pixels: int) -> None:
     """Read only the header and refuse images with more than `max_pixels` pixels before decoding them."""
     try:
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below tells it
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
     except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"image is too large to decode: {err}") from None
+        raise ImageTooLarge(f"image is too large to decode: {err}") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(f"not a recognised image ({len(data)} bytes)") from None
     except Exception as err:
         raise ImageDecodeError(f"not a recognised image ({len(data)} bytes): {err}") from None
     if width * height > max_pixels:
-        raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+        raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
 
 
 def decode_bytes(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -65,9 +78,7 @@ def load_rgb(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     """Bytes, a PIL image or a file path -> HWC uint8 RGB."""
     if isinstance(image, Image.Image):
         if image.width * image.height > max_pixels:
-            raise ImageDecodeError(
-                f"image of {image.width}x{image.height} pixels exceeds {max_pixels} pixels"
-            )
+            raise ImageTooLarge(f"image of {image.width}x{image.height} pixels exceeds {max_pixels} pixels")
         return pil_to_rgb(image)
     if isinstance(image, (str, Path)):
         image = Path(image).read_bytes()
@@ -140,6 +151,9 @@ class EvalTransform:
         self.short_size = image_size if short_size is None else short_size
         if self.short_size < image_size:
             raise ValueError(f"short_size {self.short_size} is smaller than the crop size {image_size}")
+        if self.short_size**2 > self.max_pixels:
+            raise ValueError(f"short_size {self.short_size} scales every image to more than the limit of "
+                             f"{self.max_pixels} pixels (at most {math.isqrt(self.max_pixels)})")
 
     def resize_crop(self, rgb: np.ndarray) -> np.ndarray:
         size = self.image_size
@@ -148,7 +162,7 @@ class EvalTransform:
             return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
         new_w, new_h = scaled_size(width, height, self.short_size)
         if new_w * new_h > self.max_pixels:  # a thin strip: its short side scaled up makes a giant
-            raise ImageDecodeError(
+            raise ImageTooLarge(
                 f"image of {width}x{height} pixels would be scaled to {new_w}x{new_h}, over the limit of "
                 f"{self.max_pixels} pixels"
             )

@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ernievil2_train.vision import ImageDecodeError, eval_transform
+from ernievil2_train.vision import ImageDecodeError, ImageTooLarge, eval_transform
 from ernievil2_train.vision.transforms import (
     MEAN,
     STD,
@@ -280,11 +281,14 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("side", [10_000, 30_000])
 def test_decompression_bomb_rejected_from_header(side: int) -> None:
-    with pytest.raises(ImageDecodeError, match=r"too large|exceeds"):
-        eval_transform(32)(_png_header_only(side, side))
+    """Refused as too large from its header, without PIL's warning about it (under the error it becomes at
+    twice the limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLarge, match=r"too large|exceeds"):
+            eval_transform(32)(_png_header_only(side, side))
 
 
 def test_pixel_limit_is_configurable() -> None:
@@ -300,9 +304,16 @@ def test_a_thin_strip_is_refused_before_its_short_side_is_scaled_up() -> None:
     """1x40000 pixels pass the decode limit, but scaling the short side to 224 would allocate ~6 GB."""
     data = _encode(np.zeros((40_000, 1, 3), np.uint8))
     message = r"1x40000 pixels would be scaled to 224x8960001, over the limit"
-    with pytest.raises(ImageDecodeError, match=message):
+    with pytest.raises(ImageTooLarge, match=message):
         eval_transform(224)(data)
     assert eval_transform(224)(_encode(np.zeros((400, 1, 3), np.uint8))).shape == (3, 224, 224)
+
+
+def test_a_short_side_that_makes_every_image_too_large_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match=r"^short_size 101 scales every image to more than the limit of "
+                                         r"10000 pixels \(at most 100\)$"):
+        eval_transform(32, max_pixels=10_000, short_size=101)
+    assert eval_transform(32, max_pixels=10_000, short_size=100).short_size == 100
 
 
 @pytest.mark.parametrize("arguments", [{"image_size": 0}, {"image_size": -5}, {"max_pixels": 0}])
