@@ -94,9 +94,15 @@ def read_embeddings_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if fast is not None:
             return fast
     lines = _read_lines(path)
+    while lines and not lines[-1].strip():  # blank lines at the end (an editor's, files joined by cat)
+        lines.pop()
+    if not lines:
+        raise EvalInputError(f"{path}: no rows, only blank lines")
     texts: list[str] = []
     images: list[str] = []
     for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            raise EvalInputError(f"{path}:{line_no}: a blank line between rows (text_vec, image_vec, idx)")
         parts = line.rstrip("\r").split("\t")
         if len(parts) != 3:
             raise EvalInputError(

@@ -58,6 +58,7 @@ def test_equivalent_files_give_the_same_arrays(paddle_ref: Path, eval_cases: lis
         "crlf.txt": content.replace("\n", "\r\n"),
         "bom.txt": "\ufeff" + content,
         "no_final_newline.txt": content.rstrip("\n"),
+        "blank_lines_at_the_end.txt": content + "\n \r\n\t\n",
         "names.txt": "".join(line.rsplit("\t", 1)[0] + f"\timg{k}\n"
                              for k, line in enumerate(content.splitlines())),
     }
@@ -72,15 +73,15 @@ FIELDS = "expected 3 tab-separated fields (text_vec, image_vec, idx)"
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("1 2\t3 4\t0\n\n1 2\t3 4\t1\n", f":2: {FIELDS}, got 1"),
-        ("1 2\t3 4\t0\n1 2\t3 4\t1\n\n", ":3: expected 3 tab-separated fields"),
-        ("\n", ":1: expected 3 tab-separated fields"),
+        ("1 2\t3 4\t0\n\n1 2\t3 4\t1\n", ":2: a blank line between rows (text_vec, image_vec, idx)"),
+        ("1 2\t3 4\t0\n \n1 2\t3 4\t1\n\n", ":2: a blank line between rows"),
+        ("\n \n", ": no rows, only blank lines"),
         ("1  2\t3 4\t0\n", ":1: text vector (column 1): '' is not a number"),
         ("1 2\t3 4\t0\n1 2\t3 0x4\t1\n", ":2: image vector (column 2): '0x4' is not a number"),
         ("1 2\t3 4\t0\n1 2\t3\t1\n", ":2: image vector (column 2) has 1 values, line 1 has 2"),
         ("1 2\t3 4\t0\n1 2\t3 4\t1\t5\n", f":2: {FIELDS}, got 4"),
     ],
-    ids=["blank-line", "blank-last-line", "only-newline", "double-space", "hex", "short-vector",
+    ids=["blank-line", "blank-line-and-last-line", "only-blank-lines", "double-space", "hex", "short-vector",
          "four-fields"],
 )
 def test_embeddings_file_errors_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
