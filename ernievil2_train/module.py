@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -12,7 +13,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ernievil2_train.accumulation import feature_cache_step, split_batch
@@ -40,6 +40,8 @@ from ernievil2_train.optim import (
     warmup_cosine,
 )
 from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ranks, set_rng_state
+
+log = logging.getLogger(__name__)
 
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
@@ -536,12 +538,12 @@ class ErnieVil2Module(pl.LightningModule):
             )
         steps = self._schedule_steps = int(total)
         saved = self._restored_schedule_steps
-        if saved is not None and saved != steps:
-            rank_zero_warn(
-                f"resuming a run whose lr schedule was laid out for {saved} optimizer steps with one of "
-                f"{steps} (trainer.max_epochs or max_steps, the batch size, epoch_samples or the number of "
-                "processes changed): the learning rate jumps to the new schedule's value at the resumed step",
-                category=UserWarning,
+        if saved is not None and saved != steps and self.global_rank == 0:
+            log.warning(
+                "resuming a run whose lr schedule was laid out for %d optimizer steps with one of %d "
+                "(trainer.max_epochs or max_steps, the batch size, epoch_samples or the number of processes "
+                "changed): the learning rate jumps to the new schedule's value at the resumed step",
+                saved, steps,
             )
         lr_lambda = functools.partial(
             warmup_cosine,

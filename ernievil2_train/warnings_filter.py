@@ -28,6 +28,10 @@ RESUME_WARNINGS = (
 # Lightning's advertisement for its LitLogger, logged on every run without one
 LITLOGGER_TIP = re.compile(r"\W*Tip: .*\blitlogger\b")
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# Lightning's notes on the way out of a stopped run (SIGTERM, divergence), ahead of this package's one line
+# saying what happened and what to do: the signal, and "An SIGTERMException was raised with message: ..."
+STOP_NOTES = re.compile(r"(\[rank: \d+\] )?Received SIGTERM|An \w+ was raised with message")
+SIGNAL_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
 # torch's note, when `torch.compile` builds CPU kernels with the CUDA build of torch, that there is no GPU
 NO_CUDA_RUNTIME = re.compile(r"No CUDA runtime is found")
 CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
@@ -47,14 +51,17 @@ class _Dropping(logging.Filter):
 # one instance each: a logger takes a filter once, however often `quiet_known_warnings` runs
 _DROP_LITLOGGER_TIP = _Dropping(LITLOGGER_TIP)
 _DROP_NO_CUDA_RUNTIME = _Dropping(NO_CUDA_RUNTIME)
+_DROP_STOP_NOTES = _Dropping(STOP_NOTES)
 
 
 def quiet_known_warnings() -> None:
     """Ignore `KNOWN_WARNINGS` (unless warnings were asked for with `python -W` or `PYTHONWARNINGS`) and drop
-    Lightning's LitLogger tip and torch's no-CUDA-runtime note."""
+    Lightning's LitLogger tip and notes on stopping, and torch's no-CUDA-runtime note."""
     _ignore(KNOWN_WARNINGS)
     for name in RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(_DROP_LITLOGGER_TIP)
+        logging.getLogger(name).addFilter(_DROP_STOP_NOTES)
+    logging.getLogger(SIGNAL_LOGGER).addFilter(_DROP_STOP_NOTES)
     logging.getLogger(CPP_EXTENSION_LOGGER).addFilter(_DROP_NO_CUDA_RUNTIME)
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from ernievil2_train.warnings_filter import (
     CPP_EXTENSION_LOGGER,
     RANK_ZERO_LOGGERS,
+    SIGNAL_LOGGER,
     quiet_known_warnings,
     quiet_resume_warnings,
 )
@@ -114,6 +115,27 @@ def test_the_litlogger_tip_is_dropped_and_other_rank_zero_messages_kept():
     finally:
         logger.removeHandler(handler)
     assert handler.messages == ["GPU available: False, used: False"]
+
+
+def test_lightnings_notes_on_stopping_are_dropped_ahead_of_the_runs_own_line():
+    """A stopped run ends with one line of its own; Lightning's notes of the signal and of the exception it
+    saved a checkpoint on are not printed before it."""
+    rank_zero, signals = logging.getLogger(RANK_ZERO_LOGGERS[0]), logging.getLogger(SIGNAL_LOGGER)
+    handler = _Records()
+    for logger in (rank_zero, signals):
+        logger.addHandler(handler)
+    try:
+        quiet_known_warnings()
+        signals.info("[rank: 0] Received SIGTERM: 15")
+        signals.info("Received SIGTERM: 15")
+        rank_zero.info("An SIGTERMException was raised with message:         , saved checkpoint to x.ckpt")
+        rank_zero.info("An TrainingDiverged was raised with message: NaN, saved checkpoint to x.ckpt")
+        signals.info("Requeued SLURM job: 7")
+        rank_zero.info("`Trainer.fit` stopped: `max_epochs=1` reached.")
+    finally:
+        for logger in (rank_zero, signals):
+            logger.removeHandler(handler)
+    assert handler.messages == ["Requeued SLURM job: 7", "`Trainer.fit` stopped: `max_epochs=1` reached."]
 
 
 def test_torchs_no_cuda_runtime_note_is_dropped_and_its_other_messages_kept():
