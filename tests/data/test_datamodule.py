@@ -401,11 +401,14 @@ def test_an_epoch_rounded_to_whole_batches_says_so(data, caplog):
     assert "an epoch trains 15 samples: epoch_samples=16 rounded to 5 batches of 3" in caplog.text
 
 
-@pytest.mark.parametrize(("sizes", "workers", "warned"), [((4, 4, 2), 2, True), ((4, 4), 2, False),
-                                                     ((4, 4, 2), 1, False)])
+@pytest.mark.parametrize(("sizes", "workers", "warned"), [
+    ((4, 4, 2), 2, "4 to 6 samples, and each takes 6"), ((4, 4), 2, None), ((4, 4, 2), 1, None),
+    ((100, 97), 2, "97 to 100 samples, and each takes 98"), ((100, 99), 2, None),
+])
 def test_streams_of_unequal_samples_are_warned_about(tmp_path, caplog, sizes, workers, warned):
     """Each worker reads whole shards and takes the same number of samples an epoch: with 4 + 2 and 4
-    samples, one repeats samples within the epoch and the other leaves some out."""
+    samples, one repeats samples within the epoch and the other leaves some out. Streams within 2% of each
+    other (a few samples a recipe skipped) are not worth a warning."""
     write_vocab(tmp_path / "vocab.txt")
     entries = []
     for s, size in enumerate(sizes):
@@ -418,8 +421,10 @@ def test_streams_of_unequal_samples_are_warned_about(tmp_path, caplog, sizes, wo
                              num_workers=workers, persistent_workers=False)
     with caplog.at_level(logging.WARNING, logger="ernievil2_train.data.datamodule"):
         dm.train_dataloader()
-    message = "the 2 loader streams (ranks x workers) read shards holding 4 to 6 samples, and each takes 6"
-    assert (message in caplog.text) == warned, caplog.text
+    if warned:
+        assert f"the 2 loader streams (ranks x workers) read shards holding {warned}" in caplog.text
+    else:
+        assert "loader streams" not in caplog.text
 
 
 def test_stream_samples_follow_the_shard_split() -> None:
