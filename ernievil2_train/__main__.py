@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import (
@@ -61,13 +63,16 @@ def main(cfg: DictConfig) -> None:
     from ernievil2_train.distributed import is_first_process
     from ernievil2_train.train import train
 
+    run_dir = _new_run_folder()
     try:
         train(cfg)
     except ConfigError as error:
         print(f"error: {_in_sweep(_message(error))}", file=sys.stderr)
+        _remove_if_only_logs(run_dir)
         sys.exit(2)
     except InterpolationResolutionError as error:
         print(f"error: {_in_sweep(config_key_message(error))}", file=sys.stderr)
+        _remove_if_only_logs(run_dir)
         sys.exit(2)
     except TrainingDiverged as error:
         print(f"error: {_in_sweep(str(error))}", file=sys.stderr)
@@ -83,6 +88,28 @@ def main(cfg: DictConfig) -> None:
         sys.exit(TERMINATED_EXIT)
     finally:  # on every way out, an error mid-validation included: the exit would wait for loader workers
         stop_children()
+
+
+def _new_run_folder() -> Path | None:
+    """The run folder when Hydra has just made it for this run (it holds nothing but empty log files), else
+    None: a folder of an earlier run, which a resume writes into."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    new = all(entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0 for entry in entries)
+    return folder if new else None
+
+
+def _remove_if_only_logs(run_dir: Path | None) -> None:
+    """A refused run leaves no run folder behind (Hydra made it, with its log file, before the checks ran),
+    as long as the run wrote nothing else there."""
+    if run_dir is None or not run_dir.is_dir():
+        return
+    if all(entry.suffix == ".log" and entry.is_file() for entry in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _in_sweep(message: str) -> str:

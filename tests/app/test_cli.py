@@ -295,6 +295,9 @@ def test_user_mistakes_are_one_line_and_exit_2(override: str, message: str, demo
         assert result.stdout.strip() == "" and len(result.stderr.strip().splitlines()) == 1  # nothing else
     if "my_metric" in override:  # a name the project does not know is told at the epoch's end, and the
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # last checkpoint is kept
+    late = ("my_metric", "{garbage}", "val_check_interval=100000")  # told once training has begun
+    if not any(word in override for word in late):  # refused before the run wrote anything: no run folder of
+        assert not (tmp_path / "run").exists()      # only a log file is left behind
 
 
 @pytest.mark.parametrize(
