@@ -108,7 +108,7 @@ def test_unwritable_output_is_one_line(
     existing = tmp_path / "a_file"
     existing.write_text("keep me")
     err = _main_error(capsys, paddle_ref / "model.pdparams", existing)
-    assert err == f"error: {existing}: cannot write the checkpoint folder (File exists)"
+    assert err == f"error: {existing}: is a file, not a folder; choose a folder for the checkpoint"
     assert existing.read_text() == "keep me"
     err = _main_error(capsys, paddle_ref / "model.pdparams", existing / "sub")
     assert err.startswith(f"error: {existing / 'sub'}: cannot write the checkpoint folder (")

@@ -335,7 +335,7 @@ def test_undecodable_images_are_reported_without_object_reprs(
     err = capsys.readouterr().err
     summary = err.strip().splitlines()[-1]
     assert summary.startswith("skipped 2 row(s) [undecodable image: 2]")
-    assert "line 2: undecodable image (not a recognised image (0 bytes))" in summary
+    assert "line 2: undecodable image (no image data (0 bytes))" in summary
     assert "line 3: undecodable image (not a recognised image (5 bytes))" in summary
     assert "BytesIO" not in err and " at 0x" not in err
     assert len(_parse(out)) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ernievil2_train import export
@@ -76,7 +77,11 @@ def test_bad_checkpoints_are_one_line_errors(run, tmp_path, paddle_ref):
     pdparams = tmp_path / "pd.ckpt"
     pdparams.write_bytes((paddle_ref / "model.pdparams").read_bytes())
     assert "a plain pickle (a .pdparams file?)" in _error(_export(pdparams, tmp_path / "o5"))
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    converted = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(converted))
+    assert _error(_export(converted, tmp_path / "o6")).endswith(
+        "(no state_dict); a converted model's weights: its folder is used as it is")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
 
 
 def _main_error(capsys, *args) -> str:
@@ -103,7 +108,7 @@ def test_output_file_and_input_as_output_are_refused(run, tmp_path, capsys):
     existing = tmp_path / "a_file"
     existing.write_text("keep me")
     err = _main_error(capsys, ckpt, existing)
-    assert err == f"{existing}: cannot write the checkpoint folder (File exists)"
+    assert err == f"{existing}: is a file, not a folder; choose a folder for the checkpoint"
     assert existing.read_text() == "keep me"
 
 

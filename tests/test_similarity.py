@@ -91,7 +91,7 @@ def test_user_errors(
         ([tmp_path / "missing.jpg"], "image file(s) not found"),
         ([tmp_path], f"--images: {tmp_path}: folder(s), not image files"),
         ([broken], f"{broken}: cannot decode image: not a recognised image (12 bytes)"),
-        ([good, empty], f"{empty}: cannot decode image: not a recognised image (0 bytes)"),
+        ([good, empty], f"{empty}: cannot decode image: no image data (0 bytes)"),
     ]
     for images, message in cases:
         argv = ["--checkpoint", str(ckpt), "--images", *map(str, images), "--texts", "x", "--device", "cpu"]

@@ -64,6 +64,18 @@ def state_mismatch(
     return ", ".join(f"{what} {listing(names)}" for what, names in found if names)
 
 
+def check_float(state: Mapping[str, Any], source: Path | str) -> None:
+    """`CheckpointError` naming `source` and the entries of `state` that are not floating-point tensors
+    (integer or boolean weights would be cast silently on loading; anything else is no weight at all)."""
+    bad = [
+        f"{name} ({value.dtype})" if isinstance(value, torch.Tensor) else f"{name} ({type(value).__name__})"
+        for name, value in state.items()
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point())
+    ]
+    if bad:
+        raise CheckpointError(f"{source}: weights that are not floating-point tensors: {listing(bad)}")
+
+
 def check_finite(state: Mapping[str, Any], source: Path | str) -> None:
     """`CheckpointError` naming `source` and the tensors of `state` holding NaN or infinite values (weights
     saved from a diverged training give NaN embeddings and similarities)."""

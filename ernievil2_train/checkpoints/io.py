@@ -20,6 +20,7 @@ from ernievil2_train.checkpoints.errors import (
     ZIP_MAGIC,
     CheckpointError,
     check_finite,
+    check_float,
     file_head,
     short_reason,
     state_mismatch,
@@ -51,9 +52,11 @@ def check_vocab(vocab_file: str | Path, vocab_size: int) -> None:
 
 
 def check_output(src: str | Path, out_dir: str | Path) -> None:
-    """Raise `CheckpointError` when the output folder would be the input file itself."""
+    """Raise `CheckpointError` when the output folder would be the input file itself, or is a file."""
     if Path(out_dir).resolve() == Path(src).resolve():
         raise CheckpointError(f"{out_dir}: the output folder is the input file; choose a new folder")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CheckpointError(f"{out_dir}: is a file, not a folder; choose a folder for the checkpoint")
 
 
 def _vocab_fits(vocab_file: Path, vocab_size: int) -> bool:
@@ -152,6 +155,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({short_reason(err)})") from None
+    check_float(state, weights)
     check_finite(state, weights)
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -296,7 +300,9 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     (a readable `torch.save` file holding a `state_dict`)."""
     checkpoint = _torch_load(Path(path))
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: not a Lightning training checkpoint (no state_dict)")
+        converted = Path(path).suffix == ".safetensors"
+        hint = "; a converted model's weights: its folder is used as it is" if converted else ""
+        raise CheckpointError(f"{path}: not a Lightning training checkpoint (no state_dict){hint}")
     return checkpoint
 
 
@@ -313,6 +319,7 @@ def load_training_checkpoint(path: str | Path) -> DualEncoder:
         raise CheckpointError(f"{path}: no model config in the checkpoint (not written by ErnieVil2Module)")
     weights = checkpoint["state_dict"].items()
     state = {k.removeprefix("model."): v for k, v in weights if k.startswith("model.")}
+    check_float(state, path)
     message = f"{path}: weights do not match its model config"
     model = _build_model(checkpoint[MODEL_CONFIG_KEY], path, state, message, extra_ok=True)
     weights = {k: state[k] for k in model.state_dict()}

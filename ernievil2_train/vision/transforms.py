@@ -59,6 +59,8 @@ def _check_header(data: bytes, max_pixels: int) -> None:
 def decode_bytes(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded image -> HWC uint8 RGB exactly as the official `cv2.imdecode(IMREAD_COLOR)` + BGR2RGB."""
     data = bytes(data)
+    if not data:
+        raise ImageDecodeError("no image data (0 bytes)")
     _check_header(data, max_pixels)
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:

@@ -257,6 +257,24 @@ def test_weights_of_a_diverged_training_are_refused_naming_the_file(bad: float, 
     assert "logit_scale" in message and "vision.pos_embed" in message
 
 
+def test_weights_that_are_not_floating_point_tensors_are_refused(tmp_path: Path) -> None:
+    """Integer or boolean weights would be cast on loading without a word; a non-tensor is no weight."""
+    folder = save_pretrained(tiny_model(), tmp_path / "ints")
+    state = load_file(str(folder / "model.safetensors"))
+    state["vision.pos_embed"] = state["vision.pos_embed"].to(torch.int32)
+    state["logit_scale"] = state["logit_scale"].bool()
+    save_file(state, str(folder / "model.safetensors"))
+    message = _one_line_error(load_pretrained, folder)
+    assert message == (f"{folder / 'model.safetensors'}: weights that are not floating-point tensors: "
+                       "[vision.pos_embed (torch.int32), logit_scale (torch.bool)]")
+    ckpt = _training_checkpoint(tmp_path / "odd.ckpt", TINY)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"]["model.vision.cls_token"] = None
+    torch.save(saved, ckpt)
+    message = _one_line_error(load_training_checkpoint, ckpt)
+    assert message == f"{ckpt}: weights that are not floating-point tensors: [vision.cls_token (NoneType)]"
+
+
 def test_a_folder_with_a_zero_dim_logit_scale_still_loads(tmp_path: Path) -> None:
     """Folders written while temperatures were 0-dim tensors load into the 1-element parameter."""
     folder = save_pretrained(tiny_model(), tmp_path / "old")
