@@ -90,6 +90,14 @@ def main(cfg: DictConfig) -> None:
         stop_children()
 
 
+def _only_logs(folder: Path, empty: bool = False) -> bool:
+    """Whether `folder` holds nothing but log files (`empty`: with nothing written in them yet)."""
+    return folder.is_dir() and all(
+        entry.suffix == ".log" and entry.is_file() and not (empty and entry.stat().st_size)
+        for entry in folder.iterdir()
+    )
+
+
 def _new_run_folder() -> Path | None:
     """The run folder when Hydra has just made it for this run (it holds nothing but empty log files), else
     None: a folder of an earlier run, which a resume writes into."""
@@ -98,17 +106,13 @@ def _new_run_folder() -> Path | None:
     if not HydraConfig.initialized():
         return None
     folder = Path(HydraConfig.get().runtime.output_dir)
-    entries = list(folder.iterdir()) if folder.is_dir() else []
-    new = all(entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0 for entry in entries)
-    return folder if new else None
+    return folder if _only_logs(folder, empty=True) else None
 
 
 def _remove_if_only_logs(run_dir: Path | None) -> None:
     """A refused run leaves no run folder behind (Hydra made it, with its log file, before the checks ran),
     as long as the run wrote nothing else there."""
-    if run_dir is None or not run_dir.is_dir():
-        return
-    if all(entry.suffix == ".log" and entry.is_file() for entry in run_dir.iterdir()):
+    if run_dir is not None and _only_logs(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

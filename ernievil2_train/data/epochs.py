@@ -273,9 +273,10 @@ def within_an_epoch(trainer: Any) -> bool:
     """Whether the trainer stands within a training epoch: some of its batches trained and the epoch not
     ended, its last batch included (until the epoch's validation and end-of-epoch work are done, Lightning
     counts the batches trained, and with another batch count would train on in that epoch)."""
-    done = batches_trained(trainer)
-    progress = trainer.fit_loop.epoch_progress.current if done is not None else None
-    return progress is not None and done > 0 and progress.started > progress.processed
+    if not batches_trained(trainer):  # no trainer, or no batch of the epoch trained yet
+        return False
+    progress = trainer.fit_loop.epoch_progress.current
+    return progress.started > progress.processed
 
 
 def trainer_position(trainer: Any, batches: int) -> tuple[int, int] | None:

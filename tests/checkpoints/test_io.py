@@ -4,6 +4,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -237,21 +238,40 @@ def test_a_folder_is_not_a_training_checkpoint(tmp_path: Path) -> None:
     assert "sharded (FSDP) checkpoint folder" in message and "consolidate_checkpoint" in message
 
 
+def _folder_with_weights(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A saved tiny model's folder whose `model.safetensors` holds the weights as `edit` changed them."""
+    folder = save_pretrained(tiny_model(), path)
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def _checkpoint_with_weights(path: Path, edit: Callable[[dict[str, object]], None]) -> Path:
+    """A tiny training checkpoint whose `state_dict` is as `edit` changed it."""
+    ckpt = _training_checkpoint(path, TINY)
+    saved = torch.load(ckpt, weights_only=True)
+    edit(saved["state_dict"])
+    torch.save(saved, ckpt)
+    return ckpt
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_weights_of_a_diverged_training_are_refused_naming_the_file(bad: float, tmp_path: Path) -> None:
     """NaN weights would give NaN embeddings and similarities, written without a word."""
-    folder = save_pretrained(tiny_model(), tmp_path / "diverged")
-    state = load_file(str(folder / "model.safetensors"))
-    state["text.ernie.embeddings.word_embeddings.weight"][3, 1] = bad
-    save_file(state, str(folder / "model.safetensors"))
+
+    def diverge_folder(state: dict[str, torch.Tensor]) -> None:
+        state["text.ernie.embeddings.word_embeddings.weight"][3, 1] = bad
+
+    def diverge_checkpoint(state: dict[str, object]) -> None:
+        for name in ("model.logit_scale", "model.vision.pos_embed"):
+            state[name].view(-1)[0] = bad
+
+    folder = _folder_with_weights(tmp_path / "diverged", diverge_folder)
     message = _one_line_error(load_pretrained, folder)
     assert message == (f"{folder / 'model.safetensors'}: NaN or infinite weights in "
                        "[text.ernie.embeddings.word_embeddings.weight] (saved from a diverged training?)")
-    ckpt = _training_checkpoint(tmp_path / "diverged.ckpt", TINY)
-    saved = torch.load(ckpt, weights_only=True)
-    for name in ("model.logit_scale", "model.vision.pos_embed"):
-        saved["state_dict"][name].view(-1)[0] = bad
-    torch.save(saved, ckpt)
+    ckpt = _checkpoint_with_weights(tmp_path / "diverged.ckpt", diverge_checkpoint)
     message = _one_line_error(load_training_checkpoint, ckpt)
     assert message.startswith(f"{ckpt}: NaN or infinite weights in [")
     assert "logit_scale" in message and "vision.pos_embed" in message
@@ -259,28 +279,24 @@ def test_weights_of_a_diverged_training_are_refused_naming_the_file(bad: float, 
 
 def test_weights_that_are_not_floating_point_tensors_are_refused(tmp_path: Path) -> None:
     """Integer or boolean weights would be cast on loading without a word; a non-tensor is no weight."""
-    folder = save_pretrained(tiny_model(), tmp_path / "ints")
-    state = load_file(str(folder / "model.safetensors"))
-    state["vision.pos_embed"] = state["vision.pos_embed"].to(torch.int32)
-    state["logit_scale"] = state["logit_scale"].bool()
-    save_file(state, str(folder / "model.safetensors"))
+
+    def integers(state: dict[str, torch.Tensor]) -> None:
+        state["vision.pos_embed"] = state["vision.pos_embed"].to(torch.int32)
+        state["logit_scale"] = state["logit_scale"].bool()
+
+    folder = _folder_with_weights(tmp_path / "ints", integers)
     message = _one_line_error(load_pretrained, folder)
     assert message == (f"{folder / 'model.safetensors'}: weights that are not floating-point tensors: "
                        "[vision.pos_embed (torch.int32), logit_scale (torch.bool)]")
-    ckpt = _training_checkpoint(tmp_path / "odd.ckpt", TINY)
-    saved = torch.load(ckpt, weights_only=True)
-    saved["state_dict"]["model.vision.cls_token"] = None
-    torch.save(saved, ckpt)
+    no_tensor = {"model.vision.cls_token": None}
+    ckpt = _checkpoint_with_weights(tmp_path / "odd.ckpt", lambda state: state.update(no_tensor))
     message = _one_line_error(load_training_checkpoint, ckpt)
     assert message == f"{ckpt}: weights that are not floating-point tensors: [vision.cls_token (NoneType)]"
 
 
 def test_a_folder_with_a_zero_dim_logit_scale_still_loads(tmp_path: Path) -> None:
     """Folders written while temperatures were 0-dim tensors load into the 1-element parameter."""
-    folder = save_pretrained(tiny_model(), tmp_path / "old")
-    state = load_file(str(folder / "model.safetensors"))
-    state["logit_scale"] = torch.tensor(3.5)
-    save_file(state, str(folder / "model.safetensors"))
+    folder = _folder_with_weights(tmp_path / "old", lambda state: state.update(logit_scale=torch.tensor(3.5)))
     model = load_pretrained(folder)
     assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 3.5
 
