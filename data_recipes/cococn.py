@@ -66,6 +66,7 @@ from data_recipes.shards import (
     short_error,
     write_outputs,
 )
+from ernievil2_train.arguments import nonempty_path
 from ernievil2_train.data.evalset import clip_layout_files
 
 CATEGORY_TABLE = Path(__file__).with_name("coco_categories_zh.json")
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_importer_args(parser, "Chinese-CLIP folder or 3-column TSV file")
     parser.add_argument(
-        "--coco-instances", type=Path, action="append", default=[], help="COCO instances json"
+        "--coco-instances", type=nonempty_path, action="append", default=[], help="COCO instances json"
     )
     args = parser.parse_args(argv)
     check_input(parser, args.input)

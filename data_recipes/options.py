@@ -21,14 +21,8 @@ from data_recipes.shards import (
     short_error,
     short_text,
 )
+from ernievil2_train.arguments import nonempty_path
 from ernievil2_train.data.evalset import clip_layout_files
-
-
-def nonempty_path(value: str) -> Path:
-    """An argparse type: a path that is not the empty string (which would mean the current folder)."""
-    if not value:
-        raise argparse.ArgumentTypeError("empty path")
-    return Path(value)
 
 
 def int_range(low: int = 1, high: int | None = None) -> Callable[[str], int]:
@@ -100,7 +94,7 @@ def add_writer_args(
 
 def add_importer_args(parser: argparse.ArgumentParser, input_help: str) -> None:
     """An importer's options: `--input`, `--max-size`, and the writer's (with `--split` and `--outputs`)."""
-    parser.add_argument("--input", type=Path, required=True, help=input_help)
+    parser.add_argument("--input", type=nonempty_path, required=True, help=input_help)
     parser.add_argument(
         "--max-size", type=positive_int, help="re-encode images whose longer side exceeds this"
     )

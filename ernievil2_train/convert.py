@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ernievil2_train.arguments import nonempty_path
 from ernievil2_train.checkpoints import CheckpointError, load_pdparams
 from ernievil2_train.checkpoints.io import check_output, save_with_vocab
 from ernievil2_train.stopping import run
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ernievil2_train.convert",
         description="Convert a Paddle .pdparams file (read without Paddle) to safetensors + config.json.",
     )
-    parser.add_argument("src", help="official .pdparams file")
-    parser.add_argument("out_dir", help="output checkpoint folder")
+    parser.add_argument("src", type=nonempty_path, help="official .pdparams file")
+    parser.add_argument("out_dir", type=nonempty_path, help="output checkpoint folder")
     parser.add_argument(
         "--vision-heads",
         type=positive_int,
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the release's ERNIE config (ernie_config.base.json): text heads and dropout rates from it, its "
         "sizes checked against the weights",
     )
-    parser.add_argument("--vocab", default=None, help="vocab.txt to copy into the checkpoint folder")
+    parser.add_argument(
+        "--vocab", type=nonempty_path, default=None, help="vocab.txt to copy into the checkpoint folder"
+    )
     return parser
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ernievil2_train.arguments import nonempty_path
 from ernievil2_train.checkpoints import CheckpointError
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
@@ -169,10 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ernievil2_train.embed", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)"
+        "--checkpoint",
+        type=nonempty_path,
+        required=True,
+        help="checkpoint folder (model.safetensors + config.json)",
     )
-    parser.add_argument("--input", required=True, help="TSV file: text \\t image_id \\t base64 image")
-    parser.add_argument("--output", required=True, help="embeddings file to write")
+    parser.add_argument(
+        "--input", type=nonempty_path, required=True, help="TSV file: text \\t image_id \\t base64 image"
+    )
+    parser.add_argument("--output", type=nonempty_path, required=True, help="embeddings file to write")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     parser.add_argument(
@@ -182,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on a CUDA GPU, else fp32",
     )
     parser.add_argument(
-        "--vocab", default=None, help="vocab.txt, for a checkpoint folder without one (else its own is used)"
+        "--vocab",
+        type=nonempty_path,
+        default=None,
+        help="vocab.txt, for a checkpoint folder without one (else its own is used)",
     )
     parser.add_argument(
         "--max-len",

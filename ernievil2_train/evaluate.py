@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ernievil2_train.arguments import nonempty_path, nonempty_text
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.metrics.files import (
     EvalInputError,
@@ -186,15 +187,21 @@ _NOT_GIVEN = object()
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ernievil2_train.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("embeddings", nargs="?", help="run_infer embeddings file: text_vec<TAB>image_vec<TAB>idx")
-    p.add_argument("--image-feats", help="Chinese-CLIP image feature jsonl ({'image_id', 'feature'})")
-    p.add_argument("--text-feats", help="Chinese-CLIP text feature jsonl ({'text_id', 'feature'})")
-    p.add_argument("--texts", help="{split}_texts.jsonl with the ground truth ({'text_id', 'image_ids'})")
-    p.add_argument("--checkpoint", help="model folder (model.safetensors + config.json [+ vocab.txt])")
-    p.add_argument("--eval-set",
+    p.add_argument("embeddings", nargs="?", type=nonempty_path,
+                   help="run_infer embeddings file: text_vec<TAB>image_vec<TAB>idx")
+    p.add_argument("--image-feats", type=nonempty_path,
+                   help="Chinese-CLIP image feature jsonl ({'image_id', 'feature'})")
+    p.add_argument("--text-feats", type=nonempty_path,
+                   help="Chinese-CLIP text feature jsonl ({'text_id', 'feature'})")
+    p.add_argument("--texts", type=nonempty_path,
+                   help="{split}_texts.jsonl with the ground truth ({'text_id', 'image_ids'})")
+    p.add_argument("--checkpoint", type=nonempty_path,
+                   help="model folder (model.safetensors + config.json [+ vocab.txt])")
+    p.add_argument("--eval-set", type=nonempty_text,
                    help="eval set: Chinese-CLIP folder, shard index folder, .tar or brace pattern")
     p.add_argument("--split", default="valid", help="eval-set split (default: valid)")
-    p.add_argument("--vocab", help="vocab file, for a checkpoint folder without one (else its own is used)")
+    p.add_argument("--vocab", type=nonempty_path,
+                   help="vocab file, for a checkpoint folder without one (else its own is used)")
     p.add_argument("--max-len", type=int, default=None,
                    help=f"text length in tokens (default: {OFFICIAL_MAX_LEN}, or the checkpoint's text "
                    "positions when it has fewer)")

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ernievil2_train.arguments import nonempty_path
 from ernievil2_train.checkpoints import CheckpointError, load_training_checkpoint
 from ernievil2_train.checkpoints.io import VOCAB_NAME, check_output, save_with_vocab, training_vocab
 from ernievil2_train.stopping import run
@@ -32,10 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ernievil2_train.export",
         description="Export a Lightning training checkpoint to safetensors + config.json (+ vocab.txt).",
     )
-    parser.add_argument("checkpoint", help="training checkpoint file (.ckpt)")
-    parser.add_argument("out_dir", help="output checkpoint folder")
+    parser.add_argument("checkpoint", type=nonempty_path, help="training checkpoint file (.ckpt)")
+    parser.add_argument("out_dir", type=nonempty_path, help="output checkpoint folder")
     parser.add_argument(
-        "--vocab", default=None, help="vocab.txt to copy (default: the run's export/vocab.txt)"
+        "--vocab",
+        type=nonempty_path,
+        default=None,
+        help="vocab.txt to copy (default: the run's export/vocab.txt)",
     )
     return parser
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ernievil2_train.arguments import nonempty_path
 from ernievil2_train.checkpoints import CheckpointError
 from ernievil2_train.devices import resolve_device
 from ernievil2_train.loading import load_checkpoint, load_tokenizer, resolve_vocab
@@ -70,12 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ernievil2_train.similarity", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)"
+        "--checkpoint",
+        type=nonempty_path,
+        required=True,
+        help="checkpoint folder (model.safetensors + config.json)",
     )
-    parser.add_argument("--images", nargs="+", required=True, type=Path, help="image files")
+    parser.add_argument("--images", nargs="+", required=True, type=nonempty_path, help="image files")
     parser.add_argument("--texts", nargs="+", required=True, help="captions")
     parser.add_argument(
-        "--vocab", default=None, help="vocab.txt, for a checkpoint folder without one (else its own is used)"
+        "--vocab",
+        type=nonempty_path,
+        default=None,
+        help="vocab.txt, for a checkpoint folder without one (else its own is used)",
     )
     parser.add_argument(
         "--short-size",
