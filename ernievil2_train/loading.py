@@ -35,8 +35,10 @@ def resolve_vocab(checkpoint: str | Path, vocab: str | Path | None) -> Path:
     path = Path(vocab)
     if path.is_dir():
         raise ValueError(f"--vocab {path}: is a folder, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"--vocab {path}: file not found")
+    if not path.is_file():
+        raise ValueError(f"--vocab {path}: not a regular file (a pipe?); the vocabulary is read from disk")
     if found is not None and load_vocab(path) != load_vocab(found):
         raise ValueError(f"--vocab {path}: other token ids than the checkpoint's own {found}, which its "
                          "weights were trained with; leave --vocab out")

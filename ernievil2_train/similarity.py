@@ -100,9 +100,13 @@ def _check_images(images: list[Path]) -> None:
     folders = [str(p) for p in images if p.is_dir()]
     if folders:
         raise ValueError(f"--images: {', '.join(folders)}: folder(s), not image files")
-    missing = [str(p) for p in images if not p.is_file()]
+    missing = [str(p) for p in images if not p.exists()]
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing)}")
+    special = [str(p) for p in images if not p.is_file()]
+    if special:
+        raise ValueError(f"--images: {', '.join(special)}: not regular files (pipes?); images are read from "
+                         "disk")
 
 
 def main(argv: list[str] | None = None) -> int:

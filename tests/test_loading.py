@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,13 @@ def test_the_vocabulary_is_the_flag_or_the_folders_own(folder: Path, tmp_path: P
         resolve_vocab(folder, tmp_path)
     with pytest.raises(ValueError, match=r"^--vocab .*missing\.txt: file not found$"):
         resolve_vocab(folder, tmp_path / "missing.txt")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match=r"^--vocab .*pipe: not a regular file \(a pipe\?\)"):
+        resolve_vocab(folder, pipe)
+    (folder / "vocab.txt").mkdir()
+    with pytest.raises(ValueError, match=r"ckpt/vocab\.txt: is a folder; a checkpoint folder holds a file "):
+        resolve_vocab(folder, None)
 
 
 def test_a_text_length_beyond_the_positions_or_below_two_is_refused(folder: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,10 @@ def test_user_errors(
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     good = reference_images(paddle_ref)[0]
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
     cases = [
+        ([good, pipe], f"--images: {pipe}: not regular files (pipes?); images are read from disk"),
         ([tmp_path / "missing.jpg"], "image file(s) not found"),
         ([tmp_path], f"--images: {tmp_path}: folder(s), not image files"),
         ([broken], f"{broken}: cannot decode image: not a recognised image (12 bytes)"),

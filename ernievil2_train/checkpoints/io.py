@@ -81,6 +81,8 @@ def save_pretrained(
     if not str(out_dir):
         raise CheckpointError("the checkpoint folder path is empty")
     out = Path(out_dir)
+    for name in (WEIGHTS_NAME, VOCAB_NAME, CONFIG_NAME):
+        check_not_a_folder(out / name)  # else the files renamed before it would be replaced, and it not
     if vocab_file is not None:
         check_vocab(vocab_file, model.config.text.vocab_size)
     stale_vocab = vocab_file is None and not _vocab_fits(out / VOCAB_NAME, model.config.text.vocab_size)
@@ -162,9 +164,16 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Dua
 
 
 def find_vocab(path: str | Path) -> Path | None:
-    """`path/vocab.txt` if the checkpoint folder carries a vocabulary."""
+    """`path/vocab.txt` if the checkpoint folder carries a vocabulary (CheckpointError if it is a folder)."""
     vocab = Path(path) / VOCAB_NAME
+    check_not_a_folder(vocab)
     return vocab if vocab.is_file() else None
+
+
+def check_not_a_folder(path: Path) -> None:
+    """CheckpointError when `path`, a file of a checkpoint folder, is a folder."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; a checkpoint folder holds a file of that name")
 
 
 def training_vocab(path: str | Path) -> Path | None:

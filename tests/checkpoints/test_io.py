@@ -152,6 +152,24 @@ def test_unwritable_output_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
     assert existing.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "vocab.txt", "config.json"])
+def test_a_folder_in_place_of_a_checkpoint_file_is_refused_before_anything_is_written(
+    tmp_path: Path, name: str
+) -> None:
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    out = save_pretrained(tiny_model(), tmp_path / "out")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    for path in out.iterdir():
+        if path.name == name:
+            path.unlink()
+    (out / name).mkdir()
+    message = _one_line_error(save_pretrained, tiny_model(), out, vocab)
+    assert message == f"{out / name}: is a folder; a checkpoint folder holds a file of that name"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != name} == {
+        k: v for k, v in before.items() if k != name
+    }
+
+
 def test_vocabulary_is_checked_before_the_folder_is_made(tmp_path: Path) -> None:
     model = tiny_model()
     vocab_size = model.config.text.vocab_size
