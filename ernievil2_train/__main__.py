@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.stopping import INTERRUPTED_EXIT, TERMINATED_EXIT, stop_children
 
 register_resolvers()
+exit_log = logging.getLogger("ernievil2_train.exit_report")  # the log file's handler only (conf/hydra)
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 
@@ -67,27 +69,37 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ConfigError as error:
-        print(f"error: {_in_sweep(_message(error))}", file=sys.stderr)
+        _report(f"error: {_in_sweep(_message(error))}")
         _remove_if_only_logs(run_dir)
         sys.exit(2)
     except InterpolationResolutionError as error:
-        print(f"error: {_in_sweep(config_key_message(error))}", file=sys.stderr)
+        _report(f"error: {_in_sweep(config_key_message(error))}")
         _remove_if_only_logs(run_dir)
         sys.exit(2)
     except TrainingDiverged as error:
-        print(f"error: {_in_sweep(str(error))}", file=sys.stderr)
+        _report(f"error: {_in_sweep(str(error))}")
         sys.exit(1)
     except KeyboardInterrupt as stop:
-        if is_first_process():
-            print(f"interrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
+        _report(f"interrupted{f': {stop}' if str(stop) else ''}", printed=is_first_process())
         sys.exit(INTERRUPTED_EXIT)
     except SIGTERMException:
-        if is_first_process():  # the run folder is named by the time: a plain rerun would start a new run
-            print(f"stopped by SIGTERM after saving a checkpoint; the same command with "
-                  f"hydra.run.dir={cfg.paths.output_dir} resumes the run", file=sys.stderr)
+        # the run folder is named by the time: a plain rerun would start a new run
+        _report(f"stopped by SIGTERM after saving a checkpoint; the same command with "
+                f"hydra.run.dir={cfg.paths.output_dir} resumes the run", printed=is_first_process())
         sys.exit(TERMINATED_EXIT)
+    except Exception:
+        exit_log.exception("the run failed")  # the traceback goes on to stderr, as Python prints it
+        raise
     finally:  # on every way out, an error mid-validation included: the exit would wait for loader workers
         stop_children()
+
+
+def _report(message: str, printed: bool = True) -> None:
+    """How the run ended, on stderr (when `printed`) and in this process's log file, where a look into the
+    run folder finds it later."""
+    if printed:
+        print(message, file=sys.stderr)
+    exit_log.error(message)
 
 
 def _only_logs(folder: Path, empty: bool = False) -> bool:

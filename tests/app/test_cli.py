@@ -383,10 +383,11 @@ def test_sigterm_mid_epoch_then_resume_continues_exactly(demo_cache: Path, tmp_p
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]  # stopped, not finished
     assert "Received SIGTERM" not in stderr and "was raised with message" not in stderr  # Lightning's notes
-    assert stderr.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM after saving a checkpoint; the same command with hydra.run.dir={run_dir} "
-        "resumes the run"
-    )
+    stopped = (f"stopped by SIGTERM after saving a checkpoint; the same command with hydra.run.dir={run_dir} "
+               "resumes the run")
+    assert stderr.strip().splitlines()[-1] == stopped
+    log = run_dir / "ernievil2_train.log"
+    assert log.read_text().splitlines()[-1].endswith(f"[ERROR] {stopped}")  # found there later
     last = run_dir / "checkpoints" / "last.ckpt"
     interrupted = _global_step(last)
     assert 3 <= interrupted < 64, "the interruption must land mid-epoch, before the end"
@@ -398,9 +399,9 @@ def test_sigterm_mid_epoch_then_resume_continues_exactly(demo_cache: Path, tmp_p
     before = [path.read_text() for path in records]
     other = _run(_cli(run_dir, *steps, "ckpt_path=last", "data.datamodule.batch_size=32"), _env(demo_cache))
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
-    assert other.stderr.strip().splitlines()[-1].startswith(
-        "error: config key 'data.datamodule.batch_size': 32, but 16 in the checkpoint being resumed"
-    )
+    refusal = "error: config key 'data.datamodule.batch_size': 32, but 16 in the checkpoint being resumed"
+    assert other.stderr.strip().splitlines()[-1].startswith(refusal)
+    assert f"[ERROR] {refusal}" in log.read_text().splitlines()[-1]
     assert _global_step(last) == interrupted
     assert [path.read_text() for path in records] == before
 
@@ -494,6 +495,7 @@ def test_a_diverged_training_ends_with_one_line(demo_cache: Path, tmp_path: Path
     assert run.returncode == 1, run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the model gives NaN or infinite embeddings after "), run.stderr[-3000:]
+    assert (tmp_path / "run" / "ernievil2_train.log").read_text().splitlines()[-1].endswith(f"[ERROR] {last}")
     assert "Traceback" not in run.stderr and "was raised with message" not in run.stdout + run.stderr
 
 
@@ -504,6 +506,8 @@ def test_an_error_during_validation_ends_the_run_instead_of_waiting_for_its_load
     result = _run(cmd, _env(demo_cache), timeout=120)
     assert result.returncode == 1
     assert "planted failure in validation" in result.stderr
+    log = (tmp_path / "run" / "ernievil2_train.log").read_text()
+    assert "[ERROR] the run failed\nTraceback" in log and "planted failure in validation" in log
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(demo_cache: Path, tmp_path: Path) -> None:
