@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import math
 import time
@@ -71,22 +70,20 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return next(batch[k].shape[0] for k in sorted(PER_SAMPLE_KEYS) if k in batch)
 
 
-def _keyword_default(factory: Callable[..., Any], name: str, fallback: float) -> float:
-    """The value a partial / class would use for `name` (e.g. the partial's lr)."""
-    try:
-        parameter = inspect.signature(factory).parameters.get(name)
-    except (TypeError, ValueError):
-        return fallback
-    if parameter is None or parameter.default is inspect.Parameter.empty:
-        return fallback
-    return float(parameter.default)
+def optimizer_defaults(factory: Callable[..., Any], device: torch.device) -> tuple[float, float]:
+    """The `lr` and `weight_decay` an optimizer `factory` (a partial, a class, any callable) gives a group
+    that sets neither: read from an optimizer it builds for one placeholder parameter on `device`."""
+    probe = factory([torch.zeros(1, device=device, requires_grad=True)])
+    if not isinstance(probe, torch.optim.Optimizer):
+        raise TypeError(f"the factory made a {type(probe).__name__}, not a torch.optim.Optimizer")
+    return float(probe.defaults.get("lr", 1e-3)), float(probe.defaults.get("weight_decay", 0.0))
 
 
 class ErnieVil2Module(pl.LightningModule):
     """Dual-encoder training with the multi-view InfoNCE losses.
 
     model: a `DualEncoder` (available as `self.model`). loss: `LossConfig` fields. optimizer: a factory taking
-    param groups (Hydra `_partial_: true`); its `lr` and `weight_decay` are the defaults of every group.
+    param groups (Hydra `_partial_: true`); the `lr` and `weight_decay` it sets are every group's defaults.
     scheduler: `ScheduleConfig` fields (per-step warmup + cosine). vision_lr / text_lr / temperature_lr
     override the lr per group; layer_decay < 1 scales block i's lr by layer_decay ** (depth - i).
     compile: `torch.compile` both towers (true, or a mode such as "max-autotune").
@@ -501,8 +498,7 @@ class ErnieVil2Module(pl.LightningModule):
     # ---- optimizer -----------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: per tower (and layer with layer_decay), decay / no-decay; frozen towers left out."""
-        base_lr = _keyword_default(self.optimizer_factory, "lr", 1e-3)
-        weight_decay = _keyword_default(self.optimizer_factory, "weight_decay", 0.0)
+        base_lr, weight_decay = optimizer_defaults(self.optimizer_factory, self.device)
         groups = []
         for tower in ("vision", "text"):
             if tower in self.frozen:

@@ -56,6 +56,19 @@ def test_per_tower_learning_rates():
     assert _groups()["vision:norm.bias"]["lr"] == pytest.approx(1e-3)  # the optimizer partial's lr
 
 
+@pytest.mark.parametrize(("factory", "lr", "weight_decay"), [
+    (functools.partial(torch.optim.SGD, lr=0.1, weight_decay=0.5), 0.1, 0.5),
+    (lambda params: torch.optim.SGD(params, lr=0.2, weight_decay=0.3), 0.2, 0.3),  # not a partial
+    (torch.optim.AdamW, 1e-3, 1e-2),  # the class: its own defaults
+])
+def test_the_groups_take_the_lr_and_weight_decay_the_factory_sets(factory, lr, weight_decay):
+    groups = _groups(optimizer=factory)
+    assert groups["vision:blocks.1.mlp.fc1.weight"]["lr"] == pytest.approx(lr)
+    assert groups["vision:blocks.1.mlp.fc1.weight"]["weight_decay"] == pytest.approx(weight_decay)
+    assert groups["text:ernie.pooler.dense.weight"]["weight_decay"] == pytest.approx(weight_decay)
+    assert groups["vision:norm.bias"]["weight_decay"] == 0.0
+
+
 def test_layer_decay_scales_lr_by_depth():
     groups = _groups(layer_decay=0.5)
     depth = 2 + 1  # tiny towers have 2 blocks; the head is layer 3
