@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,6 +98,16 @@ def _compare(scores: Tensor, start: int, blocks: Sequence[int], best_text: Tenso
     return image_count
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """ValueError unless `chunk_size` (texts scored at a time) is a positive integer."""
+    try:
+        valid = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
 def rank_positives(
     text_emb: Tensor,
     image_emb: Tensor,
@@ -112,6 +123,7 @@ def rank_positives(
     step. The first pass over the chunks takes the positive scores; the second compares (with the chunks'
     scores kept from the first when all of them fit in `KEEP_SCORES_BYTES`, else computed again).
     """
+    check_chunk_size(chunk_size)
     num_texts, num_images = text_emb.shape[0], image_emb.shape[0]
     device, threads = text_emb.device, torch.get_num_threads()
     image_t = image_emb.T

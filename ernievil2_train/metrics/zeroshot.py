@@ -10,7 +10,12 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ernievil2_train.metrics.retrieval import DEFAULT_CHUNK_SIZE, any_positive, ernie_protocol
+from ernievil2_train.metrics.retrieval import (
+    DEFAULT_CHUNK_SIZE,
+    any_positive,
+    check_chunk_size,
+    ernie_protocol,
+)
 
 
 def _rows_by_index(emb: Tensor, index: Tensor, expected: int, what: str) -> Tensor:
@@ -50,6 +55,7 @@ class ZeroShotRetrieval(Metric):
         self.num_texts = len(self.text_to_images) if self.text_to_images is not None else num_texts
         self.num_images = num_images
         self.protocol = protocol
+        check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         for name in ("text_emb", "text_idx", "image_emb", "image_idx"):
             self.add_state(name, default=[], dist_reduce_fx="cat")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -121,6 +122,18 @@ def test_chunk_size_does_not_change_results(chunk_size):
     got = (ernie_protocol(text, image, chunk_size=chunk_size, device="cpu"),
            any_positive(text, image, positives, chunk_size=chunk_size, device="cpu"))
     assert got == base
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True, "64"])
+def test_a_chunk_size_below_one_or_not_an_integer_is_refused(chunk_size):
+    """A negative one scored no chunk at all and read ranks from uninitialised memory."""
+    text = np.eye(4, dtype=np.float32)
+    message = f"chunk_size must be a positive integer, got {chunk_size!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ernie_protocol(text, text, chunk_size=chunk_size, device="cpu")
+    with pytest.raises(ValueError, match=r"^chunk_size must be a positive integer"):
+        any_positive(text, text, [[0], [1], [2], [3]], chunk_size=chunk_size, device="cpu")
+    assert ernie_protocol(text, text, chunk_size=np.int64(3), device="cpu")["t2i/r@1"] == 1.0
 
 
 def many_to_many(rng: np.random.Generator, num_texts: int, num_images: int) -> list[list[int]]:

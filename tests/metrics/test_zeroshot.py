@@ -73,6 +73,7 @@ def test_metric_row_paired_and_missing_items():
         ({"text_to_images": [[0]], "protocol": "dense"},
          "protocol must be 'any_positive' or 'ernie', got 'dense'"),
         ({"num_texts": 3, "num_images": 3}, "protocol 'any_positive' needs text_to_images"),
+        ({"text_to_images": [[0]], "chunk_size": -1}, "chunk_size must be a positive integer, got -1"),
     ],
 )
 def test_bad_protocol_arguments_are_refused(kwargs: dict, message: str) -> None:
