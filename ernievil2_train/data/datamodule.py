@@ -258,8 +258,11 @@ class MultiViewDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalise uint8 images on the device (Lightning calls this after moving the batch)."""
-        return normalize_batch(batch)
+        """Normalise uint8 images on the device (Lightning calls this after moving the batch), into the
+        dtype the trainer's precision gives float inputs (bf16 under `bf16-true`): Lightning converts the
+        batch before it moves it, when the images are still uint8."""
+        batch = normalize_batch(batch)
+        return batch if self.trainer is None else self.trainer.precision_plugin.convert_input(batch)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Note where the batch's stream stands (a host tensor: no device sync) and take the note off; the

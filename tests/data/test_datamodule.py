@@ -609,6 +609,41 @@ def test_uint8_transfer_then_normalize_equals_float_batches(data):
     torch.testing.assert_close(normalize_batch(as_uint8)["image"], as_float["image"], atol=1e-5, rtol=0)
 
 
+class DtypeProbe(L.LightningModule):
+    """Records the image dtype its steps get, and uses the images in a layer of the trainer's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.seen: set[torch.dtype] = set()
+        self.validated = False
+
+    def training_step(self, batch, batch_idx):
+        self.seen.add(batch["image"].dtype)
+        return self.layer(batch["image"].mean((2, 3))).float().sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.validated = True
+        self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("uint8_transfer", [True, False])
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
+                                                  ("32-true", torch.float32)])
+def test_the_images_reach_the_steps_in_the_trainers_precision(data, uint8_transfer, precision, dtype):
+    """uint8 images were normalised to float32 after Lightning's conversion of float inputs: the first
+    step under a `-true` precision failed on a dtype mismatch."""
+    probe = DtypeProbe()
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=1, precision=precision,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(probe, datamodule=module(data, val_shards=str(data), uint8_transfer=uint8_transfer))
+    assert probe.seen == {dtype} and probe.validated
+
+
 @pytest.mark.parametrize("length", [1, 0, 2.5, True])
 def test_a_text_length_without_room_for_cls_and_sep_is_refused_at_start(data, length):
     with pytest.raises(ValueError, match=rf"^text_max_len: must be an integer of at least 2 .*{length!r}$"):
