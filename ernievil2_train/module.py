@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 EPOCH_SKIPS_KEY = "epoch_skipped"  # checkpoint entry: {"epoch", "counts"} of training skips so far
 RNG_KEY = "rng_state"  # checkpoint entry: the random generators' states (dropout masks go on as they would)
 SCHEDULE_KEY = "lr_schedule_steps"  # checkpoint entry: the optimizer steps the lr schedule was laid out for
-PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags", "tags_key"}
+PER_SAMPLE_KEYS = {*BATCH_KEYS.values(), "image_key", "caption_key", "has_tags", "tags_key", "text_view_key"}
 TOWER_FEATURES = {"vision": tuple(IMAGE_FEATURES), "text": tuple(TEXT_FEATURES)}
 BATCH_KEY_HELP = {
     "image_view2": "the second augmented image view",

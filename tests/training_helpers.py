@@ -47,7 +47,8 @@ def _ids(n: int, g: torch.Generator, empty: torch.Tensor | None = None) -> torch
 
 def make_batch(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The agreed batch dict: two image views, caption, text view, tags (some rows without tags), keys
-    with duplicated images, a duplicated caption and (n >= 8) a tag sequence duplicated for another image."""
+    with duplicated images, a duplicated caption, text-view keys that group image 0's samples and (n >= 8)
+    a tag sequence duplicated for another image."""
     g = torch.Generator().manual_seed(seed)
     image_ids = torch.arange(n)
     image_ids[1] = image_ids[n - 2] = 0  # three captions of image 0, one on each half of the batch
@@ -57,6 +58,8 @@ def make_batch(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     caption[3] = caption[n - 3]  # an identical caption in both halves
     caption_key = torch.arange(n) + 1000
     caption_key[3] = caption_key[n - 3]
+    text_view_key = caption_key.clone()
+    text_view_key[1] = text_view_key[n - 2] = text_view_key[0]  # image 0's caption set (second_caption)
     image = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)
     image_view2 = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)
     text_view = _ids(n, g)
@@ -75,6 +78,7 @@ def make_batch(n: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) ->
         "image_key": image_ids * 7919 + 13,
         "caption_key": caption_key,
         "tags_key": tags_key,
+        "text_view_key": text_view_key,
     }
 
 

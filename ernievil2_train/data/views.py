@@ -3,8 +3,8 @@
 Keys (per sample; the collate stacks them into the batch format documented in the README):
 `image` [3,S,S], `image_view2` [3,S,S] (views.image_view2) (float32 normalised; uint8 with `uint8_images`),
 `caption_ids` [L], `text_view_ids` [L]
-(views.text_view != "none"), `tag_ids` [L] + `has_tags` [] + `tags_key` [] (views.tags), `image_key` [],
-`caption_key` [].
+(views.text_view != "none"), `text_view_key` [] (with a text view), `tag_ids` [L] + `has_tags` [] +
+`tags_key` [] (views.tags), `image_key` [], `caption_key` [].
 
 Text view modes: `dropout` (the caption ids again; the model's dropout makes the second view),
 `second_caption` (another caption of the same image, random, different from this one when the image has
@@ -12,11 +12,13 @@ several, else the same caption: always so for plain caption sets such as img2dat
 each their own image with one caption and no tags, see `decode`), `token_drop` (the caption with each word
 piece deleted with probability `token_drop_p`, at least one kept), `none`.
 
-`caption_key` marks the text↔text positives (caption rows against text-view columns): equal keys, positive
-pair. It is the hash of the caption, except with `second_caption` training views, where any caption of the
-image is a text view of every other: there it is the hash of the image's caption set, so two samples of one
-image (whose text views may be each other's captions) are positives, not false negatives. `tags_key` is the
-hash of the tag row's token ids: two images tagged alike (both "人, 狗") match each other's tags too.
+`caption_key`, the hash of the caption, marks a caption written alike for two images (a positive of both in
+image↔caption). `text_view_key` marks the text↔text positives (caption rows against text-view columns):
+equal keys, positive pair. It is the caption's hash too, except with `second_caption` views, where any
+caption of the image is a text view of every other: there it is the hash of the image's caption set, so two
+samples of one image (whose text views may be each other's captions) are positives, not false negatives.
+`tags_key` is the hash of the tag row's token ids: two images tagged alike (both "人, 狗") match each other's
+tags too.
 
 A caption or a tag the tokenizer reduces to nothing (control or format characters only) is not text: such a
 caption is skipped as `bad_text`, such a tag left out (a sample left with none has `has_tags` false).
@@ -69,7 +71,7 @@ class ViewConfig:
         """The keys of a training sample (and batch) with these views (`SampleTransform` makes them)."""
         keys = {"image", "caption_ids", "image_key", "caption_key"}
         keys |= {"image_view2"} if self.image_view2 else set()
-        keys |= {"text_view_ids"} if self.text_view != "none" else set()
+        keys |= {"text_view_ids", "text_view_key"} if self.text_view != "none" else set()
         return keys | ({"tag_ids", "has_tags", "tags_key"} if self.tags else set())
 
 
@@ -120,9 +122,9 @@ class SampleTransform:
             return self.row(kept or [random.choice(pieces)])
         return self.row(pieces)
 
-    def caption_key(self, raw: RawSample) -> int:
+    def text_view_key(self, raw: RawSample) -> int:
         """The text↔text positive key: the caption's hash, the caption set's with `second_caption` views."""
-        if self.train and self.views.text_view == "second_caption":
+        if self.views.text_view == "second_caption":
             group = sorted({raw.caption, *raw.captions})
             return stable_key(json.dumps(group, ensure_ascii=False))
         return stable_key(raw.caption)
@@ -142,12 +144,13 @@ class SampleTransform:
             "image": images[0],
             "caption_ids": self.row(pieces),
             "image_key": torch.tensor(stable_key(raw.image_id), dtype=torch.long),
-            "caption_key": torch.tensor(self.caption_key(raw), dtype=torch.long),
+            "caption_key": torch.tensor(stable_key(raw.caption), dtype=torch.long),
         }
         if self.train and self.views.image_view2:
             out["image_view2"] = images[1]
         if self.train and self.views.text_view != "none":
             out["text_view_ids"] = self.text_view(raw.caption, pieces, raw.captions)
+            out["text_view_key"] = torch.tensor(self.text_view_key(raw), dtype=torch.long)
         if self.views.tags:
             tag_pieces = self.tag_pieces(raw.tags)
             if tag_pieces:

@@ -106,7 +106,7 @@ class LossConfig:
             "image_tags": PairSpec(IMAGE_VIEWS[self.tags_image_view], "tags", ("image_key", "tags_key"),
                                    tag_masked=True),
             "image_image": PairSpec("image", "image_view2", ("image_key",)),
-            "text_text": PairSpec("caption", "text_view", ("caption_key",)),
+            "text_text": PairSpec("caption", "text_view", ("text_view_key",)),
         }[pair]
 
     def required_features(self) -> list[str]:
@@ -231,16 +231,20 @@ class MultiViewInfoNCE(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         tags_key: torch.Tensor | None = None,
+        text_view_key: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Gathered normalised features [N, D] and metadata [N] -> {"loss", "loss_<pair>", "acc_<pair>"}.
         `has_tags` and `tags_key` are only read by the image↔tags pair (None will do when it is off; without
-        `tags_key`, alike tag sequences of different images are negatives of each other)."""
+        `tags_key`, alike tag sequences of different images are negatives of each other); `text_view_key`
+        only by text↔text (without it, the caption keys)."""
         n = image_key.shape[0]
         if n % world_size:
             raise ValueError(f"global batch {n} is not a multiple of world size {world_size}")
         b = n // world_size
         offset = rank * b
-        keys = {"image_key": image_key, "caption_key": caption_key, "tags_key": tags_key}
+        text_view_key = caption_key if text_view_key is None else text_view_key
+        keys = {"image_key": image_key, "caption_key": caption_key, "tags_key": tags_key,
+                "text_view_key": text_view_key}
         out: dict[str, torch.Tensor] = {}
         total = None
         for pair in self.config.active_pairs():

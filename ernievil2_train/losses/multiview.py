@@ -31,8 +31,8 @@ def required_batch_keys(loss: MultiViewInfoNCE) -> dict[str, str]:
         if spec.tag_masked:
             needed.setdefault("has_tags", pair)
         if cfg.multi_positive:
-            for key in spec.keys:
-                needed.setdefault(key, pair)
+            for key in spec.keys:  # the caption keys stand in for absent text-view keys
+                needed.setdefault("caption_key" if key == "text_view_key" else key, pair)
     return needed
 
 
@@ -50,8 +50,8 @@ def encode_views(model: nn.Module, batch: Batch, names: list[str]) -> Batch:
 
 
 def batch_metadata(batch: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
-    """Long[b, 4]: image_key, caption_key, has_tags, tags_key (unique per-sample stand-ins for absent
-    keys)."""
+    """Long[b, 5]: image_key, caption_key, has_tags, tags_key, text_view_key (unique per-sample stand-ins for
+    absent keys; the caption keys for an absent text_view_key)."""
     rank, _ = world()
     fallback = torch.arange(rank * size, (rank + 1) * size, device=device)
     columns = [
@@ -59,6 +59,7 @@ def batch_metadata(batch: dict[str, torch.Tensor], size: int, device: torch.devi
         batch.get("caption_key", fallback),
         batch.get("has_tags", torch.ones(size, dtype=torch.bool, device=device)),
         batch.get("tags_key", fallback),
+        batch.get("text_view_key", batch.get("caption_key", fallback)),
     ]
     return torch.stack([c.to(device=device, dtype=torch.long) for c in columns], dim=1)
 
@@ -83,5 +84,6 @@ def gathered_losses(
     normed = {n: F.normalize(float32_or_wider(f), dim=-1) for n, f in local_features.items()}
     feats = all_gather_features(normed)
     meta = all_gather_metadata(metadata)
-    image_key, caption_key, has_tags, tags_key = meta.unbind(dim=1)
-    return loss(feats, image_key, caption_key, has_tags.bool(), model_log_scale, rank, world_size, tags_key)
+    image_key, caption_key, has_tags, tags_key, text_view_key = meta.unbind(dim=1)
+    return loss(feats, image_key, caption_key, has_tags.bool(), model_log_scale, rank, world_size, tags_key,
+                text_view_key)

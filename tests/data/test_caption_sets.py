@@ -87,8 +87,8 @@ def test_caption_set_shards_give_training_batches_without_tags(data: Path, num_w
         assert not batch["has_tags"].any() and int(batch["tag_ids"].abs().sum()) == 0
         assert torch.equal(batch["text_view_ids"], batch["caption_ids"])
         assert batch["image_view2"].shape == batch["image"].shape == (3, 3, SIZE, SIZE)
-        for key, ids, text_key in zip(batch["image_key"].tolist(), batch["caption_ids"], batch["caption_key"],
-                                      strict=True):
+        for key, ids, text_key in zip(batch["image_key"].tolist(), batch["caption_ids"],
+                                      batch["text_view_key"], strict=True):
             caption = expected[key][1]
             assert torch.equal(ids, caption_row(data / "vocab.txt", caption, ids.shape[0]))
             assert int(text_key) == stable_key(json.dumps([caption], ensure_ascii=False))

@@ -30,13 +30,14 @@ def rows(vocab: str, texts: list[str], max_len: int = 48) -> torch.Tensor:
 def test_train_sample_has_every_view(vocab):
     out = SampleTransform(vocab, image_size=SIZE)(sample(1))
     assert set(out) == {"image", "image_view2", "caption_ids", "text_view_ids", "tag_ids", "has_tags",
-                        "tags_key", "image_key", "caption_key"}
+                        "tags_key", "image_key", "caption_key", "text_view_key"}
     for name in ("image", "image_view2"):
         assert out[name].shape == (3, SIZE, SIZE) and out[name].dtype == torch.float32
     for name in ("caption_ids", "text_view_ids", "tag_ids"):
         assert out[name].shape == (48,) and out[name].dtype == torch.long
     assert out["has_tags"].dtype == torch.bool and out["has_tags"].shape == ()
-    assert all(out[key].dtype == torch.long for key in ("image_key", "caption_key", "tags_key"))
+    keys = ("image_key", "caption_key", "tags_key", "text_view_key")
+    assert all(out[key].dtype == torch.long for key in keys)
 
 
 def test_flags_switch_views_off(vocab):
@@ -111,12 +112,28 @@ def test_second_caption_keys_make_the_captions_of_one_image_positives(vocab: str
     first = second(sample(13, captions=captions))
     other = second(sample(13, captions=captions[::-1]))
     assert torch.equal(first["caption_ids"], other["text_view_ids"])
-    assert int(first["caption_key"]) == int(other["caption_key"])
+    assert int(first["text_view_key"]) == int(other["text_view_key"])
     unrelated = second(sample(14, captions=[captions[0], "红色的汽车停路边"]))
-    assert int(unrelated["caption_key"]) != int(first["caption_key"])
+    assert int(unrelated["text_view_key"]) != int(first["text_view_key"])
     dropout = SampleTransform(vocab, image_size=SIZE, views={"text_view": "dropout"})
-    assert int(dropout(sample(13, captions=captions))["caption_key"]) == stable_key(captions[0])
-    assert int(dropout(sample(13, captions=captions[::-1]))["caption_key"]) == stable_key(captions[1])
+    assert int(dropout(sample(13, captions=captions))["text_view_key"]) == stable_key(captions[0])
+    assert int(dropout(sample(13, captions=captions[::-1]))["text_view_key"]) == stable_key(captions[1])
+
+
+@pytest.mark.parametrize("text_view", ["second_caption", "dropout", "none"])
+def test_a_caption_written_alike_for_two_images_has_one_caption_key_in_every_text_view_mode(
+    vocab: str, text_view: str
+) -> None:
+    """The image-caption positive rule: with `second_caption` views the caption key was the caption set's,
+    so two images' alike captions were negatives in training (and positives in validation)."""
+    train = SampleTransform(vocab, image_size=SIZE, views={"text_view": text_view})
+    alike = "一只狗在草地上奔跑"
+    a = train(sample(21, captions=[alike, "两个人骑自行车"]))
+    b = train(sample(22, captions=[alike, "红色的汽车停路边"]))
+    val = SampleTransform(vocab, image_size=SIZE, views={"text_view": text_view}, train=False)
+    validated = val(sample(21, captions=[alike]))
+    assert int(a["caption_key"]) == int(b["caption_key"]) == int(validated["caption_key"])
+    assert int(a["image_key"]) != int(b["image_key"])
 
 
 def test_text_without_tokens_is_neither_a_tag_nor_a_caption(vocab: str) -> None:

@@ -38,10 +38,12 @@ def _soft_reference(a: torch.Tensor, b: torch.Tensor, scale: float, keys: list[l
     return sum(terms) / len(terms)
 
 
-def _loss(cfg: dict, feats, image_key, caption_key, has_tags, log_scale=2.0, tags_key=None):
+def _loss(cfg: dict, feats, image_key, caption_key, has_tags, log_scale=2.0, tags_key=None,
+          text_view_key=None):
     module = MultiViewInfoNCE(LossConfig(**{"temperature": "shared", **cfg})).double()
     scale = torch.tensor(log_scale, dtype=torch.float64)
-    return module(feats, image_key, caption_key, has_tags, scale, tags_key=tags_key)
+    return module(feats, image_key, caption_key, has_tags, scale, tags_key=tags_key,
+                  text_view_key=text_view_key)
 
 
 def test_image_caption_equals_clip_loss():
@@ -144,6 +146,27 @@ def test_multi_positive_matches_brute_force():
         assert out[f"loss_{pair}"].item() == pytest.approx(ref, abs=1e-10), pair
     total = sum(cfg["weights"][p] * refs[p] for p in refs)
     assert out["loss"].item() == pytest.approx(total, abs=1e-10)
+
+
+def test_text_view_keys_mark_the_text_text_positives_and_caption_keys_the_image_caption_ones():
+    """With `second_caption` views the two differ: samples of one image share a text-view key (their views
+    are each other's captions), a caption written alike for two images shares a caption key."""
+    image_key = torch.tensor([5, 5, 6, 7, 8])
+    caption_key = torch.tensor([1, 2, 3, 3, 4])  # samples 2 and 3: two images, one caption
+    text_view_key = torch.tensor([9, 9, 3, 4, 5])  # samples 0 and 1: one image's caption set
+    n = len(image_key)
+    feats = _features(n, seed=8)
+    cfg = {"weights": {"image_caption": 1.0, "text_text": 1.0}, "multi_positive": True}
+    out = _loss(cfg, feats, image_key, caption_key, None, log_scale=1.1, text_view_key=text_view_key)
+    s, valid = math.exp(1.1), [True] * n
+    ik, ck, vk = image_key.tolist(), caption_key.tolist(), text_view_key.tolist()
+    image_caption = _soft_reference(feats["image"], feats["caption"], s, [ik, ck], valid)
+    text_text = _soft_reference(feats["caption"], feats["text_view"], s, [vk], valid)
+    assert out["loss_image_caption"].item() == pytest.approx(image_caption, abs=1e-10)
+    assert out["loss_text_text"].item() == pytest.approx(text_text, abs=1e-10)
+    without = _loss(cfg, feats, image_key, caption_key, None, log_scale=1.1)  # the caption keys then
+    assert without["loss_text_text"].item() == pytest.approx(
+        _soft_reference(feats["caption"], feats["text_view"], s, [ck], valid), abs=1e-10)
 
 
 def test_keys_are_a_sequence_of_key_tensors():

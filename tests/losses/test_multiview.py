@@ -97,17 +97,21 @@ def test_metadata_takes_the_batch_keys_as_long_columns() -> None:
     batch = {"image_key": torch.tensor([7, 7, 9], dtype=torch.int16),
              "caption_key": torch.tensor([3, 4, 5], dtype=torch.int32),
              "has_tags": torch.tensor([True, False, True]),
-             "tags_key": torch.tensor([2, 8, 2])}
+             "tags_key": torch.tensor([2, 8, 2]),
+             "text_view_key": torch.tensor([6, 6, 1])}
     meta = batch_metadata(batch, 3, torch.device("cpu"))
     assert meta.dtype == torch.long
-    assert meta.tolist() == [[7, 3, 1, 2], [7, 4, 0, 8], [9, 5, 1, 2]]
+    assert meta.tolist() == [[7, 3, 1, 2, 6], [7, 4, 0, 8, 6], [9, 5, 1, 2, 1]]
 
 
 def test_metadata_stand_ins_are_unique_keys_and_all_tagged() -> None:
-    """Without keys every sample is only its own positive, and without a tag mask every sample has tags."""
+    """Without keys every sample is only its own positive, and without a tag mask every sample has tags;
+    without text-view keys, text-text positives are the caption keys'."""
     meta = batch_metadata({"image_key": torch.tensor([1, 1, 2, 2])}, 4, torch.device("cpu"))
-    assert meta.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1], [2, 2, 1, 2], [2, 3, 1, 3]]
-    assert batch_metadata({}, 2, torch.device("cpu")).tolist() == [[0, 0, 1, 0], [1, 1, 1, 1]]
+    assert meta.tolist() == [[1, 0, 1, 0, 0], [1, 1, 1, 1, 1], [2, 2, 1, 2, 2], [2, 3, 1, 3, 3]]
+    assert batch_metadata({}, 2, torch.device("cpu")).tolist() == [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1]]
+    captions = {"caption_key": torch.tensor([5, 5])}
+    assert batch_metadata(captions, 2, torch.device("cpu"))[:, 4].tolist() == [5, 5]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -122,7 +126,8 @@ def _losses(loss: MultiViewInfoNCE, features: dict[str, torch.Tensor], meta: tor
             log_scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """The loss applied by hand to float32-or-wider normalised features and the metadata columns."""
     normed = {n: F.normalize(float32_or_wider(f), dim=-1) for n, f in features.items()}
-    return loss(normed, meta[:, 0], meta[:, 1], meta[:, 2].bool(), log_scale, tags_key=meta[:, 3])
+    return loss(normed, meta[:, 0], meta[:, 1], meta[:, 2].bool(), log_scale, tags_key=meta[:, 3],
+                text_view_key=meta[:, 4])
 
 
 def test_gathered_losses_normalise_in_float32_and_read_each_metadata_column() -> None:
