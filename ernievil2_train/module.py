@@ -38,7 +38,13 @@ from ernievil2_train.optim import (
     tower_param_groups,
     warmup_cosine,
 )
-from ernievil2_train.rng import GeneratorStates, own_rng_state, rng_states_of_ranks, set_rng_state
+from ernievil2_train.rng import (
+    GeneratorStates,
+    own_rng_state,
+    part_ranks,
+    rng_states_of_ranks,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -380,12 +386,14 @@ class ErnieVil2Module(pl.LightningModule):
         Resumed mid-epoch (Lightning then skips `on_train_epoch_start`), rank 0 starts the epoch's skip counts
         from the checkpoint's totals over ranks, so the epoch-end sum over ranks counts them once. The random
         generators of each rank get that rank's states from the checkpoint last thing before training, so the
-        resumed steps draw the dropout masks the uninterrupted run drew."""
+        resumed steps draw the dropout masks the uninterrupted run drew; starting afresh, each rank's own."""
         self.clamp_temperatures()
         restored_rng, self._restored_rng = self._restored_rng, None
         own = own_rng_state(restored_rng, *world()) if restored_rng else None
         if own is not None:
             set_rng_state(own, self.device)
+        else:
+            part_ranks(self.global_rank)
         restored, self._restored_skips = self._restored_skips, None
         if restored and restored["epoch"] == self.current_epoch and self.global_rank == 0:
             self._skipped = torch.tensor(restored["counts"], dtype=torch.long, device=self.device)

@@ -22,8 +22,8 @@ def rng_state(device: torch.device) -> GeneratorStates:
 
 
 def rng_states_of_ranks(device: torch.device) -> list[GeneratorStates]:
-    """Every rank's `rng_state`, in rank order (every rank saves a checkpoint together). The ranks' states
-    part after the first step: each trims its text to its own batch's length, so dropout draws differ."""
+    """Every rank's `rng_state`, in rank order (every rank saves a checkpoint together); they differ from the
+    start of training (`part_ranks`)."""
     rank_state = rng_state(device)
     _, size = world()
     if size == 1:
@@ -31,6 +31,15 @@ def rng_states_of_ranks(device: torch.device) -> list[GeneratorStates]:
     states: list[Any] = [None] * size
     torch.distributed.all_gather_object(states, rank_state)
     return states
+
+
+def part_ranks(rank: int) -> None:
+    """Give each rank's torch generators (dropout, drop-path) a stream of its own: every rank was seeded
+    alike, and equal draws would give row i of every rank's batch the same masks. Rank 0 keeps its stream
+    (a single-process run draws as before); the others' follows from it, so runs stay reproducible."""
+    if rank > 0:
+        base = int(torch.randint(0, 2**62, (1,)))  # the same number on every rank: seeded alike
+        torch.manual_seed(base + rank)
 
 
 def own_rng_state(

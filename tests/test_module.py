@@ -244,9 +244,12 @@ class _LossRecorder(pl.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path):
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path, monkeypatch):
     """With dropout on, the losses after the checkpoint are the uninterrupted run's, to the bit: the
-    checkpoint keeps the random generators' states (the resumed model is built anew, from its seed)."""
+    checkpoint keeps the random generators' states (the resumed model is built anew, from its seed). A
+    fresh run parts the ranks' generators; a resumed one takes them from the checkpoint instead."""
+    parted: list[int] = []
+    monkeypatch.setattr("ernievil2_train.module.part_ranks", parted.append)  # rank 0: no change anyway
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1,
                                          every_n_train_steps=1)
     def loader() -> DataLoader:  # as the datamodule's: starting a pass draws from the loader's own generator
@@ -255,13 +258,14 @@ def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path
     full = _LossRecorder()
     _trainer(max_steps=-1, max_epochs=2, callbacks=[saver, full], enable_checkpointing=True).fit(
         ErnieVil2Module(tiny_model(dropout=0.3), loss=LOSS), train_dataloaders=loader())
-    assert len(full.losses) == 8
+    assert len(full.losses) == 8 and parted == [0]
     resumed = _LossRecorder()  # from the end of the first epoch (this loader cannot resume mid-epoch)
     _trainer(max_steps=-1, max_epochs=2, callbacks=[resumed]).fit(
         ErnieVil2Module(tiny_model(dropout=0.3), loss=LOSS), train_dataloaders=loader(),
         ckpt_path=tmp_path / "step=4.ckpt")
     assert sorted(resumed.losses) == [5, 6, 7, 8]
     assert resumed.losses == {step: full.losses[step] for step in resumed.losses}
+    assert parted == [0]
 
 
 def test_validation_logs_image_caption_loss_and_accuracy():
