@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ernievil2_train.losses.multiview import float32_or_wider
+from ernievil2_train.models.dual_encoder import float32_or_wider
 
 
 @dataclass

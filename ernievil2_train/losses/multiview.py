@@ -13,6 +13,7 @@ from ernievil2_train.distributed import (
     world,
 )
 from ernievil2_train.losses.infonce import MultiViewInfoNCE
+from ernievil2_train.models.dual_encoder import float32_or_wider
 
 IMAGE_FEATURES = {"image": "image", "image_view2": "image_view2"}
 TEXT_FEATURES = {"caption": "caption_ids", "text_view": "text_view_ids", "tags": "tag_ids"}
@@ -62,11 +63,6 @@ def batch_metadata(batch: dict[str, torch.Tensor], size: int, device: torch.devi
         batch.get("text_view_key", batch.get("caption_key", fallback)),
     ]
     return torch.stack([c.to(device=device, dtype=torch.long) for c in columns], dim=1)
-
-
-def float32_or_wider(x: torch.Tensor) -> torch.Tensor:
-    """`x` as float32 (float64 stays), so feature gradients keep their precision under mixed precision."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def gathered_losses(

@@ -72,6 +72,37 @@ def accept_zero_dim_temperatures(module: nn.Module, state_dict: dict[str, Any], 
             state_dict[prefix + name] = value.reshape(1)
 
 
+def float32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float32 (float64 stays), so feature gradients keep their precision under mixed precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def check_pixels(pixel_values: Any) -> None:
+    """TypeError / ValueError unless `pixel_values` is a floating-point [B, 3, H, W] tensor (shapes and
+    dtypes only: nothing is read from the device)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values: a float tensor [B, 3, H, W], got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values: {pixel_values.dtype} pixels; normalise them first (uint8 crops: "
+                         "ernievil2_train.vision.transforms.normalize_crops)")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"pixel_values: shape {list(pixel_values.shape)}, expected [B, 3, H, W]")
+
+
+def check_ids(input_ids: Any, positions: int) -> None:
+    """TypeError / ValueError unless `input_ids` is an integer [B, L] tensor with L <= `positions`."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: an integer tensor [B, L] (the tokenizer's 'input_ids'), got "
+                        f"{type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids: {input_ids.dtype} values, expected token ids (an integer dtype)")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: shape {list(input_ids.shape)}, expected [B, L]")
+    if input_ids.shape[1] > positions:
+        raise ValueError(f"input_ids: {input_ids.shape[1]} tokens per row, more than the model's {positions} "
+                         "text positions (max_position_embeddings)")
+
+
 class DualEncoder(nn.Module):
     """Image and text encoders whose CLS / pooled outputs live in one `embed_dim` space."""
 
@@ -88,16 +119,23 @@ class DualEncoder(nn.Module):
         return self.config.vision.width
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """[B,3,H,W] -> [B,D]: the CLS token after the final norm."""
+        """Float[B,3,H,W] (normalised pixels) -> [B,D]: the CLS token after the final norm. `normalize`:
+        L2-normalised, in float32 (or wider), whatever the autocast dtype."""
+        check_pixels(pixel_values)
+        if pixel_values.shape[0] == 0:
+            return pixel_values.new_zeros(0, self.embed_dim)
         features = self.vision(pixel_values)
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(float32_or_wider(features), dim=-1) if normalize else features
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Long[B,L] -> [B,D]: the pooled output. Pad columns are masked but still cost compute: trim them on
-        the host with `trim_padding` before moving the ids to an accelerator (finding the length there would
-        wait for the device)."""
+        """Long[B,L] -> [B,D]: the pooled output (`normalize`: as in `encode_image`). Pad columns are masked
+        but still cost compute: trim them on the host with `trim_padding` before moving the ids to an
+        accelerator (finding the length there would wait for the device)."""
+        check_ids(input_ids, self.config.text.max_position_embeddings)
+        if input_ids.shape[0] == 0:
+            return self.logit_scale.new_zeros(0, self.embed_dim)
         features = self.text(input_ids).pooler_output
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(float32_or_wider(features), dim=-1) if normalize else features
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor

@@ -11,11 +11,11 @@ from ernievil2_train.losses.multiview import (
     BATCH_KEYS,
     batch_metadata,
     encode_views,
-    float32_or_wider,
     gathered_losses,
     required_batch_keys,
 )
 from ernievil2_train.models import DualEncoder
+from ernievil2_train.models.dual_encoder import float32_or_wider
 from tests.training_helpers import ALL_PAIRS, make_batch, tiny_model
 
 
@@ -112,14 +112,6 @@ def test_metadata_stand_ins_are_unique_keys_and_all_tagged() -> None:
     assert batch_metadata({}, 2, torch.device("cpu")).tolist() == [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1]]
     captions = {"caption_key": torch.tensor([5, 5])}
     assert batch_metadata(captions, 2, torch.device("cpu"))[:, 4].tolist() == [5, 5]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_float32_or_wider(dtype: torch.dtype) -> None:
-    x = torch.tensor([0.1, -3.5, 1e-3]).to(dtype)
-    out = float32_or_wider(x)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert torch.equal(out, x.to(out.dtype))
 
 
 def _losses(loss: MultiViewInfoNCE, features: dict[str, torch.Tensor], meta: torch.Tensor,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ernievil2_train.models import DualEncoderConfig, create_model
+from ernievil2_train.models.dual_encoder import float32_or_wider
 from tests.models.tiny import TINY, tiny_model
 
 
@@ -80,3 +81,54 @@ def test_a_zero_dim_logit_scale_of_an_older_checkpoint_loads() -> None:
     assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 3.25
     _, _, scale = model(torch.zeros(1, 3, 32, 32), torch.tensor([[1, 5, 2]]))
     assert scale.shape == () and math.isclose(scale.item(), math.exp(3.25), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_float32_or_wider(dtype: torch.dtype) -> None:
+    x = torch.tensor([0.1, -3.5, 1e-3]).to(dtype)
+    out = float32_or_wider(x)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(out, x.to(out.dtype))
+
+
+def test_under_autocast_both_towers_give_float32_normalised_embeddings() -> None:
+    """The text tower's pooler output is bf16 under autocast, the image tower's final norm float32: their
+    product failed on the dtype mismatch, and the text side was normalised in bf16."""
+    model = tiny_model().eval()
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        image, text = model.encode_image(pixels, normalize=True), model.encode_text(ids, normalize=True)
+    assert image.dtype == text.dtype == torch.float32
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    assert (image @ text.T).shape == (2, 2)
+
+
+@pytest.mark.parametrize(("pixels", "error", "message"), [
+    ([[0.0]], TypeError, r"^pixel_values: a float tensor \[B, 3, H, W\], got list$"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ValueError,
+     r"^pixel_values: torch.uint8 pixels; normalise"),
+    (torch.zeros(3, 32, 32), ValueError, r"^pixel_values: shape \[3, 32, 32\], expected \[B, 3, H, W\]$"),
+    (torch.zeros(1, 1, 32, 32), ValueError, r"^pixel_values: shape \[1, 1, 32, 32\], expected"),
+])
+def test_pixels_that_are_not_a_normalised_image_batch_are_refused(pixels, error, message) -> None:
+    with pytest.raises(error, match=message):
+        tiny_model().encode_image(pixels)
+
+
+@pytest.mark.parametrize(("ids", "error", "message"), [
+    (["一只猫"], TypeError,
+     r"^input_ids: an integer tensor \[B, L\] \(the tokenizer's 'input_ids'\), got list$"),
+    (torch.ones(1, 4), ValueError, r"^input_ids: torch.float32 values, expected token ids"),
+    (torch.ones(4, dtype=torch.long), ValueError, r"^input_ids: shape \[4\], expected \[B, L\]$"),
+    (torch.ones(1, TINY["text"]["max_position_embeddings"] + 1, dtype=torch.long), ValueError,
+     r"tokens per row, more than the model's \d+ text positions"),
+])
+def test_ids_that_are_not_a_token_batch_the_model_can_place_are_refused(ids, error, message) -> None:
+    with pytest.raises(error, match=message):
+        tiny_model().encode_text(ids)
+
+
+def test_an_empty_batch_gives_no_embedding() -> None:
+    model = tiny_model()
+    assert model.encode_image(torch.zeros(0, 3, 32, 32), normalize=True).shape == (0, model.embed_dim)
+    assert model.encode_text(torch.zeros(0, 4, dtype=torch.long)).shape == (0, model.embed_dim)
