@@ -18,6 +18,7 @@ from ernievil2_train.accumulation import feature_cache_step, split_batch
 from ernievil2_train.checkpoints.io import MODEL_CONFIG_KEY
 from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.data.decode import SKIP_REASONS
+from ernievil2_train.data.fit import check_data_fits_model
 from ernievil2_train.data.lockstep import shards_parameters
 from ernievil2_train.distributed import LocalBatchSize, world
 from ernievil2_train.losses.infonce import MAX_LOG_SCALE, LossConfig, MultiViewInfoNCE, symmetric_infonce
@@ -225,6 +226,13 @@ class ErnieVil2Module(pl.LightningModule):
         return str(compile)
 
     # ---- set-up checks -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose images, texts or vocabulary the model cannot take (the training command
+        checks this before it starts; a trainer set up in Python gets the same check here)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            check_data_fits_model(datamodule, self.model)
+
     def on_fit_start(self) -> None:
         if self.automatic_optimization and self.trainer.accumulate_grad_batches > 1:
             raise TrainingConfigError(

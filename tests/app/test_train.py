@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from ernievil2_train.config_checks import ConfigError
 from ernievil2_train.resolvers import register_resolvers
 from ernievil2_train.train import (
     build,
-    check_data_fits_model,
     check_one_vocabulary,
     out_of_memory_error,
     settle_accumulation,
@@ -32,7 +30,6 @@ from ernievil2_train.train import (
     without_retrieval_checkpoints,
 )
 from tests.data.shard_helpers import sample, write_shard, write_vocab
-from tests.models.tiny import TINY, tiny_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -120,44 +117,6 @@ def test_build_lets_other_errors_through() -> None:
     with pytest.raises(InstantiationException, match="truediv") as info:
         build("callbacks.export", node)
     assert not isinstance(info.value, ConfigError) and isinstance(info.value.__cause__, ZeroDivisionError)
-
-
-def test_data_must_fit_the_model(tmp_path: Path) -> None:
-    model = tiny_model()
-    vocab = write_vocab(tmp_path / "vocab.txt")
-    size = TINY["vision"]["image_size"]
-    check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=vocab), model)
-    message = f"config key 'data.image_size': {size + 16}, but the model takes {size}"
-    with pytest.raises(ConfigError, match=message):
-        check_data_fits_model(SimpleNamespace(image_size=size + 16, vocab_file=vocab), model)
-    big = tmp_path / "big.txt"
-    tokens = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", *map(str, range(TINY["text"]["vocab_size"]))]
-    big.write_text("\n".join(tokens))
-    with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*big\.txt: ids go up to"):
-        check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=big), model)
-    positions = TINY["text"]["max_position_embeddings"]
-    fits = SimpleNamespace(image_size=size, vocab_file=vocab, text_max_len=positions)
-    check_data_fits_model(fits, model)
-    longer = SimpleNamespace(image_size=size, vocab_file=vocab, text_max_len=positions + 1)
-    message = rf"'data.datamodule.text_max_len': {positions + 1}, but the model has {positions} text"
-    with pytest.raises(ConfigError, match=message):
-        check_data_fits_model(longer, model)
-
-
-def test_data_must_read_the_vocabulary_of_the_checkpoint(tmp_path: Path) -> None:
-    """A converted or exported folder's vocab.txt defines the model's ids: another vocabulary that fits the
-    table would scramble every token, so it is refused; the folder's own (or no vocab in it) passes."""
-    model = tiny_model()
-    size = TINY["vision"]["image_size"]
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    own = write_vocab(folder / "vocab.txt")
-    other = write_vocab(tmp_path / "other.txt", chars="猫狗")
-    check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=own), model, str(folder))
-    check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=other), model, str(tmp_path))
-    with pytest.raises(ConfigError, match=r"config key 'data.vocab_file': .*other\.txt is not the vocabulary "
-                                          r"of model.checkpoint"):
-        check_data_fits_model(SimpleNamespace(image_size=size, vocab_file=other), model, str(folder))
 
 
 def test_training_evaluation_and_export_read_one_vocabulary(tmp_path: Path) -> None:
