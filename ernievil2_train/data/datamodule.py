@@ -123,6 +123,16 @@ def check_augment(augment: dict[str, Any] | None, image_size: int) -> dict[str, 
     return augment
 
 
+def _check_count(name: str, value: Any, low: int, wanted: str) -> None:
+    """ValueError naming `name` unless `value` is None or an integer of at least `low`."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be {wanted}, got {value}")
+
+
 class MultiViewDataModule(L.LightningDataModule):
     """Multi-view training batches (and single-view validation batches) from WebDataset shards.
 
@@ -171,18 +181,14 @@ class MultiViewDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"vocab_file: {vocab_file} is a folder, not a vocabulary file")
         if not Path(vocab_file).is_file():
             raise FileNotFoundError(f"vocab_file: {vocab_file} not found")
-        counts = {"batch_size": batch_size, "val_batch_size": val_batch_size,
-                  "prefetch_factor": prefetch_factor}
-        for name, value in counts.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be 0 (load in this process) or more, got {num_workers}")
-        if epoch_samples is not None and epoch_samples < 1:
-            raise ValueError(f"epoch_samples must be positive, got {epoch_samples}")
+        positive = {"image_size": image_size, "batch_size": batch_size, "val_batch_size": val_batch_size,
+                    "prefetch_factor": prefetch_factor, "epoch_samples": epoch_samples,
+                    "max_image_pixels": max_image_pixels}
+        for name, value in positive.items():
+            _check_count(name, value, 1, "positive")
+        _check_count("num_workers", num_workers, 0, "0 (load in this process) or more")
         for name, value in (("shuffle_buffer", shuffle_buffer), ("shard_shuffle", shard_shuffle)):
-            if value < 0:
-                raise ValueError(f"{name} must be 0 (no shuffling) or more, got {value}")
+            _check_count(name, value, 0, "0 (no shuffling) or more")
         train = resolve_shards(train_shards, train_split, "train_shards")
         val = resolve_shards(val_shards, val_split, "val_shards") if val_shards else None
         self.train_urls, self.val_urls = train.urls, val.urls if val else None

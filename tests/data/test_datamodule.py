@@ -656,6 +656,20 @@ def test_a_negative_shuffle_size_is_refused(data, field):
         module(data, **{field: -5})
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("image_size", 0, "image_size must be positive, got 0"),
+    ("image_size", "64", "image_size: expected int, got '64'"),
+    ("batch_size", "8", "batch_size: expected int, got '8'"),
+    ("batch_size", True, "batch_size: expected int, got True"),
+    ("max_image_pixels", 0, "max_image_pixels must be positive, got 0"),
+    ("num_workers", 1.0, "num_workers: expected int, got 1.0"),
+])
+def test_sizes_that_are_not_counts_are_refused_by_name(data, field, value, message):
+    """An image size of "64" or 0 was taken, then every sample was skipped as a bad image."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        module(data, **{field: value})
+
+
 def test_a_folder_given_as_vocabulary_is_named_as_a_folder(data):
     with pytest.raises(FileNotFoundError, match=r"^vocab_file: .* is a folder, not a vocabulary file$"):
         module(data, vocab_file=str(data))
