@@ -249,6 +249,8 @@ class MultiViewInfoNCE(nn.Module):
         total = None
         for pair in self.config.active_pairs():
             spec = self.config.spec(pair)
+            if spec.tag_masked and has_tags is None:
+                raise ValueError(f"has_tags: the {pair} pair needs it (which samples have tags)")
             rows_all, cols_all = features[spec.rows], features[spec.cols]
             pair_keys = [keys[k] for k in spec.keys if keys[k] is not None]
             loss, acc = symmetric_infonce(

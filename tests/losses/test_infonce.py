@@ -169,6 +169,13 @@ def test_text_view_keys_mark_the_text_text_positives_and_caption_keys_the_image_
         _soft_reference(feats["caption"], feats["text_view"], s, [ck], valid), abs=1e-10)
 
 
+def test_the_tag_pair_without_a_tag_mask_is_refused_by_name():
+    feats = _features(3, seed=2)
+    keys = torch.arange(3)
+    with pytest.raises(ValueError, match=r"^has_tags: the image_tags pair needs it \(which samples have "):
+        _loss({"weights": {"image_tags": 1.0}}, feats, keys, keys, None)
+
+
 def test_keys_are_a_sequence_of_key_tensors():
     feats = _features(3, seed=2)
     with pytest.raises(TypeError, match=r"^keys: a sequence of \[N\] key tensors"):
