@@ -225,7 +225,8 @@ def _build_model(
     """The `DualEncoder` of a config dict, once its weight names and shapes are found to be those `saved`
     holds; checked before any memory is taken (a config of other sizes than its weights, mistyped say, could
     ask for more than the machine has). An invalid config is a `CheckpointError` naming `source`, weights
-    that do not fit are one starting with `mismatch_message`."""
+    that do not fit are one starting with `mismatch_message`. Its tensors are allocated, not initialised
+    (a random init of Base takes seconds): the caller loads every one of them, strictly."""
     model_config = _checked(lambda: DualEncoderConfig.from_dict(config), source)
     for tower in ("vision", "text"):
         held = count_layers([name for name in saved if name.startswith(f"{tower}.")])
@@ -241,7 +242,7 @@ def _build_model(
         check_fits_in_memory(model_config, weight_bytes(shell))  # the shell is built: count it
     except ValueError as err:
         raise CheckpointError(f"{source}: {err}") from None
-    return DualEncoder(model_config)
+    return shell.to_empty(device="cpu")
 
 
 def _checked(build: Callable[[], _T], source: Path) -> _T:
