@@ -29,8 +29,9 @@ class ErnieTokenizer:
     _unk = "[UNK]"
 
     def __init__(self, vocab_file: str | Path, max_len: int = OFFICIAL_MAX_LEN, fast: bool = True) -> None:
-        if max_len < 2:
-            raise ValueError(f"max_len must be at least 2 (room for [CLS] and [SEP]), got {max_len}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an integer of at least 2 (room for [CLS] and [SEP]), got "
+                             f"{max_len!r}")
         self.vocab_file = str(vocab_file)
         self.max_len = max_len
         self.fast = fast

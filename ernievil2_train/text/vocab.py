@@ -15,6 +15,8 @@ def load_vocab(path: str | Path) -> dict[str, int]:
     (in the ERNIE 3.0 vocab `$` appears as 12084 and 18005, so `$` -> 18005).
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"vocab file {path} is a folder (a checkpoint folder's is {path}/vocab.txt)")
     if not path.is_file():
         raise FileNotFoundError(f"vocab file not found: {path}")
     vocab: dict[str, int] = {}
