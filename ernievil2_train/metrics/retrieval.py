@@ -69,12 +69,22 @@ def _full_float32():
         torch.set_float32_matmul_precision(previous)
 
 
+def _image_index(value: object, text: int) -> int:
+    """`value` as an image index (an int, a numpy or 0-dim torch integer); ValueError naming `text` else."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"text {text}: image index {value!r} is not an integer") from None
+
+
 def positive_pairs(text_to_images: Sequence[Sequence[int]], num_images: int) -> tuple[Tensor, Tensor]:
     """Flatten the ground truth into unique (text index, image index) pairs sorted by text."""
     texts: list[int] = []
     images: list[int] = []
     for t, positives in enumerate(text_to_images):
-        unique = sorted({int(i) for i in positives})
+        unique = sorted({_image_index(i, t) for i in positives})
         if not unique:
             raise ValueError(f"text {t} has no ground-truth image")
         if unique[0] < 0 or unique[-1] >= num_images:

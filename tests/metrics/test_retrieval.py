@@ -190,6 +190,9 @@ def test_matches_official_numbers(paddle_ref):
         (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0], []], "no ground-truth"),
         (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0], [2]], "image index 2"),
         (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0]], "covers 1 texts"),
+        (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0.5], [1]], r"text 0: image index 0\.5"),
+        (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0], [True]], "text 1: image index True"),
+        (np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), [[0], ["1"]], "text 1: image index '1'"),
         (np.ones((0, 3), np.float32), np.ones((2, 3), np.float32), [], "non-empty"),
     ],
 )
