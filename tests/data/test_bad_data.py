@@ -31,6 +31,7 @@ from tests.data.shard_helpers import (
     write_shard,
     write_vocab,
 )
+from tests.models.tiny import TINY
 from tests.training_helpers import tiny_model
 
 MAX_PIXELS = 100_000
@@ -229,7 +230,8 @@ def test_skip_counts_reach_the_training_modules_logs(data):
     shards = str(data / "shards.txt")
     dm = _shard_gone_after_start(data, train_shards=shards, vocab_file=str(data / "vocab.txt"),
                                  val_shards=shards, image_size=32, batch_size=2, num_workers=0,
-                                 epoch_samples=8, max_image_pixels=MAX_PIXELS)
+                                 epoch_samples=8, max_image_pixels=MAX_PIXELS,
+                                 text_max_len=TINY["text"]["max_position_embeddings"])
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     (metrics,) = trainer.validate(ErnieVil2Module(tiny_model()), datamodule=dm, verbose=False)
