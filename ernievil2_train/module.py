@@ -182,10 +182,9 @@ class ErnieVil2Module(pl.LightningModule):
         if not getattr(getattr(factory, "func", factory), "__module__", "").startswith("torch.optim"):
             return
         try:
-            probe = factory([nn.Parameter(torch.zeros(1))])
+            base, _ = optimizer_defaults(factory, torch.device("cpu"))
         except OPTIMIZER_REFUSALS as error:
             raise TrainingConfigError(f"module.optimizer: {error}") from None
-        base = probe.defaults.get("lr")
         if all((base if lr is None else lr) == 0 for lr in self.lrs.values()):
             raise TrainingConfigError("module.optimizer.lr is 0 and no vision_lr, text_lr or temperature_lr "
                                       "is above it: nothing would train")
