@@ -50,7 +50,7 @@ from ernievil2_train.data.lockstep import Lockstep, shards_parameters
 from ernievil2_train.data.sources import read_shards, resolve_shards, shard_key
 from ernievil2_train.data.views import SampleTransform, ViewConfig
 from ernievil2_train.stopping import ignore_stop_signals
-from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN
+from ernievil2_train.text.tokenizer import OFFICIAL_MAX_LEN, check_max_len
 from ernievil2_train.text.vocab import SPECIAL_TOKENS, load_vocab
 from ernievil2_train.vision.augment import TrainViews
 
@@ -208,9 +208,7 @@ class MultiViewDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.shard_shuffle = shard_shuffle
         self.resampled = resampled
-        if isinstance(text_max_len, bool) or not isinstance(text_max_len, int) or text_max_len < 2:
-            wanted = "an integer of at least 2 ([CLS] and [SEP])"
-            raise ValueError(f"text_max_len: must be {wanted}, got {text_max_len!r}")
+        check_max_len(text_max_len, "text_max_len")
         self.text_max_len = text_max_len
         self.views = ViewConfig.from_any(views)
         self.augment = check_augment(augment, image_size)

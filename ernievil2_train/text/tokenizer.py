@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 OFFICIAL_MAX_LEN = 48  # text length (tokens, with [CLS] and [SEP]) of the official ERNIE-ViL 2.0 models
 
 
+def check_max_len(value: Any, key: str) -> None:
+    """ValueError naming `key` unless `value`, a text length in tokens, is an integer of at least 2."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"{key}: must be an integer of at least 2 ([CLS] and [SEP]), got {value!r}")
+
+
 class ErnieTokenizer:
     """Word-piece tokenizer with fixed-length `[CLS] pieces [SEP] [PAD]...` rows.
 
@@ -29,9 +35,7 @@ class ErnieTokenizer:
     _unk = "[UNK]"
 
     def __init__(self, vocab_file: str | Path, max_len: int = OFFICIAL_MAX_LEN, fast: bool = True) -> None:
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
-            raise ValueError(f"max_len must be an integer of at least 2 (room for [CLS] and [SEP]), got "
-                             f"{max_len!r}")
+        check_max_len(max_len, "max_len")
         self.vocab_file = str(vocab_file)
         self.max_len = max_len
         self.fast = fast

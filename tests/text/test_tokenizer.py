@@ -126,7 +126,7 @@ def test_truncation_and_max_len(vocab_file: Path) -> None:
 
 @pytest.mark.parametrize("max_len", [1, 10.0, True, "48"])
 def test_a_length_that_is_not_an_integer_of_at_least_two_is_refused(vocab_file: Path, max_len) -> None:
-    with pytest.raises(ValueError, match=rf"^max_len must be an integer of at least 2 .*got {max_len!r}$"):
+    with pytest.raises(ValueError, match=rf"^max_len: must be an integer of at least 2 .*got {max_len!r}$"):
         ErnieTokenizer(vocab_file, max_len=max_len)
 
 
